@@ -1,0 +1,29 @@
+# The two commands the README promises: `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+CONFIG ?= etc/mailhost.toml
+
+.PHONY: run test venv clean
+
+# The venv is rebuilt when pyproject.toml changes. The install is editable in
+# setuptools' "compat" mode: it puts the project root on sys.path, which is what
+# lets twistd find twisted/plugins/mailhost_plugin.py (a PEP 660 editable
+# install would not, and `twistd mailhost` would be "Unknown command").
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]' --config-settings editable_mode=compat
+	touch $@
+
+venv: $(BIN)/.installed
+
+run: venv
+	$(BIN)/twistd -n --pidfile= mailhost --config $(CONFIG)
+
+test: venv
+	tests/ensure-peers
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) var

@@ -1,0 +1,150 @@
+"""The `mailhost` admin command.
+
+Exit codes: 0 ok, 1 user error (one line on stderr), 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from mailhost.config import Config, ConfigError, DomainConfig, load
+from mailhost.mailbox import create_maildir, is_safe_local_part
+from mailhost.users import UserEntry, UsersFileError, hash_password, read_users, write_users
+
+
+class UserError(Exception):
+    """A mistake the user can fix; printed as one line, exit 1."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{self.prog}: {message} (see {self.prog.split()[0]} --help)\n")
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="mailhost", description="Administer a mailhost installation.")
+    parser.add_argument("--config", default="etc/mailhost.toml", help="configuration file (default: %(default)s)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    commands.add_parser("check-config", help="validate the configuration; exit 0 or print the error and exit 1")
+
+    user = commands.add_parser("user", help="manage mailbox users").add_subparsers(
+        dest="user_command", required=True, metavar="add|passwd|del|list", parser_class=_Parser
+    )
+    for name, text in (("add", "create a user and its Maildir"), ("passwd", "set a user's password")):
+        sub = user.add_parser(name, help=text)
+        sub.add_argument("address")
+        sub.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    user.add_parser("del", help="remove a user (its Maildir is kept)").add_argument("address")
+    user.add_parser("list", help="list users")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load(args.config)
+        if args.command == "check-config":
+            return check_config(config)
+        return {"add": user_add, "passwd": user_passwd, "del": user_del, "list": user_list}[args.user_command](config, args)
+    except (ConfigError, UserError, UsersFileError) as e:
+        sys.stderr.write(f"mailhost: {e}\n")
+        return 1
+    except KeyboardInterrupt:
+        sys.stderr.write("mailhost: interrupted\n")
+        return 1
+
+
+def check_config(config: Config) -> int:
+    from mailhost.tls import TLSSetupError, server_tls_options, tls_pair_paths
+
+    cert, key = tls_pair_paths(config)
+    if config.server.tls_cert is not None:
+        try:
+            server_tls_options(cert, key)
+        except TLSSetupError as e:
+            raise UserError(str(e)) from None
+    for domain in config.domains:
+        read_users(domain.users)  # a malformed users file is a config error too
+    print(f"{config.path}: ok ({len(config.domains)} domains, {len(config.listeners)} listeners)")
+    return 0
+
+
+def _split_address(config: Config, address: str) -> tuple[str, DomainConfig]:
+    local, at, domain_name = address.rpartition("@")
+    if not at or not local:
+        raise UserError(f"{address!r} is not an address such as alice@example.test")
+    domain = config.domain(domain_name)
+    if domain is None:
+        local_domains = ", ".join(d.name for d in config.domains)
+        raise UserError(f"{domain_name} is not a local domain (local domains: {local_domains})")
+    local = local.lower()
+    if not is_safe_local_part(local) or "+" in local or not local.isprintable() or " " in local:
+        raise UserError(f"{local!r} cannot be a mailbox name (no /, +, spaces, or leading dot)")
+    return local, domain
+
+
+def _read_password(args: argparse.Namespace) -> str:
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass(f"Password for {args.address}: ")
+        if password != getpass.getpass("Again: "):
+            raise UserError("the two passwords differ; nothing changed")
+    if not password:
+        raise UserError("empty password; nothing changed")
+    return password
+
+
+def user_add(config: Config, args: argparse.Namespace) -> int:
+    local, domain = _split_address(config, args.address)
+    address = f"{local}@{domain.name}"
+    entries = read_users(domain.users)
+    if address in entries:
+        raise UserError(f"{address} already exists (use `mailhost user passwd {address}`)")
+    entries[address] = UserEntry(address, hash_password(_read_password(args)))
+    create_maildir(domain.maildir / local)
+    write_users(domain.users, entries)
+    print(f"added {address} (Maildir {domain.maildir / local})")
+    return 0
+
+
+def user_passwd(config: Config, args: argparse.Namespace) -> int:
+    local, domain = _split_address(config, args.address)
+    address = f"{local}@{domain.name}"
+    entries = read_users(domain.users)
+    if address not in entries:
+        raise UserError(f"{address} does not exist (use `mailhost user add {address}`)")
+    entries[address] = UserEntry(address, hash_password(_read_password(args)))
+    write_users(domain.users, entries)
+    print(f"password changed for {address}")
+    return 0
+
+
+def user_del(config: Config, args: argparse.Namespace) -> int:
+    local, domain = _split_address(config, args.address)
+    address = f"{local}@{domain.name}"
+    entries = read_users(domain.users)
+    if entries.pop(address, None) is None:
+        raise UserError(f"{address} does not exist")
+    write_users(domain.users, entries)
+    print(f"deleted {address} (its Maildir {domain.maildir / local} is kept)")
+    return 0
+
+
+def user_list(config: Config, args: argparse.Namespace) -> int:
+    addresses: set[str] = set()
+    for domain in config.domains:
+        addresses.update(a for a in read_users(domain.users) if a.endswith(f"@{domain.name}"))
+    for address in sorted(addresses):
+        print(address)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

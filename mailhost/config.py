@@ -1,0 +1,392 @@
+"""The TOML configuration, read into frozen dataclasses.
+
+Every error is a ConfigError whose text is one line naming the file, the key,
+what was found and what is allowed; callers print it and exit 1.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROLES = ("mx",)  # submission and submissions arrive with the submission issue
+RELAY_TLS = ("opportunistic", "required", "none")
+SMARTHOST_TLS = ("starttls", "implicit", "none")
+
+_DURATION = re.compile(r"^(\d+)([smhd])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+class ConfigError(Exception):
+    """A user mistake in the configuration: str(error) is the whole message."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    hostname: str
+    state_dir: Path
+    tls_cert: Path | None
+    tls_key: Path | None
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    role: str
+    endpoint: str
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    message_size: int = 36700160
+    recipients: int = 100
+    command_timeout: float = 300.0
+    data_timeout: float = 600.0
+    connections_per_ip: int = 20
+    auth_failures: int = 3
+    greet_pause: float = 1.0
+
+
+@dataclass(frozen=True)
+class DomainConfig:
+    name: str
+    maildir: Path
+    users: Path
+    catch_all: str | None
+    aliases: dict[str, tuple[str, ...]]
+
+
+@dataclass(frozen=True)
+class SmartHostConfig:
+    host: str
+    port: int
+    tls: str
+    username: str | None
+    password_file: Path | None
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    mx_port: int = 25
+    nameservers: tuple[tuple[str, int], ...] = ()
+    tls: str = "opportunistic"
+    smarthosts: tuple[SmartHostConfig, ...] = ()
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    retry: tuple[float, ...] = (60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0)
+    lifetime: float = 5 * 86400.0
+    delay_warning: float = 4 * 3600.0
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    server: ServerConfig
+    listeners: tuple[ListenerConfig, ...]
+    limits: LimitsConfig
+    domains: tuple[DomainConfig, ...]
+    relay: RelayConfig
+    queue: QueueConfig = field(default_factory=QueueConfig)
+
+    def domain(self, name: str) -> DomainConfig | None:
+        """The local domain called `name` (case-insensitive), or None."""
+        name = name.lower()
+        for domain in self.domains:
+            if domain.name == name:
+                return domain
+        return None
+
+
+def load(path: str | Path) -> Config:
+    """Read and validate the configuration file at `path`."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file (give one with --config PATH)") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    return _Reader(path).config(data)
+
+
+def parse_duration(text: str) -> float:
+    """'90s', '5m', '4h', '5d' -> seconds; '0' -> 0. Raises ValueError."""
+    if text == "0":
+        return 0.0
+    match = _DURATION.match(text)
+    if not match:
+        raise ValueError(text)
+    return float(int(match.group(1)) * _UNITS[match.group(2)])
+
+
+class _Reader:
+    """Walks the parsed TOML, keeping the file path for error messages."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.base = path.resolve().parent
+
+    def fail(self, key: str, found: Any, allowed: str) -> ConfigError:
+        return ConfigError(f"{self.path}: {key}: found {found!r}, expected {allowed}")
+
+    def resolve(self, value: str) -> Path:
+        # Relative paths are relative to the folder holding the config file.
+        return (self.base / value).resolve() if not Path(value).is_absolute() else Path(value)
+
+    def table(self, data: dict, key: str, allowed: set[str]) -> dict:
+        return self.check_table(data.get(key, {}), key, allowed)
+
+    def check_table(self, value: Any, key: str, allowed: set[str]) -> dict:
+        if not isinstance(value, dict):
+            raise self.fail(key, value, "a table")
+        for name in value:
+            if name not in allowed:
+                raise ConfigError(
+                    f"{self.path}: {key}.{name}: unknown key (allowed: {', '.join(sorted(allowed))})"
+                )
+        return value
+
+    def string(self, table: dict, key: str, name: str, default: str | None = None) -> str | None:
+        value = table.get(name, default)
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value:
+            raise self.fail(f"{key}.{name}", value, "a non-empty string")
+        return value
+
+    def integer(self, table: dict, key: str, name: str, default: int, low: int, high: int) -> int:
+        value = table.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise self.fail(f"{key}.{name}", value, f"a whole number from {low} to {high}")
+        return value
+
+    def duration(self, table: dict, key: str, name: str, default: float) -> float:
+        value = table.get(name)
+        if value is None:
+            return default
+        try:
+            if not isinstance(value, str):
+                raise ValueError(value)
+            return parse_duration(value)
+        except ValueError:
+            raise self.fail(f"{key}.{name}", value, 'a duration such as "30s", "5m", "4h" or "5d"') from None
+
+    def choice(self, table: dict, key: str, name: str, default: str, allowed: tuple[str, ...]) -> str:
+        value = table.get(name, default)
+        if value not in allowed:
+            raise self.fail(f"{key}.{name}", value, "one of " + ", ".join(allowed))
+        return value
+
+    def config(self, data: dict) -> Config:
+        top = {"server", "listener", "limits", "domain", "relay", "queue"}
+        self.check_table(data, "(top level)", top)
+        server = self.server(self.table(data, "server", {"hostname", "state_dir", "tls_cert", "tls_key"}))
+        listeners = self.listeners(data.get("listener"))
+        limits = self.limits(self.table(data, "limits", set(LimitsConfig.__dataclass_fields__)))
+        domains = self.domains(data.get("domain"), server.state_dir)
+        relay = self.relay(self.table(data, "relay", {"networks", "mx_port", "nameservers", "tls", "smarthost"}))
+        queue = self.queue(self.table(data, "queue", {"retry", "lifetime", "delay_warning"}))
+        return Config(self.path, server, listeners, limits, domains, relay, queue)
+
+    def server(self, table: dict) -> ServerConfig:
+        hostname = self.string(table, "server", "hostname") or socket.getfqdn()
+        state_dir = self.resolve(self.string(table, "server", "state_dir", "../var"))
+        cert = self.string(table, "server", "tls_cert")
+        key = self.string(table, "server", "tls_key")
+        if (cert is None) != (key is None):
+            missing = "tls_key" if key is None else "tls_cert"
+            raise ConfigError(f"{self.path}: server.{missing}: missing; give both tls_cert and tls_key, or neither")
+        cert_path = self.resolve(cert) if cert else None
+        key_path = self.resolve(key) if key else None
+        for name, tls_path in (("tls_cert", cert_path), ("tls_key", key_path)):
+            if tls_path is not None and not tls_path.is_file():
+                raise ConfigError(f"{self.path}: server.{name}: {tls_path} is not a readable file")
+        return ServerConfig(hostname.lower(), state_dir, cert_path, key_path)
+
+    def listeners(self, value: Any) -> tuple[ListenerConfig, ...]:
+        if not isinstance(value, list) or not value:
+            raise self.fail("listener", value, "at least one [[listener]] table")
+        result = []
+        for index, raw in enumerate(value):
+            key = f"listener[{index}]"
+            table = self.check_table(raw, key, {"role", "endpoint"})
+            role = self.choice(table, key, "role", "", ROLES)
+            endpoint = self.string(table, key, "endpoint")
+            if endpoint is None:
+                raise self.fail(f"{key}.endpoint", None, 'a Twisted endpoint such as "tcp:2525:interface=127.0.0.1"')
+            _check_endpoint(self, f"{key}.endpoint", endpoint)
+            result.append(ListenerConfig(role, endpoint))
+        return tuple(result)
+
+    def limits(self, table: dict) -> LimitsConfig:
+        d = LimitsConfig()
+        return LimitsConfig(
+            message_size=self.integer(table, "limits", "message_size", d.message_size, 1024, 2**40),
+            recipients=self.integer(table, "limits", "recipients", d.recipients, 1, 100000),
+            command_timeout=self.duration_or_seconds(table, "command_timeout", d.command_timeout),
+            data_timeout=self.duration_or_seconds(table, "data_timeout", d.data_timeout),
+            connections_per_ip=self.integer(table, "limits", "connections_per_ip", d.connections_per_ip, 1, 100000),
+            auth_failures=self.integer(table, "limits", "auth_failures", d.auth_failures, 1, 1000),
+            greet_pause=self.duration(table, "limits", "greet_pause", d.greet_pause),
+        )
+
+    def duration_or_seconds(self, table: dict, name: str, default: float) -> float:
+        # Timeouts are shown as plain seconds in the docs; accept a duration string too.
+        value = table.get(name)
+        if isinstance(value, int) and not isinstance(value, bool):
+            if value < 1:
+                raise self.fail(f"limits.{name}", value, "a positive number of seconds")
+            return float(value)
+        seconds = self.duration(table, "limits", name, default)
+        if seconds <= 0:
+            raise self.fail(f"limits.{name}", value, "a positive number of seconds")
+        return seconds
+
+    def domains(self, value: Any, state_dir: Path) -> tuple[DomainConfig, ...]:
+        if not isinstance(value, list) or not value:
+            raise self.fail("domain", value, "at least one [[domain]] table")
+        result: list[DomainConfig] = []
+        for index, raw in enumerate(value):
+            key = f"domain[{index}]"
+            table = self.check_table(raw, key, {"name", "maildir", "users", "catch_all", "aliases"})
+            name = self.string(table, key, "name")
+            if name is None or not _is_domain(name):
+                raise self.fail(f"{key}.name", name, "a domain name such as example.test")
+            name = name.lower()
+            if any(d.name == name for d in result):
+                raise self.fail(f"{key}.name", name, "a domain not already configured")
+            maildir = self.resolve(self.string(table, key, "maildir") or str(state_dir / "mail" / name))
+            users = self.resolve(self.string(table, key, "users") or str(state_dir / "users"))
+            catch_all = self.string(table, key, "catch_all")
+            if catch_all is not None and not _is_local_target(catch_all):
+                raise self.fail(f"{key}.catch_all", catch_all, "a local user name such as alice")
+            aliases = self.aliases(self.check_table(table.get("aliases", {}), f"{key}.aliases", _AnyKey()), key)
+            result.append(DomainConfig(name, maildir, users, catch_all and catch_all.lower(), aliases))
+        return tuple(result)
+
+    def aliases(self, table: dict, key: str) -> dict[str, tuple[str, ...]]:
+        result = {}
+        for local, targets in table.items():
+            if not _is_local_target(local):
+                raise self.fail(f"{key}.aliases", local, "local parts without @, / or NUL as alias names")
+            if isinstance(targets, str):
+                targets = [targets]
+            if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets):
+                raise self.fail(f"{key}.aliases.{local}", targets, "a list of local users or addresses")
+            for target in targets:
+                if "@" not in target and not _is_local_target(target):
+                    raise self.fail(f"{key}.aliases.{local}", target, "a local user name or an address")
+            result[local.lower()] = tuple(t.lower() if "@" not in t else t for t in targets)
+        return result
+
+    def relay(self, table: dict) -> RelayConfig:
+        networks = table.get("networks", ["127.0.0.0/8", "::1/128"])
+        if not isinstance(networks, list):
+            raise self.fail("relay.networks", networks, 'a list of networks such as ["127.0.0.0/8"]')
+        parsed = []
+        for network in networks:
+            try:
+                parsed.append(ipaddress.ip_network(network, strict=False))
+            except (ValueError, TypeError):
+                raise self.fail("relay.networks", network, "an IP network such as 127.0.0.0/8 or ::1/128") from None
+        nameservers = table.get("nameservers", [])
+        if not isinstance(nameservers, list):
+            raise self.fail("relay.nameservers", nameservers, 'a list such as ["127.0.0.1:5353"]')
+        servers = tuple(self.nameserver(ns) for ns in nameservers)
+        smarthosts = table.get("smarthost", [])
+        if not isinstance(smarthosts, list):
+            raise self.fail("relay.smarthost", smarthosts, "[[relay.smarthost]] tables")
+        return RelayConfig(
+            networks=tuple(parsed),
+            mx_port=self.integer(table, "relay", "mx_port", 25, 1, 65535),
+            nameservers=servers,
+            tls=self.choice(table, "relay", "tls", "opportunistic", RELAY_TLS),
+            smarthosts=tuple(self.smarthost(raw, f"relay.smarthost[{i}]") for i, raw in enumerate(smarthosts)),
+        )
+
+    def nameserver(self, value: Any) -> tuple[str, int]:
+        allowed = 'an address with optional port such as "127.0.0.1:5353" or "[::1]:53"'
+        if not isinstance(value, str):
+            raise self.fail("relay.nameservers", value, allowed)
+        match = re.match(r"^\[([0-9a-fA-F:.]+)\](?::(\d+))?$", value) or re.match(r"^([0-9.]+)(?::(\d+))?$", value)
+        try:
+            if not match:
+                raise ValueError(value)
+            address = str(ipaddress.ip_address(match.group(1)))
+            port = int(match.group(2) or 53)
+            if not 1 <= port <= 65535:
+                raise ValueError(port)
+        except ValueError:
+            raise self.fail("relay.nameservers", value, allowed) from None
+        return address, port
+
+    def smarthost(self, raw: Any, key: str) -> SmartHostConfig:
+        table = self.check_table(raw, key, {"host", "port", "tls", "username", "password_file"})
+        host = self.string(table, key, "host")
+        if host is None:
+            raise self.fail(f"{key}.host", None, "a host name or address")
+        password_file = self.string(table, key, "password_file")
+        username = self.string(table, key, "username")
+        if (username is None) != (password_file is None):
+            raise ConfigError(f"{self.path}: {key}: give both username and password_file, or neither")
+        return SmartHostConfig(
+            host=host,
+            port=self.integer(table, key, "port", 587, 1, 65535),
+            tls=self.choice(table, key, "tls", "starttls", SMARTHOST_TLS),
+            username=username,
+            password_file=self.resolve(password_file) if password_file else None,
+        )
+
+    def queue(self, table: dict) -> QueueConfig:
+        d = QueueConfig()
+        retry = table.get("retry")
+        if retry is None:
+            steps = d.retry
+        else:
+            if not isinstance(retry, list) or not retry:
+                raise self.fail("queue.retry", retry, 'a list of durations such as ["1m", "5m"]')
+            steps = tuple(self.duration({"retry": r}, "queue", "retry", 0.0) for r in retry)
+            if any(s <= 0 for s in steps):
+                raise self.fail("queue.retry", retry, "durations longer than 0")
+        lifetime = self.duration(table, "queue", "lifetime", d.lifetime)
+        if lifetime <= 0:
+            raise self.fail("queue.lifetime", table.get("lifetime"), "a duration longer than 0")
+        return QueueConfig(steps, lifetime, self.duration(table, "queue", "delay_warning", d.delay_warning))
+
+
+class _AnyKey(set):
+    """Alias tables accept any key; their names are checked one by one."""
+
+    def __contains__(self, item: object) -> bool:
+        return True
+
+
+def _is_domain(name: str) -> bool:
+    labels = name.rstrip(".").split(".")
+    return len(name) <= 253 and all(re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?", lab) for lab in labels)
+
+
+def _is_local_target(name: str) -> bool:
+    return bool(name) and not any(c in name for c in "@/\0") and name not in (".", "..")
+
+
+def _check_endpoint(reader: _Reader, key: str, description: str) -> None:
+    from twisted.internet import endpoints, reactor
+
+    try:
+        endpoints.serverFromString(reactor, description)
+    except (ValueError, KeyError, TypeError) as e:
+        raise reader.fail(key, description, f'a Twisted server endpoint such as "tcp:2525:interface=127.0.0.1" ({e})') from None

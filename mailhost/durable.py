@@ -1,0 +1,122 @@
+"""Getting bytes onto disk so that a crash cannot lose them.
+
+The rule (DESIGN.md): write to a temporary name, fsync the file, rename it into
+place, fsync the directory. `DiskWriter` does that work on its own thread pool
+so the reactor never waits on the disk, and fsyncs each directory once for all
+the renames that finished since the last sync (group commit).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IReactorThreads
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+
+T = TypeVar("T")
+
+
+def fsync_directory(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_and_sync(path: str, chunks: Iterable[bytes], mode: int = 0o600) -> None:
+    """Create `path` (which must not exist), write `chunks`, fsync. Removes it on failure."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    try:
+        try:
+            for chunk in chunks:
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        _unlink_quietly(path)
+        raise
+
+
+def write_file_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Replace `path` with `data` durably (blocking; for the command line)."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    _unlink_quietly(str(temporary))
+    write_and_sync(str(temporary), [data], mode)
+    os.replace(temporary, path)
+    fsync_directory(path.parent)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+class DiskWriter:
+    """A dedicated pool of disk threads plus group-committed directory fsyncs."""
+
+    def __init__(self, reactor: IReactorThreads, threads: int = 8) -> None:
+        self._reactor = reactor
+        self._pool = ThreadPool(minthreads=1, maxthreads=threads, name="mailhost-disk")
+        # Directories renamed into since the running sync began, with who waits on them.
+        self._waiting: dict[str, list[Deferred[None]]] = {}
+        self._syncing = False
+
+    def start(self) -> None:
+        self._pool.start()
+
+    def stop(self) -> None:
+        self._pool.stop()
+
+    def run(self, function: Callable[..., T], *args: Any) -> Deferred[T]:
+        """Run blocking disk work off the reactor thread."""
+        return deferToThreadPool(self._reactor, self._pool, function, *args)
+
+    def sync_directories(self, directories: Iterable[str]) -> Deferred[Any]:
+        """Fires once every directory was fsync'd by a sync that began after this call."""
+        waits = []
+        for directory in directories:
+            d: Deferred[None] = Deferred()
+            self._waiting.setdefault(directory, []).append(d)
+            waits.append(d)
+        if not self._syncing:
+            self._sync_round()
+        return DeferredList(waits, fireOnOneErrback=True, consumeErrors=True)
+
+    def _sync_round(self) -> None:
+        batch, self._waiting = self._waiting, {}
+        if not batch:
+            self._syncing = False
+            return
+        self._syncing = True
+        self.run(_fsync_each, list(batch)).addCallback(self._sync_done, batch)
+
+    def _sync_done(self, failures: dict[str, OSError], batch: dict[str, list[Deferred[None]]]) -> None:
+        for directory, waiters in batch.items():
+            error = failures.get(directory)
+            for d in waiters:
+                if error is None:
+                    d.callback(None)
+                else:
+                    d.errback(error)
+        self._sync_round()
+
+
+def _fsync_each(directories: list[str]) -> dict[str, OSError]:
+    failures = {}
+    for directory in directories:
+        try:
+            fsync_directory(directory)
+        except OSError as e:
+            failures[directory] = e
+    return failures

@@ -1,0 +1,191 @@
+"""Local domains: who a local address is (users, aliases, plus-addressing,
+catch-all, postmaster) and crash-safe delivery into Maildir folders."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from twisted.internet.defer import Deferred, inlineCallbacks
+
+from mailhost.config import Config, DomainConfig
+from mailhost.durable import DiskWriter, write_and_sync
+from mailhost.users import UsersFile
+
+PLUS_SEPARATOR = "+"
+ALIAS_DEPTH_MAX = 10
+_MAILDIR_SUBDIRS = ("tmp", "new", "cur")
+
+
+@dataclass(frozen=True)
+class Mailbox:
+    """One local user's Maildir."""
+
+    address: str  # user@domain, lower case
+    path: Path
+
+
+@dataclass
+class Resolution:
+    """Where one recipient's mail goes after aliases are expanded."""
+
+    mailboxes: list[Mailbox] = field(default_factory=list)
+    remote: list[str] = field(default_factory=list)
+
+    @property
+    def found(self) -> bool:
+        return bool(self.mailboxes or self.remote)
+
+
+def is_safe_local_part(local: str) -> bool:
+    """A local part that can name a folder: no path separator, NUL, or dot-only name."""
+    return bool(local) and "/" not in local and "\0" not in local and not local.startswith(".")
+
+
+class LocalDomains:
+    """The configured local domains and their users, as the daemon sees them."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._domains = {d.name: d for d in config.domains}
+        self._users = {path: UsersFile(path) for path in {d.users for d in config.domains}}
+
+    def is_local(self, domain: str) -> bool:
+        return domain.lower() in self._domains
+
+    @property
+    def primary(self) -> str:
+        return self.config.domains[0].name
+
+    def resolve(self, local: str, domain: str) -> Resolution:
+        """Expand `local@domain` (a local domain) into mailboxes and remote addresses."""
+        resolution = Resolution()
+        self._expand(local.lower(), domain.lower(), resolution, depth=0, seen=set())
+        return resolution
+
+    def _expand(self, local: str, domain: str, out: Resolution, depth: int, seen: set[str]) -> None:
+        key = f"{local}@{domain}"
+        if key in seen or depth > ALIAS_DEPTH_MAX:
+            return
+        seen.add(key)
+        config = self._domains[domain]
+        users = self._users[config.users].entries()
+        base = local.split(PLUS_SEPARATOR, 1)[0] if PLUS_SEPARATOR in local else None
+        for name in (local, base):
+            if name is None or not is_safe_local_part(name):
+                continue
+            if name in config.aliases:
+                for target in config.aliases[name]:
+                    self._expand_target(target, domain, out, depth, seen)
+                return
+            if f"{name}@{domain}" in users:
+                self._add_mailbox(out, config, name)
+                return
+        if config.catch_all is not None:
+            self._expand_target(config.catch_all, domain, out, depth, seen)
+        elif local == "postmaster":
+            # RFC 5321 4.5.1: postmaster is always accepted; without a user or
+            # alias of that name it gets a Maildir of its own.
+            self._add_mailbox(out, config, "postmaster")
+
+    def _expand_target(self, target: str, domain: str, out: Resolution, depth: int, seen: set[str]) -> None:
+        if "@" not in target:
+            self._expand_user(target, domain, out, depth, seen)
+            return
+        target_local, _, target_domain = target.rpartition("@")
+        if self.is_local(target_domain):
+            self._expand(target_local.lower(), target_domain.lower(), out, depth + 1, seen)
+        elif target not in out.remote:
+            out.remote.append(target)
+
+    def _expand_user(self, name: str, domain: str, out: Resolution, depth: int, seen: set[str]) -> None:
+        # An alias target without @ is a user of the same domain; it may itself be an alias.
+        config = self._domains[domain]
+        if name in config.aliases and f"{name}@{domain}" not in seen:
+            self._expand(name, domain, out, depth + 1, seen)
+        else:
+            self._add_mailbox(out, config, name)
+
+    @staticmethod
+    def _add_mailbox(out: Resolution, config: DomainConfig, name: str) -> None:
+        mailbox = Mailbox(f"{name}@{config.name}", config.maildir / name)
+        if mailbox not in out.mailboxes:
+            out.mailboxes.append(mailbox)
+
+
+def create_maildir(path: Path) -> None:
+    """Make `path`/{tmp,new,cur}, owner-only, if missing."""
+    for sub in _MAILDIR_SUBDIRS:
+        (path / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
+_hostname = socket.gethostname().replace("/", r"\057").replace(":", r"\072")
+_sequence = itertools.count()
+
+
+def _unique_name() -> str:
+    # The Maildir naming rule: time.MusecPpidQcount.host, unique on this host.
+    now = time.time()
+    return f"{int(now)}.M{int(now % 1 * 1e6)}P{os.getpid()}Q{next(_sequence)}.{_hostname}"
+
+
+@dataclass(frozen=True)
+class Copy:
+    """One delivered copy: the mailbox and the header lines written above the body."""
+
+    mailbox: Mailbox
+    headers: bytes
+
+
+class MaildirDelivery:
+    """Writes a message into several Maildirs; every copy or none."""
+
+    def __init__(self, writer: DiskWriter) -> None:
+        self._writer = writer
+
+    @inlineCallbacks
+    def deliver(self, copies: list[Copy], body: bytes) -> Deferred[list[str]]:
+        """Durably deliver `body` with each copy's headers; fires with the new/ paths.
+
+        Fires only after every file and every new/ directory is fsync'd. On any
+        error the copies already renamed are removed again and the error raised.
+        """
+        names = [_unique_name() for _ in copies]
+        placed = yield self._writer.run(_write_copies, copies, body, names)
+        try:
+            yield self._writer.sync_directories({os.path.dirname(p) for p in placed})
+        except Exception:
+            yield self._writer.run(_remove_all, placed)
+            raise
+        return placed
+
+
+def _write_copies(copies: list[Copy], body: bytes, names: list[str]) -> list[str]:
+    temporary: list[tuple[str, str]] = []
+    placed: list[str] = []
+    try:
+        for copy, name in zip(copies, names):
+            create_maildir(copy.mailbox.path)
+            tmp = str(copy.mailbox.path / "tmp" / name)
+            write_and_sync(tmp, (copy.headers, body))
+            temporary.append((tmp, str(copy.mailbox.path / "new" / name)))
+        # Only once every copy is safely written do any of them appear in new/.
+        for tmp, new in temporary:
+            os.rename(tmp, new)
+            placed.append(new)
+    except BaseException:
+        _remove_all([tmp for tmp, _ in temporary] + placed)
+        raise
+    return placed
+
+
+def _remove_all(paths: list[str]) -> None:
+    for path in paths:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass

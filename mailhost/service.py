@@ -1,0 +1,94 @@
+"""Builds the daemon: one MultiService holding the disk threads and the listeners."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from twisted.application import service, strports
+from twisted.internet import error as internet_error
+from twisted.logger import Logger
+
+from mailhost.config import Config, ConfigError, load
+from mailhost.durable import DiskWriter
+from mailhost.mailbox import LocalDomains, MaildirDelivery
+from mailhost.smtp.server import ServerContext, SMTPServerFactory
+from mailhost.tls import TLSSetupError, ensure_tls_pair, server_tls_options
+
+log = Logger(namespace="mailhost.service")
+
+
+class DiskWriterService(service.Service):
+    """Runs the disk thread pool for as long as the daemon runs."""
+
+    def __init__(self, writer: DiskWriter) -> None:
+        self.writer = writer
+
+    def startService(self) -> None:
+        super().startService()
+        self.writer.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.writer.stop()
+
+
+class ListenerService(service.Service):
+    """One listening endpoint; a port that cannot be bound stops the daemon with one line."""
+
+    def __init__(self, description: str, factory: Any, reactor: Any) -> None:
+        self.description = description
+        self.inner = strports.service(description, factory, reactor=reactor)
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        try:
+            self.inner.privilegedStartService()
+        except internet_error.CannotListenError as e:
+            sys.stderr.write(f"mailhost: cannot listen on {self.description}: {e.socketError}\n")
+            raise SystemExit(1) from None
+
+    def startService(self) -> None:
+        super().startService()
+        self.inner.startService()
+
+    def stopService(self) -> Any:
+        super().stopService()
+        return self.inner.stopService()
+
+
+def make_service(config_path: str, reactor: Any = None) -> service.MultiService:
+    """The whole daemon for the configuration at `config_path`.
+
+    A user mistake (config, TLS files) exits with one line on stderr, status 1.
+    """
+    if reactor is None:
+        from twisted.internet import reactor
+    try:
+        config = load(config_path)
+        config.server.state_dir.mkdir(parents=True, exist_ok=True)
+        tls_options = server_tls_options(*ensure_tls_pair(config))
+    except (ConfigError, TLSSetupError) as e:
+        sys.stderr.write(f"mailhost: {e}\n")
+        raise SystemExit(1) from None
+    except OSError as e:
+        sys.stderr.write(f"mailhost: {e.filename}: {e.strerror}\n")
+        raise SystemExit(1) from None
+    return build(config, tls_options, reactor)
+
+
+def build(config: Config, tls_options: Any, reactor: Any) -> service.MultiService:
+    top = service.MultiService()
+    writer = DiskWriter(reactor)
+    DiskWriterService(writer).setServiceParent(top)
+    context = ServerContext(config, LocalDomains(config), MaildirDelivery(writer), tls_options)
+    for listener in config.listeners:
+        factory = SMTPServerFactory(listener.role, context, reactor)
+        ListenerService(listener.endpoint, factory, reactor).setServiceParent(top)
+    log.info(
+        "mailhost starting: hostname={hostname} domains={domains} listeners={listeners}",
+        hostname=config.server.hostname,
+        domains=",".join(d.name for d in config.domains),
+        listeners=" ".join(f"{l.role}={l.endpoint}" for l in config.listeners),
+    )
+    return top

@@ -1,0 +1,1 @@
+"""mailhost's own SMTP protocol: the shared codec and the server."""

@@ -1,0 +1,257 @@
+"""The SMTP codec both sides share: replies, command lines, RFC 5321 paths,
+ESMTP parameters, and the DATA framing (end of data, dot-stuffing, line endings).
+
+Everything here works on whole buffers with C-level bytes methods: no Python
+call per line of a message.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+
+COMMAND_LINE_MAX = 512  # octets including CRLF (RFC 5321 4.5.3.1.4)
+TEXT_LINE_MAX = 1000  # octets including CRLF (RFC 5321 4.5.3.1.6)
+LOCAL_PART_MAX = 64
+DOMAIN_MAX = 255
+PATH_MAX = 256
+
+END_OF_DATA = b"\r\n.\r\n"
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One SMTP reply: a code, an enhanced status code (RFC 3463) and text."""
+
+    code: int
+    status: str
+    text: str
+
+    def encode(self) -> bytes:
+        lines = self.text.split("\n")
+        prefix = f"{self.code}-{self.status} " if self.status else f"{self.code}-"
+        out = [prefix + line for line in lines[:-1]]
+        out.append(f"{self.code} {self.status} {lines[-1]}" if self.status else f"{self.code} {lines[-1]}")
+        return ("\r\n".join(out) + "\r\n").encode("utf-8")
+
+    @property
+    def is_success(self) -> bool:
+        return self.code < 400
+
+
+class SMTPError(Exception):
+    """Raised by the codec when input breaks the protocol; carries the reply."""
+
+    def __init__(self, code: int, status: str, text: str) -> None:
+        super().__init__(f"{code} {status} {text}")
+        self.reply = Reply(code, status, text)
+
+
+# --- command lines -----------------------------------------------------------
+
+_BAD_COMMAND_BYTES = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def split_command(line: bytes, allow_utf8: bool) -> tuple[str, str]:
+    """Split a command line (without its line ending) into (VERB, argument).
+
+    NUL, control characters, and non-ASCII bytes (unless `allow_utf8`, for
+    MAIL/RCPT addresses) are refused with 500 5.5.2.
+    """
+    if _BAD_COMMAND_BYTES.search(line):
+        raise SMTPError(500, "5.5.2", "Syntax error: control character or NUL in command")
+    try:
+        text = line.decode("utf-8") if allow_utf8 else line.decode("ascii")
+    except UnicodeDecodeError:
+        raise SMTPError(500, "5.5.2", "Syntax error: 8-bit characters in command") from None
+    verb, _, argument = text.partition(" ")
+    return verb.upper(), argument.strip(" ")
+
+
+# --- addresses ---------------------------------------------------------------
+
+_ATEXT = r"A-Za-z0-9!#$%&'*+\-/=?^_`{|}~"
+_UTF8 = r"\u0080-\U0010ffff"
+_QTEXT = r"\x20\x21\x23-\x5b\x5d-\x7e"
+
+
+def _path_pattern(utf8: bool) -> re.Pattern[str]:
+    extra = _UTF8 if utf8 else ""
+    atom = f"[{_ATEXT}{extra}]+"
+    quoted = rf'"(?:[{_QTEXT}{extra}]|\\[\x20-\x7e])*"'
+    label = rf"[A-Za-z0-9{extra}](?:[A-Za-z0-9\-{extra}]*[A-Za-z0-9{extra}])?"
+    domain = rf"{label}(?:\.{label})*"
+    literal = r"\[[^\[\]\\\s]+\]"
+    return re.compile(
+        rf"<(?P<adl>@{domain}(?:,@{domain})*:)?"
+        rf"(?P<local>{atom}(?:\.{atom})*|{quoted})@(?P<domain>{domain}|{literal})>"
+    )
+
+
+_PATH_ASCII = _path_pattern(False)
+_PATH_UTF8 = _path_pattern(True)
+_PARAM = re.compile(r"^([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e\u0080-\U0010ffff]+))?$")
+
+
+@dataclass(frozen=True)
+class Address:
+    """A mailbox: local part as written (quotes kept) and domain (a literal keeps its brackets)."""
+
+    local: str
+    domain: str
+
+    def __str__(self) -> str:
+        return f"{self.local}@{self.domain}" if self.domain else self.local
+
+    @property
+    def is_null(self) -> bool:
+        return not self.local and not self.domain
+
+    @property
+    def is_utf8(self) -> bool:
+        return not str(self).isascii()
+
+    @property
+    def bare_local(self) -> str:
+        """The local part with quoting undone ("a b" -> a b)."""
+        if self.local.startswith('"'):
+            return re.sub(r"\\(.)", r"\1", self.local[1:-1])
+        return self.local
+
+
+NULL_ADDRESS = Address("", "")
+
+
+def parse_path(text: str, *, utf8: bool, null_ok: bool, kind: str) -> tuple[Address, str]:
+    """Parse `<path>` at the start of `text`; return the address and the rest (parameters).
+
+    `kind` is "sender" or "recipient" and picks the enhanced code for bad
+    syntax (5.1.7 / 5.1.3). A source route (`@a,@b:`) is accepted and dropped
+    (RFC 5321 3.6.1). Non-ASCII without SMTPUTF8 gets 553 5.6.7.
+    """
+    status = "5.1.7" if kind == "sender" else "5.1.3"
+    if null_ok and (text == "<>" or text.startswith("<> ")):
+        return NULL_ADDRESS, text[2:].strip(" ")
+    match = (_PATH_UTF8 if utf8 or not text.isascii() else _PATH_ASCII).match(text)
+    if not match or (match.end() < len(text) and text[match.end()] != " "):
+        raise SMTPError(501, status, f"Syntax error in {kind} address (RFC 5321 4.1.2)")
+    address = Address(match.group("local"), match.group("domain"))
+    if not text[: match.end()].isascii() and not utf8:
+        raise SMTPError(553, "5.6.7", f"Non-ASCII {kind} address needs SMTPUTF8 (RFC 6531)")
+    if address.domain.startswith("["):
+        _check_literal(address.domain, status, kind)
+    if len(address.local.encode()) > LOCAL_PART_MAX:
+        raise SMTPError(501, status, f"Local part of {kind} address longer than {LOCAL_PART_MAX} octets")
+    if len(address.domain.encode()) > DOMAIN_MAX:
+        raise SMTPError(501, status, f"Domain of {kind} address longer than {DOMAIN_MAX} octets")
+    if len(str(address).encode()) + 2 > PATH_MAX:
+        raise SMTPError(501, status, f"Path of {kind} address longer than {PATH_MAX} octets")
+    return address, text[match.end() :].strip(" ")
+
+
+def _check_literal(literal: str, status: str, kind: str) -> None:
+    inner = literal[1:-1]
+    try:
+        if inner[:5].lower() == "ipv6:":
+            ipaddress.IPv6Address(inner[5:])
+        elif re.fullmatch(r"[0-9.]+", inner):
+            ipaddress.IPv4Address(inner)
+        elif not re.fullmatch(r"[A-Za-z0-9-]*[A-Za-z0-9]:[\x21-\x5a\x5e-\x7e]+", inner):
+            raise ValueError(inner)
+    except ValueError:
+        raise SMTPError(501, status, f"Bad address literal in {kind} address") from None
+
+
+def parse_parameters(text: str) -> dict[str, str | None]:
+    """ESMTP parameters `KEY=VALUE KEY2` -> {"KEY": "VALUE", "KEY2": None}; 501 5.5.4 on bad syntax."""
+    params: dict[str, str | None] = {}
+    for word in text.split(" "):
+        if not word:
+            continue
+        match = _PARAM.match(word)
+        if not match:
+            raise SMTPError(501, "5.5.4", f"Syntax error in parameter {word[:40]!r}")
+        key = match.group(1).upper()
+        if key in params:
+            raise SMTPError(501, "5.5.4", f"Parameter {key} given twice")
+        params[key] = match.group(2)
+    return params
+
+
+# --- DATA --------------------------------------------------------------------
+
+
+class MessageReader:
+    """Collects a DATA body from whole network buffers until CRLF.CRLF.
+
+    Only CRLF.CRLF ends the data: `\\n.\\n`, `\\r.\\r` and the other smuggling
+    shapes are just bytes of the message (refused later by `check_body`). Past
+    `limit` octets the bytes are counted and dropped, so an oversized message
+    is read to its real end and the session goes on.
+    """
+
+    def __init__(self, limit: int) -> None:
+        # A CRLF in front makes a "." on the first line match END_OF_DATA too.
+        self._buffer = bytearray(b"\r\n")
+        self._limit = limit
+        self._dropped = 0
+        self.body: bytes | None = None
+
+    @property
+    def size(self) -> int:
+        return self._dropped + len(self._buffer) - 2
+
+    @property
+    def oversized(self) -> bool:
+        return self.size > self._limit
+
+    def feed(self, data: bytes) -> int:
+        """Take a buffer; return how many of its bytes belong to the message
+        (all of them, until the end is seen; then `body` is set)."""
+        start = len(self._buffer)
+        self._buffer += data
+        end = self._buffer.find(END_OF_DATA, max(start - 4, 0))
+        if end < 0:
+            if self.oversized:
+                keep = 4  # enough to hold a terminator split across buffers
+                self._dropped += len(self._buffer) - keep
+                del self._buffer[:-keep]
+            return len(data)
+        # body keeps the leading CRLF and the CRLF that ends its last line.
+        self.body = bytes(self._buffer[: end + 2])
+        del self._buffer[end + 2 :]
+        return end + len(END_OF_DATA) - start
+
+
+_LONG_LINE = re.compile(rb"[^\r\n]{%d}" % (TEXT_LINE_MAX - 1))
+
+
+def check_body(body: bytes) -> Reply | None:
+    """Strict checks on a received body (as kept by MessageReader); None when it is clean."""
+    crlf = body.count(b"\r\n")
+    if body.count(b"\n") != crlf or body.count(b"\r") != crlf:
+        return Reply(550, "5.6.11", "Message refused: bare CR or LF in DATA (RFC 5321 2.3.8)")
+    if b"\x00" in body:
+        return Reply(550, "5.6.0", "Message refused: NUL character in DATA")
+    if _LONG_LINE.search(body):
+        return Reply(500, "5.5.6", f"Message refused: line longer than {TEXT_LINE_MAX} octets")
+    return None
+
+
+def unstuff_to_lf(body: bytes) -> bytes:
+    """Undo dot-stuffing and turn CRLF into LF: the form a Maildir file holds."""
+    return body.replace(b"\r\n.", b"\r\n").replace(b"\r\n", b"\n")[1:]
+
+
+def stuff_from_lf(message: bytes) -> bytes:
+    """A stored message (LF or CRLF lines) as DATA on the wire: every line
+    ending in CRLF, every leading dot doubled, then the terminating dot.
+
+    Whole-buffer work, so a dot can never escape stuffing at a chunk boundary.
+    """
+    text = message.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    if text and not text.endswith(b"\n"):
+        text += b"\n"
+    wire = (b"\n" + text).replace(b"\n.", b"\n..").replace(b"\n", b"\r\n")
+    return wire[2:] + b".\r\n"
