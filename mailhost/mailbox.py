@@ -10,10 +10,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred
 
 from mailhost.config import Config, DomainConfig
-from mailhost.durable import DiskWriter, write_and_sync
+from mailhost.durable import DiskWriter, fsync_directory, write_and_sync
 from mailhost.users import UsersFile
 
 PLUS_SEPARATOR = "+"
@@ -123,6 +123,17 @@ def create_maildir(path: Path) -> None:
         (path / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
 
 
+def _write_into_tmp(mailbox: Mailbox, name: str, chunks: tuple[bytes, bytes]) -> str:
+    tmp = f"{mailbox.path}/tmp/{name}"
+    try:
+        write_and_sync(tmp, chunks)
+    except FileNotFoundError:
+        # First delivery to this mailbox: make its Maildir, then try once more.
+        create_maildir(mailbox.path)
+        write_and_sync(tmp, chunks)
+    return tmp
+
+
 _hostname = socket.gethostname().replace("/", r"\057").replace(":", r"\072")
 _sequence = itertools.count()
 
@@ -147,21 +158,26 @@ class MaildirDelivery:
     def __init__(self, writer: DiskWriter) -> None:
         self._writer = writer
 
-    @inlineCallbacks
     def deliver(self, copies: list[Copy], body: bytes) -> Deferred[list[str]]:
         """Durably deliver `body` with each copy's headers; fires with the new/ paths.
 
         Fires only after every file and every new/ directory is fsync'd. On any
-        error the copies already renamed are removed again and the error raised.
+        error nothing of this message is left in new/ and the error is raised.
         """
-        names = [_unique_name() for _ in copies]
-        placed = yield self._writer.run(_write_copies, copies, body, names)
-        try:
-            yield self._writer.sync_directories({os.path.dirname(p) for p in placed})
-        except Exception:
-            yield self._writer.run(_remove_all, placed)
-            raise
-        return placed
+        return self._writer.run(_deliver_copies, copies, body, [_unique_name() for _ in copies])
+
+
+def _deliver_copies(copies: list[Copy], body: bytes, names: list[str]) -> list[str]:
+    # One trip to a disk thread per message. Concurrent deliveries fsync their
+    # directories concurrently, and the filesystem journal commits them together.
+    placed = _write_copies(copies, body, names)
+    try:
+        for directory in {os.path.dirname(p) for p in placed}:
+            fsync_directory(directory)
+    except BaseException:
+        _remove_all(placed)
+        raise
+    return placed
 
 
 def _write_copies(copies: list[Copy], body: bytes, names: list[str]) -> list[str]:
@@ -169,10 +185,8 @@ def _write_copies(copies: list[Copy], body: bytes, names: list[str]) -> list[str
     placed: list[str] = []
     try:
         for copy, name in zip(copies, names):
-            create_maildir(copy.mailbox.path)
-            tmp = str(copy.mailbox.path / "tmp" / name)
-            write_and_sync(tmp, (copy.headers, body))
-            temporary.append((tmp, str(copy.mailbox.path / "new" / name)))
+            tmp = _write_into_tmp(copy.mailbox, name, (copy.headers, body))
+            temporary.append((tmp, f"{copy.mailbox.path}/new/{name}"))
         # Only once every copy is safely written do any of them appear in new/.
         for tmp, new in temporary:
             os.rename(tmp, new)

@@ -110,6 +110,9 @@ class SMTPServer(Protocol, TimeoutMixin):
     # --- connection ----------------------------------------------------------
 
     def connectionMade(self) -> None:
+        # Replies are whole and flushed deliberately; Nagle would only delay them.
+        if hasattr(self.transport, "setTcpNoDelay"):
+            self.transport.setTcpNoDelay(True)
         peer = self.transport.getPeer()
         self.client_ip = getattr(peer, "host", "") or "unknown"
         try:
