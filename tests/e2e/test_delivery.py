@@ -251,3 +251,20 @@ def test_ipv6_loopback_listener(make_daemon):
         client.send_message(message("alice@example.test", "v6"), to_addrs=["alice@example.test"])
     [msg] = daemon.messages("alice")
     assert "[IPv6:::1]" in msg["Received"]
+
+
+def test_local_part_never_names_a_path_outside_the_maildir(raw, daemon):
+    session = raw()
+    session.command("EHLO client.test")
+    session.command("MAIL FROM:<s@client.test>")
+    # example.test has no catch-all: these are unknown users.
+    for rcpt in ('"../../escape"@example.test', '"a/b"@example.test', "..@example.test"):
+        assert session.command(f"RCPT TO:<{rcpt}>")[:9] in ("550 5.1.1", "501 5.1.3"), rcpt
+    # other.test has a catch-all: the tricky names land in carol's Maildir, nowhere else.
+    assert session.command('RCPT TO:<"../../escape"@other.test>').startswith("250")
+    assert session.command("DATA").startswith("354")
+    session.send(b"Subject: traversal\r\n\r\nx\r\n.\r\n")
+    assert session.reply().startswith("250 2.0.0")
+    assert [m["Subject"] for m in daemon.messages("carol", "other.test")] == ["traversal"]
+    assert sorted(p.name for p in (daemon.root / "mail").iterdir()) == ["other.test"]
+    assert sorted(p.name for p in (daemon.root / "mail/other.test").iterdir()) == ["carol"]
