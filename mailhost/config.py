@@ -18,7 +18,7 @@ ROLES = ("mx",)  # submission and submissions arrive with the submission issue
 RELAY_TLS = ("opportunistic", "required", "none")
 SMARTHOST_TLS = ("starttls", "implicit", "none")
 
-_DURATION = re.compile(r"^(\d+)([smhd])$")
+_DURATION = re.compile(r"([0-9]+)([smhd])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -126,7 +126,7 @@ def parse_duration(text: str) -> float:
     """'90s', '5m', '4h', '5d' -> seconds; '0' -> 0. Raises ValueError."""
     if text == "0":
         return 0.0
-    match = _DURATION.match(text)
+    match = _DURATION.fullmatch(text)
     if not match:
         raise ValueError(text)
     return float(int(match.group(1)) * _UNITS[match.group(2)])
@@ -154,8 +154,9 @@ class _Reader:
             raise self.fail(key, value, "a table")
         for name in value:
             if name not in allowed:
+                shown = name if name.isidentifier() else repr(name)
                 raise ConfigError(
-                    f"{self.path}: {key}.{name}: unknown key (allowed: {', '.join(sorted(allowed))})"
+                    f"{self.path}: {key}.{shown}: unknown key (allowed: {', '.join(sorted(allowed))})"
                 )
         return value
 
@@ -203,6 +204,8 @@ class _Reader:
 
     def server(self, table: dict) -> ServerConfig:
         hostname = self.string(table, "server", "hostname") or socket.getfqdn()
+        if not _is_domain(hostname):
+            raise self.fail("server.hostname", hostname, "a host name such as mail.example.org")
         state_dir = self.resolve(self.string(table, "server", "state_dir", "../var"))
         cert = self.string(table, "server", "tls_cert")
         key = self.string(table, "server", "tls_key")
@@ -287,7 +290,9 @@ class _Reader:
             if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets):
                 raise self.fail(f"{key}.aliases.{local}", targets, "a list of local users or addresses")
             for target in targets:
-                if "@" not in target and not _is_local_target(target):
+                target_local, at, target_domain = target.rpartition("@")
+                valid = _is_local_target(target_local) and _is_domain(target_domain) if at else _is_local_target(target)
+                if not valid:
                     raise self.fail(f"{key}.aliases.{local}", target, "a local user name or an address")
             result[local.lower()] = tuple(t.lower() if "@" not in t else t for t in targets)
         return result
@@ -299,6 +304,8 @@ class _Reader:
         parsed = []
         for network in networks:
             try:
+                if not isinstance(network, str):
+                    raise TypeError(network)
                 parsed.append(ipaddress.ip_network(network, strict=False))
             except (ValueError, TypeError):
                 raise self.fail("relay.networks", network, "an IP network such as 127.0.0.0/8 or ::1/128") from None

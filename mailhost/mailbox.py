@@ -70,7 +70,7 @@ class LocalDomains:
     def _expand(self, local: str, domain: str, out: Resolution, depth: int, seen: set[str]) -> None:
         key = f"{local}@{domain}"
         if key in seen or depth > ALIAS_DEPTH_MAX:
-            return
+            return  # an alias loop, or a name already expanded in this resolution
         seen.add(key)
         config = self._domains[domain]
         users = self._users[config.users].entries()
@@ -85,30 +85,21 @@ class LocalDomains:
             if f"{name}@{domain}" in users:
                 self._add_mailbox(out, config, name)
                 return
+        found_before = len(out.mailboxes) + len(out.remote)
         if config.catch_all is not None:
-            self._expand_target(config.catch_all, domain, out, depth, seen)
-        elif local == "postmaster":
-            # RFC 5321 4.5.1: postmaster is always accepted; without a user or
-            # alias of that name it gets a Maildir of its own.
+            self._expand(config.catch_all, domain, out, depth + 1, seen)
+        if local == "postmaster" and len(out.mailboxes) + len(out.remote) == found_before:
+            # RFC 5321 4.5.1: postmaster is always accepted; without a user, alias
+            # or catch-all to take it, it gets a Maildir of its own.
             self._add_mailbox(out, config, "postmaster")
 
     def _expand_target(self, target: str, domain: str, out: Resolution, depth: int, seen: set[str]) -> None:
-        if "@" not in target:
-            self._expand_user(target, domain, out, depth, seen)
-            return
-        target_local, _, target_domain = target.rpartition("@")
+        # A target without @ is a name in the same domain: a user, an alias or a plus-address.
+        target_local, _, target_domain = target.rpartition("@") if "@" in target else (target, "@", domain)
         if self.is_local(target_domain):
             self._expand(target_local.lower(), target_domain.lower(), out, depth + 1, seen)
         elif target not in out.remote:
             out.remote.append(target)
-
-    def _expand_user(self, name: str, domain: str, out: Resolution, depth: int, seen: set[str]) -> None:
-        # An alias target without @ is a user of the same domain; it may itself be an alias.
-        config = self._domains[domain]
-        if name in config.aliases and f"{name}@{domain}" not in seen:
-            self._expand(name, domain, out, depth + 1, seen)
-        else:
-            self._add_mailbox(out, config, name)
 
     @staticmethod
     def _add_mailbox(out: Resolution, config: DomainConfig, name: str) -> None:

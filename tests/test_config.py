@@ -1,0 +1,324 @@
+"""The TOML configuration (mailhost.config): defaults, paths, and one-line errors."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from pathlib import Path
+
+import pytest
+
+from mailhost.config import ConfigError, load, parse_duration
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+LISTENER = """
+[[listener]]
+role = "mx"
+endpoint = "tcp:2525:interface=127.0.0.1"
+"""
+
+DOMAIN = """
+[[domain]]
+name = "example.test"
+"""
+
+MINIMAL = LISTENER + DOMAIN
+
+
+def write(tmp_path: Path, text: str | bytes, name: str = "etc/mailhost.toml") -> Path:
+    path = tmp_path / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text)
+    return path
+
+
+# --- defaults ------------------------------------------------------------------
+
+
+def test_minimal_config_gets_the_documented_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path, MINIMAL)
+    monkeypatch.chdir(tmp_path)  # defaults must not depend on the working directory
+    config = load(path)
+    etc = tmp_path / "etc"
+    var = (etc / "../var").resolve()
+
+    assert config.server.hostname == socket.getfqdn().lower()
+    assert config.server.state_dir == var
+    assert config.server.tls_cert is None and config.server.tls_key is None
+
+    assert [(lst.role, lst.endpoint) for lst in config.listeners] == [("mx", "tcp:2525:interface=127.0.0.1")]
+
+    limits = config.limits
+    assert limits.message_size == 36700160
+    assert limits.recipients == 100
+    assert limits.command_timeout == 300
+    assert limits.data_timeout == 600
+    assert limits.connections_per_ip == 20
+    assert limits.auth_failures == 3
+    assert limits.greet_pause == 1
+
+    (domain,) = config.domains
+    assert domain.name == "example.test"
+    assert domain.maildir == var / "mail" / "example.test"
+    assert domain.users.is_absolute()
+    assert domain.catch_all is None
+    assert domain.aliases == {}
+
+    relay = config.relay
+    assert relay.networks == (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+    assert relay.mx_port == 25
+    assert relay.nameservers == ()
+    assert relay.tls == "opportunistic"
+    assert relay.smarthosts == ()
+
+    queue = config.queue
+    assert queue.retry == (60, 300, 900, 1800, 3600, 7200)
+    assert queue.lifetime == 5 * 86400
+    assert queue.delay_warning == 4 * 3600
+
+
+def test_the_example_configuration_loads() -> None:
+    config = load(PROJECT / "etc" / "mailhost.toml")
+    assert config.server.state_dir == PROJECT / "var"
+    assert config.domain("example.test") is not None
+
+
+def test_domain_lookup_is_case_insensitive(tmp_path: Path) -> None:
+    config = load(write(tmp_path, LISTENER + '[[domain]]\nname = "Example.TEST"\n'))
+    assert config.domains[0].name == "example.test"
+    assert config.domain("EXAMPLE.test") is config.domains[0]
+    assert config.domain("other.test") is None
+
+
+# --- relative paths --------------------------------------------------------------
+
+
+def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    etc = tmp_path / "etc"
+    (etc / "tls").mkdir(parents=True)
+    (etc / "tls" / "cert.pem").write_text("not checked by load\n")
+    (etc / "tls" / "key.pem").write_text("not checked by load\n")
+    write(
+        tmp_path,
+        f"""
+[server]
+hostname = "Mail.Example.TEST"
+state_dir = "../var"
+tls_cert = "tls/cert.pem"
+tls_key = "./tls/key.pem"
+{LISTENER}
+[[domain]]
+name = "example.test"
+maildir = "../var/mail/example.test"
+users = "users"
+[[domain]]
+name = "other.test"
+maildir = "{tmp_path}/absolute/mail"
+[[relay.smarthost]]
+host = "smtp.provider.test"
+username = "acct"
+password_file = "smarthost.pw"
+""",
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    for given in (etc / "mailhost.toml", Path("../etc/mailhost.toml")):  # absolute and relative --config
+        config = load(given)
+        assert config.server.hostname == "mail.example.test"
+        assert config.server.state_dir == tmp_path / "var"
+        assert config.server.tls_cert == etc / "tls" / "cert.pem"
+        assert config.server.tls_key == etc / "tls" / "key.pem"
+        example, other = config.domains
+        assert example.maildir == tmp_path / "var" / "mail" / "example.test"
+        assert example.users == etc / "users"
+        assert other.maildir == tmp_path / "absolute" / "mail"
+        assert other.users.is_absolute()
+        assert config.relay.smarthosts[0].password_file == etc / "smarthost.pw"
+
+
+# --- mistakes --------------------------------------------------------------------
+
+# (id, config text, substrings the one-line message must contain besides the file name)
+MISTAKES = [
+    # unknown keys
+    ("unknown top-level key", MINIMAL + "bogus = 1\n", ["bogus"]),
+    ("unknown top-level table", MINIMAL + "[serverr]\nhostname = 'x'\n", ["serverr"]),
+    ("unknown key in server", "[server]\nhostnme = 'x'\n" + MINIMAL, ["server.hostnme"]),
+    ("unknown key in limits", "[limits]\ngreet_pauze = '1s'\n" + MINIMAL, ["limits.greet_pauze"]),
+    ("unknown key in listener", LISTENER + "port = 25\n" + DOMAIN, ["listener", "port"]),
+    ("unknown key in domain", LISTENER + DOMAIN + "catchall = 'alice'\n", ["domain", "catchall"]),
+    ("unknown key in relay", MINIMAL + "[relay]\nnetwork = ['10.0.0.0/8']\n", ["relay.network"]),
+    ("unknown key in queue", MINIMAL + "[queue]\nlife = '5d'\n", ["queue.life"]),
+    (
+        "unknown key in smarthost",
+        MINIMAL + "[[relay.smarthost]]\nhost = 'smtp.provider.test'\npasswd = 'x'\n",
+        ["smarthost", "passwd"],
+    ),
+    ("unknown key with a newline in its name", '"bad\\nkey" = 1\n' + MINIMAL, ["bad"]),
+    # wrong types
+    ("server not a table", 'server = "mail.example.test"\n' + MINIMAL, ["server"]),
+    ("hostname not a string", "[server]\nhostname = 5\n" + MINIMAL, ["server.hostname"]),
+    ("state_dir not a string", "[server]\nstate_dir = ['var']\n" + MINIMAL, ["server.state_dir"]),
+    ("message_size a string", "[limits]\nmessage_size = 'big'\n" + MINIMAL, ["limits.message_size"]),
+    ("message_size a float", "[limits]\nmessage_size = 1.5e6\n" + MINIMAL, ["limits.message_size"]),
+    ("recipients a boolean", "[limits]\nrecipients = true\n" + MINIMAL, ["limits.recipients"]),
+    ("listener not an array of tables", 'listener = "tcp:25"\n' + DOMAIN, ["listener"]),
+    ("endpoint not a string", '[[listener]]\nrole = "mx"\nendpoint = 2525\n' + DOMAIN, ["listener", "endpoint"]),
+    ("domain name not a string", LISTENER + "[[domain]]\nname = 5\n", ["domain", "name"]),
+    ("catch_all not a string", LISTENER + DOMAIN + "catch_all = ['alice']\n", ["domain", "catch_all"]),
+    ("aliases not a table", LISTENER + DOMAIN + "aliases = ['alice']\n", ["domain", "aliases"]),
+    ("alias targets not a list", LISTENER + DOMAIN + "[domain.aliases]\nsales = 5\n", ["aliases", "sales"]),
+    ("networks a string", MINIMAL + "[relay]\nnetworks = '127.0.0.0/8'\n", ["relay.networks"]),
+    ("network a number", MINIMAL + "[relay]\nnetworks = [5]\n", ["relay.networks"]),
+    ("mx_port a string", MINIMAL + "[relay]\nmx_port = '25'\n", ["relay.mx_port"]),
+    ("nameservers a string", MINIMAL + "[relay]\nnameservers = '127.0.0.1'\n", ["relay.nameservers"]),
+    ("smarthost port a string", MINIMAL + "[[relay.smarthost]]\nhost = 'h.test'\nport = '587'\n", ["smarthost", "port"]),
+    ("retry a string", MINIMAL + "[queue]\nretry = '1m'\n", ["queue.retry"]),
+    # bad values
+    ("message_size too small", "[limits]\nmessage_size = 10\n" + MINIMAL, ["limits.message_size"]),
+    ("recipients zero", "[limits]\nrecipients = 0\n" + MINIMAL, ["limits.recipients"]),
+    ("command_timeout zero", "[limits]\ncommand_timeout = 0\n" + MINIMAL, ["limits.command_timeout"]),
+    ("mx_port out of range", MINIMAL + "[relay]\nmx_port = 70000\n", ["relay.mx_port"]),
+    ("relay tls unknown", MINIMAL + "[relay]\ntls = 'sometimes'\n", ["relay.tls"]),
+    ("smarthost without host", MINIMAL + "[[relay.smarthost]]\nport = 587\n", ["smarthost", "host"]),
+    ("smarthost tls unknown", MINIMAL + "[[relay.smarthost]]\nhost = 'h.test'\ntls = 'ssl'\n", ["smarthost", "tls"]),
+    (
+        "smarthost username without password_file",
+        MINIMAL + "[[relay.smarthost]]\nhost = 'h.test'\nusername = 'acct'\n",
+        ["smarthost"],
+    ),
+    ("nameserver a name", MINIMAL + "[relay]\nnameservers = ['localhost:53']\n", ["relay.nameservers"]),
+    ("nameserver bad port", MINIMAL + "[relay]\nnameservers = ['127.0.0.1:99999']\n", ["relay.nameservers"]),
+    ("domain name with a space", LISTENER + "[[domain]]\nname = 'exa mple.test'\n", ["domain", "name"]),
+    ("catch_all with a slash", LISTENER + DOMAIN + "catch_all = 'a/b'\n", ["domain", "catch_all"]),
+    ("alias name with @", LISTENER + DOMAIN + '[domain.aliases]\n"a@b" = ["alice"]\n', ["aliases"]),
+    ("alias target not an address", LISTENER + DOMAIN + "[domain.aliases]\nsales = ['bob@']\n", ["aliases", "sales"]),
+    (
+        "hostname with a line break",
+        '[server]\nhostname = "mail.example.test\\r\\n250 injected"\n' + MINIMAL,
+        ["server.hostname"],
+    ),
+    ("alias target ..", LISTENER + DOMAIN + "[domain.aliases]\nsales = ['..']\n", ["aliases", "sales"]),
+    # bad durations
+    ("greet_pause in words", "[limits]\ngreet_pause = '1 second'\n" + MINIMAL, ["limits.greet_pause"]),
+    ("greet_pause fractional", "[limits]\ngreet_pause = '1.5s'\n" + MINIMAL, ["limits.greet_pause"]),
+    ("greet_pause negative", "[limits]\ngreet_pause = '-1s'\n" + MINIMAL, ["limits.greet_pause"]),
+    ("greet_pause without unit", "[limits]\ngreet_pause = '5'\n" + MINIMAL, ["limits.greet_pause"]),
+    ("data_timeout zero", "[limits]\ndata_timeout = '0s'\n" + MINIMAL, ["limits.data_timeout"]),
+    ("lifetime unknown unit", MINIMAL + "[queue]\nlifetime = '5w'\n", ["queue.lifetime"]),
+    ("lifetime zero", MINIMAL + "[queue]\nlifetime = '0'\n", ["queue.lifetime"]),
+    ("delay_warning a number", MINIMAL + "[queue]\ndelay_warning = 4\n", ["queue.delay_warning"]),
+    ("retry step bad", MINIMAL + "[queue]\nretry = ['1m', 'soon']\n", ["queue.retry"]),
+    ("retry empty", MINIMAL + "[queue]\nretry = []\n", ["queue.retry"]),
+    ("retry step zero", MINIMAL + "[queue]\nretry = ['1m', '0']\n", ["queue.retry"]),
+    # roles and endpoints
+    ("bad role", '[[listener]]\nrole = "smtp"\nendpoint = "tcp:2525"\n' + DOMAIN, ["listener", "role"]),
+    ("missing role", '[[listener]]\nendpoint = "tcp:2525"\n' + DOMAIN, ["listener", "role"]),
+    ("missing endpoint", '[[listener]]\nrole = "mx"\n' + DOMAIN, ["listener", "endpoint"]),
+    ("unknown endpoint type", '[[listener]]\nrole = "mx"\nendpoint = "nonsense:2525"\n' + DOMAIN, ["endpoint"]),
+    ("endpoint port not a number", '[[listener]]\nrole = "mx"\nendpoint = "tcp:smtp"\n' + DOMAIN, ["endpoint"]),
+    ("endpoint bad option", '[[listener]]\nrole = "mx"\nendpoint = "tcp:2525:bogus=1"\n' + DOMAIN, ["endpoint"]),
+    ("endpoint empty", '[[listener]]\nrole = "mx"\nendpoint = ""\n' + DOMAIN, ["endpoint"]),
+    (
+        "second listener bad",
+        LISTENER + '[[listener]]\nrole = "mx"\nendpoint = "tcp:x"\n' + DOMAIN,
+        ["listener[1]", "endpoint"],
+    ),
+    # networks
+    ("network prefix too long", MINIMAL + "[relay]\nnetworks = ['10.0.0.0/33']\n", ["relay.networks"]),
+    ("network not an address", MINIMAL + "[relay]\nnetworks = ['intranet']\n", ["relay.networks"]),
+    ("IPv6 network prefix too long", MINIMAL + "[relay]\nnetworks = ['::1/129']\n", ["relay.networks"]),
+    # TLS pair
+    ("tls_cert without tls_key", "[server]\ntls_cert = 'cert.pem'\n" + MINIMAL, ["tls_key"]),
+    ("tls_key without tls_cert", "[server]\ntls_key = 'key.pem'\n" + MINIMAL, ["tls_cert"]),
+    (
+        "tls_cert missing file",
+        "[server]\ntls_cert = 'nowhere/cert.pem'\ntls_key = 'nowhere/key.pem'\n" + MINIMAL,
+        ["tls_cert"],
+    ),
+    # domains and listeners present or not
+    ("duplicate domain", MINIMAL + DOMAIN, ["domain[1]", "name"]),
+    ("duplicate domain in another case", MINIMAL + '[[domain]]\nname = "EXAMPLE.test"\n', ["domain[1]", "name"]),
+    ("no listener", DOMAIN, ["listener"]),
+    ("empty listener list", "listener = []\n" + DOMAIN, ["listener"]),
+    ("no domain", LISTENER, ["domain"]),
+    # not TOML at all
+    ("invalid TOML", "[[listener]\nrole = 'mx'\n", ["line 1"]),
+    ("key given twice", LISTENER + 'role = "mx"\n' + DOMAIN, ["line"]),
+    ("unterminated string", MINIMAL + '[server]\nhostname = "mail\n', ["line"]),
+]
+
+
+@pytest.mark.parametrize("text, expected", [m[1:] for m in MISTAKES], ids=[m[0] for m in MISTAKES])
+def test_mistakes_are_one_line_naming_file_and_key(tmp_path: Path, text: str, expected: list[str]) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load(path)
+    message = str(caught.value)
+    assert "\n" not in message and "\r" not in message, message
+    assert str(path) in message, message
+    for part in expected:
+        assert part in message, message
+
+
+@pytest.mark.parametrize(
+    "content",
+    [None, b"\xff\xfe[[listener]]\n"],
+    ids=["missing file", "not UTF-8"],
+)
+def test_unreadable_file_is_one_line_naming_it(tmp_path: Path, content: bytes | None) -> None:
+    path = tmp_path / "etc" / "mailhost.toml"
+    if content is not None:
+        write(tmp_path, content)
+    with pytest.raises(ConfigError) as caught:
+        load(path)
+    message = str(caught.value)
+    assert "\n" not in message and str(path) in message
+
+
+def test_config_folder_given_as_file_is_one_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load(tmp_path)
+    message = str(caught.value)
+    assert "\n" not in message and str(tmp_path) in message
+
+
+# --- durations -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, seconds",
+    [("0", 0), ("0s", 0), ("1s", 1), ("90s", 90), ("5m", 300), ("4h", 14400), ("5d", 432000), ("120m", 7200)],
+)
+def test_parse_duration(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "5", "s", "m5", "1.5h", "-1s", "+1s", " 5m", "5m ", "5 m", "5w", "5ms", "1h30m", "5m\n", "\u0665m"],
+)
+def test_parse_duration_refuses(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_duration(text)
+
+
+@pytest.mark.parametrize(
+    "section, text, attribute, value",
+    [
+        ("limits", "greet_pause = '0s'", "greet_pause", 0),
+        ("limits", "command_timeout = '5m'", "command_timeout", 300),
+        ("limits", "data_timeout = 30", "data_timeout", 30),
+        ("queue", "delay_warning = '0'", "delay_warning", 0),
+        ("queue", "lifetime = '2d'", "lifetime", 172800),
+        ("queue", "retry = ['30s', '2m']", "retry", (30, 120)),
+    ],
+)
+def test_durations_in_the_config(tmp_path: Path, section: str, text: str, attribute: str, value: object) -> None:
+    config = load(write(tmp_path, f"[{section}]\n{text}\n" + MINIMAL))
+    assert getattr(getattr(config, section), attribute) == value

@@ -1,0 +1,238 @@
+"""The RCPT decision (mailhost.policy.check_recipient over mailbox.LocalDomains), table-driven.
+
+Each row: the address a client gives in RCPT TO, the reply code and enhanced
+status code it gets, and the set of local mailboxes the mail would go to.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mailhost.config import Config, load
+from mailhost.mailbox import LocalDomains
+from mailhost.policy import check_recipient
+from mailhost.smtp.wire import Address, SMTPError, parse_path
+from mailhost.users import UserEntry, hash_password, write_users
+
+CONFIG = """
+[server]
+hostname = "mail.example.test"
+state_dir = "state"
+
+[[listener]]
+role = "mx"
+endpoint = "tcp:2525:interface=127.0.0.1"
+
+[[domain]]
+name = "example.test"
+maildir = "mail/example.test"
+users = "users"
+[domain.aliases]
+team = ["alice", "bob"]
+both = ["alice", "team", "Alice", "bob@example.test"]
+staff = ["team"]
+everyone = ["staff", "carol", "bob"]
+sales = ["alice", "bob@Example.TEST"]
+cross = ["dave@other.test"]
+forward = ["someone@remote.test"]
+mixed = ["alice", "someone@remote.test"]
+Upper = ["alice"]
+plus_target = ["alice+lists"]
+ghost = ["nobody"]
+ghost_full = ["nobody@example.test"]
+
+[[domain]]
+name = "other.test"
+maildir = "mail/other.test"
+users = "users"
+catch_all = "carol"
+[domain.aliases]
+postmaster = ["dave"]
+"""
+
+USERS = ["alice@example.test", "bob@example.test", "carol@example.test", "carol@other.test", "dave@other.test"]
+
+LOOPS = """
+[[domain]]
+name = "loop.test"
+maildir = "mail/loop.test"
+users = "users"
+[domain.aliases]
+loop1 = ["loop2"]
+loop2 = ["loop1"]
+self = ["self"]
+far1 = ["far2@loop.test"]
+far2 = ["far1@loop.test"]
+"""
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory: pytest.TempPathFactory) -> Config:
+    root = tmp_path_factory.mktemp("policy")
+    (root / "mailhost.toml").write_text(CONFIG + LOOPS)
+    password_hash = hash_password("not used here")
+    write_users(root / "users", {a: UserEntry(a, password_hash) for a in USERS})
+    return load(root / "mailhost.toml")
+
+
+@pytest.fixture(scope="module")
+def domains(config: Config) -> LocalDomains:
+    return LocalDomains(config)
+
+
+def rcpt(text: str) -> Address:
+    address, rest = parse_path(f"<{text}>", utf8=False, null_ok=False, kind="recipient")
+    assert rest == ""
+    return address
+
+
+OK = (250, "2.1.5")
+UNKNOWN = (550, "5.1.1")
+RELAY_DENIED = (554, "5.7.1")
+FORWARD_REFUSED = (550, "5.7.1")
+
+A, B, C = "alice@example.test", "bob@example.test", "carol@example.test"
+CATCH_ALL = {"carol@other.test"}
+
+TABLE = [
+    # users
+    ("alice@example.test", OK, {A}),
+    ("Alice@EXAMPLE.test", OK, {A}),
+    ("ALICE@example.TEST", OK, {A}),
+    ('"alice"@example.test', OK, {A}),  # quoted and unquoted forms are the same local part
+    ('"al\\ice"@example.test', OK, {A}),  # a quoted-pair stands for its character
+    ('"postmaster"@example.test', OK, {"postmaster@example.test"}),
+    ('"alice+../../x"@example.test', OK, {A}),
+    ('"../alice+x"@example.test', UNKNOWN, set()),
+    ("carol@example.test", OK, {C}),
+    ("dave@other.test", OK, {"dave@other.test"}),
+    # plus-addressing
+    ("alice+news@example.test", OK, {A}),
+    ("Alice+News@example.test", OK, {A}),
+    ("alice+a+b@example.test", OK, {A}),
+    ("alice+@example.test", OK, {A}),
+    ("team+list@example.test", OK, {A, B}),
+    # aliases: several users, deduplicated, chains, across local domains
+    ("team@example.test", OK, {A, B}),
+    ("TEAM@example.test", OK, {A, B}),
+    ("upper@example.test", OK, {A}),
+    ("both@example.test", OK, {A, B}),
+    ("staff@example.test", OK, {A, B}),
+    ("everyone@example.test", OK, {A, B, C}),
+    ("sales@example.test", OK, {A, B}),
+    ("cross@example.test", OK, {"dave@other.test"}),
+    ("plus_target@example.test", OK, {A}),  # a plus-address as target is alice's, not a Maildir "alice+lists"
+    # an alias to a local name that is no user leads nowhere, written either way
+    ("ghost_full@example.test", UNKNOWN, set()),
+    ("ghost@example.test", UNKNOWN, set()),
+    # aliases to remote addresses need the outbound queue: refused for now
+    ("forward@example.test", FORWARD_REFUSED, set()),
+    ("mixed@example.test", FORWARD_REFUSED, set()),
+    # postmaster is always accepted
+    ("postmaster@example.test", OK, {"postmaster@example.test"}),
+    ("PostMaster@Example.Test", OK, {"postmaster@example.test"}),
+    ("postmaster@other.test", OK, {"dave@other.test"}),
+    ("postmaster@loop.test", OK, {"postmaster@loop.test"}),
+    # unknown local parts: refused, unless a catch-all takes them
+    ("nobody@example.test", UNKNOWN, set()),
+    ("nobody+alice@example.test", UNKNOWN, set()),
+    ("dave@example.test", UNKNOWN, set()),  # a user of another domain in the same users file
+    ("alicex@example.test", UNKNOWN, set()),
+    ('"alice "@example.test', UNKNOWN, set()),
+    ("nobody@other.test", OK, CATCH_ALL),
+    ("nobody+tag@other.test", OK, CATCH_ALL),
+    # not local: never relayed
+    ("alice@remote.test", RELAY_DENIED, set()),
+    ("alice@example.test.remote.test", RELAY_DENIED, set()),
+    ("alice@sub.example.test", RELAY_DENIED, set()),
+    ("alice@[127.0.0.1]", RELAY_DENIED, set()),
+    ("alice@[192.0.2.1]", RELAY_DENIED, set()),
+    ("alice@[IPv6:::1]", RELAY_DENIED, set()),
+    ("postmaster@[127.0.0.1]", RELAY_DENIED, set()),
+    ("alice@[x-tag:example.test]", RELAY_DENIED, set()),
+    # source routes are dropped, never followed
+    ("@example.test:u@remote.test", RELAY_DENIED, set()),
+    ("@remote.test:alice@example.test", OK, {A}),
+    ("@remote.test,@example.test:alice@example.test", OK, {A}),
+    # the relay tricks: % ! and quoted @ are just characters of a local part
+    ("u%remote.test@example.test", UNKNOWN, set()),
+    ("u%remote.test@other.test", OK, CATCH_ALL),
+    ("alice%remote.test@example.test", UNKNOWN, set()),
+    ("remote.test!u@example.test", UNKNOWN, set()),
+    ("remote.test!u@other.test", OK, CATCH_ALL),
+    ('"u@remote.test"@example.test', UNKNOWN, set()),
+    ('"u@remote.test"@other.test', OK, CATCH_ALL),
+    ('"alice@example.test"@example.test', UNKNOWN, set()),
+    ('"u%remote.test"@example.test', UNKNOWN, set()),
+    ('"@remote.test:u"@example.test', UNKNOWN, set()),
+    # local parts that would escape the maildir
+    ('"../alice"@example.test', UNKNOWN, set()),
+    ('"a/b"@example.test', UNKNOWN, set()),
+    ('".."@example.test', UNKNOWN, set()),
+    ('"alice/../bob"@example.test', UNKNOWN, set()),
+    ('"../../etc"@other.test', OK, CATCH_ALL),
+    ('""@example.test', UNKNOWN, set()),
+]
+
+
+@pytest.mark.parametrize("text, reply, mailboxes", TABLE, ids=[row[0] for row in TABLE])
+def test_check_recipient(domains: LocalDomains, config: Config, text: str, reply: tuple[int, str], mailboxes: set[str]) -> None:
+    verdict = check_recipient(rcpt(text), domains)
+    assert (verdict.reply.code, verdict.reply.status) == reply, verdict.reply
+    assert verdict.accepted is (reply[0] == 250)
+    if not verdict.accepted:
+        assert verdict.resolution is None
+        return
+    resolution = verdict.resolution
+    assert resolution.remote == []  # never routed off-site
+    got = [m.address for m in resolution.mailboxes]
+    assert len(got) == len(set(got)), got  # each mailbox once
+    assert set(got) == mailboxes
+    for mailbox in resolution.mailboxes:
+        local, _, domain = mailbox.address.partition("@")
+        root = config.domain(domain).maildir
+        assert mailbox.path == root / local
+        assert mailbox.path.resolve().parent == root.resolve()  # inside that domain's maildir
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "<u@remote.test@example.test>",
+        "<alice@example.test@remote.test>",
+        "<u@remote.test,@example.test>",
+        "<@remote.test:u@remote.test:alice@example.test>",
+    ],
+)
+def test_relay_tricks_that_must_not_parse(domains: LocalDomains, text: str) -> None:
+    try:
+        address, _ = parse_path(text, utf8=False, null_ok=False, kind="recipient")
+    except SMTPError as e:
+        assert (e.reply.code, e.reply.status) == (501, "5.1.3")
+    else:  # if it ever parses, it must still not go anywhere remote
+        verdict = check_recipient(address, domains)
+        assert verdict.resolution is None or verdict.resolution.remote == []
+
+
+@pytest.mark.parametrize("text", ["loop1@loop.test", "loop2@loop.test", "self@loop.test", "far1@loop.test"])
+def test_alias_loop_reaches_no_mailbox(domains: LocalDomains, text: str) -> None:
+    # A loop of aliases with no user in it leads nowhere: refuse it, and
+    # never invent a Maildir named after an alias.
+    verdict = check_recipient(rcpt(text), domains)
+    assert not verdict.accepted, [m.address for m in verdict.resolution.mailboxes]
+    assert verdict.reply.code == 550
+
+
+def test_new_users_are_seen_without_restart(tmp_path: Path) -> None:
+    (tmp_path / "mailhost.toml").write_text(CONFIG)
+    users = tmp_path / "users"
+    write_users(users, {A: UserEntry(A, "$scrypt$x")})
+    domains = LocalDomains(load(tmp_path / "mailhost.toml"))
+    assert check_recipient(rcpt("zoe@example.test"), domains).reply.code == 550
+    write_users(users, {A: UserEntry(A, "$scrypt$x"), "zoe@example.test": UserEntry("zoe@example.test", "$scrypt$x")})
+    verdict = check_recipient(rcpt("zoe@example.test"), domains)
+    assert verdict.accepted and [m.address for m in verdict.resolution.mailboxes] == ["zoe@example.test"]
+    write_users(users, {A: UserEntry(A, "$scrypt$x")})
+    assert check_recipient(rcpt("zoe@example.test"), domains).reply.code == 550
