@@ -13,6 +13,7 @@ from typing import NoReturn
 
 from mailhost.config import Config, ConfigError, DomainConfig, load
 from mailhost.mailbox import create_maildir, is_safe_local_part
+from mailhost.spool import SpoolError
 from mailhost.users import UserEntry, UsersFileError, hash_password, read_users, write_users
 
 
@@ -42,6 +43,16 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
     user.add_parser("del", help="remove a user (its Maildir is kept)").add_argument("address")
     user.add_parser("list", help="list users")
+
+    queue = commands.add_parser("queue", help="see and steer the outbound queue").add_subparsers(
+        dest="queue_command", required=True, metavar="list|show|flush|delete|hold|release", parser_class=_Parser
+    )
+    queue.add_parser("list", help="queued messages").add_argument("--json", action="store_true", help="one JSON document")
+    queue.add_parser("show", help="one message: envelope and headers").add_argument("id")
+    queue.add_parser("flush", help="retry now (one message or all)").add_argument("id", nargs="?")
+    for name, text in (("delete", "remove a message without bouncing it"), ("hold", "keep a message from being tried"),
+                       ("release", "let a held message be tried again")):
+        queue.add_parser(name, help=text).add_argument("id")
     return parser
 
 
@@ -51,8 +62,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load(args.config)
         if args.command == "check-config":
             return check_config(config)
+        if args.command == "queue":
+            from mailhost.queue_cli import run_queue_command
+
+            return run_queue_command(config, args)
         return {"add": user_add, "passwd": user_passwd, "del": user_del, "list": user_list}[args.user_command](config, args)
-    except (ConfigError, UserError, UsersFileError) as e:
+    except (ConfigError, UserError, UsersFileError, SpoolError) as e:
         sys.stderr.write(f"mailhost: {e}\n")
         return 1
     except KeyboardInterrupt:

@@ -67,6 +67,7 @@ class SmartHostConfig:
     tls: str
     username: str | None
     password_file: Path | None
+    ca_file: Path | None = None  # trust these CAs instead of the system's (a private smart host)
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,8 @@ class QueueConfig:
     retry: tuple[float, ...] = (60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0)
     lifetime: float = 5 * 86400.0
     delay_warning: float = 4 * 3600.0
+    concurrency: int = 50  # messages being delivered at once
+    per_destination: int = 10  # connections at once to one domain (or to the smart hosts)
 
 
 @dataclass(frozen=True)
@@ -199,7 +202,7 @@ class _Reader:
         limits = self.limits(self.table(data, "limits", set(LimitsConfig.__dataclass_fields__)))
         domains = self.domains(data.get("domain"), server.state_dir)
         relay = self.relay(self.table(data, "relay", {"networks", "mx_port", "nameservers", "tls", "smarthost"}))
-        queue = self.queue(self.table(data, "queue", {"retry", "lifetime", "delay_warning"}))
+        queue = self.queue(self.table(data, "queue", {"retry", "lifetime", "delay_warning", "concurrency", "per_destination"}))
         return Config(self.path, server, listeners, limits, domains, relay, queue)
 
     def server(self, table: dict) -> ServerConfig:
@@ -341,7 +344,7 @@ class _Reader:
         return address, port
 
     def smarthost(self, raw: Any, key: str) -> SmartHostConfig:
-        table = self.check_table(raw, key, {"host", "port", "tls", "username", "password_file"})
+        table = self.check_table(raw, key, {"host", "port", "tls", "username", "password_file", "ca_file"})
         host = self.string(table, key, "host")
         if host is None:
             raise self.fail(f"{key}.host", None, "a host name or address")
@@ -349,12 +352,17 @@ class _Reader:
         username = self.string(table, key, "username")
         if (username is None) != (password_file is None):
             raise ConfigError(f"{self.path}: {key}: give both username and password_file, or neither")
+        for name in ("password_file", "ca_file"):
+            value = table.get(name)
+            if isinstance(value, str) and value and not self.resolve(value).is_file():
+                raise ConfigError(f"{self.path}: {key}.{name}: {self.resolve(value)} is not a readable file")
         return SmartHostConfig(
             host=host,
             port=self.integer(table, key, "port", 587, 1, 65535),
             tls=self.choice(table, key, "tls", "starttls", SMARTHOST_TLS),
             username=username,
             password_file=self.resolve(password_file) if password_file else None,
+            ca_file=self.resolve(ca_file) if (ca_file := self.string(table, key, "ca_file")) else None,
         )
 
     def queue(self, table: dict) -> QueueConfig:
@@ -371,7 +379,11 @@ class _Reader:
         lifetime = self.duration(table, "queue", "lifetime", d.lifetime)
         if lifetime <= 0:
             raise self.fail("queue.lifetime", table.get("lifetime"), "a duration longer than 0")
-        return QueueConfig(steps, lifetime, self.duration(table, "queue", "delay_warning", d.delay_warning))
+        return QueueConfig(
+            steps, lifetime, self.duration(table, "queue", "delay_warning", d.delay_warning),
+            concurrency=self.integer(table, "queue", "concurrency", d.concurrency, 1, 10000),
+            per_destination=self.integer(table, "queue", "per_destination", d.per_destination, 1, 1000),
+        )
 
 
 class _AnyKey(set):

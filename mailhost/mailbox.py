@@ -10,10 +10,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from twisted.internet.defer import Deferred
-
 from mailhost.config import Config, DomainConfig
-from mailhost.durable import DiskWriter, fsync_directory, write_and_sync
+from mailhost.durable import fsync_directory, write_and_sync
 from mailhost.users import UsersFile
 
 PLUS_SEPARATOR = "+"
@@ -143,30 +141,21 @@ class Copy:
     headers: bytes
 
 
-class MaildirDelivery:
-    """Writes a message into several Maildirs; every copy or none."""
+def deliver_copies(copies: list[Copy], body: bytes) -> list[str]:
+    """Durably write `body`, each copy with its own header lines, into the
+    copies' Maildirs (blocking; run it on a disk thread). Returns the new/ paths.
 
-    def __init__(self, writer: DiskWriter) -> None:
-        self._writer = writer
-
-    def deliver(self, copies: list[Copy], body: bytes) -> Deferred[list[str]]:
-        """Durably deliver `body` with each copy's headers; fires with the new/ paths.
-
-        Fires only after every file and every new/ directory is fsync'd. On any
-        error nothing of this message is left in new/ and the error is raised.
-        """
-        return self._writer.run(_deliver_copies, copies, body, [_unique_name() for _ in copies])
-
-
-def _deliver_copies(copies: list[Copy], body: bytes, names: list[str]) -> list[str]:
-    # One trip to a disk thread per message. Concurrent deliveries fsync their
-    # directories concurrently, and the filesystem journal commits them together.
-    placed = _write_copies(copies, body, names)
+    Every file and every new/ directory is fsync'd before this returns; on any
+    error nothing of this message is left in new/ and the error is raised.
+    Concurrent deliveries fsync in parallel threads and the filesystem journal
+    commits them together.
+    """
+    placed = _write_copies(copies, body, [_unique_name() for _ in copies])
     try:
         for directory in {os.path.dirname(p) for p in placed}:
             fsync_directory(directory)
     except BaseException:
-        _remove_all(placed)
+        remove_delivered(placed)
         raise
     return placed
 
@@ -183,12 +172,13 @@ def _write_copies(copies: list[Copy], body: bytes, names: list[str]) -> list[str
             os.rename(tmp, new)
             placed.append(new)
     except BaseException:
-        _remove_all([tmp for tmp, _ in temporary] + placed)
+        remove_delivered([tmp for tmp, _ in temporary] + placed)
         raise
     return placed
 
 
-def _remove_all(paths: list[str]) -> None:
+def remove_delivered(paths: list[str]) -> None:
+    """Take back copies (when the rest of the transaction failed)."""
     for path in paths:
         try:
             os.unlink(path)

@@ -10,9 +10,15 @@ from twisted.internet import error as internet_error
 from twisted.logger import Logger
 
 from mailhost.config import Config, ConfigError, load
+from mailhost.control import control_service
 from mailhost.durable import DiskWriter
-from mailhost.mailbox import LocalDomains, MaildirDelivery
+from mailhost.intake import Intake
+from mailhost.mailbox import LocalDomains
+from mailhost.outbound import Deliverer, SessionPool
+from mailhost.relay import Router
+from mailhost.scheduler import Scheduler
 from mailhost.smtp.server import ServerContext, SMTPServerFactory
+from mailhost.spool import Spool
 from mailhost.tls import TLSSetupError, ensure_tls_pair, server_tls_options
 
 log = Logger(namespace="mailhost.service")
@@ -81,7 +87,17 @@ def build(config: Config, tls_options: Any, reactor: Any) -> service.MultiServic
     top = service.MultiService()
     writer = DiskWriter(reactor)
     DiskWriterService(writer).setServiceParent(top)
-    context = ServerContext(config, LocalDomains(config), MaildirDelivery(writer), tls_options)
+    domains = LocalDomains(config)
+    spool = Spool(config.server.state_dir / "spool")
+    intake = Intake(writer, spool, domains, config.server.hostname, on_queued=lambda envelope: None)
+    router = Router(config.relay, config.server.hostname, listening_addresses(config))
+    pool = SessionPool(reactor, config.server.hostname, per_destination=config.queue.per_destination)
+    scheduler = Scheduler(config, spool, writer, Deliverer(config, router, pool), intake, reactor,
+                          max_in_flight=config.queue.concurrency)
+    intake.on_queued = scheduler.queued
+    scheduler.setServiceParent(top)
+    control_service(config.server.state_dir, scheduler).setServiceParent(top)
+    context = ServerContext(config, domains, intake, tls_options)
     for listener in config.listeners:
         factory = SMTPServerFactory(listener.role, context, reactor)
         ListenerService(listener.endpoint, factory, reactor).setServiceParent(top)
@@ -92,3 +108,19 @@ def build(config: Config, tls_options: Any, reactor: Any) -> service.MultiServic
         listeners=" ".join(f"{l.role}={l.endpoint}" for l in config.listeners),
     )
     return top
+
+
+def listening_addresses(config: Config) -> set[tuple[str, int]]:
+    """(address, port) of every TCP listener, "0.0.0.0"/"::" for a wildcard: to spot an MX that is us."""
+    found = set()
+    for listener in config.listeners:
+        kind, _, rest = listener.endpoint.partition(":")
+        if kind not in ("tcp", "tcp6", "ssl"):
+            continue
+        fields = rest.replace("\\:", "\0").split(":")
+        options = dict(f.split("=", 1) for f in fields[1:] if "=" in f)
+        port = options.get("port", fields[0] if fields and "=" not in fields[0] else "")
+        default = "::" if kind == "tcp6" else "0.0.0.0"
+        if port.isdigit():
+            found.add((options.get("interface", default).replace("\0", ":"), int(port)))
+    return found

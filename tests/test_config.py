@@ -102,6 +102,7 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path, monkey
     (etc / "tls").mkdir(parents=True)
     (etc / "tls" / "cert.pem").write_text("not checked by load\n")
     (etc / "tls" / "key.pem").write_text("not checked by load\n")
+    (etc / "smarthost.pw").write_text("secret\n")
     write(
         tmp_path,
         f"""

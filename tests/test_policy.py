@@ -91,7 +91,6 @@ def rcpt(text: str) -> Address:
 OK = (250, "2.1.5")
 UNKNOWN = (550, "5.1.1")
 RELAY_DENIED = (554, "5.7.1")
-FORWARD_REFUSED = (550, "5.7.1")
 
 A, B, C = "alice@example.test", "bob@example.test", "carol@example.test"
 CATCH_ALL = {"carol@other.test"}
@@ -127,9 +126,9 @@ TABLE = [
     # an alias to a local name that is no user leads nowhere, written either way
     ("ghost_full@example.test", UNKNOWN, set()),
     ("ghost@example.test", UNKNOWN, set()),
-    # aliases to remote addresses need the outbound queue: refused for now
-    ("forward@example.test", FORWARD_REFUSED, set()),
-    ("mixed@example.test", FORWARD_REFUSED, set()),
+    # aliases to remote addresses: those go to the outbound queue (see REMOTE)
+    ("forward@example.test", OK, set()),
+    ("mixed@example.test", OK, {A}),
     # postmaster is always accepted
     ("postmaster@example.test", OK, {"postmaster@example.test"}),
     ("PostMaster@Example.Test", OK, {"postmaster@example.test"}),
@@ -177,6 +176,10 @@ TABLE = [
 ]
 
 
+# Aliases that forward off-site, by the recipient that reaches them.
+REMOTE = {"forward@example.test": ["someone@remote.test"], "mixed@example.test": ["someone@remote.test"]}
+
+
 @pytest.mark.parametrize("text, reply, mailboxes", TABLE, ids=[row[0] for row in TABLE])
 def test_check_recipient(domains: LocalDomains, config: Config, text: str, reply: tuple[int, str], mailboxes: set[str]) -> None:
     verdict = check_recipient(rcpt(text), domains)
@@ -186,7 +189,7 @@ def test_check_recipient(domains: LocalDomains, config: Config, text: str, reply
         assert verdict.resolution is None
         return
     resolution = verdict.resolution
-    assert resolution.remote == []  # never routed off-site
+    assert resolution.remote == REMOTE.get(text, [])  # only configured forwards go off-site
     got = [m.address for m in resolution.mailboxes]
     assert len(got) == len(set(got)), got  # each mailbox once
     assert set(got) == mailboxes
@@ -195,6 +198,33 @@ def test_check_recipient(domains: LocalDomains, config: Config, text: str, reply
         root = config.domain(domain).maildir
         assert mailbox.path == root / local
         assert mailbox.path.resolve().parent == root.resolve()  # inside that domain's maildir
+
+
+RELAY_TABLE = [
+    # (client may relay, recipient, reply, remote recipients when accepted)
+    (False, "bob@remote.test", RELAY_DENIED, None),
+    (True, "bob@remote.test", OK, ["bob@remote.test"]),
+    (True, "Bob@Remote.TEST", OK, ["Bob@Remote.TEST"]),
+    (False, "u@[127.0.0.2]", RELAY_DENIED, None),
+    (True, "u@[127.0.0.2]", (550, "5.1.2"), None),
+    (False, "alice@[127.0.0.1]", RELAY_DENIED, None),
+    (True, "alice@example.test", OK, []),
+    (False, "alice@example.test", OK, []),
+    (True, "u%remote.test@example.test", UNKNOWN, None),
+    (False, "@example.test:u@remote.test", RELAY_DENIED, None),
+    (True, "@example.test:u@remote.test", OK, ["u@remote.test"]),
+    (False, "forward@example.test", OK, ["someone@remote.test"]),  # the operator's own forward
+]
+
+
+@pytest.mark.parametrize("may_relay, text, reply, remote", RELAY_TABLE, ids=[f"{r[0]}-{r[1]}" for r in RELAY_TABLE])
+def test_relay_decision(domains: LocalDomains, may_relay: bool, text: str, reply: tuple[int, str], remote: list[str] | None) -> None:
+    verdict = check_recipient(rcpt(text), domains, may_relay)
+    assert (verdict.reply.code, verdict.reply.status) == reply, verdict.reply
+    if remote is None:
+        assert not verdict.accepted
+    else:
+        assert verdict.resolution.remote == remote
 
 
 @pytest.mark.parametrize(

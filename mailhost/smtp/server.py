@@ -9,9 +9,8 @@ always come back in order.
 
 from __future__ import annotations
 
-import base64
 import ipaddress
-import os
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,8 +23,12 @@ from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 
 from mailhost.config import Config
-from mailhost.mailbox import Copy, LocalDomains, MaildirDelivery
+from mailhost.dsn import received_count
+from mailhost.envelope import Envelope, Recipient
+from mailhost.intake import HOP_LIMIT, Intake, delivery_headers
+from mailhost.mailbox import Copy, LocalDomains
 from mailhost.policy import check_recipient
+from mailhost.spool import new_queue_id
 from mailhost.smtp.wire import (
     COMMAND_LINE_MAX,
     Address,
@@ -58,7 +61,7 @@ class ServerContext:
 
     config: Config
     domains: LocalDomains
-    delivery: MaildirDelivery
+    intake: Intake
     tls_options: Any | None  # twisted IOpenSSLContextFactory, None when TLS is off
 
 
@@ -368,7 +371,7 @@ class SMTPServer(Protocol, TimeoutMixin):
             return Reply(555, "5.5.4", f"Unsupported RCPT parameter {rest.split('=')[0][:40]}")
         if len(self.transaction.recipients) >= self.config.limits.recipients:
             return Reply(452, "4.5.3", "Too many recipients")
-        verdict = check_recipient(recipient, self.context.domains)
+        verdict = check_recipient(recipient, self.context.domains, self.may_relay)
         if not verdict.accepted:
             log.info(
                 "refused client=[{client}] from=<{sender}> to=<{rcpt}> reply={reply}",
@@ -442,7 +445,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         if reader.oversized:
             self._refuse_message(transaction, reader.size, Reply(552, "5.3.4", f"Message size exceeds fixed limit of {self.config.limits.message_size} octets"))
             return
-        problem = check_body(reader.body)
+        problem = check_body(reader.body) or _loop_check(reader.body)
         if problem is not None:
             self._refuse_message(transaction, reader.size, problem)
             return
@@ -459,43 +462,54 @@ class SMTPServer(Protocol, TimeoutMixin):
         queue_id = new_queue_id()
         now = formatdate(localtime=True)
         copies: list[Copy] = []
+        remote: list[str] = []
         seen: set[str] = set()
         for recipient, resolution in transaction.recipients:
             for mailbox in resolution.mailboxes:
-                if mailbox.address in seen:
-                    continue
-                seen.add(mailbox.address)
-                copies.append(Copy(mailbox, self._trace_headers(transaction, queue_id, recipient, mailbox.address, now)))
-        deferred = self.context.delivery.deliver(copies, body)
+                if mailbox.address not in seen:
+                    seen.add(mailbox.address)
+                    received = self._received(transaction, queue_id, str(recipient), now)
+                    copies.append(Copy(mailbox, delivery_headers(str(transaction.sender), mailbox.address) + received))
+            remote.extend(r for r in resolution.remote if r not in remote)
+        envelope = None
+        if remote:
+            envelope = Envelope(
+                id=queue_id, sender=str(transaction.sender), recipients=[Recipient(r) for r in remote],
+                arrival=time.time(), next_attempt=time.time(), client=f"{self.helo} ([{self.client_ip}])",
+                body_8bit=transaction.body_8bit, smtputf8=transaction.utf8,
+            )
+        only = remote[0] if len(remote) == 1 else None
+        deferred = self.context.intake.accept(copies, envelope, self._received(transaction, queue_id, only, now), body)
 
-        def delivered(_: object) -> Reply:
+        def accepted(_: object) -> Reply:
             log.info(
-                "{id}: accepted client=[{client}] helo={helo} tls={tls} from=<{sender}> to={rcpts} size={size}",
+                "{id}: accepted client=[{client}] helo={helo} tls={tls} from=<{sender}> to={rcpts} size={size}"
+                " local={local} queued={queued}",
                 id=queue_id, client=self.client_ip, helo=self.helo, tls=self._tls_version() or "no",
                 sender=transaction.sender, rcpts=",".join(f"<{r}>" for r, _ in transaction.recipients), size=size,
+                local=len(copies), queued=len(remote),
             )
             return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
 
         def failed(failure: Any) -> Reply:
             log.error(
-                "{id}: delivery failed client=[{client}] from=<{sender}> error={error} reply=451 4.3.0",
+                "{id}: not accepted client=[{client}] from=<{sender}> error={error} reply=451 4.3.0",
                 id=queue_id, client=self.client_ip, sender=transaction.sender, error=failure.getErrorMessage(),
             )
             return Reply(451, "4.3.0", "Local error in processing; try again later")
 
-        return deferred.addCallbacks(delivered, failed)
+        return deferred.addCallbacks(accepted, failed)
 
-    def _trace_headers(self, transaction: Transaction, queue_id: str, recipient: Address, delivered_to: str, date: str) -> bytes:
+    def _received(self, transaction: Transaction, queue_id: str, recipient: str | None, date: str) -> bytes:
+        """Our RFC 5321 4.4 trace header; `for` only when it names one recipient."""
         protocol = ("UTF8SMTP" if transaction.utf8 else "ESMTP" if self.esmtp else "SMTP") + ("S" if self.tls else "")
         literal = f"IPv6:{self.client_ip}" if ":" in self.client_ip else self.client_ip
         tls = self._tls_version()
         tls_comment = f"\n\t(using {tls})" if tls else ""
+        for_clause = f"\n\tfor <{recipient}>" if recipient else ""
         return (
-            f"Return-Path: <{transaction.sender}>\n"
-            f"Delivered-To: {delivered_to}\n"
             f"Received: from {self.helo} ([{literal}]){tls_comment}\n"
-            f"\tby {self.config.server.hostname} (mailhost) with {protocol} id {queue_id}\n"
-            f"\tfor <{recipient}>; {date}\n"
+            f"\tby {self.config.server.hostname} (mailhost) with {protocol} id {queue_id}{for_clause}; {date}\n"
         ).encode("utf-8")
 
     def _tls_version(self) -> str | None:
@@ -508,7 +522,8 @@ class SMTPServer(Protocol, TimeoutMixin):
             return "TLS"
 
 
-def new_queue_id() -> str:
-    """A short unique id for one accepted message (logs, Received: id, 250 text)."""
-    return base64.b32encode(os.urandom(10)).decode("ascii")
-
+def _loop_check(body: bytes) -> Reply | None:
+    """554 5.4.6 for a message that has been through more than HOP_LIMIT hosts."""
+    if received_count(body[2:]) > HOP_LIMIT:  # body starts with the reader's CRLF
+        return Reply(554, "5.4.6", f"Too many hops (more than {HOP_LIMIT} Received: headers): mail loop?")
+    return None

@@ -90,7 +90,8 @@ endpoint = "tcp:{self.port}:interface=127.0.0.1"
 
 [relay]
 networks = {relay_networks}
-{extra}
+{extra if "nameservers" in extra else f'nameservers = ["127.0.0.1:{free_port()}"]  # nobody: tests never ask a real resolver'}
+{"" if "nameservers" in extra else extra}
 {domains}
 """
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import smtplib
 import socket
@@ -126,7 +127,7 @@ def test_unknown_user_refused_at_rcpt(daemon):
 
 
 def test_relay_refused_and_literal_never_local(raw, daemon):
-    session = raw()
+    session = raw(source="127.0.0.2")  # not in relay.networks
     session.command("EHLO client.test")
     session.command("MAIL FROM:<s@client.test>")
     for rcpt in ("bob@remote.test", "alice@[127.0.0.1]", "u%remote.test@[127.0.0.1]"):
@@ -136,11 +137,17 @@ def test_relay_refused_and_literal_never_local(raw, daemon):
     assert "Relay access denied" in daemon.log()
 
 
-def test_alias_with_remote_member_is_refused_not_half_delivered(raw, daemon):
-    session = raw()
+def test_alias_with_remote_member_delivers_local_part_and_queues_the_rest(raw, daemon):
+    session = raw(source="127.0.0.2")  # an anonymous client: the forward is the operator's, not a relay
     session.command("EHLO client.test")
     session.command("MAIL FROM:<s@client.test>")
-    assert session.command("RCPT TO:<offsite@example.test>").startswith("550 5.7.1")
+    assert session.command("RCPT TO:<offsite@example.test>").startswith("250 2.1.5")
+    assert session.command("DATA").startswith("354")
+    session.send(b"Subject: forwarded\r\n\r\nx\r\n.\r\n")
+    assert session.reply().startswith("250 2.0.0")
+    assert [m["Subject"] for m in daemon.messages("alice")] == ["forwarded"]
+    queued = json.loads(daemon.cli("queue", "list", "--json").stdout)["messages"]
+    assert [[r["address"] for r in m["recipients"]] for m in queued] == [["someone@remote.test"]]
 
 
 def test_size_declared_too_big_refused_at_mail(raw, make_daemon):

@@ -1,0 +1,109 @@
+"""The control socket: `mailhost queue flush|delete|hold|release` reach the
+running daemon over AMP on a UNIX socket in state_dir, so its in-memory
+queue index stays right. With no daemon listening, the CLI edits the spool
+itself."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Any
+
+from twisted.application import internet
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory
+from twisted.protocols import amp
+
+from mailhost.spool import SpoolError
+
+SOCKET_NAME = "control.sock"
+
+
+class QueueCommand(amp.Command):
+    arguments = [(b"action", amp.Unicode()), (b"queue_id", amp.Unicode(optional=True))]
+    response = [(b"count", amp.Integer())]
+    errors = {SpoolError: b"NO_SUCH_MESSAGE"}
+
+
+class ControlProtocol(amp.AMP):
+    def __init__(self, scheduler: Any) -> None:
+        super().__init__()
+        self.scheduler = scheduler
+
+    @QueueCommand.responder
+    def queue_command(self, action: str, queue_id: str | None = None) -> Deferred[dict[str, int]]:
+        return Deferred.fromCoroutine(self._queue_command(action, queue_id))
+
+    async def _queue_command(self, action: str, queue_id: str | None) -> dict[str, int]:
+        if action == "flush":
+            return {"count": self.scheduler.flush(queue_id)}
+        if queue_id is None:
+            raise SpoolError(f"{action} needs a queue id")
+        if action == "delete":
+            await self.scheduler.delete(queue_id)
+        elif action in ("hold", "release"):
+            await self.scheduler.set_held(queue_id, action == "hold")
+        else:
+            raise SpoolError(f"unknown action {action}")
+        return {"count": 1}
+
+
+def control_service(state_dir: Path, scheduler: Any) -> internet.UNIXServer:
+    path = state_dir / SOCKET_NAME
+    factory = Factory.forProtocol(lambda: ControlProtocol(scheduler))
+    factory.noisy = False
+    # mode 0600: only the daemon's user (and root) may steer the queue.
+    return internet.UNIXServer(str(path), factory, mode=0o600, wantPID=True)
+
+
+class DaemonNotRunning(Exception):
+    pass
+
+
+def send_queue_command(state_dir: Path, action: str, queue_id: str | None, timeout: float = 30.0) -> int:
+    """Ask the running daemon (blocking, for the CLI); DaemonNotRunning when nobody answers.
+
+    The CLI runs no reactor, so it speaks AMP's framing directly: one box out, one box back.
+    """
+    path = state_dir / SOCKET_NAME
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(str(path))
+    except (FileNotFoundError, ConnectionRefusedError):
+        sock.close()
+        raise DaemonNotRunning() from None
+    try:
+        box = amp.AmpBox(_command=b"QueueCommand", _ask=b"1", action=action.encode())
+        if queue_id is not None:
+            box[b"queue_id"] = queue_id.encode()
+        sock.sendall(box.serialize())
+        reply = _read_box(sock)
+    finally:
+        sock.close()
+    if b"_error" in reply:
+        raise SpoolError(reply.get(b"_error_description", b"error").decode())
+    return int(reply[b"count"])
+
+
+def _read_box(sock: socket.socket) -> dict[bytes, bytes]:
+    """One AMP box from a blocking socket: 2-byte length-prefixed keys and values, ended by an empty key."""
+    data = b""
+
+    def need(n: int) -> bytes:
+        nonlocal data
+        while len(data) < n:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("daemon closed the control connection")
+            data += chunk
+        out, data = data[:n], data[n:]
+        return out
+
+    box: dict[bytes, bytes] = {}
+    while True:
+        key = need(int.from_bytes(need(2), "big"))
+        if not key:
+            return box
+        box[key] = need(int.from_bytes(need(2), "big"))
+

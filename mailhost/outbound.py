@@ -1,0 +1,232 @@
+"""Delivering one queued message to its remote recipients: route each domain,
+try its hops in order over pooled connections, and return one result per
+recipient. The scheduler decides what the results mean for the queue."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore, inlineCallbacks
+from twisted.logger import Logger
+
+from mailhost.config import Config, SmartHostConfig
+from mailhost.envelope import Envelope, Recipient
+from mailhost.relay import Hop, RouteError, Router
+from mailhost.smtp.client import ClientSession, ServerReply, SessionError, open_session
+
+log = Logger(namespace="mailhost.outbound")
+
+IDLE_REUSE_SECONDS = 5.0  # keep a finished connection this long for the next message to the same host
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one recipient in one delivery attempt."""
+
+    state: str  # "delivered" | "deferred" | "failed"
+    reply: str  # the remote reply or our own reason
+    status: str  # enhanced status code
+    remote_mta: str = ""
+    relay: str = ""  # host[ip]:port, for the log
+
+
+def recipient_domain(address: str) -> str:
+    return address.rpartition("@")[2].lower()
+
+
+class SessionPool:
+    """Open SMTP sessions by (host, address, port), reused for later messages
+    to the same place, with a limit on connections per destination."""
+
+    def __init__(self, reactor: Any, helo: str, per_destination: int) -> None:
+        self._reactor = reactor
+        self._helo = helo
+        self._per_destination = per_destination
+        self._idle: dict[tuple[str, str, int], list[tuple[ClientSession, Any]]] = defaultdict(list)
+        self._limits: dict[str, DeferredSemaphore] = {}
+
+    def limit(self, destination: str) -> DeferredSemaphore:
+        if destination not in self._limits:
+            self._limits[destination] = DeferredSemaphore(self._per_destination)
+        return self._limits[destination]
+
+    def take(self, hop: Hop, address: str, tls: str, trust_root: Any, auth: tuple[str, str] | None) -> Deferred[ClientSession]:
+        idle = self._idle.get((hop.host, address, hop.port))
+        while idle:
+            session, timer = idle.pop()
+            if timer.active():
+                timer.cancel()
+            if session.usable:
+                return Deferred.fromCoroutine(_ready(session))
+        return open_session(
+            self._reactor, host=hop.host, address=address, port=hop.port, helo=self._helo,
+            tls=tls, trust_root=trust_root, auth=auth,
+        )
+
+    def give_back(self, hop: Hop, address: str, session: ClientSession) -> None:
+        if not session.usable:
+            session.abort()
+            return
+        key = (hop.host, address, hop.port)
+        timer = self._reactor.callLater(IDLE_REUSE_SECONDS, self._expire, key, session)
+        self._idle[key].append((session, timer))
+
+    def _expire(self, key: tuple[str, str, int], session: ClientSession) -> None:
+        self._idle[key] = [(s, t) for s, t in self._idle[key] if s is not session]
+        if not self._idle[key]:
+            del self._idle[key]
+        session.quit()
+
+    def close_all(self) -> None:
+        for sessions in self._idle.values():
+            for session, timer in sessions:
+                if timer.active():
+                    timer.cancel()
+                session.quit()
+        self._idle.clear()
+
+
+async def _ready(session: ClientSession) -> ClientSession:
+    return session
+
+
+class Deliverer:
+    """Delivers a message's pending remote recipients, domain by domain, in parallel."""
+
+    def __init__(self, config: Config, router: Router, pool: SessionPool) -> None:
+        self.config = config
+        self.router = router
+        self.pool = pool
+        self._smarthost_secrets: dict[int, tuple[str, str] | None] = {}
+        self._trust_roots: dict[int, Any] = {}
+
+    def deliver(self, envelope: Envelope, message: bytes) -> Deferred[dict[str, Outcome]]:
+        by_domain: dict[str, list[Recipient]] = defaultdict(list)
+        for recipient in envelope.pending():
+            by_domain[recipient_domain(recipient.address)].append(recipient)
+        jobs = [self._deliver_domain(envelope, message, domain, rcpts) for domain, rcpts in by_domain.items()]
+
+        def merge(results: list[tuple[bool, dict[str, Outcome]]]) -> dict[str, Outcome]:
+            merged: dict[str, Outcome] = {}
+            for _, outcomes in results:
+                merged.update(outcomes)
+            return merged
+
+        return DeferredList(jobs, consumeErrors=False).addCallback(merge)
+
+    @inlineCallbacks
+    def _deliver_domain(self, envelope: Envelope, message: bytes, domain: str, recipients: list[Recipient]):
+        addresses = [r.address for r in recipients]
+        try:
+            route = yield self.router.route(domain)
+        except RouteError as e:
+            state = "failed" if e.permanent else "deferred"
+            return {a: Outcome(state, e.text, e.status) for a in addresses}
+        except Exception as e:  # a resolver failure we did not foresee: retry later
+            log.failure("routing {domain} failed", domain=domain)
+            return {a: Outcome("deferred", f"routing failed: {e}", "4.4.3") for a in addresses}
+        smarthost = bool(route.hops) and route.hops[0].smarthost is not None
+        semaphore = self.pool.limit(domain if not smarthost else "smarthost")
+        yield semaphore.acquire()
+        try:
+            outcomes = yield self._try_hops(envelope, message, route.hops, addresses, smarthost)
+        finally:
+            semaphore.release()
+        return outcomes
+
+    @inlineCallbacks
+    def _try_hops(self, envelope: Envelope, message: bytes, hops: tuple[Hop, ...], addresses: list[str], smarthost: bool):
+        outcomes: dict[str, Outcome] = {}
+        remaining = list(addresses)
+        last_error = Outcome("deferred", "no server could be reached", "4.4.1")
+        for hop in hops:
+            for address in hop.addresses:
+                if not remaining:
+                    return outcomes
+                relay = f"{hop.host}[{address}]:{hop.port}"
+                started = time.monotonic()
+                try:
+                    session = yield self.pool.take(hop, address, *self._tls_for(hop), self._auth_for(hop.smarthost))
+                except SessionError as e:
+                    last_error = self._session_failure(e, hop, relay, smarthost)
+                    log.info("{id}: {relay}: {reason}", id=envelope.id, relay=relay, reason=e.reason)
+                    if last_error.state == "failed":
+                        return {**outcomes, **{a: last_error for a in remaining}}
+                    continue
+                try:
+                    result = yield session.send(envelope.sender, remaining, message, body_8bit=envelope.body_8bit, smtputf8=envelope.smtputf8)
+                except SessionError as e:
+                    session.abort()
+                    last_error = self._session_failure(e, hop, relay, smarthost)
+                    log.info("{id}: {relay}: {reason}", id=envelope.id, relay=relay, reason=e.reason)
+                    continue
+                self.pool.give_back(hop, address, session)
+                delay = time.monotonic() - started
+                retry_here: list[str] = []
+                for rcpt in remaining:
+                    reply: ServerReply = result.replies[rcpt]
+                    outcome = _from_reply(reply, hop.host, relay)
+                    if outcome.state == "deferred" and smarthost:
+                        # A smart host's 4xx sends the recipient on to the backup.
+                        retry_here.append(rcpt)
+                        last_error = outcome
+                        continue
+                    outcomes[rcpt] = outcome
+                    log.info(
+                        "{id}: to=<{rcpt}> relay={relay} delay={delay:.2f} dsn={status} status={state} ({reply})",
+                        id=envelope.id, rcpt=rcpt, relay=relay, delay=delay, status=outcome.status,
+                        state=outcome.state, reply=outcome.reply,
+                    )
+                remaining = retry_here
+                if not remaining:
+                    return outcomes
+                break  # the next hop for the recipients a smart host deferred
+        for rcpt in remaining:
+            outcomes[rcpt] = last_error
+        return outcomes
+
+    def _session_failure(self, error: SessionError, hop: Hop, relay: str, smarthost: bool) -> Outcome:
+        reply = error.reply
+        if reply is not None:
+            # A 5xx greeting/EHLO/AUTH from a smart host is a configuration problem:
+            # keep the mail queued. From an MX it is that domain's answer: try the next MX.
+            return Outcome("deferred", str(reply), reply.status if reply.transient else "4.4.2", hop.host, relay)
+        return Outcome("deferred", error.reason, "4.4.1", hop.host, relay)
+
+    def _tls_for(self, hop: Hop) -> tuple[str, Any]:
+        smarthost = hop.smarthost
+        if smarthost is None:
+            return self.config.relay.tls, None
+        mode = {"starttls": "starttls-verify", "implicit": "implicit-verify", "none": "none"}[smarthost.tls]
+        return mode, self._trust_root(smarthost)
+
+    def _trust_root(self, smarthost: SmartHostConfig) -> Any:
+        key = id(smarthost)
+        if key not in self._trust_roots:
+            from twisted.internet import ssl
+
+            if smarthost.ca_file is not None:
+                certificate = ssl.Certificate.loadPEM(smarthost.ca_file.read_bytes())
+                self._trust_roots[key] = ssl.trustRootFromCertificates([certificate])
+            else:
+                self._trust_roots[key] = ssl.platformTrust()
+        return self._trust_roots[key]
+
+    def _auth_for(self, smarthost: SmartHostConfig | None) -> tuple[str, str] | None:
+        if smarthost is None or smarthost.username is None or smarthost.password_file is None:
+            return None
+        key = id(smarthost)
+        if key not in self._smarthost_secrets:
+            password = smarthost.password_file.read_text(encoding="utf-8").strip("\r\n")
+            self._smarthost_secrets[key] = (smarthost.username, password)
+        return self._smarthost_secrets[key]
+
+
+def _from_reply(reply: ServerReply, host: str, relay: str) -> Outcome:
+    if reply.code < 400:
+        return Outcome("delivered", str(reply), reply.status, host, relay)
+    return Outcome("failed" if reply.permanent else "deferred", str(reply), reply.status, host, relay)
+

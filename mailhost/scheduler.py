@@ -1,0 +1,221 @@
+"""The queue runner: hands due messages to the Deliverer with bounded
+concurrency, then records each recipient's result, retries on the
+queue.retry steps, expires after queue.lifetime, and sends the DSNs.
+
+It wakes at the next due time from the in-memory index (never polls the
+disk), and an exception in one delivery reschedules that message without
+stopping the rest.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from twisted.application import service
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.logger import Logger
+
+from mailhost.config import Config
+from mailhost.dsn import build_dsn, received_count
+from mailhost.durable import DiskWriter
+from mailhost.envelope import DELIVERED, DEFERRED, FAILED, Envelope
+from mailhost.intake import HOP_LIMIT, Intake
+from mailhost.outbound import Deliverer, Outcome
+from mailhost.spool import DueIndex, Spool, SpoolError
+
+log = Logger(namespace="mailhost.queue")
+
+ERROR_RETRY_SECONDS = 300.0  # when a delivery attempt itself crashed
+
+
+class Scheduler(service.Service):
+    def __init__(self, config: Config, spool: Spool, writer: DiskWriter, deliverer: Deliverer,
+                 intake: Intake, reactor: Any, max_in_flight: int = 50) -> None:
+        self.config = config
+        self.spool = spool
+        self.writer = writer
+        self.deliverer = deliverer
+        self.intake = intake
+        self.reactor = reactor
+        self.max_in_flight = max_in_flight
+        self.index = DueIndex()
+        self.in_flight: set[str] = set()
+        self._deleted: set[str] = set()
+        self._timer: Any = None
+        self._timer_at: float | None = None
+        self.ready: Deferred[None] = Deferred()
+
+    # --- life cycle --------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self.writer.run(self._load).addCallbacks(self._loaded, self._load_failed)
+
+    def _load(self) -> list[tuple[str, float, bool]]:
+        for debris in self.spool.recover():
+            log.info("removed interrupted write {path}", path=debris)
+        return [(e.id, e.next_attempt, e.held) for e in self.spool.envelopes()]
+
+    def _loaded(self, entries: list[tuple[str, float, bool]]) -> None:
+        for queue_id, when, held in entries:
+            if held:
+                self.index.hold(queue_id)
+            else:
+                self.index.schedule(queue_id, when)
+        log.info("queue loaded: {count} messages", count=len(entries))
+        self.ready.callback(None)
+        self._wake()
+
+    def _load_failed(self, failure: Any) -> None:
+        log.failure("cannot read the spool", failure)
+        self.ready.callback(None)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self.deliverer.pool.close_all()
+
+    # --- what others call --------------------------------------------------------
+
+    def queued(self, envelope: Envelope) -> None:
+        """A new message is in the spool."""
+        self.index.schedule(envelope.id, envelope.next_attempt)
+        self._wake()
+
+    def flush(self, queue_id: str | None = None) -> int:
+        """Make one message (or every one not held) due now; returns how many."""
+        now = time.time()
+        ids = [queue_id] if queue_id else self.index.all_due()
+        count = 0
+        for one in ids:
+            if one in self.index and one not in self.in_flight:
+                self.index.schedule(one, now)
+                count += 1
+        self._wake()
+        return count
+
+    @inlineCallbacks
+    def set_held(self, queue_id: str, held: bool):
+        envelope = yield self.writer.run(self.spool.load, queue_id)
+        envelope.held = held
+        yield self.writer.run(self.spool.update, envelope)
+        if queue_id in self.in_flight:
+            return  # the running attempt re-reads `held` when it finishes
+        if held:
+            self.index.hold(queue_id)
+        else:
+            self.index.schedule(queue_id, envelope.next_attempt)
+            self._wake()
+
+    @inlineCallbacks
+    def delete(self, queue_id: str):
+        if queue_id in self.in_flight:
+            self._deleted.add(queue_id)  # removed when the running attempt ends
+            return
+        yield self.writer.run(self.spool.remove, queue_id)
+        self.index.discard(queue_id)
+        log.info("{id}: removed by the operator", id=queue_id)
+
+    # --- running deliveries ------------------------------------------------------
+
+    def _wake(self) -> None:
+        if not self.running:
+            return
+        now = time.time()
+        while len(self.in_flight) < self.max_in_flight:
+            queue_id = self.index.pop_due(now)
+            if queue_id is None:
+                break
+            self.in_flight.add(queue_id)
+            self._attempt(queue_id)
+        self._arm_timer(self.index.next_time())
+
+    def _arm_timer(self, when: float | None) -> None:
+        if when is None or len(self.in_flight) >= self.max_in_flight:
+            return  # a finishing attempt wakes us
+        if self._timer is not None and self._timer.active():
+            if self._timer_at is not None and self._timer_at <= when:
+                return
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = self.reactor.callLater(max(0.0, when - time.time()), self._wake)
+
+    @inlineCallbacks
+    def _attempt(self, queue_id: str):
+        try:
+            envelope = yield self.writer.run(self.spool.load, queue_id)
+            if envelope.held or envelope.done:
+                return
+            message = yield self.writer.run(self.spool.read_message, queue_id)
+            if received_count(message) > HOP_LIMIT:
+                text = f"too many hops: more than {HOP_LIMIT} Received: headers (mail loop)"
+                outcomes = {r.address: Outcome(FAILED, text, "5.4.6") for r in envelope.pending()}
+            else:
+                outcomes = yield self.deliverer.deliver(envelope, message)
+            yield self._record(envelope, message, outcomes)
+        except SpoolError as e:
+            log.warn("{id}: {error}", id=queue_id, error=str(e))
+        except Exception:
+            log.failure("{id}: delivery attempt failed; retrying later", id=queue_id)
+            if queue_id in self.index or self.spool.envelope_path(queue_id).exists():
+                self.index.schedule(queue_id, time.time() + ERROR_RETRY_SECONDS)
+        finally:
+            self.in_flight.discard(queue_id)
+            if queue_id in self._deleted:
+                self._deleted.discard(queue_id)
+                yield self.delete(queue_id)
+            self._wake()
+
+    @inlineCallbacks
+    def _record(self, envelope: Envelope, message: bytes, outcomes: dict[str, Outcome]):
+        now = time.time()
+        for recipient in envelope.pending():
+            outcome = outcomes.get(recipient.address)
+            if outcome is None:
+                continue
+            recipient.attempts += 1
+            recipient.state = {"delivered": DELIVERED, "failed": FAILED}.get(outcome.state, DEFERRED)
+            recipient.last_reply = outcome.reply
+            recipient.status = outcome.status
+            recipient.remote_mta = outcome.remote_mta
+        queue = self.config.queue
+        if envelope.pending() and now - envelope.arrival >= queue.lifetime:
+            for recipient in envelope.pending():
+                recipient.state = FAILED
+                recipient.status = "4.4.7"
+                recipient.last_reply = f"delivery time expired after {recipient.attempts} attempts; last: {recipient.last_reply}"
+                log.info("{id}: to=<{rcpt}> status=expired ({reply})", id=envelope.id, rcpt=recipient.address, reply=recipient.last_reply)
+        yield self._send_dsns(envelope, message, now)
+        if envelope.done:
+            yield self.writer.run(self.spool.remove, envelope.id)
+            log.info("{id}: removed (every recipient delivered or bounced)", id=envelope.id)
+            return
+        attempts = max(r.attempts for r in envelope.pending())
+        envelope.next_attempt = now + queue.retry[min(max(attempts, 1), len(queue.retry)) - 1]
+        yield self.writer.run(self.spool.update, envelope)
+        if envelope.held:
+            self.index.hold(envelope.id)
+        else:
+            self.index.schedule(envelope.id, envelope.next_attempt)
+
+    @inlineCallbacks
+    def _send_dsns(self, envelope: Envelope, message: bytes, now: float):
+        hostname = self.config.server.hostname
+        failed = [r for r in envelope.recipients if r.state == FAILED and not r.bounced]
+        if failed:
+            for recipient in failed:
+                recipient.bounced = True
+            if envelope.sender:
+                bounce = build_dsn(envelope, failed, message, hostname=hostname, kind="failure", now=now)
+                bounce_id = yield self.intake.inject("", [envelope.sender], bounce)
+                log.info("{id}: sender non-delivery notification: {bounce}", id=envelope.id, bounce=bounce_id)
+        delay = self.config.queue.delay_warning
+        if delay > 0 and not envelope.delay_warned and envelope.pending() and now - envelope.arrival >= delay:
+            envelope.delay_warned = True
+            if envelope.sender:
+                warning = build_dsn(envelope, envelope.pending(), message, hostname=hostname, kind="delay", now=now,
+                                    retry_until=envelope.arrival + self.config.queue.lifetime)
+                warning_id = yield self.intake.inject("", [envelope.sender], warning)
+                log.info("{id}: sender delay notification: {warning}", id=envelope.id, warning=warning_id)

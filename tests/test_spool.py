@@ -1,0 +1,112 @@
+"""The spool keeps what it acknowledged, and only that."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from mailhost.envelope import DEFERRED, Envelope, Recipient
+from mailhost.spool import DueIndex, Spool, SpoolError, new_queue_id
+
+
+def envelope(recipients: list[str], when: float = 100.0) -> Envelope:
+    return Envelope(new_queue_id(), "sender@example.test", [Recipient(r) for r in recipients], arrival=when, next_attempt=when)
+
+
+def test_store_then_load_round_trips(tmp_path):
+    spool = Spool(tmp_path)
+    original = envelope(["a@remote.test", "b@remote.test"])
+    original.body_8bit = True
+    spool.store(original, [b"Received: x\n", b"Subject: hi\n\nbody\n"])
+    assert spool.load(original.id) == original
+    assert spool.read_message(original.id) == b"Received: x\nSubject: hi\n\nbody\n"
+    assert list(spool.ids()) == [original.id]
+
+
+def test_many_recipients_one_message_file_in_hashed_folders(tmp_path):
+    spool = Spool(tmp_path)
+    first = envelope([f"user{i}@remote{i}.test" for i in range(500)])
+    spool.store(first, [b"x\n"])
+    files = [p for p in (tmp_path / "msg").rglob("*") if p.is_file()]
+    assert files == [tmp_path / "msg" / first.id[:2] / first.id]
+    assert spool.envelope_path(first.id).parent.name == first.id[:2]
+
+
+def test_update_replaces_atomically(tmp_path):
+    spool = Spool(tmp_path)
+    queued = envelope(["a@remote.test"])
+    spool.store(queued, [b"x\n"])
+    queued.recipients[0].state = DEFERRED
+    queued.recipients[0].last_reply = "451 4.7.1 later"
+    spool.update(queued)
+    assert spool.load(queued.id).recipients[0].last_reply == "451 4.7.1 later"
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_remove_and_unknown_ids(tmp_path):
+    spool = Spool(tmp_path)
+    queued = envelope(["a@remote.test"])
+    spool.store(queued, [b"x\n"])
+    spool.remove(queued.id)
+    assert list(spool.ids()) == []
+    assert not spool.message_path(queued.id).exists()
+    with pytest.raises(SpoolError):
+        spool.load(queued.id)
+    with pytest.raises(SpoolError):
+        spool.remove(queued.id)
+
+
+def test_recover_removes_interrupted_writes_and_keeps_committed(tmp_path):
+    spool = Spool(tmp_path)
+    kept = envelope(["a@remote.test"])
+    spool.store(kept, [b"kept\n"])
+    # A crash after the message file was renamed but before its envelope was:
+    orphan = new_queue_id()
+    spool.message_path(orphan).parent.mkdir(parents=True, exist_ok=True)
+    spool.message_path(orphan).write_bytes(b"never acknowledged\n")
+    (tmp_path / "tmp" / "half-written.msg").write_bytes(b"partial")
+    removed = spool.recover()
+    assert sorted(removed) == sorted([f"tmp/half-written.msg", f"msg/{orphan[:2]}/{orphan}"])
+    assert [e.id for e in spool.envelopes()] == [kept.id]
+    assert spool.read_message(kept.id) == b"kept\n"
+
+
+def test_store_failure_leaves_nothing(tmp_path):
+    spool = Spool(tmp_path)
+    queued = envelope(["a@remote.test"])
+
+    def broken():
+        yield b"start"
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        spool.store(queued, broken())
+    assert list(spool.ids()) == []
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+def test_files_are_private(tmp_path):
+    spool = Spool(tmp_path)
+    queued = envelope(["a@remote.test"])
+    spool.store(queued, [b"x\n"])
+    for path in (spool.message_path(queued.id), spool.envelope_path(queued.id)):
+        assert os.stat(path).st_mode & 0o077 == 0
+
+
+def test_due_index_orders_holds_and_reschedules():
+    index = DueIndex()
+    index.schedule("late", 30.0)
+    index.schedule("early", 10.0)
+    index.schedule("middle", 20.0)
+    index.schedule("middle", 40.0)  # rescheduled: the old time no longer counts
+    index.hold("late")
+    assert len(index) == 3
+    assert index.next_time() == 10.0
+    assert index.pop_due(25.0) == "early"
+    assert index.pop_due(25.0) is None
+    assert index.pop_due(100.0) == "middle"
+    assert index.pop_due(100.0) is None  # "late" is held
+    index.schedule("late", 50.0)  # released
+    assert index.pop_due(100.0) == "late"
+    assert len(index) == 0
