@@ -328,3 +328,48 @@ def test_queue_commands_reach_the_running_daemon(make_daemon, dns, sinks):
     assert "Subject: steered" in got["data"]
     missing = daemon.cli("queue", "delete", "NOSUCHID", check=False)
     assert missing.returncode == 1 and "no such message" in missing.stderr
+
+
+def test_kill_9_under_load_loses_no_acknowledged_message(make_daemon, dns, sinks):
+    import signal
+    import threading
+
+    mx1 = sinks("127.0.0.5")
+    daemon = make_daemon(extra=relay_config(dns, queue='retry = ["1s"]'))
+    acknowledged: list[str] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def client(worker: int) -> None:
+        n = 0
+        while not stop.is_set():
+            subject = f"load-{worker}-{n}"
+            try:
+                with smtplib.SMTP("127.0.0.1", daemon.port, timeout=5) as smtp:
+                    smtp.sendmail("s@client.test", ["alice@example.test", "bob@remote.test"],
+                                  f"Subject: {subject}\r\n\r\nbody\r\n".encode())
+            except (OSError, smtplib.SMTPException):
+                return  # the daemon is gone: whatever was not acknowledged may be lost
+            with lock:
+                acknowledged.append(subject)
+            n += 1
+
+    workers = [threading.Thread(target=client, args=(i,)) for i in range(6)]
+    for worker in workers:
+        worker.start()
+    wait_for(lambda: len(acknowledged) >= 60, what="some acknowledged messages")
+    daemon.process.send_signal(signal.SIGKILL)
+    daemon.process.wait()
+    stop.set()
+    for worker in workers:
+        worker.join()
+    with lock:
+        promised = set(acknowledged)
+    daemon.start()
+
+    def subjects_at_sink() -> set[str]:
+        return {line.split(": ", 1)[1] for m in mx1.messages() for line in m["data"].split("\r\n") if line.startswith("Subject: ")}
+
+    wait_for(lambda: promised <= subjects_at_sink(), timeout=60, what="every acknowledged message at the MX")
+    local = {m["Subject"] for m in daemon.messages("alice")}
+    assert promised <= local, sorted(promised - local)[:5]
