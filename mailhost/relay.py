@@ -206,7 +206,8 @@ class Router:
                 resolver = dns.resolver.Resolver(configure=False)  # no servers: every lookup is 4.4.3
         resolver.lifetime = self._timeout
         resolver.timeout = min(resolver.timeout, self._timeout)
-        resolver.cache = None
+        # Answers are kept for their TTL: a campaign to one domain asks DNS once, not per message.
+        resolver.cache = dns.resolver.Cache()
         return resolver
 
     # -- the thread pool -------------------------------------------------------------------

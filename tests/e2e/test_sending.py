@@ -373,3 +373,14 @@ def test_kill_9_under_load_loses_no_acknowledged_message(make_daemon, dns, sinks
     wait_for(lambda: promised <= subjects_at_sink(), timeout=60, what="every acknowledged message at the MX")
     local = {m["Subject"] for m in daemon.messages("alice")}
     assert promised <= local, sorted(promised - local)[:5]
+
+
+def test_messages_to_one_destination_share_a_connection(make_daemon, dns, sinks):
+    mx1 = sinks("127.0.0.5")
+    daemon = make_daemon(extra=relay_config(dns))
+    with smtplib.SMTP("127.0.0.1", daemon.port, timeout=10) as client:
+        for n in range(8):
+            client.sendmail("alice@example.test", [f"user{n}@remote.test"], f"Subject: batch {n}\r\n\r\nx\r\n".encode())
+    wait_for(lambda: len(mx1.messages()) == 8, what="eight deliveries")
+    connections = {entry["conn"] for entry in mx1.commands()}
+    assert len(connections) < 8, connections

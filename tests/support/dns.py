@@ -30,8 +30,9 @@ Record = Sequence  # [name, type, value]
 
 class DNSServer:
     def __init__(self, records: Iterable[Record] = (), servfail: Iterable[str] = (), timeout: Iterable[str] = (),
-                 host: str = "127.0.0.1") -> None:
+                 host: str = "127.0.0.1", ttl: int = 0) -> None:
         self.records = [list(r) for r in records]
+        self.ttl = ttl
         self.servfail = list(servfail)
         self.timeout = list(timeout)
         self.host = host
@@ -50,7 +51,7 @@ class DNSServer:
         assert self._dir is not None
         zone = self._dir / "zone.json"
         temporary = self._dir / "zone.json.tmp"
-        temporary.write_text(json.dumps({"records": self.records, "servfail": self.servfail, "timeout": self.timeout}))
+        temporary.write_text(json.dumps({"records": self.records, "servfail": self.servfail, "timeout": self.timeout, "ttl": self.ttl}))
         os.replace(temporary, zone)
 
     def _read(self, stream) -> None:

@@ -46,7 +46,7 @@ from twisted.internet import reactor
 from twisted.internet.error import CannotListenError
 from twisted.names import dns, server
 
-TTL = 60
+DEFAULT_TTL = 0  # tests change records mid-run; a benchmark asks for a real TTL in the zone file
 MAX_CNAME_CHAIN = 8
 
 _TYPES = {"A": dns.A, "AAAA": dns.AAAA, "MX": dns.MX, "TXT": dns.TXT, "CNAME": dns.CNAME}
@@ -77,21 +77,21 @@ def _txt_strings(value: str | list[str]) -> list[bytes]:
     return [data[i : i + 255] for i in range(0, len(data), 255)] or [b""]
 
 
-def _record(name: str, kind: str, value) -> dns.RRHeader:
+def _record(name: str, kind: str, value, ttl: int) -> dns.RRHeader:
     if kind not in _TYPES:
         raise ValueError(f"{name}: type {kind!r} is not one of {', '.join(_TYPES)}")
     if kind == "A":
-        payload = dns.Record_A(value, ttl=TTL)
+        payload = dns.Record_A(value, ttl=ttl)
     elif kind == "AAAA":
-        payload = dns.Record_AAAA(value, ttl=TTL)
+        payload = dns.Record_AAAA(value, ttl=ttl)
     elif kind == "MX":
         preference, host = str(value).split()
-        payload = dns.Record_MX(int(preference), normalise(host).encode("ascii"), ttl=TTL)
+        payload = dns.Record_MX(int(preference), normalise(host).encode("ascii"), ttl=ttl)
     elif kind == "TXT":
-        payload = dns.Record_TXT(*_txt_strings(value), ttl=TTL)
+        payload = dns.Record_TXT(*_txt_strings(value), ttl=ttl)
     else:
-        payload = dns.Record_CNAME(normalise(value).encode("ascii"), ttl=TTL)
-    return dns.RRHeader(name.encode("ascii"), _TYPES[kind], dns.IN, TTL, payload, auth=True)
+        payload = dns.Record_CNAME(normalise(value).encode("ascii"), ttl=ttl)
+    return dns.RRHeader(name.encode("ascii"), _TYPES[kind], dns.IN, ttl, payload, auth=True)
 
 
 @dataclass
@@ -111,7 +111,7 @@ class Zone:
         for entry in data.get("records", []):
             name, kind, value = entry
             name = normalise(name)
-            zone.records.setdefault(name, []).append(_record(name, kind.upper(), value))
+            zone.records.setdefault(name, []).append(_record(name, kind.upper(), value, data.get("ttl", DEFAULT_TTL)))
             labels = name.split(".")
             for i in range(1, len(labels)):
                 zone.nonterminals.add(".".join(labels[i:]))
