@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     commands.add_parser("check-config", help="validate the configuration; exit 0 or print the error and exit 1")
+    commands.add_parser(
+        "sendmail", help="sendmail-compatible injection from stdin: [-f SENDER] [-t] [-i] [RCPT ...]", add_help=False
+    )
 
     user = commands.add_parser("user", help="manage mailbox users").add_subparsers(
         dest="user_command", required=True, metavar="add|passwd|del|list", parser_class=_Parser
@@ -57,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "sendmail" in argv:
+        # sendmail's own flags (-t, -oi, -fSENDER) are not argparse's: split them off.
+        at = argv.index("sendmail")
+        return _sendmail(build_parser().parse_args([*argv[:at], "check-config"]).config, argv[at + 1 :])
     args = build_parser().parse_args(argv)
     try:
         config = load(args.config)
@@ -72,6 +80,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         sys.stderr.write("mailhost: interrupted\n")
+        return 1
+
+
+def _sendmail(config_path: str, sendmail_argv: list[str]) -> int:
+    from mailhost.sendmail import SendmailError, run
+
+    try:
+        return run(load(config_path), sendmail_argv)
+    except (ConfigError, SendmailError, UsersFileError, OSError) as e:
+        sys.stderr.write(f"mailhost sendmail: {e}\n")
         return 1
 
 

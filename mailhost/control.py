@@ -1,7 +1,7 @@
-"""The control socket: `mailhost queue flush|delete|hold|release` reach the
-running daemon over AMP on a UNIX socket in state_dir, so its in-memory
-queue index stays right. With no daemon listening, the CLI edits the spool
-itself."""
+"""The control socket: `mailhost queue flush|delete|hold|release` (and
+`mailhost sendmail`'s "pickup" poke) reach the running daemon over AMP on a
+UNIX socket in state_dir, so its in-memory queue index stays right. With no
+daemon listening, the CLI edits the spool itself."""
 
 from __future__ import annotations
 
@@ -26,9 +26,10 @@ class QueueCommand(amp.Command):
 
 
 class ControlProtocol(amp.AMP):
-    def __init__(self, scheduler: Any) -> None:
+    def __init__(self, scheduler: Any, pickup: Any) -> None:
         super().__init__()
         self.scheduler = scheduler
+        self.pickup = pickup
 
     @QueueCommand.responder
     def queue_command(self, action: str, queue_id: str | None = None) -> Deferred[dict[str, int]]:
@@ -37,6 +38,9 @@ class ControlProtocol(amp.AMP):
     async def _queue_command(self, action: str, queue_id: str | None) -> dict[str, int]:
         if action == "flush":
             return {"count": self.scheduler.flush(queue_id)}
+        if action == "pickup":
+            self.pickup.collect()  # answered at once: sendmail need not wait for delivery
+            return {"count": 1}
         if queue_id is None:
             raise SpoolError(f"{action} needs a queue id")
         if action == "delete":
@@ -48,9 +52,9 @@ class ControlProtocol(amp.AMP):
         return {"count": 1}
 
 
-def control_service(state_dir: Path, scheduler: Any) -> internet.UNIXServer:
+def control_service(state_dir: Path, scheduler: Any, pickup: Any) -> internet.UNIXServer:
     path = state_dir / SOCKET_NAME
-    factory = Factory.forProtocol(lambda: ControlProtocol(scheduler))
+    factory = Factory.forProtocol(lambda: ControlProtocol(scheduler, pickup))
     factory.noisy = False
     # mode 0600: only the daemon's user (and root) may steer the queue.
     return internet.UNIXServer(str(path), factory, mode=0o600, wantPID=True)

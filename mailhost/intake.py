@@ -45,11 +45,14 @@ class Intake:
             deferred.addCallback(lambda _: self.on_queued(envelope))
         return deferred
 
-    def inject(self, sender: str, recipients: list[str], message: bytes) -> Deferred[str]:
-        """A message mailhost writes itself (a DSN): resolve, deliver or queue; fires with its id."""
+    def inject(self, sender: str, recipients: list[str], message: bytes, received_from: str = "") -> Deferred[str]:
+        """A message from inside this host (a DSN, `mailhost sendmail`): resolve,
+        deliver or queue; fires with its id. Unknown local recipients are skipped
+        (the caller checks them first)."""
         queue_id = new_queue_id()
+        origin = f"{received_from}\n\t" if received_from else ""
         received = (
-            f"Received: by {self._hostname} (mailhost) id {queue_id}; {formatdate(localtime=True)}\n"
+            f"Received: {origin}by {self._hostname} (mailhost) id {queue_id}; {formatdate(localtime=True)}\n"
         ).encode("utf-8")
         copies: list[Copy] = []
         remote: list[str] = []

@@ -6,11 +6,13 @@ import sys
 from typing import Any
 
 from twisted.application import service, strports
+from twisted.application.internet import TimerService
 from twisted.internet import error as internet_error
 from twisted.logger import Logger
 
 from mailhost.config import Config, ConfigError, load
 from mailhost.control import control_service
+from mailhost.pickup import PickupCollector
 from mailhost.durable import DiskWriter
 from mailhost.intake import Intake
 from mailhost.mailbox import LocalDomains
@@ -22,6 +24,8 @@ from mailhost.spool import Spool
 from mailhost.tls import TLSSetupError, ensure_tls_pair, server_tls_options
 
 log = Logger(namespace="mailhost.service")
+
+PICKUP_SCAN_SECONDS = 5.0
 
 
 class DiskWriterService(service.Service):
@@ -96,7 +100,10 @@ def build(config: Config, tls_options: Any, reactor: Any) -> service.MultiServic
                           max_in_flight=config.queue.concurrency)
     intake.on_queued = scheduler.queued
     scheduler.setServiceParent(top)
-    control_service(config.server.state_dir, scheduler).setServiceParent(top)
+    pickup = PickupCollector(config.server.state_dir, writer, intake, domains, config.server.hostname)
+    # Collect at start and every few seconds, for messages dropped while no daemon answered the poke.
+    TimerService(PICKUP_SCAN_SECONDS, pickup.collect).setServiceParent(top)
+    control_service(config.server.state_dir, scheduler, pickup).setServiceParent(top)
     context = ServerContext(config, domains, intake, tls_options)
     for listener in config.listeners:
         factory = SMTPServerFactory(listener.role, context, reactor)
