@@ -89,6 +89,11 @@ class QueueConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    endpoint: str | None = None  # Prometheus text on /metrics and /healthz; None: not served
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     server: ServerConfig
@@ -97,6 +102,7 @@ class Config:
     domains: tuple[DomainConfig, ...]
     relay: RelayConfig
     queue: QueueConfig = field(default_factory=QueueConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def domain(self, name: str) -> DomainConfig | None:
         """The local domain called `name` (case-insensitive), or None."""
@@ -195,7 +201,7 @@ class _Reader:
         return value
 
     def config(self, data: dict) -> Config:
-        top = {"server", "listener", "limits", "domain", "relay", "queue"}
+        top = {"server", "listener", "limits", "domain", "relay", "queue", "metrics"}
         self.check_table(data, "(top level)", top)
         server = self.server(self.table(data, "server", {"hostname", "state_dir", "tls_cert", "tls_key"}))
         listeners = self.listeners(data.get("listener"))
@@ -203,7 +209,11 @@ class _Reader:
         domains = self.domains(data.get("domain"), server.state_dir)
         relay = self.relay(self.table(data, "relay", {"networks", "mx_port", "nameservers", "tls", "smarthost"}))
         queue = self.queue(self.table(data, "queue", {"retry", "lifetime", "delay_warning", "concurrency", "per_destination"}))
-        return Config(self.path, server, listeners, limits, domains, relay, queue)
+        metrics_table = self.table(data, "metrics", {"endpoint"})
+        metrics_endpoint = self.string(metrics_table, "metrics", "endpoint")
+        if metrics_endpoint is not None:
+            _check_endpoint(self, "metrics.endpoint", metrics_endpoint)
+        return Config(self.path, server, listeners, limits, domains, relay, queue, metrics=MetricsConfig(metrics_endpoint))
 
     def server(self, table: dict) -> ServerConfig:
         hostname = self.string(table, "server", "hostname") or socket.getfqdn()

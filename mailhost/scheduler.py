@@ -21,6 +21,7 @@ from mailhost.dsn import build_dsn, received_count
 from mailhost.durable import DiskWriter
 from mailhost.envelope import DELIVERED, DEFERRED, FAILED, Envelope
 from mailhost.intake import HOP_LIMIT, Intake
+from mailhost.metrics import Metrics
 from mailhost.outbound import Deliverer, Outcome
 from mailhost.spool import DueIndex, Spool, SpoolError
 
@@ -31,7 +32,7 @@ ERROR_RETRY_SECONDS = 300.0  # when a delivery attempt itself crashed
 
 class Scheduler(service.Service):
     def __init__(self, config: Config, spool: Spool, writer: DiskWriter, deliverer: Deliverer,
-                 intake: Intake, reactor: Any, max_in_flight: int = 50) -> None:
+                 intake: Intake, reactor: Any, metrics: Metrics, max_in_flight: int = 50) -> None:
         self.config = config
         self.spool = spool
         self.writer = writer
@@ -40,6 +41,9 @@ class Scheduler(service.Service):
         self.reactor = reactor
         self.max_in_flight = max_in_flight
         self.index = DueIndex()
+        self.arrivals: dict[str, float] = {}  # for the oldest-message gauge
+        self.metrics = metrics
+        metrics.watch_queue(lambda: len(self.arrivals), lambda: min(self.arrivals.values(), default=None))
         self.in_flight: set[str] = set()
         self._deleted: set[str] = set()
         self._timer: Any = None
@@ -52,13 +56,14 @@ class Scheduler(service.Service):
         super().startService()
         self.writer.run(self._load).addCallbacks(self._loaded, self._load_failed)
 
-    def _load(self) -> list[tuple[str, float, bool]]:
+    def _load(self) -> list[tuple[str, float, bool, float]]:
         for debris in self.spool.recover():
             log.info("removed interrupted write {path}", path=debris)
-        return [(e.id, e.next_attempt, e.held) for e in self.spool.envelopes()]
+        return [(e.id, e.next_attempt, e.held, e.arrival) for e in self.spool.envelopes()]
 
-    def _loaded(self, entries: list[tuple[str, float, bool]]) -> None:
-        for queue_id, when, held in entries:
+    def _loaded(self, entries: list[tuple[str, float, bool, float]]) -> None:
+        for queue_id, when, held, arrival in entries:
+            self.arrivals[queue_id] = arrival
             if held:
                 self.index.hold(queue_id)
             else:
@@ -82,6 +87,7 @@ class Scheduler(service.Service):
     def queued(self, envelope: Envelope) -> None:
         """A new message is in the spool."""
         self.index.schedule(envelope.id, envelope.next_attempt)
+        self.arrivals[envelope.id] = envelope.arrival
         self._wake()
 
     def flush(self, queue_id: str | None = None) -> int:
@@ -116,6 +122,7 @@ class Scheduler(service.Service):
             return
         yield self.writer.run(self.spool.remove, queue_id)
         self.index.discard(queue_id)
+        self.arrivals.pop(queue_id, None)
         log.info("{id}: removed by the operator", id=queue_id)
 
     # --- running deliveries ------------------------------------------------------
@@ -177,6 +184,9 @@ class Scheduler(service.Service):
                 continue
             recipient.attempts += 1
             recipient.state = {"delivered": DELIVERED, "failed": FAILED}.get(outcome.state, DEFERRED)
+            self.metrics.deliveries.labels({DELIVERED: "delivered", FAILED: "bounced"}.get(recipient.state, "deferred")).inc()
+            if recipient.state == DELIVERED:
+                self.metrics.delivery_delay.observe(now - envelope.arrival)
             recipient.last_reply = outcome.reply
             recipient.status = outcome.status
             recipient.remote_mta = outcome.remote_mta
@@ -186,10 +196,12 @@ class Scheduler(service.Service):
                 recipient.state = FAILED
                 recipient.status = "4.4.7"
                 recipient.last_reply = f"delivery time expired after {recipient.attempts} attempts; last: {recipient.last_reply}"
+                self.metrics.deliveries.labels("expired").inc()
                 log.info("{id}: to=<{rcpt}> status=expired ({reply})", id=envelope.id, rcpt=recipient.address, reply=recipient.last_reply)
         yield self._send_dsns(envelope, message, now)
         if envelope.done:
             yield self.writer.run(self.spool.remove, envelope.id)
+            self.arrivals.pop(envelope.id, None)
             log.info("{id}: removed (every recipient delivered or bounced)", id=envelope.id)
             return
         attempts = max(r.attempts for r in envelope.pending())

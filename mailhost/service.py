@@ -12,6 +12,7 @@ from twisted.logger import Logger
 
 from mailhost.config import Config, ConfigError, load
 from mailhost.control import control_service
+from mailhost.metrics import Metrics, metrics_site
 from mailhost.pickup import PickupCollector
 from mailhost.durable import DiskWriter
 from mailhost.intake import Intake
@@ -96,7 +97,8 @@ def build(config: Config, tls_options: Any, reactor: Any) -> service.MultiServic
     intake = Intake(writer, spool, domains, config.server.hostname, on_queued=lambda envelope: None)
     router = Router(config.relay, config.server.hostname, listening_addresses(config))
     pool = SessionPool(reactor, config.server.hostname, per_destination=config.queue.per_destination)
-    scheduler = Scheduler(config, spool, writer, Deliverer(config, router, pool), intake, reactor,
+    metrics = Metrics()
+    scheduler = Scheduler(config, spool, writer, Deliverer(config, router, pool), intake, reactor, metrics,
                           max_in_flight=config.queue.concurrency)
     intake.on_queued = scheduler.queued
     scheduler.setServiceParent(top)
@@ -104,6 +106,9 @@ def build(config: Config, tls_options: Any, reactor: Any) -> service.MultiServic
     # Collect at start and every few seconds, for messages dropped while no daemon answered the poke.
     TimerService(PICKUP_SCAN_SECONDS, pickup.collect).setServiceParent(top)
     control_service(config.server.state_dir, scheduler, pickup).setServiceParent(top)
+    if config.metrics.endpoint is not None:
+        site = metrics_site(metrics, ready=lambda: scheduler.ready.called)
+        ListenerService(config.metrics.endpoint, site, reactor).setServiceParent(top)
     context = ServerContext(config, domains, intake, tls_options)
     for listener in config.listeners:
         factory = SMTPServerFactory(listener.role, context, reactor)
