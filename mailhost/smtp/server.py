@@ -342,7 +342,7 @@ class SMTPServer(Protocol, TimeoutMixin):
                 if value is None or not value.isdigit():
                     return Reply(501, "5.5.4", "Syntax: SIZE=<number>")
                 if int(value) > self.config.limits.message_size:
-                    log.info("refused client=[{client}] from=<{sender}> size={size} reply=552 5.3.4", client=self.client_ip, sender=sender, size=value)
+                    log.info("refused client=[{client}] from=<{sender}> size={size} reply=552 5.3.4", client=self.client_ip, sender=str(sender), size=value)
                     return Reply(552, "5.3.4", f"Message size exceeds fixed limit of {self.config.limits.message_size} octets")
             elif key == "BODY":
                 if value is None or value.upper() not in ("7BIT", "8BITMIME"):
@@ -375,7 +375,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         if not verdict.accepted:
             log.info(
                 "refused client=[{client}] from=<{sender}> to=<{rcpt}> reply={reply}",
-                client=self.client_ip, sender=self.transaction.sender, rcpt=recipient,
+                client=self.client_ip, sender=str(self.transaction.sender), rcpt=str(recipient),
                 reply=f"{verdict.reply.code} {verdict.reply.status} {verdict.reply.text}",
             )
             return verdict.reply
@@ -454,7 +454,7 @@ class SMTPServer(Protocol, TimeoutMixin):
     def _refuse_message(self, transaction: Transaction, size: int, reply: Reply) -> None:
         log.info(
             "refused client=[{client}] from=<{sender}> size={size} reply={reply}",
-            client=self.client_ip, sender=transaction.sender, size=size, reply=f"{reply.code} {reply.status} {reply.text}",
+            client=self.client_ip, sender=str(transaction.sender), size=size, reply=f"{reply.code} {reply.status} {reply.text}",
         )
         self._reply(reply)
 
@@ -486,7 +486,7 @@ class SMTPServer(Protocol, TimeoutMixin):
                 "{id}: accepted client=[{client}] helo={helo} tls={tls} from=<{sender}> to={rcpts} size={size}"
                 " local={local} queued={queued}",
                 id=queue_id, client=self.client_ip, helo=self.helo, tls=self._tls_version() or "no",
-                sender=transaction.sender, rcpts=",".join(f"<{r}>" for r, _ in transaction.recipients), size=size,
+                sender=str(transaction.sender), rcpts=",".join(f"<{r}>" for r, _ in transaction.recipients), size=size,
                 local=len(copies), queued=len(remote),
             )
             return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
@@ -494,7 +494,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         def failed(failure: Any) -> Reply:
             log.error(
                 "{id}: not accepted client=[{client}] from=<{sender}> error={error} reply=451 4.3.0",
-                id=queue_id, client=self.client_ip, sender=transaction.sender, error=failure.getErrorMessage(),
+                id=queue_id, client=self.client_ip, sender=str(transaction.sender), error=failure.getErrorMessage(),
             )
             return Reply(451, "4.3.0", "Local error in processing; try again later")
 
