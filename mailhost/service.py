@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import stat
 import sys
 from typing import Any
 
@@ -77,7 +78,8 @@ def make_service(config_path: str, reactor: Any = None) -> service.MultiService:
         from twisted.internet import reactor
     try:
         config = load(config_path)
-        config.server.state_dir.mkdir(parents=True, exist_ok=True)
+        config.server.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        check_permissions(config)
         tls_options = server_tls_options(*ensure_tls_pair(config))
     except (ConfigError, TLSSetupError) as e:
         sys.stderr.write(f"mailhost: {e}\n")
@@ -86,6 +88,18 @@ def make_service(config_path: str, reactor: Any = None) -> service.MultiService:
         sys.stderr.write(f"mailhost: {e.filename}: {e.strerror}\n")
         raise SystemExit(1) from None
     return build(config, tls_options, reactor)
+
+
+def check_permissions(config: Config) -> None:
+    """Refuse to run on state anyone could rewrite: users files, the spool, state_dir."""
+    paths = [config.server.state_dir, config.server.state_dir / "spool", *{d.users for d in config.domains}]
+    for path in paths:
+        try:
+            mode = path.stat().st_mode
+        except FileNotFoundError:
+            continue
+        if mode & stat.S_IWOTH:
+            raise ConfigError(f"{path} is world-writable; refusing to run (chmod o-w {path})")
 
 
 def build(config: Config, tls_options: Any, reactor: Any) -> service.MultiService:

@@ -287,6 +287,10 @@ class SMTPServer(Protocol, TimeoutMixin):
             result = handler(argument)
         except SMTPError as e:
             result = e.reply
+        except Exception:
+            # A bug or an unreadable users file must not cost the session: say "try later".
+            log.failure("{verb} from [{client}] failed", verb=verb_text, client=self.client_ip)
+            result = Reply(451, "4.3.0", "Local error in processing; try again later")
         if isinstance(result, Deferred):
             self._wait_for(result)
         elif result is not None:

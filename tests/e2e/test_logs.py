@@ -6,8 +6,18 @@ import json
 import re
 import subprocess
 
+import pytest
+
 from tests.e2e.conftest import TWISTD, wait_for_port
 from tests.e2e.test_sending import dns, relay_config, sinks, submit, wait_for  # noqa: F401  (fixtures)
+
+
+@pytest.fixture
+def request_cleanup():
+    undo: list = []
+    yield undo
+    for step in reversed(undo):
+        step()
 
 
 def test_every_line_of_a_message_life_carries_its_queue_id(make_daemon, dns, sinks):  # noqa: F811
@@ -36,3 +46,60 @@ def test_json_lines_logger(make_daemon):
     events = [json.loads(line) for line in (daemon.root / "json.log").read_text().splitlines() if line.strip()]
     accepted = [e for e in events if e.get("log_namespace") == "mailhost.smtp" and "accepted" in e.get("log_format", "")]
     assert accepted and accepted[0]["sender"] == "alice@example.test"
+
+
+def test_world_writable_spool_or_users_file_refused(make_daemon):
+    import os
+
+    daemon = make_daemon(start=False)
+    spool = daemon.root / "state" / "spool"
+    spool.mkdir(parents=True)
+    os.chmod(spool, 0o777)
+    result = subprocess.run([TWISTD, "-n", "--pidfile=", "mailhost", "--config", str(daemon.config)],
+                            cwd=daemon.root, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert "world-writable" in result.stderr and str(spool) in result.stderr and "Traceback" not in result.stderr
+    os.chmod(spool, 0o700)
+    os.chmod(daemon.root / "users", 0o666)
+    result = subprocess.run([TWISTD, "-n", "--pidfile=", "mailhost", "--config", str(daemon.config)],
+                            cwd=daemon.root, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1 and "users is world-writable" in result.stderr
+
+
+def test_started_as_root_binds_then_runs_unprivileged(request_cleanup):
+    import os
+
+    from tests.e2e.conftest import wait_for_port
+
+    if os.getuid() != 0:
+        pytest.skip("needs root, as a real deployment on port 25 does")
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from tests.e2e.conftest import Daemon
+
+    root = Path(tempfile.mkdtemp(prefix="mailhost-priv-"))  # pytest's own folders are closed to other users
+    request_cleanup.append(lambda: shutil.rmtree(root, ignore_errors=True))
+    os.chmod(root, 0o755)
+    daemon = Daemon(root)
+    daemon.seed_users(["alice@example.test"])
+    request_cleanup.append(daemon.stop)
+    text = daemon.config.read_text().replace(f"tcp:{daemon.port}:interface=127.0.0.1", "tcp:587:interface=127.0.0.13")
+    daemon.config.write_text(text)
+    (daemon.root / "state").mkdir(mode=0o700)
+    for path in (daemon.root, daemon.root / "state", daemon.root / "users"):
+        os.chown(path, 65534, 65534)
+    with open(daemon.log_path, "ab") as out:
+        daemon.process = subprocess.Popen([TWISTD, "-n", "--pidfile=", "--uid=65534", "--gid=65534", "mailhost",
+                                           "--config", str(daemon.config)], cwd=daemon.root, stdout=out, stderr=subprocess.STDOUT)
+    wait_for_port(587, daemon.process, host="127.0.0.13")
+    # twistd binds first, then switches: wait for the switch.
+    wait_for(lambda: "Uid:\t65534\t65534\t65534\t65534" in open(f"/proc/{daemon.process.pid}/status").read(),
+             what="the switch to uid 65534")
+    import smtplib
+
+    with smtplib.SMTP("127.0.0.13", 587, timeout=10) as client:
+        client.sendmail("s@client.test", ["alice@example.test"], b"Subject: unprivileged\r\n\r\nx\r\n")
+    [path] = (daemon.root / "mail/example.test/alice/new").iterdir()
+    assert path.stat().st_uid == 65534
