@@ -6,6 +6,7 @@ Exit codes: 0 ok, 1 user error (one line on stderr), 2 usage error.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import getpass
 import sys
 from collections.abc import Sequence
@@ -14,7 +15,7 @@ from typing import NoReturn
 from mailhost.config import Config, ConfigError, DomainConfig, load
 from mailhost.mailbox import create_maildir, is_safe_local_part
 from mailhost.spool import SpoolError
-from mailhost.users import UserEntry, UsersFileError, hash_password, read_users, write_users
+from mailhost.users import UserEntry, UsersFileError, hash_password, parse_send_as, read_users, write_users
 
 
 class UserError(Exception):
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     user = commands.add_parser("user", help="manage mailbox users").add_subparsers(
-        dest="user_command", required=True, metavar="add|passwd|del|list", parser_class=_Parser
+        dest="user_command", required=True, metavar="add|passwd|del|list|may-send-as", parser_class=_Parser
     )
     for name, text in (("add", "create a user and its Maildir"), ("passwd", "set a user's password")):
         sub = user.add_parser(name, help=text)
@@ -46,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
     user.add_parser("del", help="remove a user (its Maildir is kept)").add_argument("address")
     user.add_parser("list", help="list users")
+    send_as = user.add_parser("may-send-as", help="show or set the other senders a user may use on the submission ports")
+    send_as.add_argument("address")
+    send_as.add_argument("senders", nargs="*", metavar="SENDER", help="an address, or @domain for all of a domain")
+    send_as.add_argument("--clear", action="store_true", help="remove them all")
 
     queue = commands.add_parser("queue", help="see and steer the outbound queue").add_subparsers(
         dest="queue_command", required=True, metavar="list|show|flush|delete|hold|release", parser_class=_Parser
@@ -74,7 +79,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             from mailhost.queue_cli import run_queue_command
 
             return run_queue_command(config, args)
-        return {"add": user_add, "passwd": user_passwd, "del": user_del, "list": user_list}[args.user_command](config, args)
+        commands = {"add": user_add, "passwd": user_passwd, "del": user_del, "list": user_list,
+                    "may-send-as": user_may_send_as}
+        return commands[args.user_command](config, args)
     except (ConfigError, UserError, UsersFileError, SpoolError) as e:
         sys.stderr.write(f"mailhost: {e}\n")
         return 1
@@ -153,7 +160,7 @@ def user_passwd(config: Config, args: argparse.Namespace) -> int:
     entries = read_users(domain.users)
     if address not in entries:
         raise UserError(f"{address} does not exist (use `mailhost user add {address}`)")
-    entries[address] = UserEntry(address, hash_password(_read_password(args)))
+    entries[address] = dataclasses.replace(entries[address], password_hash=hash_password(_read_password(args)))
     write_users(domain.users, entries)
     print(f"password changed for {address}")
     return 0
@@ -167,6 +174,27 @@ def user_del(config: Config, args: argparse.Namespace) -> int:
         raise UserError(f"{address} does not exist")
     write_users(domain.users, entries)
     print(f"deleted {address} (its Maildir {domain.maildir / local} is kept)")
+    return 0
+
+
+def user_may_send_as(config: Config, args: argparse.Namespace) -> int:
+    """No senders: show the list; senders: replace it; --clear: empty it."""
+    local, domain = _split_address(config, args.address)
+    address = f"{local}@{domain.name}"
+    entries = read_users(domain.users)
+    if address not in entries:
+        raise UserError(f"{address} does not exist (use `mailhost user add {address}`)")
+    if args.clear and args.senders:
+        raise UserError("give senders or --clear, not both")
+    if args.senders or args.clear:
+        try:
+            senders = parse_send_as(",".join(args.senders)) if args.senders else ()
+        except ValueError as e:
+            raise UserError(f"{e} is not an address or @domain (such as news@example.test or @example.test)") from None
+        entries[address] = dataclasses.replace(entries[address], may_send_as=senders)
+        write_users(domain.users, entries)
+    senders = entries[address].may_send_as
+    print(f"{address} may send as: {' '.join(senders) if senders else '(its own addresses only)'}")
     return 0
 
 

@@ -1,9 +1,14 @@
 """The users file: one `address:password-hash` line per mailbox owner.
 
+A line may go on with options, `:name=value` each; the only one is
+`may_send_as=a@x,@y` (addresses, or whole domains written `@domain`, this user
+may also send as on the submission ports). Lines without options are what
+earlier versions wrote, and still mean the same.
+
 Passwords are stored only as salted scrypt hashes (memory-hard, in the
 stdlib). Several domains may share one file; each line names its full address.
-The daemon re-reads a file when it changes on disk, so `mailhost user add`
-takes effect without a restart.
+The daemon re-reads a file when it changes on disk (and on SIGHUP), so
+`mailhost user add` takes effect without a restart.
 """
 
 from __future__ import annotations
@@ -69,6 +74,42 @@ def _unb64(text: str) -> bytes:
 class UserEntry:
     address: str  # local@domain, lower case
     password_hash: str
+    may_send_as: tuple[str, ...] = ()  # lower case "a@x" or "@domain"
+
+
+def parse_send_as(text: str) -> tuple[str, ...]:
+    """Parse "a@x,@y" into ("a@x", "@y"); ValueError names an entry that is not an address or @domain."""
+    result = []
+    for item in text.split(","):
+        item = item.strip().lower()
+        domain = item.rpartition("@")[2]
+        if item.count("@") != 1 or "." not in domain or any(c in item for c in " :<>\0"):
+            raise ValueError(item or "(empty)")
+        result.append(item)
+    return tuple(dict.fromkeys(result))
+
+
+def _format_line(entry: UserEntry) -> str:
+    options = f":may_send_as={','.join(entry.may_send_as)}" if entry.may_send_as else ""
+    return f"{entry.address}:{entry.password_hash}{options}\n"
+
+
+def _parse_line(path: Path, number: int, line: str) -> UserEntry:
+    address, sep, rest = line.partition(":")
+    if not sep or "@" not in address:
+        raise UsersFileError(f"{path}:{number}: expected address:hash")
+    # scrypt hashes hold no ":", so what follows the hash are options.
+    password_hash, *options = rest.split(":")
+    may_send_as: tuple[str, ...] = ()
+    for option in options:
+        name, eq, value = option.partition("=")
+        if name.strip() != "may_send_as" or not eq:
+            raise UsersFileError(f"{path}:{number}: unknown option {name.strip()!r} (allowed: may_send_as=a@x,@y)")
+        try:
+            may_send_as = parse_send_as(value)
+        except ValueError as e:
+            raise UsersFileError(f"{path}:{number}: may_send_as: {e} is not an address or @domain") from None
+    return UserEntry(address.lower(), password_hash, may_send_as)
 
 
 def read_users(path: Path) -> dict[str, UserEntry]:
@@ -84,16 +125,14 @@ def read_users(path: Path) -> dict[str, UserEntry]:
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        address, sep, password_hash = line.partition(":")
-        if not sep or "@" not in address:
-            raise UsersFileError(f"{path}:{number}: expected address:hash")
-        entries[address.lower()] = UserEntry(address.lower(), password_hash)
+        entry = _parse_line(path, number, line)
+        entries[entry.address] = entry
     return entries
 
 
 def write_users(path: Path, entries: dict[str, UserEntry]) -> None:
     """Replace the users file atomically and durably, readable by its owner only."""
-    lines = [f"{e.address}:{e.password_hash}\n" for e in sorted(entries.values(), key=lambda e: e.address)]
+    lines = [_format_line(e) for e in sorted(entries.values(), key=lambda e: e.address)]
     path.parent.mkdir(parents=True, exist_ok=True)
     write_file_atomically(path, "".join(lines).encode("utf-8"), mode=0o600)
 
@@ -105,6 +144,10 @@ class UsersFile:
         self.path = path
         self._stamp: tuple[int, int, int] | None = None
         self._entries: dict[str, UserEntry] = {}
+
+    def forget(self) -> None:
+        """Read the file again at the next look, changed or not (SIGHUP)."""
+        self._stamp = None
 
     def entries(self) -> dict[str, UserEntry]:
         try:

@@ -310,3 +310,36 @@ def test_twistd_with_a_missing_config(setup: Setup) -> None:
     assert result.returncode != 0 and "Traceback" not in output
     lines = [line for line in output.splitlines() if line.strip()]
     assert len(lines) == 1 and str(missing) in lines[0], output
+
+
+def test_user_may_send_as_set_show_clear_and_kept_by_passwd(setup: Setup) -> None:
+    assert setup.add("news@example.test").returncode == 0
+    result = setup.run("user", "may-send-as", "news@example.test", "info@example.test", "@Campaign.test")
+    assert result.returncode == 0, result.stderr
+    assert "info@example.test @campaign.test" in result.stdout
+    assert read_users(setup.users)["news@example.test"].may_send_as == ("info@example.test", "@campaign.test")
+    # A new password keeps the list.
+    assert setup.run("user", "passwd", "news@example.test", "--password-stdin", input="other\n").returncode == 0
+    entry = read_users(setup.users)["news@example.test"]
+    assert entry.may_send_as == ("info@example.test", "@campaign.test") and verify_password("other", entry.password_hash)
+    shown = setup.run("user", "may-send-as", "news@example.test")
+    assert shown.returncode == 0 and "info@example.test @campaign.test" in shown.stdout
+    assert setup.listed() == ["news@example.test"]  # `user list` output is unchanged by options
+    cleared = setup.run("user", "may-send-as", "news@example.test", "--clear")
+    assert cleared.returncode == 0 and "own addresses only" in cleared.stdout
+    assert read_users(setup.users)["news@example.test"].may_send_as == ()
+
+
+@pytest.mark.parametrize(
+    "args, names",
+    [
+        (["nobody@example.test", "a@example.test"], ["nobody@example.test"]),
+        (["news@example.test", "not-an-address"], ["not-an-address"]),
+        (["news@example.test", "a@example.test", "--clear"], ["--clear"]),
+    ],
+)
+def test_user_may_send_as_errors(setup: Setup, args: list[str], names: list[str]) -> None:
+    assert setup.add("news@example.test").returncode == 0
+    before = setup.users.read_bytes()
+    assert_one_line_error(setup.run("user", "may-send-as", *args), 1, *names)
+    assert setup.users.read_bytes() == before
