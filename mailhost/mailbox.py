@@ -12,7 +12,7 @@ from pathlib import Path
 
 from mailhost.config import Config, DomainConfig
 from mailhost.durable import fsync_directory, write_and_sync
-from mailhost.users import UsersFile
+from mailhost.users import UserEntry, UsersFile
 
 PLUS_SEPARATOR = "+"
 ALIAS_DEPTH_MAX = 10
@@ -59,13 +59,29 @@ class LocalDomains:
     def primary(self) -> str:
         return self.config.domains[0].name
 
-    def resolve(self, local: str, domain: str) -> Resolution:
-        """Expand `local@domain` (a local domain) into mailboxes and remote addresses."""
+    def user(self, address: str) -> UserEntry | None:
+        """The users-file entry of `address` (a user of a local domain), or None."""
+        domain = address.rpartition("@")[2].lower()
+        if domain not in self._domains:
+            return None
+        return self._users[self._domains[domain].users].entries().get(address.lower())
+
+    def reload_users(self) -> None:
+        """Re-read every users file at its next use (SIGHUP), changed on disk or not."""
+        for users in self._users.values():
+            users.forget()
+
+    def resolve(self, local: str, domain: str, catch_all: bool = True) -> Resolution:
+        """Expand `local@domain` (a local domain) into mailboxes and remote addresses.
+
+        catch_all=False: only users and aliases count (who owns an address, not
+        where unknown mail ends up).
+        """
         resolution = Resolution()
-        self._expand(local.lower(), domain.lower(), resolution, depth=0, seen=set())
+        self._expand(local.lower(), domain.lower(), resolution, depth=0, seen=set(), catch_all=catch_all)
         return resolution
 
-    def _expand(self, local: str, domain: str, out: Resolution, depth: int, seen: set[str]) -> None:
+    def _expand(self, local: str, domain: str, out: Resolution, depth: int, seen: set[str], catch_all: bool = True) -> None:
         key = f"{local}@{domain}"
         if key in seen or depth > ALIAS_DEPTH_MAX:
             return  # an alias loop, or a name already expanded in this resolution
@@ -78,24 +94,24 @@ class LocalDomains:
                 continue
             if name in config.aliases:
                 for target in config.aliases[name]:
-                    self._expand_target(target, domain, out, depth, seen)
+                    self._expand_target(target, domain, out, depth, seen, catch_all)
                 return
             if f"{name}@{domain}" in users:
                 self._add_mailbox(out, config, name)
                 return
         found_before = len(out.mailboxes) + len(out.remote)
-        if config.catch_all is not None:
+        if config.catch_all is not None and catch_all:
             self._expand(config.catch_all, domain, out, depth + 1, seen)
         if local == "postmaster" and len(out.mailboxes) + len(out.remote) == found_before:
             # RFC 5321 4.5.1: postmaster is always accepted; without a user, alias
             # or catch-all to take it, it gets a Maildir of its own.
             self._add_mailbox(out, config, "postmaster")
 
-    def _expand_target(self, target: str, domain: str, out: Resolution, depth: int, seen: set[str]) -> None:
+    def _expand_target(self, target: str, domain: str, out: Resolution, depth: int, seen: set[str], catch_all: bool) -> None:
         # A target without @ is a name in the same domain: a user, an alias or a plus-address.
         target_local, _, target_domain = target.rpartition("@") if "@" in target else (target, "@", domain)
         if self.is_local(target_domain):
-            self._expand(target_local.lower(), target_domain.lower(), out, depth + 1, seen)
+            self._expand(target_local.lower(), target_domain.lower(), out, depth + 1, seen, catch_all)
         elif target not in out.remote:
             out.remote.append(target)
 

@@ -1,7 +1,9 @@
-"""The RCPT decision (mailhost.policy.check_recipient over mailbox.LocalDomains), table-driven.
+"""The policy decisions (mailhost.policy over mailbox.LocalDomains), table-driven.
 
-Each row: the address a client gives in RCPT TO, the reply code and enhanced
-status code it gets, and the set of local mailboxes the mail would go to.
+RCPT: each row is the address a client gives in RCPT TO, the reply code and
+enhanced status code it gets, and the set of local mailboxes the mail would go
+to. Relay: role x authenticated x client network x recipient -> reply. Sender
+ownership: authenticated user x MAIL FROM (or From:) -> allowed or 553 5.7.1.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import pytest
 
 from mailhost.config import Config, load
 from mailhost.mailbox import LocalDomains
-from mailhost.policy import check_recipient
+from mailhost.policy import auth_required, check_header_senders, check_recipient, check_sender, may_relay
 from mailhost.smtp.wire import Address, SMTPError, parse_path
 from mailhost.users import UserEntry, hash_password, write_users
 
@@ -53,6 +55,7 @@ postmaster = ["dave"]
 """
 
 USERS = ["alice@example.test", "bob@example.test", "carol@example.test", "carol@other.test", "dave@other.test"]
+NEWS = "news@example.test"  # a campaign account with may_send_as
 
 LOOPS = """
 [[domain]]
@@ -73,7 +76,9 @@ def config(tmp_path_factory: pytest.TempPathFactory) -> Config:
     root = tmp_path_factory.mktemp("policy")
     (root / "mailhost.toml").write_text(CONFIG + LOOPS)
     password_hash = hash_password("not used here")
-    write_users(root / "users", {a: UserEntry(a, password_hash) for a in USERS})
+    entries = {a: UserEntry(a, password_hash) for a in USERS}
+    entries[NEWS] = UserEntry(NEWS, password_hash, may_send_as=("info@example.test", "@campaign.test"))
+    write_users(root / "users", entries)
     return load(root / "mailhost.toml")
 
 
@@ -266,3 +271,126 @@ def test_new_users_are_seen_without_restart(tmp_path: Path) -> None:
     assert verdict.accepted and [m.address for m in verdict.resolution.mailboxes] == ["zoe@example.test"]
     write_users(users, {A: UserEntry(A, "$scrypt$x")})
     assert check_recipient(rcpt("zoe@example.test"), domains).reply.code == 550
+
+
+# --- role x authenticated x client network x recipient -------------------------
+
+AUTH_NEEDED = (530, "5.7.0")
+LITERAL = (550, "5.1.2")
+
+ROLE_TABLE = [
+    # (role, authenticated, client in relay.networks, recipient, reply)
+    ("mx", False, False, "alice@example.test", OK),
+    ("mx", False, False, "bob@remote.test", RELAY_DENIED),
+    ("mx", False, False, "u@[127.0.0.2]", RELAY_DENIED),
+    ("mx", False, False, "nobody@example.test", UNKNOWN),
+    ("mx", False, True, "alice@example.test", OK),
+    ("mx", False, True, "bob@remote.test", OK),
+    ("mx", False, True, "u@[127.0.0.2]", LITERAL),
+    # the submission roles: nothing at all before AUTH, relay.networks or not
+    ("submission", False, False, "alice@example.test", AUTH_NEEDED),
+    ("submission", False, False, "bob@remote.test", AUTH_NEEDED),
+    ("submission", False, True, "alice@example.test", AUTH_NEEDED),
+    ("submission", False, True, "bob@remote.test", AUTH_NEEDED),
+    ("submissions", False, False, "alice@example.test", AUTH_NEEDED),
+    ("submissions", False, True, "bob@remote.test", AUTH_NEEDED),
+    # an authenticated user sends anywhere, from any network
+    ("submission", True, False, "alice@example.test", OK),
+    ("submission", True, False, "bob@remote.test", OK),
+    ("submission", True, True, "bob@remote.test", OK),
+    ("submissions", True, False, "bob@remote.test", OK),
+    ("submissions", True, False, "team@example.test", OK),
+    # ...but still not to unknown local users, literals, or relay tricks
+    ("submission", True, False, "nobody@example.test", UNKNOWN),
+    ("submission", True, False, "u@[127.0.0.2]", LITERAL),
+    ("submission", True, False, "u%remote.test@example.test", UNKNOWN),
+    ("submissions", True, False, '"u@remote.test"@example.test', UNKNOWN),
+]
+
+
+@pytest.mark.parametrize(
+    "role, authenticated, in_networks, text, reply", ROLE_TABLE,
+    ids=[f"{r[0]}-{'auth' if r[1] else 'anon'}-{'net' if r[2] else 'outside'}-{r[3]}" for r in ROLE_TABLE],
+)
+def test_role_relay_decision(domains: LocalDomains, role: str, authenticated: bool, in_networks: bool, text: str,
+                             reply: tuple[int, str]) -> None:
+    # The session asks in this order: AUTH first (MAIL and RCPT), then the recipient.
+    got = auth_required(role, authenticated, tls=True) or check_recipient(
+        rcpt(text), domains, may_relay(role, authenticated, in_networks)).reply
+    assert (got.code, got.status) == reply, got
+
+
+def test_auth_required_says_starttls_first_before_tls() -> None:
+    reply = auth_required("submission", False, tls=False)
+    assert reply is not None and (reply.code, reply.status) == AUTH_NEEDED and "STARTTLS" in reply.text
+    assert auth_required("mx", False, tls=False) is None
+
+
+# --- sender ownership ----------------------------------------------------------
+
+SENDER_TABLE = [
+    # (authenticated user, MAIL FROM, allowed)
+    (A, "alice@example.test", True),
+    (A, "Alice@Example.TEST", True),
+    (A, '"alice"@example.test', True),
+    (A, "alice+news@example.test", True),
+    (A, "", True),  # <>
+    (A, "team@example.test", True),  # an alias that reaches alice
+    (A, "team+list@example.test", True),
+    (A, "everyone@example.test", True),  # through a chain of aliases
+    (A, "sales@example.test", True),
+    (A, "mixed@example.test", True),  # alice and a remote address
+    (A, "plus_target@example.test", True),  # an alias to alice+lists
+    (A, "bob@example.test", False),
+    (A, "bob+alice@example.test", False),
+    (A, "alicex@example.test", False),
+    (A, "alice@other.test", False),
+    (A, "alice@remote.test", False),
+    (A, "alice@[127.0.0.1]", False),
+    (A, "forward@example.test", False),  # an alias that only forwards off-site
+    (A, "cross@example.test", False),  # an alias to someone else
+    (A, "postmaster@example.test", False),  # postmaster's own Maildir, not alice's
+    (A, "info@example.test", False),  # news may; alice may not
+    ("dave@other.test", "cross@example.test", True),  # an alias in another local domain
+    ("dave@other.test", "postmaster@other.test", True),
+    ("carol@other.test", "carol@other.test", True),
+    ("carol@other.test", "nobody@other.test", False),  # a catch-all grants no sender rights
+    # may_send_as widens, exactly as listed
+    (NEWS, "news@example.test", True),
+    (NEWS, "info@example.test", True),
+    (NEWS, "INFO@example.test", True),
+    (NEWS, "anyone@campaign.test", True),
+    (NEWS, "info+x@example.test", False),
+    (NEWS, "anyone@sub.campaign.test", False),
+    (NEWS, "alice@example.test", False),
+]
+
+
+@pytest.mark.parametrize("user, text, allowed", SENDER_TABLE, ids=[f"{r[0]}-{r[1] or '<>'}" for r in SENDER_TABLE])
+def test_sender_ownership(domains: LocalDomains, user: str, text: str, allowed: bool) -> None:
+    sender, _ = parse_path(f"<{text}>", utf8=False, null_ok=True, kind="sender")
+    reply = check_sender(user, sender, domains)
+    if allowed:
+        assert reply is None
+    else:
+        assert reply is not None and (reply.code, reply.status) == (553, "5.7.1"), reply
+
+
+HEADER_TABLE = [
+    # (From: addresses, allowed for alice)
+    ([], True),
+    (["alice@example.test"], True),
+    (["Alice+x@EXAMPLE.test"], True),
+    (["bob@remote.test"], True),  # not a local domain: not ours to police
+    (["bob@example.test"], False),
+    (["alice@example.test", "bob@example.test"], False),
+    (["nobody@other.test"], False),
+]
+
+
+@pytest.mark.parametrize("addresses, allowed", HEADER_TABLE, ids=[",".join(r[0]) or "none" for r in HEADER_TABLE])
+def test_header_sender_ownership(domains: LocalDomains, addresses: list[str], allowed: bool) -> None:
+    reply = check_header_senders(A, addresses, domains)
+    assert (reply is None) is allowed, reply
+    if reply is not None:
+        assert (reply.code, reply.status) == (553, "5.7.1")
