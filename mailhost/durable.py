@@ -65,11 +65,12 @@ def _unlink_quietly(path: str) -> None:
 
 
 class DiskWriter:
-    """A dedicated pool of disk threads."""
+    """A dedicated pool of threads for blocking work: the disk's by default
+    (the daemon runs a second, small one for password checks)."""
 
-    def __init__(self, reactor: IReactorThreads, threads: int = 8) -> None:
+    def __init__(self, reactor: IReactorThreads, threads: int = 8, name: str = "mailhost-disk") -> None:
         self._reactor = reactor
-        self._pool = ThreadPool(minthreads=1, maxthreads=threads, name="mailhost-disk")
+        self._pool = ThreadPool(minthreads=1, maxthreads=threads, name=name)
 
     def start(self) -> None:
         self._pool.start()
@@ -78,5 +79,5 @@ class DiskWriter:
         self._pool.stop()
 
     def run(self, function: Callable[..., T], *args: Any) -> Deferred[T]:
-        """Run blocking disk work off the reactor thread."""
+        """Run blocking work off the reactor thread."""
         return deferToThreadPool(self._reactor, self._pool, function, *args)

@@ -37,11 +37,11 @@ class UsersFileError(Exception):
     """A users file that cannot be read or has a malformed line."""
 
 
-def hash_password(password: str) -> str:
-    """A self-describing salted scrypt hash of `password`."""
+def hash_password(password: str, log_n: int = _SCRYPT_LOG_N) -> str:
+    """A self-describing salted scrypt hash of `password` (a lower `log_n` only for tests)."""
     salt = secrets.token_bytes(16)
-    digest = _scrypt(password, salt, _SCRYPT_LOG_N, _SCRYPT_R, _SCRYPT_P)
-    return f"$scrypt$ln={_SCRYPT_LOG_N},r={_SCRYPT_R},p={_SCRYPT_P}${_b64(salt)}${_b64(digest)}"
+    digest = _scrypt(password, salt, log_n, _SCRYPT_R, _SCRYPT_P)
+    return f"$scrypt$ln={log_n},r={_SCRYPT_R},p={_SCRYPT_P}${_b64(salt)}${_b64(digest)}"
 
 
 def verify_password(password: str, stored: str) -> bool:
