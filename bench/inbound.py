@@ -14,14 +14,14 @@ Run from the repository root:
 
 Needs root (Postfix is started privately, and drops to its mail_owner), the
 Debian ``postfix`` package (for postfix, postconf and smtp-source), and
-mailhost installed in .venv.  Uses only the standard library.
+mailhost installed in .venv.  Uses only the standard library (and the
+private-Postfix helper in tests/support/postfix.py, which does too).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import pwd
 import shutil
 import signal
 import socket
@@ -34,14 +34,14 @@ from pathlib import Path
 from typing import Callable
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # for tests.support.postfix (standard library only)
+
+from tests.support.postfix import Postfix, PostfixError  # noqa: E402
+
 LOOPBACK = "127.0.0.1"
 RECIPIENT = "alice@example.test"
 SENDER = "sender@client.test"
 CLIENT_HELO = "client.test"
-# Postfix drops privileges to mail_owner and runs virtual(8) as this user;
-# it has to be a real unprivileged account (virtual_minimum_uid is 100).
-POSTFIX_MAIL_OWNER = "postfix"
-VMAIL_USER = "nobody"
 
 
 # --------------------------------------------------------------------------
@@ -82,16 +82,6 @@ def wait_for_port(port: int, timeout: float, alive: Callable[[], bool]) -> None:
         except OSError:
             time.sleep(0.1)
     raise RuntimeError(f"nothing listening on {LOOPBACK}:{port} after {timeout}s")
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def count_files(directory: Path) -> int:
@@ -188,134 +178,21 @@ def start_mailhost(root: Path, venv_bin: Path) -> Server:
     return server
 
 
-# Only the services a loopback-only, virtual-delivery instance uses.  Every
-# service runs unchrooted: Debian's stock master.cf chroots smtpd & co. into
-# the queue directory, which then needs copies of /etc files in it.
-POSTFIX_MASTER_CF = """\
-{listen}  inet  n       -       n       -       -       smtpd
-pickup    unix  n       -       n       60      1       pickup
-cleanup   unix  n       -       n       -       0       cleanup
-qmgr      unix  n       -       n       300     1       qmgr
-rewrite   unix  -       -       n       -       -       trivial-rewrite
-bounce    unix  -       -       n       -       0       bounce
-defer     unix  -       -       n       -       0       bounce
-trace     unix  -       -       n       -       0       bounce
-verify    unix  -       -       n       -       1       verify
-flush     unix  n       -       n       1000?   0       flush
-proxymap  unix  -       -       n       -       -       proxymap
-proxywrite unix -       -       n       -       1       proxymap
-smtp      unix  -       -       n       -       -       smtp
-relay     unix  -       -       n       -       -       smtp
-showq     unix  n       -       n       -       -       showq
-error     unix  -       -       n       -       -       error
-retry     unix  -       -       n       -       -       error
-discard   unix  -       -       n       -       -       discard
-local     unix  -       n       n       -       -       local
-virtual   unix  -       n       n       -       -       virtual
-lmtp      unix  -       -       n       -       -       lmtp
-anvil     unix  -       -       n       -       1       anvil
-scache    unix  -       -       n       -       1       scache
-postlog   unix-dgram n  -       n       -       1       postlogd
-"""
-
-
-def postfix_settings(root: Path, vmail_uid: int, vmail_gid: int) -> list[str]:
-    """main.cf for a private, loopback-only instance delivering to a Maildir."""
-    return [
-        "compatibility_level = 3.6",
-        f"queue_directory = {root}/queue",
-        f"data_directory = {root}/data",
-        f"mail_owner = {POSTFIX_MAIL_OWNER}",
-        "setgid_group = postdrop",
-        # Never anything but loopback.
-        f"inet_interfaces = {LOOPBACK}",
-        "inet_protocols = ipv4",
-        "mynetworks = 127.0.0.0/8",
-        "myhostname = mx.postfix.test",
-        "mydomain = postfix.test",
-        "myorigin = $myhostname",
-        # example.test is a virtual mailbox domain, so it must NOT also be in
-        # mydestination (Postfix warns and the local class would win).
-        "mydestination = localhost",
-        "relay_domains =",
-        "relayhost =",
-        "alias_maps =",
-        "alias_database =",
-        "virtual_mailbox_domains = example.test",
-        f"virtual_mailbox_base = {root}/vmail",
-        # texthash needs no postmap; a trailing '/' means Maildir format.
-        f"virtual_mailbox_maps = texthash:{root}/etc/vmailbox",
-        f"virtual_uid_maps = static:{vmail_uid}",
-        f"virtual_gid_maps = static:{vmail_gid}",
-        # No syslog daemon here: log to a file through postlogd.  The file
-        # must lie under one of maillog_file_prefixes (default: /var, stdout).
-        f"maillog_file_prefixes = {root}",
-        f"maillog_file = {root}/maillog",
-        "biff = no",
-        "smtpd_banner = $myhostname ESMTP",
-        # Everything else (fsync on queue files and Maildir delivery,
-        # in_flow_delay, process limits) stays at Postfix's defaults.
-    ]
-
-
 def start_postfix(root: Path) -> Server:
-    """Create and start a private Postfix instance rooted at ``root``."""
-    etc, queue, data, vmail = (root / d for d in ("etc", "queue", "data", "vmail"))
-    for d in (etc, queue, data, vmail):
-        d.mkdir(parents=True)
-    owner = pwd.getpwnam(POSTFIX_MAIL_OWNER)
-    vuser = pwd.getpwnam(VMAIL_USER)
-    # data_directory must belong to mail_owner; queue_directory stays root's
-    # and `postfix check` creates its subdirectories with the right owners.
-    os.chown(data, owner.pw_uid, owner.pw_gid)
-    maildir = vmail / "example.test" / "alice"
-    for sub in ("tmp", "new", "cur"):
-        (maildir / sub).mkdir(parents=True)
-    for d in (vmail / "example.test", maildir, *(maildir / s for s in ("tmp", "new", "cur"))):
-        os.chown(d, vuser.pw_uid, vuser.pw_gid)
-    (etc / "vmailbox").write_text(f"{RECIPIENT} example.test/alice/\n")
+    """Create and start a private Postfix instance rooted at ``root``.
 
-    port = free_port()
-    (etc / "master.cf").write_text(POSTFIX_MASTER_CF.format(listen=f"{LOOPBACK}:{port}"))
-    (etc / "main.cf").write_text("")
-    run(["postconf", "-c", str(etc), "-e",
-         *postfix_settings(root, vuser.pw_uid, vuser.pw_gid)])
-    # `check` creates the queue subdirectories and fixes their ownership.
-    # The postfix command reports errors only to a tty or to the log, so a
-    # failure's reason is in maillog, not in the command's output.
+    The set-up (loopback only, virtual Maildir delivery for RECIPIENT, Postfix's
+    default fsyncs, a maillog file) lives in tests/support/postfix.py.
+    """
+    instance = Postfix(root, listen=f"{LOOPBACK}:0", mailboxes=[RECIPIENT],
+                       hostname="mx.postfix.test")
     try:
-        run(["postfix", "-c", str(etc), "check"])
-        run(["postfix", "-c", str(etc), "start"])
-    except RuntimeError as exc:
-        raise RuntimeError(f"{exc}\nmaillog:\n{tail(root / 'maillog')}") from None
-    master_pid_file = queue / "pid" / "master.pid"
-
-    def master_pid() -> int | None:
-        try:
-            return int(master_pid_file.read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            return None
-
-    pid = master_pid()
-
-    def stop() -> None:
-        # Stop only this instance: -c makes postfix act on our config alone.
-        subprocess.run(["postfix", "-c", str(etc), "stop"], capture_output=True)
-        deadline = time.monotonic() + 15
-        while pid and pid_alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if pid and pid_alive(pid):
-            log(f"postfix master {pid} still running; sending SIGKILL")
-            os.kill(pid, signal.SIGKILL)
-
-    server = Server("postfix", port, maildir / "new", root / "maillog", stop)
-    try:
-        wait_for_port(port, 30, lambda: pid is None or pid_alive(pid))
-    except Exception:
-        stop()
-        raise RuntimeError(f"postfix did not start:\n{tail(root / 'maillog')}")
-    log(f"postfix (master pid {pid}) listening on {LOOPBACK}:{port}")
-    return server
+        instance.start()
+    except PostfixError as exc:
+        raise RuntimeError(f"postfix did not start: {exc}") from None
+    log(f"postfix (master pid {instance.master_pid}) listening on {LOOPBACK}:{instance.port}")
+    return Server("postfix", instance.port, instance.maildir(RECIPIENT) / "new",
+                  instance.log_file, instance.stop)
 
 
 # --------------------------------------------------------------------------
