@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROLES = ("mx",)  # submission and submissions arrive with the submission issue
+from mailhost.throttle import DEFAULT_RULES, ThrottleRule
+
+ROLES = ("mx", "submission", "submissions")
 RELAY_TLS = ("opportunistic", "required", "none")
 SMARTHOST_TLS = ("starttls", "implicit", "none")
 
@@ -94,6 +96,11 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class SubmissionConfig:
+    hide_client: bool = False  # leave the client's address (and HELO name) out of Received:
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     server: ServerConfig
@@ -102,7 +109,9 @@ class Config:
     domains: tuple[DomainConfig, ...]
     relay: RelayConfig
     queue: QueueConfig = field(default_factory=QueueConfig)
+    submission: SubmissionConfig = field(default_factory=SubmissionConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    throttles: tuple[ThrottleRule, ...] = DEFAULT_RULES
 
     def domain(self, name: str) -> DomainConfig | None:
         """The local domain called `name` (case-insensitive), or None."""
@@ -194,6 +203,12 @@ class _Reader:
         except ValueError:
             raise self.fail(f"{key}.{name}", value, 'a duration such as "30s", "5m", "4h" or "5d"') from None
 
+    def boolean(self, table: dict, key: str, name: str, default: bool) -> bool:
+        value = table.get(name, default)
+        if not isinstance(value, bool):
+            raise self.fail(f"{key}.{name}", value, "true or false")
+        return value
+
     def choice(self, table: dict, key: str, name: str, default: str, allowed: tuple[str, ...]) -> str:
         value = table.get(name, default)
         if value not in allowed:
@@ -201,7 +216,7 @@ class _Reader:
         return value
 
     def config(self, data: dict) -> Config:
-        top = {"server", "listener", "limits", "domain", "relay", "queue", "metrics"}
+        top = {"server", "listener", "limits", "domain", "relay", "queue", "submission", "metrics", "throttle"}
         self.check_table(data, "(top level)", top)
         server = self.server(self.table(data, "server", {"hostname", "state_dir", "tls_cert", "tls_key"}))
         listeners = self.listeners(data.get("listener"))
@@ -213,7 +228,12 @@ class _Reader:
         metrics_endpoint = self.string(metrics_table, "metrics", "endpoint")
         if metrics_endpoint is not None:
             _check_endpoint(self, "metrics.endpoint", metrics_endpoint)
-        return Config(self.path, server, listeners, limits, domains, relay, queue, metrics=MetricsConfig(metrics_endpoint))
+        submission = self.submission(self.table(data, "submission", {"hide_client"}))
+        return Config(self.path, server, listeners, limits, domains, relay, queue, submission=submission, metrics=MetricsConfig(metrics_endpoint),
+                      throttles=self.throttles(data.get("throttle", [])))
+
+    def submission(self, table: dict) -> SubmissionConfig:
+        return SubmissionConfig(hide_client=self.boolean(table, "submission", "hide_client", False))
 
     def server(self, table: dict) -> ServerConfig:
         hostname = self.string(table, "server", "hostname") or socket.getfqdn()
@@ -244,6 +264,9 @@ class _Reader:
             if endpoint is None:
                 raise self.fail(f"{key}.endpoint", None, 'a Twisted endpoint such as "tcp:2525:interface=127.0.0.1"')
             _check_endpoint(self, f"{key}.endpoint", endpoint)
+            if role == "submissions" and endpoint.split(":", 1)[0] in ("ssl", "tls"):
+                # mailhost wraps this role in TLS itself, with the configured (and reloadable) pair.
+                raise self.fail(f"{key}.endpoint", endpoint, 'a plain endpoint such as "tcp:465" (the submissions role adds TLS)')
             result.append(ListenerConfig(role, endpoint))
         return tuple(result)
 
@@ -336,6 +359,28 @@ class _Reader:
             tls=self.choice(table, "relay", "tls", "opportunistic", RELAY_TLS),
             smarthosts=tuple(self.smarthost(raw, f"relay.smarthost[{i}]") for i, raw in enumerate(smarthosts)),
         )
+
+    def throttles(self, value: Any) -> tuple[ThrottleRule, ...]:
+        """[[throttle]] entries first (they win a match), then the built-in provider defaults they do not replace."""
+        if not isinstance(value, list):
+            raise self.fail("throttle", value, "[[throttle]] tables")
+        rules = []
+        for index, raw in enumerate(value):
+            key = f"throttle[{index}]"
+            table = self.check_table(raw, key, {"name", "mx", "connections", "rate", "floor"})
+            name = self.string(table, key, "name")
+            if name is None:
+                raise self.fail(f"{key}.name", None, "a group name such as google")
+            mx = table.get("mx")
+            if not isinstance(mx, list) or not mx or not all(isinstance(d, str) and _is_domain(d) for d in mx):
+                raise self.fail(f"{key}.mx", mx, 'a list of MX host domains such as ["google.com"]')
+            rate = self.integer(table, key, "rate", 600, 0, 10**7)
+            rules.append(ThrottleRule(
+                name, tuple(d.lower() for d in mx), self.integer(table, key, "connections", 10, 1, 10000),
+                float(rate), float(self.integer(table, key, "floor", min(10, rate), 0, 10**7)),
+            ))
+        names = {r.name for r in rules}
+        return tuple(rules) + tuple(r for r in DEFAULT_RULES if r.name not in names)
 
     def nameserver(self, value: Any) -> tuple[str, int]:
         allowed = 'an address with optional port such as "127.0.0.1:5353" or "[::1]:53"'

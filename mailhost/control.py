@@ -5,6 +5,7 @@ daemon listening, the CLI edits the spool itself."""
 
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
 from typing import Any
@@ -25,11 +26,23 @@ class QueueCommand(amp.Command):
     errors = {SpoolError: b"NO_SUCH_MESSAGE"}
 
 
+class PaceCommand(amp.Command):
+    """Each paced destination group's current and configured rate, as JSON."""
+
+    arguments: list = []
+    response = [(b"json", amp.Unicode())]
+
+
 class ControlProtocol(amp.AMP):
-    def __init__(self, scheduler: Any, pickup: Any) -> None:
+    def __init__(self, scheduler: Any, pickup: Any, throttle: Any) -> None:
         super().__init__()
         self.scheduler = scheduler
         self.pickup = pickup
+        self.throttle = throttle
+
+    @PaceCommand.responder
+    def pace(self) -> dict[str, str]:
+        return {"json": json.dumps(self.throttle.snapshot())}
 
     @QueueCommand.responder
     def queue_command(self, action: str, queue_id: str | None = None) -> Deferred[dict[str, int]]:
@@ -52,9 +65,9 @@ class ControlProtocol(amp.AMP):
         return {"count": 1}
 
 
-def control_service(state_dir: Path, scheduler: Any, pickup: Any) -> internet.UNIXServer:
+def control_service(state_dir: Path, scheduler: Any, pickup: Any, throttle: Any) -> internet.UNIXServer:
     path = state_dir / SOCKET_NAME
-    factory = Factory.forProtocol(lambda: ControlProtocol(scheduler, pickup))
+    factory = Factory.forProtocol(lambda: ControlProtocol(scheduler, pickup, throttle))
     factory.noisy = False
     # mode 0600: only the daemon's user (and root) may steer the queue.
     return internet.UNIXServer(str(path), factory, mode=0o600, wantPID=True)
@@ -65,10 +78,20 @@ class DaemonNotRunning(Exception):
 
 
 def send_queue_command(state_dir: Path, action: str, queue_id: str | None, timeout: float = 30.0) -> int:
-    """Ask the running daemon (blocking, for the CLI); DaemonNotRunning when nobody answers.
+    """Ask the running daemon to act on the queue; DaemonNotRunning when nobody answers."""
+    arguments = {b"action": action.encode()}
+    if queue_id is not None:
+        arguments[b"queue_id"] = queue_id.encode()
+    return int(_call(state_dir, b"QueueCommand", arguments, timeout)[b"count"])
 
-    The CLI runs no reactor, so it speaks AMP's framing directly: one box out, one box back.
-    """
+
+def current_pace(state_dir: Path, timeout: float = 10.0) -> dict[str, dict[str, float]]:
+    """The running daemon's destination paces; DaemonNotRunning when nobody answers."""
+    return json.loads(_call(state_dir, b"PaceCommand", {}, timeout)[b"json"])
+
+
+def _call(state_dir: Path, command: bytes, arguments: dict[bytes, bytes], timeout: float) -> dict[bytes, bytes]:
+    """One AMP call from a blocking socket (the CLI runs no reactor): one box out, one box back."""
     path = state_dir / SOCKET_NAME
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
@@ -78,16 +101,15 @@ def send_queue_command(state_dir: Path, action: str, queue_id: str | None, timeo
         sock.close()
         raise DaemonNotRunning() from None
     try:
-        box = amp.AmpBox(_command=b"QueueCommand", _ask=b"1", action=action.encode())
-        if queue_id is not None:
-            box[b"queue_id"] = queue_id.encode()
+        box = amp.AmpBox(_command=command, _ask=b"1")
+        box.update(arguments)
         sock.sendall(box.serialize())
         reply = _read_box(sock)
     finally:
         sock.close()
     if b"_error" in reply:
         raise SpoolError(reply.get(b"_error_description", b"error").decode())
-    return int(reply[b"count"])
+    return reply
 
 
 def _read_box(sock: socket.socket) -> dict[bytes, bytes]:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.twisted import MetricsResource
 from twisted.web.resource import Resource
 from twisted.web.server import Site
@@ -40,10 +41,29 @@ class Metrics:
         self.queue_size = Gauge("mailhost_queue_messages", "Messages in the outbound queue", registry=r)
         self.oldest = Gauge("mailhost_queue_oldest_message_age_seconds", "Age of the oldest queued message", registry=r)
 
+    def watch_throttle(self, snapshot: Callable[[], dict[str, dict[str, float]]]) -> None:
+        """Each paced destination group's current rate, read at scrape time."""
+        self.registry.register(_ThrottleCollector(snapshot))
+
     def watch_queue(self, size: Callable[[], int], oldest_arrival: Callable[[], float | None]) -> None:
         """Gauges read at scrape time, from the scheduler's in-memory index."""
         self.queue_size.set_function(size)
         self.oldest.set_function(lambda: (time.time() - arrival) if (arrival := oldest_arrival()) else 0.0)
+
+
+class _ThrottleCollector:
+    def __init__(self, snapshot: Callable[[], dict[str, dict[str, float]]]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Any:
+        rate = GaugeMetricFamily("mailhost_throttle_rate_per_minute", "Current pace of a destination group", labels=["group"])
+        ceiling = GaugeMetricFamily("mailhost_throttle_max_rate_per_minute", "Configured pace of a destination group",
+                                    labels=["group"])
+        for group, values in self._snapshot().items():
+            rate.add_metric([group], values["rate"])
+            ceiling.add_metric([group], values["max_rate"])
+        yield rate
+        yield ceiling
 
 
 class _Health(Resource):

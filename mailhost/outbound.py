@@ -9,28 +9,34 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore, inlineCallbacks
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from mailhost.config import Config, SmartHostConfig
 from mailhost.envelope import Envelope, Recipient
 from mailhost.relay import Hop, RouteError, Router
 from mailhost.smtp.client import ClientSession, ServerReply, SessionError, open_session
+from mailhost.throttle import Pace, Throttle, is_slow_down_signal
 
 log = Logger(namespace="mailhost.outbound")
 
 IDLE_REUSE_SECONDS = 5.0  # keep a finished connection this long for the next message to the same host
 
 
+THROTTLE_WAIT_MAX = 2.0  # seconds; a later send slot puts the message back in the queue instead
+
+
 @dataclass(frozen=True)
 class Outcome:
     """What happened to one recipient in one delivery attempt."""
 
-    state: str  # "delivered" | "deferred" | "failed"
+    state: str  # "delivered" | "deferred" | "failed" | "throttled" (not tried: over the pace)
     reply: str  # the remote reply or our own reason
     status: str  # enhanced status code
     remote_mta: str = ""
     relay: str = ""  # host[ip]:port, for the log
+    retry_in: float = 0.0  # for "throttled": seconds until the group's next send slot
 
 
 def recipient_domain(address: str) -> str:
@@ -38,20 +44,12 @@ def recipient_domain(address: str) -> str:
 
 
 class SessionPool:
-    """Open SMTP sessions by (host, address, port), reused for later messages
-    to the same place, with a limit on connections per destination."""
+    """Open SMTP sessions by (host, address, port), reused for later messages to the same place."""
 
-    def __init__(self, reactor: Any, helo: str, per_destination: int) -> None:
+    def __init__(self, reactor: Any, helo: str) -> None:
         self._reactor = reactor
         self._helo = helo
-        self._per_destination = per_destination
         self._idle: dict[tuple[str, str, int], list[tuple[ClientSession, Any]]] = defaultdict(list)
-        self._limits: dict[str, DeferredSemaphore] = {}
-
-    def limit(self, destination: str) -> DeferredSemaphore:
-        if destination not in self._limits:
-            self._limits[destination] = DeferredSemaphore(self._per_destination)
-        return self._limits[destination]
 
     def take(self, hop: Hop, address: str, tls: str, trust_root: Any, auth: tuple[str, str] | None) -> Deferred[ClientSession]:
         idle = self._idle.get((hop.host, address, hop.port))
@@ -96,10 +94,12 @@ async def _ready(session: ClientSession) -> ClientSession:
 class Deliverer:
     """Delivers a message's pending remote recipients, domain by domain, in parallel."""
 
-    def __init__(self, config: Config, router: Router, pool: SessionPool) -> None:
+    def __init__(self, config: Config, router: Router, pool: SessionPool, throttle: Throttle, reactor: Any) -> None:
         self.config = config
         self.router = router
         self.pool = pool
+        self.throttle = throttle
+        self.reactor = reactor
         self._smarthost_secrets: dict[int, tuple[str, str] | None] = {}
         self._trust_roots: dict[int, Any] = {}
 
@@ -129,16 +129,24 @@ class Deliverer:
             log.failure("routing {domain} failed", domain=domain)
             return {a: Outcome("deferred", f"routing failed: {e}", "4.4.3") for a in addresses}
         smarthost = bool(route.hops) and route.hops[0].smarthost is not None
-        semaphore = self.pool.limit(domain if not smarthost else "smarthost")
-        yield semaphore.acquire()
+        pace = self.throttle.pace_for(route.hops[0].host if route.hops else domain)
+        wait = pace.reserve()
+        if wait > THROTTLE_WAIT_MAX:
+            pace.give_back()
+            text = f"over the pace for {pace.name} ({pace.rate:.0f}/min)"
+            return {a: Outcome("throttled", text, "4.7.0", retry_in=wait) for a in addresses}
+        if wait > 0:
+            yield deferLater(self.reactor, wait, lambda: None)
+        yield pace.connections.acquire()
         try:
-            outcomes = yield self._try_hops(envelope, message, route.hops, addresses, smarthost)
+            outcomes = yield self._try_hops(envelope, message, route.hops, addresses, smarthost, pace)
         finally:
-            semaphore.release()
+            pace.connections.release()
         return outcomes
 
     @inlineCallbacks
-    def _try_hops(self, envelope: Envelope, message: bytes, hops: tuple[Hop, ...], addresses: list[str], smarthost: bool):
+    def _try_hops(self, envelope: Envelope, message: bytes, hops: tuple[Hop, ...], addresses: list[str], smarthost: bool,
+                  pace: Pace):
         outcomes: dict[str, Outcome] = {}
         remaining = list(addresses)
         last_error = Outcome("deferred", "no server could be reached", "4.4.1")
@@ -153,6 +161,7 @@ class Deliverer:
                 except SessionError as e:
                     last_error = self._session_failure(e, hop, relay, smarthost)
                     log.info("{id}: {relay}: {reason}", id=envelope.id, relay=relay, reason=e.reason)
+                    self._signal(pace, e.reply, e.refused)
                     if last_error.state == "failed":
                         return {**outcomes, **{a: last_error for a in remaining}}
                     continue
@@ -162,6 +171,7 @@ class Deliverer:
                     session.abort()
                     last_error = self._session_failure(e, hop, relay, smarthost)
                     log.info("{id}: {relay}: {reason}", id=envelope.id, relay=relay, reason=e.reason)
+                    self._signal(pace, e.reply, e.refused)
                     continue
                 self.pool.give_back(hop, address, session)
                 delay = time.monotonic() - started
@@ -169,6 +179,8 @@ class Deliverer:
                 for rcpt in remaining:
                     reply: ServerReply = result.replies[rcpt]
                     outcome = _from_reply(reply, hop.host, relay)
+                    if outcome.state == "deferred":
+                        self._signal(pace, reply, False)
                     if outcome.state == "deferred" and smarthost:
                         # A smart host's 4xx sends the recipient on to the backup.
                         retry_here.append(rcpt)
@@ -187,6 +199,15 @@ class Deliverer:
         for rcpt in remaining:
             outcomes[rcpt] = last_error
         return outcomes
+
+    def _signal(self, pace: Pace, reply: ServerReply | None, refused: bool) -> None:
+        code, status = (reply.code, reply.status) if reply is not None else (None, "")
+        if is_slow_down_signal(code, status, refused):
+            before = pace.rate
+            pace.slow_down()
+            if pace.rate != before:
+                log.info("pace for {group} down to {rate:.0f}/min ({reply})", group=pace.name, rate=pace.rate,
+                         reply=str(reply) if reply is not None else "connection refused")
 
     def _session_failure(self, error: SessionError, hop: Hop, relay: str, smarthost: bool) -> Outcome:
         reply = error.reply

@@ -6,9 +6,10 @@ import argparse
 import json
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 from mailhost.config import Config
-from mailhost.control import DaemonNotRunning, send_queue_command
+from mailhost.control import DaemonNotRunning, current_pace, send_queue_command
 from mailhost.envelope import Envelope
 from mailhost.spool import Spool
 
@@ -17,7 +18,7 @@ def run_queue_command(config: Config, args: argparse.Namespace) -> int:
     spool = Spool(config.server.state_dir / "spool")
     command = args.queue_command
     if command == "list":
-        return queue_list(spool, args.json)
+        return queue_list(spool, args.json, config.server.state_dir)
     if command == "show":
         return queue_show(spool, args.id)
     queue_id = getattr(args, "id", None)
@@ -72,11 +73,18 @@ def _iso(epoch: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
 
 
-def queue_list(spool: Spool, as_json: bool) -> int:
+def queue_list(spool: Spool, as_json: bool, state_dir: Path) -> int:
     envelopes = sorted(spool.envelopes(), key=lambda e: e.arrival)
+    try:
+        paces = current_pace(state_dir)
+    except DaemonNotRunning:
+        paces = {}
     if as_json:
-        print(json.dumps({"messages": [_summary(e) for e in envelopes]}, ensure_ascii=False))
+        print(json.dumps({"messages": [_summary(e) for e in envelopes], "pace": paces}, ensure_ascii=False))
         return 0
+    for group, values in paces.items():
+        print(f"pace {group}: {values['rate']:.0f}/min (at most {values['max_rate']:.0f}/min, "
+              f"{values['connections']:.0f} connections)")
     for envelope in envelopes:
         held = " HELD" if envelope.held else ""
         print(f"{envelope.id}  {_iso(envelope.arrival)}  <{envelope.sender}>{held}  next {_iso(envelope.next_attempt)}")

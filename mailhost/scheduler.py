@@ -178,9 +178,14 @@ class Scheduler(service.Service):
     @inlineCallbacks
     def _record(self, envelope: Envelope, message: bytes, outcomes: dict[str, Outcome]):
         now = time.time()
+        throttled_until: float | None = None
         for recipient in envelope.pending():
             outcome = outcomes.get(recipient.address)
             if outcome is None:
+                continue
+            if outcome.state == "throttled":
+                # Not an attempt: the group's pace says later. Nothing about the recipient changes.
+                throttled_until = min(throttled_until or float("inf"), now + outcome.retry_in)
                 continue
             recipient.attempts += 1
             recipient.state = {"delivered": DELIVERED, "failed": FAILED}.get(outcome.state, DEFERRED)
@@ -204,8 +209,11 @@ class Scheduler(service.Service):
             self.arrivals.pop(envelope.id, None)
             log.info("{id}: removed (every recipient delivered or bounced)", id=envelope.id)
             return
-        attempts = max(r.attempts for r in envelope.pending())
-        envelope.next_attempt = now + queue.retry[min(max(attempts, 1), len(queue.retry)) - 1]
+        tried = [r.attempts for r in envelope.pending() if outcomes.get(r.address, None) is not None
+                 and outcomes[r.address].state != "throttled"]
+        envelope.next_attempt = now + queue.retry[min(max(max(tried, default=1), 1), len(queue.retry)) - 1]
+        if throttled_until is not None:
+            envelope.next_attempt = min(envelope.next_attempt, throttled_until) if tried else throttled_until
         yield self.writer.run(self.spool.update, envelope)
         if envelope.held:
             self.index.hold(envelope.id)

@@ -23,6 +23,7 @@ from mailhost.relay import Router
 from mailhost.scheduler import Scheduler
 from mailhost.smtp.server import ServerContext, SMTPServerFactory
 from mailhost.spool import Spool
+from mailhost.throttle import Throttle
 from mailhost.tls import TLSSetupError, ensure_tls_pair, server_tls_options
 
 log = Logger(namespace="mailhost.service")
@@ -110,16 +111,18 @@ def build(config: Config, tls_options: Any, reactor: Any) -> service.MultiServic
     spool = Spool(config.server.state_dir / "spool")
     intake = Intake(writer, spool, domains, config.server.hostname, on_queued=lambda envelope: None)
     router = Router(config.relay, config.server.hostname, listening_addresses(config))
-    pool = SessionPool(reactor, config.server.hostname, per_destination=config.queue.per_destination)
+    pool = SessionPool(reactor, config.server.hostname)
+    throttle = Throttle(config.throttles, default_connections=config.queue.per_destination)
     metrics = Metrics()
-    scheduler = Scheduler(config, spool, writer, Deliverer(config, router, pool), intake, reactor, metrics,
+    metrics.watch_throttle(throttle.snapshot)
+    scheduler = Scheduler(config, spool, writer, Deliverer(config, router, pool, throttle, reactor), intake, reactor, metrics,
                           max_in_flight=config.queue.concurrency)
     intake.on_queued = scheduler.queued
     scheduler.setServiceParent(top)
     pickup = PickupCollector(config.server.state_dir, writer, intake, domains, config.server.hostname)
     # Collect at start and every few seconds, for messages dropped while no daemon answered the poke.
     TimerService(PICKUP_SCAN_SECONDS, pickup.collect).setServiceParent(top)
-    control_service(config.server.state_dir, scheduler, pickup).setServiceParent(top)
+    control_service(config.server.state_dir, scheduler, pickup, throttle).setServiceParent(top)
     if config.metrics.endpoint is not None:
         site = metrics_site(metrics, ready=lambda: scheduler.ready.called)
         ListenerService(config.metrics.endpoint, site, reactor).setServiceParent(top)

@@ -83,11 +83,13 @@ class SessionError(Exception):
     that means for the mail is the caller's decision.
     """
 
-    def __init__(self, reason: str, reply: ServerReply | None = None, permanent: bool = False) -> None:
+    def __init__(self, reason: str, reply: ServerReply | None = None, permanent: bool = False,
+                 refused: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
         self.reply = reply
         self.permanent = permanent
+        self.refused = refused  # the TCP connection was refused (a throttling signal)
 
 
 @dataclass
@@ -753,7 +755,8 @@ async def _open(reactor: Any, *, host: str, address: str, port: int, helo: str, 
     try:
         await connectProtocol(endpoint, protocol)
     except Exception as e:
-        raise SessionError(f"connect to {peer}: {describe_connect_failure(e, connect_timeout)}") from None
+        refused = isinstance(e, (ConnectionRefusedError, net_error.ConnectionRefusedError))
+        raise SessionError(f"connect to {peer}: {describe_connect_failure(e, connect_timeout)}", refused=refused) from None
     session = ClientSession(protocol, peer=peer, helo=helo, tls=tls, command_timeout=command_timeout, data_timeout=data_timeout)
     try:
         await session._start(auth, options)

@@ -384,3 +384,48 @@ def test_messages_to_one_destination_share_a_connection(make_daemon, dns, sinks)
     wait_for(lambda: len(mx1.messages()) == 8, what="eight deliveries")
     connections = {entry["conn"] for entry in mx1.commands()}
     assert len(connections) < 8, connections
+
+
+def test_throttling_slows_on_421_and_the_queue_still_drains(make_daemon, dns, sinks):
+    # Every 5th connection is refused with 421; every message closes its connection,
+    # so each delivery is a new connection and the refusals keep coming.
+    mx1 = sinks("127.0.0.5", script=[
+        {"when": "CONNECT", "reply": "421 4.7.0 too fast, slow down", "every": 5},
+        {"when": "DATA_END", "reply": "250 2.0.0 ok", "close": True},
+    ])
+    sinks("127.0.0.6", script=[{"when": "CONNECT", "reply": "421 4.7.0 too fast, slow down"}])
+    daemon = make_daemon(extra=relay_config(dns) + '\n[[throttle]]\nname = "remote"\nmx = ["remote.test"]\n'
+                                                  'connections = 2\nrate = 1200\nfloor = 300\n')
+    with smtplib.SMTP("127.0.0.1", daemon.port, timeout=10) as client:
+        for n in range(20):
+            client.sendmail("alice@example.test", [f"user{n}@remote.test"], f"Subject: campaign {n}\r\n\r\nx\r\n".encode())
+    # (a scripted DATA reply is not recorded by the sink: count the daemon's delivery lines)
+    wait_for(lambda: daemon.log().count("status=delivered (250 2.0.0 ok)") == 20, timeout=60, what="all twenty delivered")
+    wait_for(lambda: queue(daemon) == [], what="empty queue")
+    assert len({line["conn"] for line in mx1.commands()}) >= 20  # a connection per message, 421s included
+    assert "pace for remote down to 600/min (421 4.7.0 too fast, slow down)" in daemon.log()
+    assert dsn_reports(daemon) == []  # nothing failed
+
+
+def test_queue_list_shows_the_pace_of_each_group(make_daemon, dns):
+    daemon = make_daemon(extra=relay_config(dns, queue='retry = ["1h"]') + '\n[[throttle]]\nname = "remote"\n'
+                                                                          'mx = ["remote.test"]\nrate = 120\n')
+    submit(daemon, ["bob@remote.test"], "paced")
+    wait_for(lambda: [m for m in queue(daemon) if m["recipients"][0]["attempts"]], what="an attempt")
+    listing = json.loads(daemon.cli("queue", "list", "--json").stdout)
+    assert listing["pace"]["remote"]["max_rate"] == 120
+    assert "pace remote:" in daemon.cli("queue", "list").stdout
+
+
+def test_messages_over_the_pace_wait_in_the_queue_without_an_attempt(make_daemon, dns, sinks):
+    mx1 = sinks("127.0.0.5")
+    daemon = make_daemon(extra=relay_config(dns) + '\n[[throttle]]\nname = "remote"\nmx = ["remote.test"]\nrate = 40\n')
+    with smtplib.SMTP("127.0.0.1", daemon.port, timeout=10) as client:
+        for n in range(4):  # 40/min: one every 1.5 s
+            client.sendmail("alice@example.test", [f"user{n}@remote.test"], f"Subject: paced {n}\r\n\r\nx\r\n".encode())
+    waiting = wait_for(lambda: [m for m in queue(daemon) if m["recipients"][0]["state"] == "pending"], what="a message held back")
+    assert waiting[0]["recipients"][0]["attempts"] == 0
+    started = time.monotonic()
+    wait_for(lambda: len(mx1.messages()) == 4, timeout=30, what="all four, at the pace")
+    assert time.monotonic() - started > 1.5  # not all at once
+    assert dsn_reports(daemon) == []

@@ -1,0 +1,131 @@
+"""Adaptive pacing per destination provider (AIMD).
+
+Destinations are grouped by their MX host's domain: every `*.google.com` MX
+is one group, so a campaign to gmail.com, googlemail.com and every Google
+Workspace domain shares one pace. Each group has a connection limit and a
+rate in messages per minute. A 421, a 4.7.x deferral or a refused connection
+halves the rate (never below the floor); each clean window after that adds a
+tenth of the configured rate back, up to the configured rate.
+
+Messages over the pace are not failed and do not count an attempt: the
+Deliverer hands them back as "throttled" with the time they may go, and the
+scheduler puts them back in the queue for then.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from twisted.internet.defer import DeferredSemaphore
+
+CLEAN_WINDOW = 60.0  # seconds without a deferral before the rate grows again
+UNLIMITED = 0.0
+
+
+@dataclass(frozen=True)
+class ThrottleRule:
+    name: str
+    mx_domains: tuple[str, ...]  # MX host name suffixes, e.g. ("google.com", "googlemail.com")
+    connections: int
+    rate: float  # messages per minute at most; 0 = no pace
+    floor: float  # messages per minute the rate never drops below
+
+
+# What the big providers tolerate from a new sender without deferring much
+# (conservative; operators raise them with [[throttle]] entries).
+DEFAULT_RULES = (
+    ThrottleRule("google", ("google.com", "googlemail.com"), 10, 600.0, 10.0),
+    ThrottleRule("yahoo", ("yahoodns.net", "yahoo.com"), 5, 300.0, 10.0),
+    ThrottleRule("microsoft", ("outlook.com", "hotmail.com"), 5, 300.0, 10.0),
+    ThrottleRule("apple", ("icloud.com", "me.com"), 5, 300.0, 10.0),
+)
+
+
+def group_of(mx_host: str, rules: tuple[ThrottleRule, ...]) -> tuple[str, ThrottleRule | None]:
+    """The group name of an MX host: a matching rule's name, or the host's parent domain."""
+    host = mx_host.lower().rstrip(".")
+    for rule in rules:
+        if any(host == d or host.endswith("." + d) for d in rule.mx_domains):
+            return rule.name, rule
+    labels = host.split(".")
+    return ".".join(labels[-2:]) if len(labels) >= 2 else host, None
+
+
+class Pace:
+    """One group's token bucket and its AIMD rate."""
+
+    def __init__(self, name: str, connections: int, rate: float, floor: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.name = name
+        self.max_rate = rate
+        self.rate = rate
+        self.floor = min(floor, rate) if rate else floor
+        self.connections = DeferredSemaphore(connections)
+        self._clock = clock
+        self._next_free = clock()
+        self._last_slowdown = -CLEAN_WINDOW
+        self._last_growth = clock()
+
+    def reserve(self) -> float:
+        """Take the next send slot; returns how many seconds from now it is (0: go now)."""
+        if self.rate == UNLIMITED:
+            return 0.0
+        now = self._clock()
+        self._grow(now)
+        slot = max(now, self._next_free)
+        self._next_free = slot + 60.0 / self.rate
+        return slot - now
+
+    def give_back(self) -> None:
+        """A reserved slot that was not used (the message was put back in the queue)."""
+        if self.rate != UNLIMITED:
+            self._next_free = max(self._clock(), self._next_free - 60.0 / self.rate)
+
+    def slow_down(self) -> None:
+        if self.rate == UNLIMITED:
+            return
+        now = self._clock()
+        if now - self._last_slowdown < 1.0:
+            return  # one burst of deferrals is one signal, not ten
+        self._last_slowdown = now
+        self.rate = max(self.floor, self.rate / 2)
+
+    def _grow(self, now: float) -> None:
+        if self.rate >= self.max_rate:
+            return
+        if now - self._last_slowdown >= CLEAN_WINDOW and now - self._last_growth >= CLEAN_WINDOW:
+            self._last_growth = now
+            self.rate = min(self.max_rate, self.rate + self.max_rate / 10)
+
+
+class Throttle:
+    """The paces of every destination group seen so far."""
+
+    def __init__(self, rules: tuple[ThrottleRule, ...], default_connections: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rules = rules
+        self.default_connections = default_connections
+        self._clock = clock
+        self.paces: dict[str, Pace] = {}
+
+    def pace_for(self, mx_host: str) -> Pace:
+        name, rule = group_of(mx_host, self.rules)
+        if name not in self.paces:
+            if rule is None:
+                self.paces[name] = Pace(name, self.default_connections, UNLIMITED, UNLIMITED, self._clock)
+            else:
+                self.paces[name] = Pace(name, rule.connections, rule.rate, rule.floor, self._clock)
+        return self.paces[name]
+
+    def snapshot(self) -> dict[str, dict[str, float]]:
+        """Each paced group's current and configured rate (messages/minute), for queue list and metrics."""
+        return {
+            name: {"rate": pace.rate, "max_rate": pace.max_rate, "connections": pace.connections.limit}
+            for name, pace in sorted(self.paces.items())
+            if pace.max_rate != UNLIMITED
+        }
+
+
+def is_slow_down_signal(code: int | None, status: str, connection_refused: bool = False) -> bool:
+    """421 anywhere, a 4.7.x deferral, or a refused connection: the receiver wants less."""
+    return connection_refused or code == 421 or (status.startswith("4.7.") and (code is None or 400 <= code < 500))
