@@ -6,6 +6,7 @@ Exit codes: 0 ok, 1 user error (one line on stderr), 2 usage error.
 from __future__ import annotations
 
 import argparse
+import re
 import dataclasses
 import getpass
 import sys
@@ -52,6 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     send_as.add_argument("senders", nargs="*", metavar="SENDER", help="an address, or @domain for all of a domain")
     send_as.add_argument("--clear", action="store_true", help="remove them all")
 
+    dkim = commands.add_parser("dkim", help="DKIM signing keys").add_subparsers(
+        dest="dkim_command", required=True, metavar="keygen", parser_class=_Parser
+    )
+    keygen = dkim.add_parser("keygen", help="make a signing key for a local domain and print its DNS record")
+    keygen.add_argument("domain")
+    keygen.add_argument("--selector", required=True, help="the DNS selector, e.g. s2026")
+    keygen.add_argument("--algorithm", default="rsa-sha256", choices=["rsa-sha256", "ed25519-sha256"])
+
     queue = commands.add_parser("queue", help="see and steer the outbound queue").add_subparsers(
         dest="queue_command", required=True, metavar="list|show|flush|delete|hold|release", parser_class=_Parser
     )
@@ -75,6 +84,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load(args.config)
         if args.command == "check-config":
             return check_config(config)
+        if args.command == "dkim":
+            return dkim_keygen(config, args)
         if args.command == "queue":
             from mailhost.queue_cli import run_queue_command
 
@@ -98,6 +109,25 @@ def _sendmail(config_path: str, sendmail_argv: list[str]) -> int:
     except (ConfigError, SendmailError, UsersFileError, OSError) as e:
         sys.stderr.write(f"mailhost sendmail: {e}\n")
         return 1
+
+
+def dkim_keygen(config: Config, args: argparse.Namespace) -> int:
+    from mailhost.dkim_sign import DkimKeyError, generate
+
+    domain = config.domain(args.domain)
+    if domain is None:
+        raise UserError(f"{args.domain} is not a local domain (local domains: {', '.join(d.name for d in config.domains)})")
+    if not re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?", args.selector):
+        raise UserError(f"selector {args.selector!r}: use letters, digits and hyphens, e.g. s2026")
+    try:
+        path, record = generate(config.server.state_dir, domain.name, args.selector, args.algorithm)
+    except DkimKeyError as e:
+        raise UserError(str(e)) from None
+    # DNS TXT strings are at most 255 octets each; resolvers join them.
+    strings = " ".join(f'"{record[i:i + 250]}"' for i in range(0, len(record), 250))
+    print(f"; key written to {path}; mail from {domain.name} is signed with it from now on")
+    print(f"{args.selector}._domainkey.{domain.name}. IN TXT ( {strings} )")
+    return 0
 
 
 def check_config(config: Config) -> int:
