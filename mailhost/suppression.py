@@ -651,3 +651,8 @@ class SuppressionList:
         # Still under the flock: no one else has written since, so what we hold is this file.
         st = os.stat(self.path)
         self._identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def suppression_list(state_dir: Path) -> SuppressionList:
+    """The daemon's and the CLI's shared list: state_dir/suppression.json."""
+    return SuppressionList(state_dir / "suppression.json")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
@@ -343,3 +344,18 @@ def test_user_may_send_as_errors(setup: Setup, args: list[str], names: list[str]
     before = setup.users.read_bytes()
     assert_one_line_error(setup.run("user", "may-send-as", *args), 1, *names)
     assert setup.users.read_bytes() == before
+
+
+def test_suppress_add_list_remove(tmp_path):
+    config = tmp_path / "mailhost.toml"
+    config.write_text(CONFIG)
+
+    def run(*args):
+        return subprocess.run([str(MAILHOST), "--config", str(config), "suppress", *args], capture_output=True, text=True)
+
+    assert run("add", "Bob@Remote.test", "--reason", "asked to stop").returncode == 0
+    listed = json.loads(run("list", "--json").stdout)["suppressed"]
+    assert [(e["address"], e["reason"]) for e in listed] == [("bob@remote.test", "asked to stop")]
+    assert run("remove", "bob@remote.test").returncode == 0
+    again = run("remove", "bob@remote.test")
+    assert again.returncode == 1 and again.stderr.count("\n") == 1
