@@ -263,10 +263,10 @@ class _Reader:
             endpoint = self.string(table, key, "endpoint")
             if endpoint is None:
                 raise self.fail(f"{key}.endpoint", None, 'a Twisted endpoint such as "tcp:2525:interface=127.0.0.1"')
-            _check_endpoint(self, f"{key}.endpoint", endpoint)
             if role == "submissions" and endpoint.split(":", 1)[0] in ("ssl", "tls"):
                 # mailhost wraps this role in TLS itself, with the configured (and reloadable) pair.
                 raise self.fail(f"{key}.endpoint", endpoint, 'a plain endpoint such as "tcp:465" (the submissions role adds TLS)')
+            _check_endpoint(self, f"{key}.endpoint", endpoint)
             result.append(ListenerConfig(role, endpoint))
         return tuple(result)
 
@@ -462,5 +462,5 @@ def _check_endpoint(reader: _Reader, key: str, description: str) -> None:
 
     try:
         endpoints.serverFromString(reactor, description)
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, OSError) as e:
         raise reader.fail(key, description, f'a Twisted server endpoint such as "tcp:2525:interface=127.0.0.1" ({e})') from None

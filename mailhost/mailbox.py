@@ -67,9 +67,10 @@ class LocalDomains:
         return self._users[self._domains[domain].users].entries().get(address.lower())
 
     def reload_users(self) -> None:
-        """Re-read every users file at its next use (SIGHUP), changed on disk or not."""
+        """Re-read every users file now (SIGHUP), changed on disk or not; a broken one is logged."""
         for users in self._users.values():
             users.forget()
+            users.entries()
 
     def resolve(self, local: str, domain: str, catch_all: bool = True) -> Resolution:
         """Expand `local@domain` (a local domain) into mailboxes and remote addresses.

@@ -11,6 +11,7 @@ from twisted.application.internet import TimerService
 from twisted.internet import error as internet_error
 from twisted.logger import Logger
 
+from mailhost.auth import AuthSlowdown, make_portal
 from mailhost.config import Config, ConfigError, load
 from mailhost.control import control_service
 from mailhost.metrics import Metrics, metrics_site
@@ -21,10 +22,11 @@ from mailhost.mailbox import LocalDomains
 from mailhost.outbound import Deliverer, SessionPool
 from mailhost.relay import Router
 from mailhost.scheduler import Scheduler
-from mailhost.smtp.server import ServerContext, SMTPServerFactory
+from mailhost.reload import ReloadOnHangup
+from mailhost.smtp.server import ServerContext, listener_factory
 from mailhost.spool import Spool
 from mailhost.throttle import Throttle
-from mailhost.tls import TLSSetupError, ensure_tls_pair, server_tls_options
+from mailhost.tls import ServerTLS, TLSSetupError, ensure_tls_pair
 
 log = Logger(namespace="mailhost.service")
 
@@ -81,7 +83,7 @@ def make_service(config_path: str, reactor: Any = None) -> service.MultiService:
         config = load(config_path)
         config.server.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         check_permissions(config)
-        tls_options = server_tls_options(*ensure_tls_pair(config))
+        tls_options = ServerTLS(*ensure_tls_pair(config))
     except (ConfigError, TLSSetupError) as e:
         sys.stderr.write(f"mailhost: {e}\n")
         raise SystemExit(1) from None
@@ -103,7 +105,7 @@ def check_permissions(config: Config) -> None:
             raise ConfigError(f"{path} is world-writable; refusing to run (chmod o-w {path})")
 
 
-def build(config: Config, tls_options: Any, reactor: Any) -> service.MultiService:
+def build(config: Config, tls_options: ServerTLS, reactor: Any) -> service.MultiService:
     top = service.MultiService()
     writer = DiskWriter(reactor)
     DiskWriterService(writer).setServiceParent(top)
@@ -126,10 +128,16 @@ def build(config: Config, tls_options: Any, reactor: Any) -> service.MultiServic
     if config.metrics.endpoint is not None:
         site = metrics_site(metrics, ready=lambda: scheduler.ready.called)
         ListenerService(config.metrics.endpoint, site, reactor).setServiceParent(top)
-    context = ServerContext(config, domains, intake, tls_options)
+    # Password checks get their own two threads: scrypt is CPU- and memory-hard
+    # (32 MiB each), and a flood of AUTH attempts must not hold up the disk.
+    checks = DiskWriter(reactor, threads=2, name="mailhost-auth")
+    DiskWriterService(checks).setServiceParent(top)
+    slowdown = AuthSlowdown(reactor, free=config.limits.auth_failures)
+    context = ServerContext(config, domains, intake, tls_options, make_portal(domains, checks.run), slowdown)
     for listener in config.listeners:
-        factory = SMTPServerFactory(listener.role, context, reactor)
+        factory = listener_factory(listener.role, context, reactor)
         ListenerService(listener.endpoint, factory, reactor).setServiceParent(top)
+    ReloadOnHangup(tls_options, domains, reactor).setServiceParent(top)
     log.info(
         "mailhost starting: hostname={hostname} domains={domains} listeners={listeners}",
         hostname=config.server.hostname,

@@ -9,7 +9,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from OpenSSL import SSL
 from twisted.internet import ssl
+from twisted.internet.interfaces import IOpenSSLContextFactory
+from zope.interface import implementer
 
 from mailhost.config import Config
 from mailhost.durable import write_file_atomically
@@ -75,6 +78,28 @@ def server_tls_options(cert_path: Path, key_path: Path) -> ssl.CertificateOption
         extraCertChain=chain,
         raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
     )
+
+
+@implementer(IOpenSSLContextFactory)
+class ServerTLS:
+    """The server's TLS options, rebuilt from the files by `reload` (SIGHUP).
+
+    Listeners and STARTTLS hold this object, not the options: each new TLS
+    connection asks for the context at its start and so gets the newest pair,
+    while sessions already running keep theirs.
+    """
+
+    def __init__(self, cert_path: Path, key_path: Path) -> None:
+        self.cert_path = cert_path
+        self.key_path = key_path
+        self.options = server_tls_options(cert_path, key_path)
+
+    def reload(self) -> None:
+        """Read the pair again; on TLSSetupError the previous pair stays in use."""
+        self.options = server_tls_options(self.cert_path, self.key_path)
+
+    def getContext(self) -> SSL.Context:
+        return self.options.getContext()
 
 
 def _pem_blocks(pem: bytes) -> list[bytes]:

@@ -75,6 +75,8 @@ def test_minimal_config_gets_the_documented_defaults(tmp_path: Path, monkeypatch
     assert relay.tls == "opportunistic"
     assert relay.smarthosts == ()
 
+    assert config.submission.hide_client is False
+
     queue = config.queue
     assert queue.retry == (60, 300, 900, 1800, 3600, 7200)
     assert queue.lifetime == 5 * 86400
@@ -85,6 +87,16 @@ def test_the_example_configuration_loads() -> None:
     config = load(PROJECT / "etc" / "mailhost.toml")
     assert config.server.state_dir == PROJECT / "var"
     assert config.domain("example.test") is not None
+
+
+def test_submission_roles_and_hide_client(tmp_path: Path) -> None:
+    listeners = "".join(
+        f'[[listener]]\nrole = "{role}"\nendpoint = "tcp:{port}:interface=127.0.0.1"\n'
+        for role, port in (("mx", 2525), ("submission", 5870), ("submissions", 4650))
+    )
+    config = load(write(tmp_path, listeners + DOMAIN + "[submission]\nhide_client = true\n"))
+    assert [lst.role for lst in config.listeners] == ["mx", "submission", "submissions"]
+    assert config.submission.hide_client is True
 
 
 def test_domain_lookup_is_case_insensitive(tmp_path: Path) -> None:
@@ -155,6 +167,9 @@ MISTAKES = [
     ("unknown key in domain", LISTENER + DOMAIN + "catchall = 'alice'\n", ["domain", "catchall"]),
     ("unknown key in relay", MINIMAL + "[relay]\nnetwork = ['10.0.0.0/8']\n", ["relay.network"]),
     ("unknown key in queue", MINIMAL + "[queue]\nlife = '5d'\n", ["queue.life"]),
+    ("unknown key in submission", MINIMAL + "[submission]\nhide = true\n", ["submission.hide"]),
+    ("hide_client not a boolean", MINIMAL + "[submission]\nhide_client = 'yes'\n", ["submission.hide_client"]),
+    ("hide_client a number", MINIMAL + "[submission]\nhide_client = 1\n", ["submission.hide_client"]),
     (
         "unknown key in smarthost",
         MINIMAL + "[[relay.smarthost]]\nhost = 'smtp.provider.test'\npasswd = 'x'\n",
@@ -225,6 +240,16 @@ MISTAKES = [
     ("endpoint port not a number", '[[listener]]\nrole = "mx"\nendpoint = "tcp:smtp"\n' + DOMAIN, ["endpoint"]),
     ("endpoint bad option", '[[listener]]\nrole = "mx"\nendpoint = "tcp:2525:bogus=1"\n' + DOMAIN, ["endpoint"]),
     ("endpoint empty", '[[listener]]\nrole = "mx"\nendpoint = ""\n' + DOMAIN, ["endpoint"]),
+    (
+        "submissions on a TLS endpoint",
+        '[[listener]]\nrole = "submissions"\nendpoint = "ssl:4650:privateKey=key.pem"\n' + DOMAIN,
+        ["listener[0].endpoint", "tcp:465"],
+    ),
+    (
+        "ssl endpoint with a missing key file",
+        '[[listener]]\nrole = "mx"\nendpoint = "ssl:4650:privateKey=nowhere/key.pem"\n' + DOMAIN,
+        ["listener[0].endpoint"],
+    ),
     (
         "second listener bad",
         LISTENER + '[[listener]]\nrole = "mx"\nendpoint = "tcp:x"\n' + DOMAIN,

@@ -3,8 +3,13 @@
 One session reads whole network buffers: command lines are split with
 bytes.find, DATA is handed to wire.MessageReader in the buffers it arrived in.
 Commands run strictly in order; when one has to wait (the disk, before the
-250 after DATA), the rest of the buffer waits behind it, so pipelined replies
-always come back in order.
+250 after DATA, a password check), the rest of the buffer waits behind it, so
+pipelined replies always come back in order.
+
+Roles: `mx` takes mail for the local domains from anyone (and relays for
+relay.networks) and never offers AUTH; `submission` offers STARTTLS, then
+AUTH, and wants AUTH before any transaction; `submissions` is the same inside
+TLS from the first byte (RFC 8314).
 """
 
 from __future__ import annotations
@@ -17,18 +22,34 @@ from dataclasses import dataclass, field
 from email.utils import formatdate
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.cred.credentials import UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import Portal
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IProtocolFactory
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
+from twisted.protocols.tls import TLSMemoryBIOFactory
 
+from mailhost.auth import AuthSlowdown, IMailSubmitter, Submitter
 from mailhost.config import Config
 from mailhost.dsn import received_count
 from mailhost.envelope import Envelope, Recipient
 from mailhost.intake import HOP_LIMIT, Intake, delivery_headers
 from mailhost.mailbox import Copy, LocalDomains
-from mailhost.policy import check_recipient
+from mailhost.policy import (
+    SUBMISSION_ROLES,
+    auth_required,
+    check_header_senders,
+    check_recipient,
+    check_sender,
+    may_relay,
+)
+from mailhost.smtp import sasl
 from mailhost.spool import new_queue_id
+from mailhost.submission import from_addresses, missing_headers, read_headers
 from mailhost.smtp.wire import (
     COMMAND_LINE_MAX,
     Address,
@@ -51,6 +72,8 @@ HTTP_VERBS = frozenset({"GET", "POST", "HEAD", "PUT", "CONNECT", "OPTIONS", "DEL
 PROTOCOL_ERRORS = frozenset({500, 501, 502, 503, 504, 555})
 # While a reply waits on the disk, stop reading once this much input is buffered.
 PAUSE_BUFFER = 256 * 1024
+# Commands that start or belong to a transaction: 530 before AUTH on the submission roles (RFC 4954 6).
+NEEDS_AUTH = frozenset({"MAIL", "RCPT", "DATA", "VRFY", "EXPN"})
 
 OK = Reply(250, "2.0.0", "Ok")
 
@@ -62,7 +85,9 @@ class ServerContext:
     config: Config
     domains: LocalDomains
     intake: Intake
-    tls_options: Any | None  # twisted IOpenSSLContextFactory, None when TLS is off
+    tls_options: Any | None  # twisted IOpenSSLContextFactory (tls.ServerTLS), None when TLS is off
+    portal: Portal  # AUTH: checks credentials, gives IMailSubmitter avatars
+    slowdown: AuthSlowdown  # AUTH: shared by every listener, keyed by client address
 
 
 @dataclass
@@ -83,8 +108,22 @@ class SMTPServerFactory(Factory):
         self.per_ip: Counter[str] = Counter()
         self.noisy = False
 
+    @property
+    def implicit_tls(self) -> bool:
+        return self.role == "submissions"
+
     def buildProtocol(self, addr: Any) -> SMTPServer:
         return SMTPServer(self)
+
+
+def listener_factory(role: str, context: ServerContext, reactor: Any) -> IProtocolFactory:
+    """What a listener of `role` serves: the submissions role speaks TLS from the first byte."""
+    factory = SMTPServerFactory(role, context, reactor)
+    if not factory.implicit_tls:
+        return factory
+    if context.tls_options is None:
+        raise ValueError("the submissions role needs TLS options")
+    return TLSMemoryBIOFactory(context.tls_options, False, factory)
 
 
 class SMTPServer(Protocol, TimeoutMixin):
@@ -105,10 +144,14 @@ class SMTPServer(Protocol, TimeoutMixin):
         self.errors = 0
         self.helo: str | None = None
         self.esmtp = False
-        self.tls = False
+        self.tls = factory.implicit_tls
         self.transaction: Transaction | None = None
         self.client_ip = ""
-        self.may_relay = False
+        self.in_relay_networks = False
+        self.user: Submitter | None = None
+        self.auth_failures = 0
+        # Mid-AUTH: what takes the client's next line (a base64 response), else None.
+        self._auth_step: Callable[[str], Reply | Deferred[Reply] | None] | None = None
 
     # --- connection ----------------------------------------------------------
 
@@ -122,16 +165,16 @@ class SMTPServer(Protocol, TimeoutMixin):
             ip = ipaddress.ip_address(self.client_ip)
             if getattr(ip, "ipv4_mapped", None):
                 ip = ip.ipv4_mapped
-            self.may_relay = any(ip in network for network in self.config.relay.networks)
+            self.in_relay_networks = any(ip in network for network in self.config.relay.networks)
         except ValueError:
-            self.may_relay = False
+            self.in_relay_networks = False
         self.factory.per_ip[self.client_ip] += 1
         limits = self.config.limits
         if self.factory.per_ip[self.client_ip] > limits.connections_per_ip:
             self._refuse_connection(Reply(421, "4.7.0", f"{self.config.server.hostname} Too many connections from your address"))
             return
         self.setTimeout(limits.command_timeout)
-        if self.factory.role == "mx" and limits.greet_pause > 0 and not self.may_relay:
+        if self.factory.role == "mx" and limits.greet_pause > 0 and not self.in_relay_networks:
             self._pending_greeting = self.reactor.callLater(limits.greet_pause, self._greet)
         else:
             self._greet()
@@ -181,8 +224,22 @@ class SMTPServer(Protocol, TimeoutMixin):
             self._paused = True
             self.transport.pauseProducing()
 
+    _processing = False
+
     def _process(self) -> None:
         """Run whatever complete input is buffered, until it is used up or a reply must wait."""
+        if self._processing:
+            # A reply that came at once (its Deferred had already fired) from
+            # inside the loop below: that loop goes on with the next command.
+            return
+        self._processing = True
+        try:
+            self._process_buffer()
+        finally:
+            self._processing = False
+        self._flush()
+
+    def _process_buffer(self) -> None:
         while self._buffer and not self._busy and not self._closing:
             if self._reader is not None:
                 data = bytes(self._buffer)
@@ -195,7 +252,6 @@ class SMTPServer(Protocol, TimeoutMixin):
                 continue
             if not self._run_command_lines():
                 break
-        self._flush()
 
     def _run_command_lines(self) -> bool:
         """Run buffered command lines; False when more input is needed."""
@@ -218,7 +274,10 @@ class SMTPServer(Protocol, TimeoutMixin):
                     continue
                 if line.endswith(b"\r"):
                     line = line[:-1]
-                self._command(line)
+                if self._auth_step is not None:
+                    self._auth_response(line)
+                else:
+                    self._command(line)
                 if self._starting_tls:
                     # RFC 3207 4.2: nothing the client sent behind STARTTLS is kept.
                     position = len(buffer)
@@ -236,6 +295,10 @@ class SMTPServer(Protocol, TimeoutMixin):
 
     def _reply(self, reply: Reply) -> None:
         self._out.append(reply.encode())
+        if reply.code == 421:
+            # RFC 5321 3.8: a 421 means this side is closing the channel.
+            self._close()
+            return
         if reply.code in PROTOCOL_ERRORS:
             self.errors += 1
             if self.errors >= ERROR_LIMIT:
@@ -283,13 +346,22 @@ class SMTPServer(Protocol, TimeoutMixin):
         if handler is None or not verb_text.isalpha():
             self._reply(Reply(500, "5.5.1", "Unknown command"))
             return
+        if verb_text in NEEDS_AUTH:
+            refusal = auth_required(self.factory.role, self.user is not None, self.tls)
+            if refusal is not None:
+                self._reply(refusal)
+                return
+        self._run(verb_text, handler, argument)
+
+    def _run(self, verb: str, handler: Callable[[str], Reply | Deferred[Reply] | None], argument: str) -> None:
+        """Call a command (or AUTH step) handler and send, or wait for, its reply."""
         try:
             result = handler(argument)
         except SMTPError as e:
             result = e.reply
         except Exception:
             # A bug or an unreadable users file must not cost the session: say "try later".
-            log.failure("{verb} from [{client}] failed", verb=verb_text, client=self.client_ip)
+            log.failure("{verb} from [{client}] failed", verb=verb, client=self.client_ip)
             result = Reply(451, "4.3.0", "Local error in processing; try again later")
         if isinstance(result, Deferred):
             self._wait_for(result)
@@ -321,6 +393,9 @@ class SMTPServer(Protocol, TimeoutMixin):
         ]
         if self.context.tls_options is not None and not self.tls:
             lines.append("STARTTLS")
+        if self.factory.role in SUBMISSION_ROLES and self.tls:
+            # RFC 4954 4: offered only where it may be used, so never in plaintext.
+            lines.append("AUTH " + " ".join(sasl.MECHANISMS))
         lines.append("HELP")
         return Reply(250, "", "\n".join(lines))
 
@@ -357,6 +432,12 @@ class SMTPServer(Protocol, TimeoutMixin):
                     return Reply(555, "5.5.4", "SMTPUTF8 takes no value")
             else:
                 return Reply(555, "5.5.4", f"Unsupported MAIL parameter {key}")
+        if self.user is not None:
+            refusal = check_sender(self.user.address, sender, self.context.domains)
+            if refusal is not None:
+                log.info("refused client=[{client}] user={user} from=<{sender}> reply={reply}", client=self.client_ip,
+                         user=self.user.address, sender=str(sender), reply=f"{refusal.code} {refusal.status}")
+                return refusal
         self.transaction = Transaction(sender, utf8, body_8bit)
         return Reply(250, "2.1.0", "Sender ok")
 
@@ -375,7 +456,8 @@ class SMTPServer(Protocol, TimeoutMixin):
             return Reply(555, "5.5.4", f"Unsupported RCPT parameter {rest.split('=')[0][:40]}")
         if len(self.transaction.recipients) >= self.config.limits.recipients:
             return Reply(452, "4.5.3", "Too many recipients")
-        verdict = check_recipient(recipient, self.context.domains, self.may_relay)
+        relay = may_relay(self.factory.role, self.user is not None, self.in_relay_networks)
+        verdict = check_recipient(recipient, self.context.domains, relay)
         if not verdict.accepted:
             log.info(
                 "refused client=[{client}] from=<{sender}> to=<{rcpt}> reply={reply}",
@@ -417,7 +499,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         return Reply(502, "5.5.1", "EXPN is not available")
 
     def smtp_HELP(self, argument: str) -> Reply:
-        return Reply(214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS")
+        return Reply(214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS AUTH")
 
     def smtp_STARTTLS(self, argument: str) -> Reply:
         if self.context.tls_options is None:
@@ -438,6 +520,103 @@ class SMTPServer(Protocol, TimeoutMixin):
         self.helo = None
         self.esmtp = False
         self.transaction = None
+        self.user = None
+
+    # --- AUTH (RFC 4954) -----------------------------------------------------
+
+    def smtp_AUTH(self, argument: str) -> Reply | Deferred[Reply] | None:
+        refusal = self._auth_refusal()
+        if refusal is not None:
+            return refusal
+        mechanism, _, initial = argument.partition(" ")
+        mechanism = mechanism.upper()
+        if not mechanism:
+            return Reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
+        if mechanism == "PLAIN":
+            return self._auth_plain(initial) if initial else self._challenge("", self._auth_plain)
+        if mechanism == "LOGIN":
+            if initial:
+                return self._login_username(initial)
+            return self._challenge(sasl.LOGIN_USERNAME_PROMPT, self._login_username)
+        return Reply(504, "5.5.4", f"Unrecognized authentication type (offered: {' '.join(sasl.MECHANISMS)})")
+
+    def _auth_refusal(self) -> Reply | None:
+        if self.factory.role not in SUBMISSION_ROLES:
+            return Reply(502, "5.5.1", "AUTH is not available on this port (use submission)")
+        if self.helo is None or not self.esmtp:
+            return Reply(503, "5.5.1", "Error: send EHLO first")
+        if not self.tls:
+            return Reply(538, "5.7.11", "Encryption required for requested authentication mechanism (STARTTLS first)")
+        if self.user is not None:
+            return Reply(503, "5.5.1", "Error: already authenticated")
+        if self.transaction is not None:
+            return Reply(503, "5.5.1", "Error: AUTH not allowed during a mail transaction")
+        return None
+
+    def _challenge(self, text: str, step: Callable[[str], Reply | Deferred[Reply] | None]) -> Reply:
+        self._auth_step = step
+        return Reply(334, "", text)
+
+    def _auth_response(self, line: bytes) -> None:
+        step, self._auth_step = self._auth_step, None
+        assert step is not None
+        try:
+            text = line.decode("ascii")
+        except UnicodeDecodeError:
+            self._reply(Reply(501, "5.5.2", "Cannot decode response (not base64)"))
+            return
+        if text.strip() == sasl.CANCEL:
+            self._reply(Reply(501, "5.5.2", "Authentication cancelled"))
+            return
+        self._run("AUTH", step, text)
+
+    def _auth_plain(self, text: str) -> Deferred[Reply]:
+        authzid, authcid, password = sasl.parse_plain(sasl.decode_response(text))
+        # Acting for another identity (an authzid not one's own) is not offered.
+        acting_for_other = bool(authzid) and authzid.lower() != authcid.lower()
+        return self._login("PLAIN", "" if acting_for_other else authcid, password)
+
+    def _login_username(self, text: str) -> Reply:
+        username = sasl.utf8(sasl.decode_response(text))
+        return self._challenge(sasl.LOGIN_PASSWORD_PROMPT, lambda answer: self._login_password(username, answer))
+
+    def _login_password(self, username: str, text: str) -> Deferred[Reply]:
+        return self._login("LOGIN", username, sasl.utf8(sasl.decode_response(text)))
+
+    def _login(self, mechanism: str, username: str, password: str) -> Deferred[Reply]:
+        """Check the credentials through the portal, after this address's slow-down (if any)."""
+        credentials = UsernamePassword(username.encode("utf-8"), password.encode("utf-8"))
+        delay = self.context.slowdown.delay(self.client_ip)
+        login = self.context.portal.login
+        if delay > 0:
+            deferred = deferLater(self.reactor, delay, login, credentials, None, IMailSubmitter)
+        else:
+            deferred = maybeDeferred(login, credentials, None, IMailSubmitter)
+        return deferred.addCallbacks(self._auth_succeeded, self._auth_failed,
+                                     callbackArgs=(mechanism,), errbackArgs=(mechanism,))
+
+    def _auth_succeeded(self, login: tuple[Any, Submitter, Any], mechanism: str) -> Reply:
+        self.user = login[1]
+        log.info("auth ok client=[{client}] user={user} mechanism={mechanism}",
+                 client=self.client_ip, user=self.user.address, mechanism=mechanism)
+        return Reply(235, "2.7.0", "Authentication successful")
+
+    def _auth_failed(self, failure: Any, mechanism: str) -> Reply:
+        if not failure.check(UnauthorizedLogin):
+            log.error("auth error client=[{client}] mechanism={mechanism} error={error}",
+                      client=self.client_ip, mechanism=mechanism, error=failure.getErrorMessage())
+            return Reply(454, "4.7.0", "Temporary authentication failure")
+        self.auth_failures += 1
+        from_address = self.context.slowdown.failed(self.client_ip)
+        # Neither the password nor the name (sometimes a password typed in the wrong box) is logged.
+        log.info("auth failed client=[{client}] mechanism={mechanism} session_failures={failures}"
+                 " address_failures={total}", client=self.client_ip, mechanism=mechanism,
+                 failures=self.auth_failures, total=from_address)
+        refusal = Reply(535, "5.7.8", "Authentication credentials invalid")
+        if self.auth_failures < self.config.limits.auth_failures:
+            return refusal
+        self._reply(refusal)
+        return Reply(421, "4.7.0", f"{self.config.server.hostname} Too many authentication failures, closing connection")
 
     # --- end of DATA ---------------------------------------------------------
 
@@ -453,7 +632,23 @@ class SMTPServer(Protocol, TimeoutMixin):
         if problem is not None:
             self._refuse_message(transaction, reader.size, problem)
             return
-        self._wait_for(self._accept(transaction, unstuff_to_lf(reader.body), reader.size))
+        body = unstuff_to_lf(reader.body)
+        if self.user is not None:
+            submitted = self._submitted(self.user, body)
+            if isinstance(submitted, Reply):
+                self._refuse_message(transaction, reader.size, submitted)
+                return
+            body = submitted
+        self._wait_for(self._accept(transaction, body, reader.size))
+
+    def _submitted(self, user: Submitter, body: bytes) -> bytes | Reply:
+        """An authenticated user's message (RFC 6409 8): its From: must be the user's
+        where the domain is ours; Message-ID: and Date: are added when missing."""
+        headers = read_headers(body)
+        refusal = check_header_senders(user.address, from_addresses(headers), self.context.domains)
+        if refusal is not None:
+            return refusal
+        return missing_headers(headers, self.config.server.hostname) + body
 
     def _refuse_message(self, transaction: Transaction, size: int, reply: Reply) -> None:
         log.info(
@@ -488,8 +683,9 @@ class SMTPServer(Protocol, TimeoutMixin):
         def accepted(_: object) -> Reply:
             log.info(
                 "{id}: accepted client=[{client}] helo={helo} tls={tls} from=<{sender}> to={rcpts} size={size}"
-                " local={local} queued={queued}",
+                " local={local} queued={queued}{user}",
                 id=queue_id, client=self.client_ip, helo=self.helo, tls=self._tls_version() or "no",
+                user=f" user={self.user.address}" if self.user is not None else "",
                 sender=str(transaction.sender), rcpts=",".join(f"<{r}>" for r, _ in transaction.recipients), size=size,
                 local=len(copies), queued=len(remote),
             )
@@ -505,16 +701,25 @@ class SMTPServer(Protocol, TimeoutMixin):
         return deferred.addCallbacks(accepted, failed)
 
     def _received(self, transaction: Transaction, queue_id: str, recipient: str | None, date: str) -> bytes:
-        """Our RFC 5321 4.4 trace header; `for` only when it names one recipient."""
+        """Our RFC 5321 4.4 trace header; `for` only when it names one recipient.
+
+        The protocol is named as RFC 3848 / RFC 6531 do (ESMTPSA: TLS and AUTH);
+        an authenticated user is named in a comment, and with [submission]
+        hide_client the "from" part (client address and HELO name) is left out.
+        """
         protocol = ("UTF8SMTP" if transaction.utf8 else "ESMTP" if self.esmtp else "SMTP") + ("S" if self.tls else "")
-        literal = f"IPv6:{self.client_ip}" if ":" in self.client_ip else self.client_ip
+        if self.user is not None:
+            protocol += "A"
         tls = self._tls_version()
-        tls_comment = f"\n\t(using {tls})" if tls else ""
+        comments = f"\n\t(using {tls})" if tls else ""
+        if self.user is not None:
+            comments += f"\n\t(authenticated as {self.user.address})"
         for_clause = f"\n\tfor <{recipient}>" if recipient else ""
-        return (
-            f"Received: from {self.helo} ([{literal}]){tls_comment}\n"
-            f"\tby {self.config.server.hostname} (mailhost) with {protocol} id {queue_id}{for_clause}; {date}\n"
-        ).encode("utf-8")
+        by = f"by {self.config.server.hostname} (mailhost) with {protocol} id {queue_id}"
+        if self.user is not None and self.config.submission.hide_client:
+            return f"Received: {by}{comments}{for_clause}; {date}\n".encode("utf-8")
+        literal = f"IPv6:{self.client_ip}" if ":" in self.client_ip else self.client_ip
+        return f"Received: from {self.helo} ([{literal}]){comments}\n\t{by}{for_clause}; {date}\n".encode("utf-8")
 
     def _tls_version(self) -> str | None:
         if not self.tls:

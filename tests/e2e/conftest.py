@@ -69,9 +69,21 @@ class Daemon:
     """One mailhost process with its own folder, config, users and log."""
 
     def __init__(self, root: Path, extra: str = "", limits: str = "", domains: str = DEFAULT_DOMAIN,
-                 relay_networks: str = '["127.0.0.1/32", "::1/128"]', prelude: str = "") -> None:
+                 relay_networks: str = '["127.0.0.1/32", "::1/128"]', prelude: str = "", submission: bool = False) -> None:
         self.root = root
         self.port = free_port()
+        # submission=True: also a submission (STARTTLS) and a submissions (implicit TLS) listener.
+        self.submission_port = free_port() if submission else None
+        self.submissions_port = free_port() if submission else None
+        submission_listeners = "" if not submission else f"""
+[[listener]]
+role = "submission"
+endpoint = "tcp:{self.submission_port}:interface=127.0.0.1"
+
+[[listener]]
+role = "submissions"
+endpoint = "tcp:{self.submissions_port}:interface=127.0.0.1"
+"""
         self.config = root / "mailhost.toml"
         self.log_path = root / "daemon.log"
         self.config.write_text(
@@ -83,7 +95,7 @@ state_dir = "state"
 [[listener]]
 role = "mx"
 endpoint = "tcp:{self.port}:interface=127.0.0.1"
-
+{submission_listeners}
 [limits]
 {limits if "greet_pause" in limits else 'greet_pause = "0s"'}
 {"" if "greet_pause" in limits else limits}
@@ -120,7 +132,9 @@ networks = {relay_networks}
             cwd=self.root, stdout=log, stderr=subprocess.STDOUT, preexec_fn=preexec,
         )
         log.close()
-        wait_for_port(self.port, self.process)
+        for port in (self.port, self.submission_port, self.submissions_port):
+            if port is not None:
+                wait_for_port(port, self.process)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.process is None or self.process.poll() is not None:
