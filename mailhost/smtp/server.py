@@ -49,7 +49,6 @@ from mailhost.policy import (
 )
 from mailhost.smtp import sasl
 from mailhost.spool import new_queue_id
-from mailhost.submission import from_addresses, missing_headers, read_headers
 from mailhost.smtp.wire import (
     COMMAND_LINE_MAX,
     Address,
@@ -62,6 +61,7 @@ from mailhost.smtp.wire import (
     split_command,
     unstuff_to_lf,
 )
+from mailhost.submission import from_addresses, missing_headers, read_headers
 
 log = Logger(namespace="mailhost.smtp")
 
