@@ -1,0 +1,336 @@
+#!/usr/bin/env python3
+"""Outbound benchmark: mailhost versus a private Postfix, relaying a full queue.
+
+Each MTA gets the same 5000 messages of 4 KiB, one recipient each, spread
+round-robin over 200 domains (d0.test .. d199.test). Every domain's MX is
+mx.sink.test, whose A record is the loopback address of Postfix's smtp-sink(1),
+served by the test DNS server (tests/support/dns_server.py). The queue is
+filled with delivery paused, then released, and the drain is timed until the
+sink has counted every message. The two MTAs run one after the other in the
+same run, never at the same time.
+
+Run from the repository root, as root:
+
+    .venv/bin/python bench/outbound.py [--messages 5000] [--domains 200] [--size 4096]
+
+See bench/README.md for what exactly is timed and the one difference in
+routing between the two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import smtplib
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (  # noqa: E402
+    REPO, SENDER, Mailhost, SmtpSink, ZoneServer, cpu_seconds, fill_spool, log, make_message, spool_size,
+)
+from tests.support.postfix import Postfix, PostfixError, free_port, tail, unavailable  # noqa: E402
+
+SINK_ADDRESS = "127.0.0.20"  # smtp-sink: every MX
+DNS_ADDRESS = "127.0.0.153"  # the test DNS server, port 53 (so Postfix can use it too)
+MX_HOST = "mx.sink.test"
+
+
+@dataclass
+class Result:
+    name: str
+    messages: int
+    fill_seconds: float
+    load_seconds: float | None  # mailhost: start until "queue loaded"
+    drain_seconds: float | None  # release until the sink counted every message
+    delivered_logged: int  # status=delivered / status=sent lines in the MTA's log
+    left_in_queue: int
+    connections: int  # SMTP sessions the sink saw from this MTA
+    cpu_seconds: float | None  # CPU the MTA used from release until drained
+
+    @property
+    def rate(self) -> float | None:
+        return self.messages / self.drain_seconds if self.drain_seconds else None
+
+    @property
+    def ok(self) -> bool:
+        return self.drain_seconds is not None and self.delivered_logged == self.messages and self.left_in_queue == 0
+
+
+def recipient(domains: int):
+    return lambda i: f"user{i}@d{i % domains}.test"
+
+
+# --- mailhost ----------------------------------------------------------------------------
+
+
+def flush_mailhost(daemon: Mailhost) -> None:
+    """`mailhost queue flush`, sent from this process (no CLI start-up in the timing)."""
+    try:
+        from mailhost.control import send_queue_command
+    except ImportError:
+        daemon.cli("queue", "flush")
+        return
+    send_queue_command(daemon.state_dir, "flush", None)
+
+
+def run_mailhost(root: Path, args, sink: SmtpSink, nameserver: str) -> Result:
+    daemon = Mailhost(root, args.venv / "bin", nameserver=nameserver, mx_port=sink.port, retry=["1h"],
+                      profile=args.profile)
+    log(f"mailhost: writing {args.messages} messages into its spool (daemon stopped) ...")
+    fill = fill_spool(daemon.spool_dir, args.messages, recipient(args.domains), args.size,
+                      next_attempt=time.time() + 86400, progress=False)
+    log(f"  written in {fill:.1f}s")
+    try:
+        started = daemon.start()
+        found = daemon.wait_for_log(r"queue loaded: (\d+) messages", timeout=300)
+        loaded = time.monotonic() - started
+        if int(found.group(1)) != args.messages:
+            raise RuntimeError(f"mailhost loaded {found.group(1)} messages, not {args.messages}")
+        while not daemon.accepts():
+            time.sleep(0.05)
+        log(f"mailhost (pid {daemon.process.pid}) loaded its queue in {loaded:.2f}s; flushing")
+        base, sessions = sink.messages, sink.sessions
+        cpu0 = cpu_seconds(daemon.process.pid)
+        t0 = time.monotonic()
+        flush_mailhost(daemon)
+        end = sink.wait_for(base + args.messages, t0, args.stall_timeout)
+        drain = end - t0 if end is not None else None
+        cpu = cpu_seconds(daemon.process.pid) - cpu0
+        if drain is None:
+            log(f"  STALLED at {sink.messages - base}/{args.messages}; log tail:\n{tail(daemon.log_file)}")
+        deadline = time.monotonic() + 60
+        while (left := spool_size(daemon.spool_dir)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        delivered = len(re.findall(r" status=delivered ", daemon.log()))
+    finally:
+        daemon.stop()
+    time.sleep(0.5)  # the sink counts a session when it ends
+    return Result("mailhost", args.messages, fill, loaded, drain, delivered, left, sink.sessions - sessions, cpu)
+
+
+# --- Postfix -------------------------------------------------------------------------------
+
+
+def held_count(instance: Postfix) -> int:
+    count = 0
+    for _, _, files in os.walk(instance.queue / "hold"):
+        count += len(files)
+    return count
+
+
+def queued_count(instance: Postfix) -> int:
+    count = 0
+    for name in ("incoming", "active", "deferred", "hold", "maildrop"):
+        for _, _, files in os.walk(instance.queue / name):
+            count += len(files)
+    return count
+
+
+def fill_postfix(instance: Postfix, count: int, domains: int, size: int, connections: int = 4) -> None:
+    rcpt = recipient(domains)
+
+    def send(part: int) -> None:
+        with smtplib.SMTP(instance.address, instance.port, timeout=60) as client:
+            client.ehlo("client.example.test")
+            for i in range(part, count, connections):
+                client.sendmail(SENDER, [rcpt(i)], make_message(i, rcpt(i), size))
+
+    with ThreadPoolExecutor(connections) as pool:
+        for _ in pool.map(send, range(connections)):
+            pass
+
+
+def postfix_settings(args, sink: SmtpSink, routing: str, root: Path) -> list[str]:
+    settings = [
+        # Filling: every message accepted goes to the hold queue (HOLD does not
+        # end the restriction list), and smtpd does not slow down for a queue
+        # that is not draining (in_flow_delay only throttles smtpd).
+        "smtpd_recipient_restrictions = check_recipient_access static:HOLD, permit_mynetworks, "
+        "reject_unauth_destination",
+        "in_flow_delay = 0s",
+        # Delivery: Postfix's own defaults (100 smtp processes, 20 per
+        # destination, connection cache on demand), no TLS (the sink has none).
+        f"smtp_tcp_port = {sink.port}",
+    ]
+    if routing == "transport":
+        table = root / "transport"
+        table.parent.mkdir(parents=True, exist_ok=True)
+        table.write_text("".join(f"d{n}.test smtp:[{sink.address}]:{sink.port}\n" for n in range(args.domains)))
+        settings.append(f"transport_maps = texthash:{table}")
+    return settings
+
+
+def run_postfix(root: Path, args, sink: SmtpSink, routing: str) -> Result:
+    instance = Postfix(root / "instance", listen="127.0.0.1:0", hostname="mta.postfix.test",
+                       resolver=DNS_ADDRESS if routing == "dns" else None,
+                       settings=postfix_settings(args, sink, routing, root / "maps"))
+    try:
+        instance.start()
+        log(f"postfix (master pid {instance.master_pid}): injecting {args.messages} messages on hold "
+            f"through its smtpd ...")
+        t = time.monotonic()
+        fill_postfix(instance, args.messages, args.domains, args.size)
+        deadline = time.monotonic() + 120
+        while held_count(instance) < args.messages and time.monotonic() < deadline:
+            time.sleep(0.1)
+        fill = time.monotonic() - t
+        if held_count(instance) != args.messages:
+            raise RuntimeError(f"postfix holds {held_count(instance)} messages, not {args.messages}")
+        log(f"  {args.messages} on hold after {fill:.1f}s; releasing (postsuper -H ALL; postqueue -f)")
+        base, sessions = sink.messages, sink.sessions
+        cpu0 = cpu_seconds(instance.master_pid, children=True)
+        t0 = time.monotonic()
+        instance.postsuper("-H", "ALL")
+        instance.postqueue("-f")
+        end = sink.wait_for(base + args.messages, t0, args.stall_timeout)
+        drain = end - t0 if end is not None else None
+        # postsuper and postqueue are not the master's children: not counted (they are short).
+        cpu = cpu_seconds(instance.master_pid, children=True) - cpu0
+        if drain is None:
+            log(f"  STALLED at {sink.messages - base}/{args.messages}; maillog tail:\n{tail(instance.log_file)}")
+        deadline = time.monotonic() + 60
+        while (left := queued_count(instance)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        delivered = len(re.findall(r" status=sent ", instance.log()))
+    finally:
+        instance.stop()
+    time.sleep(0.5)
+    return Result("postfix", args.messages, fill, None, drain, delivered, left, sink.sessions - sessions, cpu)
+
+
+# --- main ----------------------------------------------------------------------------------
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--messages", type=int, default=5000, help="messages per MTA (default 5000)")
+    p.add_argument("--domains", type=int, default=200, help="recipient domains, round-robin (default 200)")
+    p.add_argument("--size", type=int, default=4096, help="message size in bytes (default 4096)")
+    p.add_argument("--only", choices=("mailhost", "postfix"), help="run one MTA only (no ratio)")
+    p.add_argument("--postfix-routing", choices=("dns", "transport"), default="dns",
+                   help="dns (default): Postfix asks the same test DNS server through a private "
+                        "resolv.conf; transport: a transport_maps table instead")
+    p.add_argument("--stall-timeout", type=float, default=60.0,
+                   help="give up when the sink counts nothing new for this long (default 60 s)")
+    p.add_argument("--venv", type=Path, default=REPO / ".venv", help="virtualenv with twistd and mailhost")
+    p.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, maillog)")
+    p.add_argument("--profile", type=Path, help="run mailhost under cProfile, stats saved to this file")
+    return p.parse_args()
+
+
+def check_prerequisites(args) -> None:
+    reason = unavailable()
+    if reason:
+        sys.exit(f"bench/outbound.py: {reason}")
+    if shutil.which("smtp-sink") is None:
+        sys.exit("smtp-sink not found: run tests/ensure-peers (Debian's postfix package)")
+    for tool in ("twistd", "mailhost"):
+        if not (args.venv / "bin" / tool).exists():
+            sys.exit(f"{args.venv / 'bin' / tool} missing: make venv")
+
+
+def print_table(results: dict[str, Result], args, routing: str) -> None:
+    scenario = f"{args.messages} x {args.size} B, {args.domains} domains, 1 rcpt/msg"
+    m, p = results.get("mailhost"), results.get("postfix")
+
+    def rate(r: Result | None) -> str:
+        return f"{r.rate:.0f}" if r and r.rate else "-"
+
+    ratio = f"{m.rate / p.rate:.2f}" if m and p and m.rate and p.rate else "-"
+    verified = "no (not run)" if not results else "yes" if all(r.ok for r in results.values()) else "NO: " + ", ".join(
+        f"{r.name} sink-timed={'yes' if r.drain_seconds else 'no'} logged={r.delivered_logged} left={r.left_in_queue}"
+        for r in results.values() if not r.ok)
+    rows = [("scenario", "mailhost msg/s", "postfix msg/s", "ratio m/p", "all verified"),
+            (scenario, rate(m), rate(p), ratio, verified)]
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    print(f"\nOutbound: a full queue relayed to smtp-sink on {SINK_ADDRESS} (loopback); "
+          "msg/s = messages / seconds from release until the sink counted them all")
+    for i, row in enumerate(rows):
+        print("  ".join(c.ljust(w) if j in (0, 4) else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths))))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+    for r in results.values():
+        extra = f", queue loaded {r.load_seconds:.2f}s after start" if r.load_seconds is not None else ""
+        drain = f"{r.drain_seconds:.2f}s" if r.drain_seconds else "did not finish"
+        cpu = ""
+        if r.cpu_seconds is not None and r.drain_seconds:
+            cpu = f", {r.cpu_seconds:.1f} CPU-s ({100 * r.cpu_seconds / r.drain_seconds:.0f}% of one core)"
+        print(f"  {r.name}: drained in {drain} over {r.connections} SMTP connections{cpu}{extra}; "
+              f"queue filled in {r.fill_seconds:.1f}s (not timed)")
+    if routing == "dns":
+        print("Routing: both resolve every domain's MX through the same test DNS server "
+              f"({DNS_ADDRESS}:53, TTL 300); Postfix's smtp client runs chrooted with a private "
+              "resolv.conf naming it (its libc resolver cannot use another port). No transport_maps.")
+    else:
+        print("Routing DIFFERS: mailhost resolves MX through the test DNS server; Postfix uses "
+              f"transport_maps (dN.test smtp:[{SINK_ADDRESS}]:PORT), so it does no DNS and sees "
+              "one next hop for all domains.")
+
+
+def main() -> int:
+    args = parse_args()
+    args.venv = args.venv.resolve()
+    if args.profile:
+        args.profile = args.profile.resolve()
+    check_prerequisites(args)
+
+    def on_signal(signum: int, _frame) -> None:
+        raise SystemExit(128 + signum)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
+
+    tmp = Path(tempfile.mkdtemp(prefix="mailhost-bench-outbound-"))
+    records = [[f"d{n}.test", "MX", f"10 {MX_HOST}"] for n in range(args.domains)]
+    records.append([MX_HOST, "A", SINK_ADDRESS])
+    results: dict[str, Result] = {}
+    routing = args.postfix_routing
+    dns = sink = None
+    failed = False
+    try:
+        try:
+            dns = ZoneServer(tmp / "dns", records, DNS_ADDRESS, 53)
+        except RuntimeError as e:
+            if routing == "dns" and args.only != "mailhost":
+                log(f"{e}\nfalling back to --postfix-routing transport (and a DNS port of its own for mailhost)")
+            routing = "transport"
+            dns = ZoneServer(tmp / "dns", records, "127.0.0.1", 0)
+        log(f"test DNS server on {dns.nameserver}: {args.domains} domains, MX {MX_HOST} -> {SINK_ADDRESS}")
+        sink = SmtpSink(SINK_ADDRESS, free_port(SINK_ADDRESS))
+        log(f"smtp-sink (pid {sink.process.pid}) on {SINK_ADDRESS}:{sink.port}")
+        for name in (["mailhost", "postfix"] if not args.only else [args.only]):
+            if name == "mailhost":
+                r = run_mailhost(tmp / "mailhost", args, sink, dns.nameserver)
+            else:
+                r = run_postfix(tmp / "postfix", args, sink, routing)
+            results[name] = r
+            log(f"{name}: " + (f"drained {r.messages} in {r.drain_seconds:.2f}s ({r.rate:.0f} msg/s)"
+                               if r.drain_seconds else "did not drain")
+                + f"; log says {r.delivered_logged} delivered; {r.left_in_queue} left in queue")
+            failed |= not r.ok
+    except (RuntimeError, PostfixError, subprocess.SubprocessError, OSError) as exc:
+        failed = True
+        log(f"error: {exc}")
+    finally:
+        for thing in (sink, dns):
+            if thing is not None:
+                thing.stop()
+        if args.keep:
+            log(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    print_table(results, args, routing)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

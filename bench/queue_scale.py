@@ -1,0 +1,233 @@
+#!/usr/bin/env python3
+"""Queue scale benchmark: mailhost starting with 100,000 queued messages.
+
+Writes 100,000 messages of 4 KiB (one recipient each, to remote domains that
+are never tried: next attempt 30 days away) into mailhost's spool with the
+Spool class while the daemon is stopped, then starts `twistd -n mailhost` and
+measures:
+
+* the time until it accepts an SMTP connection (and greets with 220),
+* the time until its log says "queue loaded: 100000 messages",
+* its resident memory (VmRSS, and the peak VmHWM, from /proc/PID/status)
+  once loaded,
+* how long `mailhost queue list --json` takes against that spool.
+
+For scale, the same start-up is measured first with an empty spool. With
+--postfix, a private Postfix gets the same messages on hold (through its
+smtpd; this takes minutes) and `postqueue -p` is timed too.
+
+Run from the repository root, as root (only for --postfix):
+
+    .venv/bin/python bench/queue_scale.py [--messages 100000] [--size 4096] [--postfix]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import REPO, Mailhost, fill_spool, log, tree_env  # noqa: E402
+from tests.support.postfix import free_port, unavailable  # noqa: E402
+
+
+def recipient(i: int) -> str:
+    return f"user{i}@d{i % 1000}.unreachable.test"
+
+
+def wait_for_greeting(port: int, started: float, stop: threading.Event, result: dict) -> None:
+    """Connect every 20 ms until the daemon greets with 220; record when."""
+    while not stop.is_set():
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.settimeout(30)
+                if s.recv(512).startswith(b"220"):
+                    result["greeting"] = time.monotonic() - started
+                    return
+        except OSError:
+            pass
+        time.sleep(0.02)
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """VmRSS / VmHWM in KiB."""
+    values = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            values[key] = int(rest.split()[0])
+    return values
+
+
+def measure_start(daemon: Mailhost, expected: int, timeout: float) -> dict:
+    result: dict = {}
+    stop = threading.Event()
+    started = daemon.start()
+    poller = threading.Thread(target=wait_for_greeting, args=(daemon.port, started, stop, result), daemon=True)
+    poller.start()
+    try:
+        found = daemon.wait_for_log(r"queue loaded: (\d+) messages", timeout=timeout, poll=0.02)
+        result["loaded"] = time.monotonic() - started
+        result["loaded_count"] = int(found.group(1))
+        if result["loaded_count"] != expected:
+            raise RuntimeError(f"mailhost loaded {found.group(1)} messages, expected {expected}")
+        poller.join(timeout)
+        if "greeting" not in result:
+            raise RuntimeError("mailhost never greeted an SMTP client")
+        result["rss_loaded"] = proc_status(daemon.process.pid)
+        time.sleep(2)  # anything allocated after the load settles
+        result["rss_settled"] = proc_status(daemon.process.pid)
+    finally:
+        stop.set()
+    return result
+
+
+def time_queue_list(daemon: Mailhost, expected: int) -> float:
+    t = time.monotonic()
+    out = subprocess.run([str(daemon.venv_bin / "mailhost"), "--config", str(daemon.config), "queue", "list", "--json"],
+                         capture_output=True, timeout=1800, env=tree_env())
+    elapsed = time.monotonic() - t
+    if out.returncode != 0:
+        raise RuntimeError(f"mailhost queue list --json failed: {out.stderr.decode(errors='replace')}")
+    count = len(json.loads(out.stdout)["messages"])
+    if count != expected:
+        raise RuntimeError(f"mailhost queue list --json listed {count} messages, expected {expected}")
+    return elapsed
+
+
+def postfix_postqueue(root: Path, count: int, size: int) -> tuple[float, float]:
+    """Fill a private Postfix's hold queue through smtpd; returns (fill seconds, `postqueue -p` seconds)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from outbound import fill_postfix, held_count
+
+    from tests.support.postfix import Postfix
+
+    instance = Postfix(root, listen="127.0.0.1:0", hostname="mta.postfix.test", settings=[
+        "smtpd_recipient_restrictions = check_recipient_access static:HOLD, permit_mynetworks, "
+        "reject_unauth_destination",
+        "in_flow_delay = 0s",
+    ])
+    with instance:
+        t = time.monotonic()
+        # recipient() here is outbound's round-robin over d<n>.test; nothing is ever delivered.
+        fill_postfix(instance, count, 1000, size)
+        while held_count(instance) < count:
+            time.sleep(0.2)
+        fill = time.monotonic() - t
+        t = time.monotonic()
+        out = instance.postqueue("-p", timeout=1800).stdout
+        listing = time.monotonic() - t
+        if f"in {count} Requests" not in out.splitlines()[-1]:
+            raise RuntimeError(f"postqueue -p did not list {count} requests: {out.splitlines()[-1]}")
+    return fill, listing
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--messages", type=int, default=100_000, help="queued messages (default 100000)")
+    p.add_argument("--size", type=int, default=4096, help="message size in bytes (default 4096)")
+    p.add_argument("--threads", type=int, default=8, help="threads writing the spool (default 8)")
+    p.add_argument("--postfix", action="store_true", help="also time postqueue -p on a Postfix holding as many")
+    p.add_argument("--venv", type=Path, default=REPO / ".venv", help="virtualenv with twistd and mailhost")
+    p.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    return p.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
+    venv_bin = args.venv.resolve() / "bin"
+    for tool in ("twistd", "mailhost"):
+        if not (venv_bin / tool).exists():
+            sys.exit(f"{venv_bin / tool} missing: make venv")
+    if args.postfix and (reason := unavailable()):
+        sys.exit(f"--postfix: {reason}")
+
+    def on_signal(signum: int, _frame) -> None:
+        raise SystemExit(128 + signum)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
+
+    tmp = Path(tempfile.mkdtemp(prefix="mailhost-bench-queue-"))
+    nobody = f"127.0.0.1:{free_port('127.0.0.1')}"  # no DNS server: nothing is ever looked up
+    failed = False
+    empty = full = None
+    fill = listing = 0.0
+    postfix = None
+    try:
+        log("mailhost with an empty spool ...")
+        daemon = Mailhost(tmp / "empty", venv_bin, nameserver=nobody, mx_port=25)
+        try:
+            empty = measure_start(daemon, 0, timeout=120)
+        finally:
+            daemon.stop()
+
+        daemon = Mailhost(tmp / "full", venv_bin, nameserver=nobody, mx_port=25, retry=["30d"],
+                          queue_extra='lifetime = "60d"\ndelay_warning = "0"')
+        log(f"writing {args.messages} messages of {args.size} B into the spool with Spool.store "
+            f"({args.threads} threads, daemon stopped) ...")
+        fill = fill_spool(daemon.spool_dir, args.messages, recipient, args.size,
+                          next_attempt=time.time() + 30 * 86400, threads=args.threads)
+        log(f"  written in {fill:.0f}s; starting mailhost")
+        try:
+            full = measure_start(daemon, args.messages, timeout=1800)
+            attempts = daemon.log().count(" status=")
+            if attempts:
+                raise RuntimeError(f"mailhost tried {attempts} deliveries during the measurement")
+        finally:
+            daemon.stop()
+        log("timing `mailhost queue list --json` (daemon stopped) ...")
+        listing = time_queue_list(daemon, args.messages)
+        if args.postfix:
+            log(f"postfix: injecting {args.messages} messages on hold through smtpd (slow) ...")
+            postfix = postfix_postqueue(tmp / "postfix", args.messages, args.size)
+    except (RuntimeError, subprocess.SubprocessError, OSError) as exc:
+        failed = True
+        log(f"error: {exc}")
+    finally:
+        if args.keep:
+            log(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def mib(kib: int) -> str:
+        return f"{kib / 1024:.0f} MiB"
+
+    print(f"\nQueue scale: mailhost with {args.messages} queued messages of {args.size} B "
+          "(remote, next attempt in 30 days)")
+    rows = [("", "empty spool", f"{args.messages} queued")]
+    if empty and full:
+        rows += [
+            ("accepts SMTP (220) after", f"{empty['greeting']:.2f}s", f"{full['greeting']:.2f}s"),
+            ('log says "queue loaded" after', f"{empty['loaded']:.2f}s", f"{full['loaded']:.2f}s"),
+            ("VmRSS when loaded", mib(empty["rss_loaded"]["VmRSS"]), mib(full["rss_loaded"]["VmRSS"])),
+            ("VmRSS 2 s later / peak VmHWM",
+             f"{mib(empty['rss_settled']['VmRSS'])} / {mib(empty['rss_settled']['VmHWM'])}",
+             f"{mib(full['rss_settled']['VmRSS'])} / {mib(full['rss_settled']['VmHWM'])}"),
+        ]
+        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        for i, row in enumerate(rows):
+            print("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths))))
+            if i == 0:
+                print("  ".join("-" * w for w in widths))
+    if listing:
+        print(f"mailhost queue list --json: {listing:.2f}s for {args.messages} messages")
+    print(f"spool written with Spool.store in {fill:.0f}s ({args.messages / fill:.0f} msg/s, not part of the figures)"
+          if fill else "")
+    if postfix:
+        print(f"postfix postqueue -p: {postfix[1]:.2f}s for {args.messages} held messages "
+              f"(filled through smtpd in {postfix[0]:.0f}s)")
+    return 1 if failed or not full else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
