@@ -79,6 +79,7 @@ class RelayConfig:
     nameservers: tuple[tuple[str, int], ...] = ()
     tls: str = "opportunistic"
     smarthosts: tuple[SmartHostConfig, ...] = ()
+    verp: bool = False  # per-recipient envelope sender bounces+<rcpt>@<sender domain> for local senders
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,19 @@ class SubmissionConfig:
 
 
 @dataclass(frozen=True)
+class InboundConfig:
+    authenticate: bool = True  # SPF, DKIM and DMARC on mail from outside, into Authentication-Results:
+    dmarc_reject: bool = False  # refuse mail whose DMARC fails under p=reject (550 5.7.1)
+
+
+@dataclass(frozen=True)
+class BouncesConfig:
+    consume: bool = True  # a VERP bounce updates the suppression list and is not delivered
+    soft_limit: int = 3  # soft bounces within soft_window that suppress an address
+    soft_window: float = 7 * 86400.0
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     server: ServerConfig
@@ -112,6 +126,8 @@ class Config:
     submission: SubmissionConfig = field(default_factory=SubmissionConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     throttles: tuple[ThrottleRule, ...] = DEFAULT_RULES
+    inbound: InboundConfig = field(default_factory=InboundConfig)
+    bounces: BouncesConfig = field(default_factory=BouncesConfig)
 
     def domain(self, name: str) -> DomainConfig | None:
         """The local domain called `name` (case-insensitive), or None."""
@@ -216,21 +232,31 @@ class _Reader:
         return value
 
     def config(self, data: dict) -> Config:
-        top = {"server", "listener", "limits", "domain", "relay", "queue", "submission", "metrics", "throttle"}
+        top = {"server", "listener", "limits", "domain", "relay", "queue", "submission", "metrics", "throttle",
+               "inbound", "bounces"}
         self.check_table(data, "(top level)", top)
         server = self.server(self.table(data, "server", {"hostname", "state_dir", "tls_cert", "tls_key"}))
         listeners = self.listeners(data.get("listener"))
         limits = self.limits(self.table(data, "limits", set(LimitsConfig.__dataclass_fields__)))
         domains = self.domains(data.get("domain"), server.state_dir)
-        relay = self.relay(self.table(data, "relay", {"networks", "mx_port", "nameservers", "tls", "smarthost"}))
+        relay = self.relay(self.table(data, "relay", {"networks", "mx_port", "nameservers", "tls", "smarthost", "verp"}))
         queue = self.queue(self.table(data, "queue", {"retry", "lifetime", "delay_warning", "concurrency", "per_destination"}))
         metrics_table = self.table(data, "metrics", {"endpoint"})
         metrics_endpoint = self.string(metrics_table, "metrics", "endpoint")
         if metrics_endpoint is not None:
             _check_endpoint(self, "metrics.endpoint", metrics_endpoint)
         submission = self.submission(self.table(data, "submission", {"hide_client"}))
-        return Config(self.path, server, listeners, limits, domains, relay, queue, submission=submission, metrics=MetricsConfig(metrics_endpoint),
-                      throttles=self.throttles(data.get("throttle", [])))
+        inbound = self.table(data, "inbound", {"authenticate", "dmarc_reject"})
+        bounces = self.table(data, "bounces", {"consume", "soft_limit", "soft_window"})
+        return Config(
+            self.path, server, listeners, limits, domains, relay, queue, submission=submission,
+            metrics=MetricsConfig(metrics_endpoint), throttles=self.throttles(data.get("throttle", [])),
+            inbound=InboundConfig(self.boolean(inbound, "inbound", "authenticate", True),
+                                  self.boolean(inbound, "inbound", "dmarc_reject", False)),
+            bounces=BouncesConfig(self.boolean(bounces, "bounces", "consume", True),
+                                  self.integer(bounces, "bounces", "soft_limit", 3, 1, 1000),
+                                  self.duration(bounces, "bounces", "soft_window", 7 * 86400.0)),
+        )
 
     def submission(self, table: dict) -> SubmissionConfig:
         return SubmissionConfig(hide_client=self.boolean(table, "submission", "hide_client", False))
@@ -358,6 +384,7 @@ class _Reader:
             nameservers=servers,
             tls=self.choice(table, "relay", "tls", "opportunistic", RELAY_TLS),
             smarthosts=tuple(self.smarthost(raw, f"relay.smarthost[{i}]") for i, raw in enumerate(smarthosts)),
+            verp=self.boolean(table, "relay", "verp", False),
         )
 
     def throttles(self, value: Any) -> tuple[ThrottleRule, ...]:

@@ -139,10 +139,29 @@ class Signer:
 
     def __init__(self, state_dir: Path, configured: dict[str, DkimKey] | None = None) -> None:
         self.state_dir = state_dir
-        self.keys = {**discover(state_dir), **(configured or {})}
+        self._configured = configured or {}
+        self._stamp: float | None = None
+        self.keys: dict[str, DkimKey] = {}
+        self.reload()
+
+    def reload(self) -> None:
+        """Read the keys again (SIGHUP, or a new `mailhost dkim keygen`)."""
+        self.keys = {**discover(self.state_dir), **self._configured}
+        self._stamp = _folder_stamp(self.state_dir)
 
     def key_for(self, domain: str | None) -> DkimKey | None:
+        # keygen adds a folder or file: notice it without a restart (one stat per message).
+        if _folder_stamp(self.state_dir) != self._stamp:
+            self.reload()
         return self.keys.get(domain) if domain else None
+
+
+def _folder_stamp(state_dir: Path) -> float | None:
+    folder = keys_folder(state_dir)
+    try:
+        return max([folder.stat().st_mtime] + [d.stat().st_mtime for d in folder.iterdir() if d.is_dir()])
+    except FileNotFoundError:
+        return None
 
 
 

@@ -33,10 +33,11 @@ class Resolution:
 
     mailboxes: list[Mailbox] = field(default_factory=list)
     remote: list[str] = field(default_factory=list)
+    bounce_for: str | None = None  # a VERP bounce address: the recipient the bounce is about
 
     @property
     def found(self) -> bool:
-        return bool(self.mailboxes or self.remote)
+        return bool(self.mailboxes or self.remote or self.bounce_for)
 
 
 def is_safe_local_part(local: str) -> bool:

@@ -16,7 +16,8 @@ from twisted.logger import Logger
 from mailhost.config import Config, SmartHostConfig
 from mailhost.envelope import Envelope, Recipient
 from mailhost.relay import Hop, RouteError, Router
-from mailhost.smtp.client import ClientSession, ServerReply, SessionError, open_session
+from mailhost.smtp.client import ClientSession, SendResult, ServerReply, SessionError, open_session
+from mailhost.suppression import verp_sender
 from mailhost.throttle import Pace, Throttle, is_slow_down_signal
 
 log = Logger(namespace="mailhost.outbound")
@@ -100,6 +101,7 @@ class Deliverer:
         self.pool = pool
         self.throttle = throttle
         self.reactor = reactor
+        self._local_domains = {d.name for d in config.domains}
         self._smarthost_secrets: dict[int, tuple[str, str] | None] = {}
         self._trust_roots: dict[int, Any] = {}
 
@@ -166,7 +168,7 @@ class Deliverer:
                         return {**outcomes, **{a: last_error for a in remaining}}
                     continue
                 try:
-                    result = yield session.send(envelope.sender, remaining, message, body_8bit=envelope.body_8bit, smtputf8=envelope.smtputf8)
+                    result = yield self._send(session, envelope, remaining, message)
                 except SessionError as e:
                     session.abort()
                     last_error = self._session_failure(e, hop, relay, smarthost)
@@ -199,6 +201,19 @@ class Deliverer:
         for rcpt in remaining:
             outcomes[rcpt] = last_error
         return outcomes
+
+    @inlineCallbacks
+    def _send(self, session: ClientSession, envelope: Envelope, recipients: list[str], message: bytes):
+        """One transaction for all recipients; with VERP, one per recipient, each with its own return path."""
+        options = {"body_8bit": envelope.body_8bit, "smtputf8": envelope.smtputf8}
+        sender_domain = recipient_domain(envelope.sender) if envelope.sender else ""
+        if not (self.config.relay.verp and sender_domain in self._local_domains):
+            return (yield session.send(envelope.sender, recipients, message, **options))
+        replies = {}
+        for rcpt in recipients:
+            result = yield session.send(verp_sender(sender_domain, rcpt), [rcpt], message, **options)
+            replies.update(result.replies)
+        return SendResult(replies)
 
     def _signal(self, pace: Pace, reply: ServerReply | None, refused: bool) -> None:
         code, status = (reply.code, reply.status) if reply is not None else (None, "")

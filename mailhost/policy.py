@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from mailhost.mailbox import LocalDomains, Resolution
 from mailhost.smtp.wire import Address, Reply
+from mailhost.suppression import SuppressionList, verp_recipient
 
 SUBMISSION_ROLES = ("submission", "submissions")
 
@@ -45,9 +46,10 @@ class RecipientVerdict:
         return self.resolution is not None
 
 
-def check_recipient(address: Address, domains: LocalDomains, may_relay: bool = False) -> RecipientVerdict:
-    """Accept a recipient in a local domain that names someone, or a remote
-    one from a client that may relay; refuse the rest."""
+def check_recipient(address: Address, domains: LocalDomains, may_relay: bool = False, verp: bool = False) -> RecipientVerdict:
+    """Accept a recipient in a local domain that names someone (or, with VERP
+    on, a bounces+... return address), or a remote one from a client that may
+    relay; refuse the rest."""
     rcpt = f"<{address}>"
     if address.domain.startswith("["):
         if may_relay:
@@ -57,10 +59,22 @@ def check_recipient(address: Address, domains: LocalDomains, may_relay: bool = F
         if not may_relay:
             return RecipientVerdict(Reply(554, "5.7.1", f"{rcpt}: Relay access denied"))
         return RecipientVerdict(Reply(250, "2.1.5", f"{rcpt}: Recipient ok"), Resolution(remote=[str(address)]))
+    if verp and (about := verp_recipient(address.bare_local)) is not None:
+        return RecipientVerdict(Reply(250, "2.1.5", f"{rcpt}: Bounce address ok"), Resolution(bounce_for=about))
     resolution = domains.resolve(address.bare_local, address.domain)
     if not resolution.found:
         return RecipientVerdict(Reply(550, "5.1.1", f"{rcpt}: Recipient address rejected: no such user here"))
     return RecipientVerdict(Reply(250, "2.1.5", f"{rcpt}: Recipient ok"), resolution)
+
+
+def check_suppressed(resolution: Resolution, suppression: SuppressionList) -> Reply | None:
+    """550 5.1.1 for a relayed recipient on the suppression list, with why and since when."""
+    for address in resolution.remote:
+        entry = suppression.is_suppressed(address)
+        if entry is not None:
+            return Reply(550, "5.1.1", f"<{address}>: Recipient suppressed ({entry.status or 'bounced'} on "
+                                       f"{entry.date[:10]}: {entry.reason[:120]}); `mailhost suppress remove` to undo")
+    return None
 
 
 def owns(user: str, address: str, domains: LocalDomains) -> bool:

@@ -20,10 +20,11 @@ log = Logger(namespace="mailhost.reload")
 
 
 class ReloadOnHangup(service.Service):
-    def __init__(self, tls: ServerTLS, domains: LocalDomains, reactor: Any) -> None:
+    def __init__(self, tls: ServerTLS, domains: LocalDomains, reactor: Any, signer: Any = None) -> None:
         self._tls = tls
         self._domains = domains
         self._reactor = reactor
+        self._signer = signer
         self._previous: Any = None
 
     def startService(self) -> None:
@@ -40,6 +41,8 @@ class ReloadOnHangup(service.Service):
 
     def reload(self) -> None:
         self._domains.reload_users()
+        if self._signer is not None:
+            self._signer.reload()
         try:
             self._tls.reload()
         except TLSSetupError as e:

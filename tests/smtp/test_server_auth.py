@@ -23,8 +23,12 @@ from twisted.logger import globalLogPublisher
 
 from mailhost.auth import AuthSlowdown, SubmitterRealm, UsersFileChecker
 from mailhost.config import load
+from mailhost.content import ContentSteps
+from mailhost.dkim_sign import Signer
 from mailhost.mailbox import LocalDomains
+from mailhost.metrics import Metrics
 from mailhost.smtp.server import ServerContext, SMTPServerFactory
+from mailhost.suppression import SuppressionList
 from mailhost.users import UserEntry, hash_password, write_users
 
 CONFIG = """
@@ -42,6 +46,12 @@ greet_pause = "0s"
 
 [submission]
 hide_client = {hide}
+
+[relay]
+nameservers = ["127.0.0.1:9"]  # tests never ask a real resolver
+
+[inbound]
+authenticate = false  # these tests are about AUTH; inbound checks have their own
 
 [[domain]]
 name = "example.test"
@@ -149,8 +159,11 @@ class World:
         self.runner = Runner()
         self.intake = Intake()
         checker = UsersFileChecker(self.domains, self.runner, dummy_hash=hash_password("x", log_n=CHEAP))
+        suppression = SuppressionList(root / "suppression.json")
+        content = ContentSteps(self.config, Signer(root), suppression, self.runner)
         self.context = ServerContext(self.config, self.domains, self.intake, object(), Portal(SubmitterRealm(), [checker]),
-                                     AuthSlowdown(self.clock, free=self.config.limits.auth_failures))
+                                     AuthSlowdown(self.clock, free=self.config.limits.auth_failures), content,
+                                     suppression, Metrics())
         self.factories = {role: SMTPServerFactory(role, self.context, self.clock)
                           for role in ("mx", "submission", "submissions")}
 
