@@ -67,6 +67,11 @@ class LocalDomains:
             return None
         return self._users[self._domains[domain].users].entries().get(address.lower())
 
+    def replace(self, config: Config) -> None:
+        """Take a reloaded configuration's domains, aliases and users files (SIGHUP)."""
+        users = {path: self._users.get(path) or UsersFile(path) for path in {d.users for d in config.domains}}
+        self.config, self._domains, self._users = config, {d.name: d for d in config.domains}, users
+
     def reload_users(self) -> None:
         """Re-read every users file now (SIGHUP), changed on disk or not; a broken one is logged."""
         for users in self._users.values():

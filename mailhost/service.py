@@ -148,7 +148,7 @@ def build(config: Config, tls_options: ServerTLS, reactor: Any) -> service.Multi
     for listener in config.listeners:
         factory = listener_factory(listener.role, context, reactor)
         ListenerService(listener.endpoint, factory, reactor).setServiceParent(top)
-    ReloadOnHangup(tls_options, domains, reactor, signer).setServiceParent(top)
+    ReloadOnHangup(tls_options, domains, reactor, signer, context).setServiceParent(top)
     log.info(
         "mailhost starting: hostname={hostname} domains={domains} listeners={listeners}",
         hostname=config.server.hostname,

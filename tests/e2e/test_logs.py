@@ -103,3 +103,29 @@ def test_started_as_root_binds_then_runs_unprivileged(request_cleanup):
         client.sendmail("s@client.test", ["alice@example.test"], b"Subject: unprivileged\r\n\r\nx\r\n")
     [path] = (daemon.root / "mail/example.test/alice/new").iterdir()
     assert path.stat().st_uid == 65534
+
+
+def test_sighup_reloads_aliases_and_a_broken_config_keeps_the_running_one(daemon):
+    import signal
+    import smtplib
+
+    def rcpt(address: str) -> int:
+        with smtplib.SMTP("127.0.0.1", daemon.port, timeout=10) as client:
+            client.ehlo()
+            client.mail("s@client.test")
+            return client.rcpt(address)[0]
+
+    assert rcpt("newsletter@example.test") == 550
+    good = daemon.config.read_text().replace("[domain.aliases]\n", '[domain.aliases]\nnewsletter = ["bob"]\n', 1)
+    daemon.config.write_text(good)
+    daemon.process.send_signal(signal.SIGHUP)
+    from tests.e2e.test_sending import wait_for
+
+    wait_for(lambda: "reloaded " in daemon.log(), what="the reload")
+    assert rcpt("newsletter@example.test") == 250
+    daemon.config.write_text(good + "\n[bogus]\nkey = 1\n")
+    daemon.process.send_signal(signal.SIGHUP)
+    wait_for(lambda: "keeping the running configuration" in daemon.log(), what="the refused reload")
+    assert "bogus" in daemon.log()
+    assert rcpt("newsletter@example.test") == 250  # still serving, with the last good configuration
+    assert daemon.process.poll() is None
