@@ -164,10 +164,12 @@ class Mailhost:
         self.spool_dir = self.state_dir / "spool"
         self.log_file = root / "twistd.log"
         self.process: subprocess.Popen | None = None
+        self._log_offset = 0
 
     def start(self) -> float:
         """Start the daemon; returns time.monotonic() just before the exec."""
         out = open(self.log_file, "ab")
+        self._log_offset = out.tell()  # wait_for_log looks only at what this run writes
         started = time.monotonic()
         self.process = subprocess.Popen(
             [str(self.venv_bin / "twistd"), "-n", "--pidfile=",
@@ -188,10 +190,10 @@ class Mailhost:
             return ""
 
     def wait_for_log(self, pattern: str, timeout: float, poll: float = 0.01) -> re.Match:
-        """Poll the log until `pattern` (a regex) appears; returns its match."""
+        """Poll the log of the current run until `pattern` (a regex) appears; returns its match."""
         regex = re.compile(pattern)
         deadline = time.monotonic() + timeout
-        offset = 0
+        offset = self._log_offset
         text = ""
         while time.monotonic() < deadline:
             try:

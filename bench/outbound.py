@@ -85,7 +85,7 @@ def flush_mailhost(daemon: Mailhost) -> None:
 
 def run_mailhost(root: Path, args, sink: SmtpSink, nameserver: str) -> Result:
     daemon = Mailhost(root, args.venv / "bin", nameserver=nameserver, mx_port=sink.port, retry=["1h"],
-                      profile=args.profile)
+                      queue_extra="\n".join(args.mailhost_queue), profile=args.profile)
     log(f"mailhost: writing {args.messages} messages into its spool (daemon stopped) ...")
     fill = fill_spool(daemon.spool_dir, args.messages, recipient(args.domains), args.size,
                       next_attempt=time.time() + 86400, progress=False)
@@ -225,6 +225,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--venv", type=Path, default=REPO / ".venv", help="virtualenv with twistd and mailhost")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, maillog)")
     p.add_argument("--profile", type=Path, help="run mailhost under cProfile, stats saved to this file")
+    p.add_argument("--mailhost-queue", action="append", default=[], metavar="'KEY = VALUE'",
+                   help="an extra line for mailhost's [queue] table, e.g. 'per_destination = 50' (repeatable)")
     return p.parse_args()
 
 
@@ -241,6 +243,8 @@ def check_prerequisites(args) -> None:
 
 def print_table(results: dict[str, Result], args, routing: str) -> None:
     scenario = f"{args.messages} x {args.size} B, {args.domains} domains, 1 rcpt/msg"
+    if args.mailhost_queue:
+        scenario += f" (mailhost: {', '.join(args.mailhost_queue)})"
     m, p = results.get("mailhost"), results.get("postfix")
 
     def rate(r: Result | None) -> str:
