@@ -40,6 +40,7 @@ from __future__ import annotations
 import ipaddress
 import random
 import socket
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -193,6 +194,7 @@ class Router:
             reactor = default_reactor
         self._reactor = reactor
         self._pool: ThreadPool | None = None
+        self._routes: dict[str, tuple[float, Route]] = {}  # domain -> (expires, route)
         self._shutdown_trigger: Any = None
 
     def _make_resolver(self) -> dns.resolver.Resolver:
@@ -239,12 +241,27 @@ class Router:
     # -- the decision ----------------------------------------------------------------------
 
     def route(self, domain: str) -> Deferred[Route]:
-        """The route for `domain`; fails with RouteError when there is none."""
+        """The route for `domain`; fails with RouteError when there is none.
+
+        A route found in the last ROUTE_CACHE_SECONDS is reused on the reactor
+        thread (a campaign to one domain makes one thread trip, not one per
+        message), with equal MX preferences shuffled again each time.
+        """
         try:
             self._domain(domain)  # refuse literals and bad names without a thread trip
         except RouteError:
             return defer.fail()
-        return self._in_thread(self.resolve, domain)
+        key = domain.lower()
+        cached = self._routes.get(key)
+        now = time.monotonic()
+        if cached is not None and cached[0] > now:
+            return defer.succeed(_reshuffled(cached[1]))
+
+        def remember(route: Route) -> Route:
+            self._routes[key] = (time.monotonic() + ROUTE_CACHE_SECONDS, route)
+            return route
+
+        return self._in_thread(self.resolve, domain).addCallback(remember)
 
     def resolve(self, domain: str) -> Route:
         """The blocking form of `route()`: never call it on the reactor thread."""
@@ -403,3 +420,22 @@ class Router:
         if looped and not reasons:
             raise self._loop_error(domain)
         raise RouteError(False, "4.4.3", "; ".join(reasons) or f"no smart host for {domain}")
+
+
+ROUTE_CACHE_SECONDS = 30.0
+
+
+def _reshuffled(route: Route) -> Route:
+    """The same hops with each run of equal MX preferences in a new random order."""
+    hops = list(route.hops)
+    start = 0
+    while start < len(hops):
+        end = start
+        while end < len(hops) and hops[end].preference is not None and hops[end].preference == hops[start].preference:
+            end += 1
+        if end - start > 1:
+            group = hops[start:end]
+            random.shuffle(group)
+            hops[start:end] = group
+        start = max(end, start + 1)
+    return Route(tuple(hops))

@@ -152,10 +152,9 @@ class Scheduler(service.Service):
     @inlineCallbacks
     def _attempt(self, queue_id: str):
         try:
-            envelope = yield self.writer.run(self.spool.load, queue_id)
+            envelope, message = yield self.writer.run(self.spool.load_with_message, queue_id)
             if envelope.held or envelope.done:
                 return
-            message = yield self.writer.run(self.spool.read_message, queue_id)
             if received_count(message) > HOP_LIMIT:
                 text = f"too many hops: more than {HOP_LIMIT} Received: headers (mail loop)"
                 outcomes = {r.address: Outcome(FAILED, text, "5.4.6") for r in envelope.pending()}

@@ -106,6 +106,10 @@ class Spool:
         except (ValueError, TypeError, KeyError) as e:
             raise SpoolError(f"{queue_id}: unreadable envelope ({e})") from None
 
+    def load_with_message(self, queue_id: str) -> tuple[Envelope, bytes]:
+        """Envelope and message in one call: one thread trip per delivery attempt."""
+        return self.load(queue_id), self.read_message(queue_id)
+
     def read_message(self, queue_id: str) -> bytes:
         try:
             return self.message_path(queue_id).read_bytes()
@@ -144,9 +148,10 @@ class Spool:
                 removed.append(f"tmp/{entry.name}")
         msg = self.root / "msg"
         if msg.is_dir():
+            committed = set(self.ids())  # one scan of env/, not a stat per message
             for folder in os.scandir(msg):
                 for entry in os.scandir(folder.path):
-                    if not self.envelope_path(entry.name).exists():
+                    if entry.name not in committed:
                         _unlink(Path(entry.path))
                         removed.append(f"msg/{folder.name}/{entry.name}")
         return removed
