@@ -59,7 +59,7 @@ class Scheduler(service.Service):
     def _load(self) -> list[tuple[str, float, bool, float]]:
         for debris in self.spool.recover():
             log.info("removed interrupted write {path}", path=debris)
-        return [(e.id, e.next_attempt, e.held, e.arrival) for e in self.spool.envelopes()]
+        return [(e["id"], e["next_attempt"], e.get("held", False), e["arrival"]) for e in self.spool.raw_envelopes()]
 
     def _loaded(self, entries: list[tuple[str, float, bool, float]]) -> None:
         for queue_id, when, held, arrival in entries:
