@@ -102,6 +102,14 @@ class SubmissionConfig:
 
 
 @dataclass(frozen=True)
+class DkimConfig:
+    domain: str
+    selector: str
+    key_file: Path
+    algorithm: str = "rsa-sha256"  # or ed25519-sha256
+
+
+@dataclass(frozen=True)
 class InboundConfig:
     authenticate: bool = True  # SPF, DKIM and DMARC on mail from outside, into Authentication-Results:
     dmarc_reject: bool = False  # refuse mail whose DMARC fails under p=reject (550 5.7.1)
@@ -128,6 +136,7 @@ class Config:
     throttles: tuple[ThrottleRule, ...] = DEFAULT_RULES
     inbound: InboundConfig = field(default_factory=InboundConfig)
     bounces: BouncesConfig = field(default_factory=BouncesConfig)
+    dkim: tuple[DkimConfig, ...] = ()
 
     def domain(self, name: str) -> DomainConfig | None:
         """The local domain called `name` (case-insensitive), or None."""
@@ -233,7 +242,7 @@ class _Reader:
 
     def config(self, data: dict) -> Config:
         top = {"server", "listener", "limits", "domain", "relay", "queue", "submission", "metrics", "throttle",
-               "inbound", "bounces"}
+               "inbound", "bounces", "dkim"}
         self.check_table(data, "(top level)", top)
         server = self.server(self.table(data, "server", {"hostname", "state_dir", "tls_cert", "tls_key"}))
         listeners = self.listeners(data.get("listener"))
@@ -251,6 +260,7 @@ class _Reader:
         return Config(
             self.path, server, listeners, limits, domains, relay, queue, submission=submission,
             metrics=MetricsConfig(metrics_endpoint), throttles=self.throttles(data.get("throttle", [])),
+            dkim=self.dkim(data.get("dkim", [])),
             inbound=InboundConfig(self.boolean(inbound, "inbound", "authenticate", True),
                                   self.boolean(inbound, "inbound", "dmarc_reject", False)),
             bounces=BouncesConfig(self.boolean(bounces, "bounces", "consume", True),
@@ -386,6 +396,27 @@ class _Reader:
             smarthosts=tuple(self.smarthost(raw, f"relay.smarthost[{i}]") for i, raw in enumerate(smarthosts)),
             verp=self.boolean(table, "relay", "verp", False),
         )
+
+    def dkim(self, value: Any) -> tuple[DkimConfig, ...]:
+        """[[dkim]] entries: a signing key per domain (keys made by `mailhost dkim keygen` need none)."""
+        if not isinstance(value, list):
+            raise self.fail("dkim", value, "[[dkim]] tables")
+        entries = []
+        for index, raw in enumerate(value):
+            key = f"dkim[{index}]"
+            table = self.check_table(raw, key, {"domain", "selector", "key_file", "algorithm"})
+            domain = self.string(table, key, "domain")
+            if domain is None or not _is_domain(domain):
+                raise self.fail(f"{key}.domain", domain, "a domain such as example.org")
+            selector = self.string(table, key, "selector")
+            if selector is None or not re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?", selector):
+                raise self.fail(f"{key}.selector", selector, "a selector such as s2026")
+            key_file = self.string(table, key, "key_file")
+            if key_file is None or not self.resolve(key_file).is_file():
+                raise self.fail(f"{key}.key_file", key_file, "a readable private key file")
+            algorithm = self.choice(table, key, "algorithm", "rsa-sha256", ("rsa-sha256", "ed25519-sha256"))
+            entries.append(DkimConfig(domain.lower(), selector, self.resolve(key_file), algorithm))
+        return tuple(entries)
 
     def throttles(self, value: Any) -> tuple[ThrottleRule, ...]:
         """[[throttle]] entries first (they win a match), then the built-in provider defaults they do not replace."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import dkim
 from cryptography.hazmat.primitives import serialization
@@ -70,6 +71,17 @@ def generate(state_dir: Path, domain: str, selector: str, algorithm: str = RSA) 
         raise DkimKeyError(f"algorithm {algorithm!r}: expected one of {', '.join(ALGORITHMS)}")
     write_file_atomically(path, private, mode=0o600)
     return path, record
+
+
+def configured_keys(entries: Any) -> dict[str, DkimKey]:
+    """[[dkim]] config entries (config.DkimConfig) as keys by domain."""
+    keys = {}
+    for entry in entries:
+        key = load_key(entry.key_file, entry.domain, entry.selector)
+        if key.algorithm != entry.algorithm:
+            raise DkimKeyError(f"{entry.key_file}: a {key.algorithm} key, but [[dkim]] says {entry.algorithm}")
+        keys[entry.domain] = key
+    return keys
 
 
 def load_key(path: Path, domain: str, selector: str) -> DkimKey:

@@ -15,7 +15,7 @@ from mailhost.auth import AuthSlowdown, make_portal
 from mailhost.config import Config, ConfigError, load
 from mailhost.content import ContentSteps
 from mailhost.control import control_service
-from mailhost.dkim_sign import Signer
+from mailhost.dkim_sign import DkimKeyError, Signer, configured_keys
 from mailhost.metrics import Metrics, metrics_site
 from mailhost.pickup import PickupCollector
 from mailhost.durable import DiskWriter
@@ -78,7 +78,7 @@ class ListenerService(service.Service):
 def make_service(config_path: str, reactor: Any = None) -> service.MultiService:
     """The whole daemon for the configuration at `config_path`.
 
-    A user mistake (config, TLS files) exits with one line on stderr, status 1.
+    A user mistake (config, TLS or DKIM key files) exits with one line on stderr, status 1.
     """
     if reactor is None:
         from twisted.internet import reactor
@@ -87,13 +87,13 @@ def make_service(config_path: str, reactor: Any = None) -> service.MultiService:
         config.server.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         check_permissions(config)
         tls_options = ServerTLS(*ensure_tls_pair(config))
-    except (ConfigError, TLSSetupError) as e:
+        return build(config, tls_options, reactor)
+    except (ConfigError, TLSSetupError, DkimKeyError) as e:
         sys.stderr.write(f"mailhost: {e}\n")
         raise SystemExit(1) from None
     except OSError as e:
         sys.stderr.write(f"mailhost: {e.filename}: {e.strerror}\n")
         raise SystemExit(1) from None
-    return build(config, tls_options, reactor)
 
 
 def check_permissions(config: Config) -> None:
@@ -141,7 +141,7 @@ def build(config: Config, tls_options: ServerTLS, reactor: Any) -> service.Multi
     DiskWriterService(content_threads).setServiceParent(top)
     suppression = SuppressionList(config.server.state_dir / "suppression.json", soft_limit=config.bounces.soft_limit,
                                   soft_window=config.bounces.soft_window)
-    signer = Signer(config.server.state_dir)
+    signer = Signer(config.server.state_dir, configured_keys(config.dkim))
     content = ContentSteps(config, signer, suppression, content_threads.run)
     context = ServerContext(config, domains, intake, tls_options, make_portal(domains, checks.run), slowdown,
                             content, suppression, metrics)

@@ -56,3 +56,20 @@ def test_keygen_refuses_to_overwrite_and_unknown_domains_are_not_signed(tmp_path
         generate(tmp_path, "example.test", "s1")
     assert Signer(tmp_path).key_for("other.test") is None
     assert Signer(tmp_path).key_for(None) is None
+
+
+def test_dkim_config_entry_names_the_key(tmp_path):
+    from mailhost.config import ConfigError, load
+    from mailhost.dkim_sign import configured_keys
+
+    key_path, _ = generate(tmp_path / "elsewhere", "example.test", "s9", ED25519)
+    base = '[[listener]]\nrole = "mx"\nendpoint = "tcp:2525"\n[[domain]]\nname = "example.test"\n'
+    (tmp_path / "mailhost.toml").write_text(
+        base + f'[[dkim]]\ndomain = "example.test"\nselector = "s9"\nkey_file = "{key_path}"\nalgorithm = "ed25519-sha256"\n')
+    config = load(tmp_path / "mailhost.toml")
+    keys = configured_keys(config.dkim)
+    assert keys["example.test"].selector == "s9" and keys["example.test"].algorithm == ED25519
+    assert Signer(tmp_path, keys).key_for("example.test").selector == "s9"
+    (tmp_path / "mailhost.toml").write_text(base + '[[dkim]]\ndomain = "example.test"\nselector = "s9"\nkey_file = "nope.key"\n')
+    with pytest.raises(ConfigError, match="dkim\\[0\\].key_file"):
+        load(tmp_path / "mailhost.toml")
