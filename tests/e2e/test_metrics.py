@@ -34,3 +34,5 @@ def test_metrics_after_traffic(make_daemon, dns, sinks):  # noqa: F811
     assert value(text, 'mailhost_deliveries_total{result="delivered"}') == 1
     assert value(text, "mailhost_delivery_delay_seconds_count") == 1
     assert "mailhost_queue_messages" in text and "mailhost_queue_oldest_message_age_seconds" in text
+    assert value(text, 'mailhost_messages_received_total{result="accepted",role="mx"}') == 2
+    assert value(text, 'mailhost_smtp_sessions_total{role="mx"}') >= 2
