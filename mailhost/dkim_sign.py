@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import dkim
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from mailhost.durable import write_file_atomically
 
@@ -30,6 +31,32 @@ SIGNED_HEADERS = (
     "mime-version", "content-type", "content-transfer-encoding", "content-disposition",
     "list-unsubscribe", "list-unsubscribe-post", "list-id", "sender",
 )
+
+
+def _openssl_rsa_sign(digest: Any, private_key: dict) -> bytes:
+    """RSASSA-PKCS1-v1_5 through OpenSSL for dkimpy.
+
+    dkimpy signs RSA in pure Python (pow() on 2048-bit numbers): ~10 ms of
+    CPU with the GIL held per message, which cut intake by 80% with signing
+    on. The same signature through `cryptography` takes under 1 ms; dkimpy
+    still does the canonicalisation, hashing and header.
+    """
+    modulus = private_key["modulus"]
+    key = _rsa_keys.get(modulus)
+    if key is None:
+        public = rsa.RSAPublicNumbers(private_key["publicExponent"], modulus)
+        key = rsa.RSAPrivateNumbers(
+            private_key["prime1"], private_key["prime2"], private_key["privateExponent"],
+            private_key["exponent1"], private_key["exponent2"], private_key["coefficient"], public,
+        ).private_key()
+        _rsa_keys[modulus] = key
+    value = digest.digest()
+    algorithm = hashes.SHA256() if len(value) == 32 else hashes.SHA1()
+    return key.sign(value, padding.PKCS1v15(), Prehashed(algorithm))
+
+
+_rsa_keys: dict[int, Any] = {}
+dkim.RSASSA_PKCS1_v1_5_sign = _openssl_rsa_sign  # the name dkimpy's signer calls
 
 
 class DkimKeyError(Exception):
