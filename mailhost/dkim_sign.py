@@ -188,11 +188,14 @@ class Signer:
         self.keys = {**discover(self.state_dir), **self._configured}
         self._stamp = _folder_stamp(self.state_dir)
 
-    def key_for(self, domain: str | None) -> DkimKey | None:
-        # keygen adds a folder or file: notice it without a restart (one stat per message).
+    def has_keys(self) -> bool:
+        """Whether any domain signs; keygen adds a folder or file: noticed without a restart."""
         if _folder_stamp(self.state_dir) != self._stamp:
             self.reload()
-        return self.keys.get(domain) if domain else None
+        return bool(self.keys)
+
+    def key_for(self, domain: str | None) -> DkimKey | None:
+        return self.keys.get(domain) if domain and self.has_keys() else None
 
 
 def _folder_stamp(state_dir: Path) -> float | None:
