@@ -61,15 +61,25 @@ def self_signed_pair(hostname: str) -> tuple[bytes, bytes]:
     return certificate.public_bytes(serialization.Encoding.PEM), key_pem
 
 
-def server_tls_options(cert_path: Path, key_path: Path) -> ssl.CertificateOptions:
-    """Twisted TLS options for the server side: TLS 1.2 or newer."""
+def read_tls_pair(cert_path: Path, key_path: Path) -> tuple[bytes, bytes]:
+    """The PEM bytes of the certificate (chain) file and the key file."""
     try:
-        cert_pem = cert_path.read_bytes()
-        pair = ssl.PrivateCertificate.loadPEM(cert_pem + b"\n" + key_path.read_bytes())
-        # A full chain file: the first certificate is ours, the rest intermediates.
-        chain = [ssl.Certificate.loadPEM(block).original for block in _pem_blocks(cert_pem)[1:]]
+        return cert_path.read_bytes(), key_path.read_bytes()
     except OSError as e:
         raise TLSSetupError(f"{e.filename}: cannot read: {e.strerror}") from None
+
+
+def server_tls_options(cert_path: Path, key_path: Path) -> ssl.CertificateOptions:
+    """Twisted TLS options for the server side: TLS 1.2 or newer."""
+    return tls_options_from_pem(*read_tls_pair(cert_path, key_path), cert_path, key_path)
+
+
+def tls_options_from_pem(cert_pem: bytes, key_pem: bytes, cert_path: Path, key_path: Path) -> ssl.CertificateOptions:
+    """The same from PEM bytes already read (the paths only name them in errors)."""
+    try:
+        pair = ssl.PrivateCertificate.loadPEM(cert_pem + b"\n" + key_pem)
+        # A full chain file: the first certificate is ours, the rest intermediates.
+        chain = [ssl.Certificate.loadPEM(block).original for block in _pem_blocks(cert_pem)[1:]]
     except Exception as e:  # OpenSSL's errors have no common base worth naming
         raise TLSSetupError(f"{cert_path} / {key_path}: not a usable PEM certificate and key ({e})") from None
     return ssl.CertificateOptions(
@@ -87,16 +97,22 @@ class ServerTLS:
     Listeners and STARTTLS hold this object, not the options: each new TLS
     connection asks for the context at its start and so gets the newest pair,
     while sessions already running keep theirs.
+
+    `pem` keeps the bytes in use: worker processes (server.workers) get the
+    pair from the main process, as they may not read a key file only root can.
     """
 
-    def __init__(self, cert_path: Path, key_path: Path) -> None:
+    def __init__(self, cert_path: Path, key_path: Path, pem: tuple[bytes, bytes] | None = None) -> None:
         self.cert_path = cert_path
         self.key_path = key_path
-        self.options = server_tls_options(cert_path, key_path)
+        self.pem = pem if pem is not None else read_tls_pair(cert_path, key_path)
+        self.options = tls_options_from_pem(*self.pem, cert_path, key_path)
 
-    def reload(self) -> None:
-        """Read the pair again; on TLSSetupError the previous pair stays in use."""
-        self.options = server_tls_options(self.cert_path, self.key_path)
+    def reload(self, pem: tuple[bytes, bytes] | None = None) -> None:
+        """Read the pair again (or take `pem`); on TLSSetupError the previous pair stays in use."""
+        pem = pem if pem is not None else read_tls_pair(self.cert_path, self.key_path)
+        self.options = tls_options_from_pem(*pem, self.cert_path, self.key_path)
+        self.pem = pem
 
     def getContext(self) -> SSL.Context:
         return self.options.getContext()
