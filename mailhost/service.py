@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import stat
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.application import service, strports
@@ -108,17 +109,52 @@ def check_permissions(config: Config) -> None:
             raise ConfigError(f"{path} is world-writable; refusing to run (chmod o-w {path})")
 
 
-def build(config: Config, tls_options: ServerTLS, reactor: Any) -> service.MultiService:
-    top = service.MultiService()
+@dataclass
+class Inbound:
+    """What takes mail in: the daemon builds one, and so can another process serving its listeners."""
+
+    writer: DiskWriter
+    domains: LocalDomains
+    spool: Spool
+    intake: Intake  # its on_queued is the caller's to set
+    signer: Signer
+    context: ServerContext
+
+
+def build_inbound(config: Config, tls_options: ServerTLS, reactor: Any, parent: service.MultiService,
+                  metrics: Metrics) -> Inbound:
+    """The disk threads, local domains, the spool's intake, AUTH, the content steps, and the
+    context every SMTP session reads. The thread pools run as services under `parent`."""
     writer = DiskWriter(reactor)
-    DiskWriterService(writer).setServiceParent(top)
+    DiskWriterService(writer).setServiceParent(parent)
     domains = LocalDomains(config)
     spool = Spool(config.server.state_dir / "spool")
     intake = Intake(writer, spool, domains, config.server.hostname, on_queued=lambda envelope: None)
+    # Password checks get their own two threads: scrypt is CPU- and memory-hard
+    # (32 MiB each), and a flood of AUTH attempts must not hold up the disk.
+    checks = DiskWriter(reactor, threads=2, name="mailhost-auth")
+    DiskWriterService(checks).setServiceParent(parent)
+    slowdown = AuthSlowdown(reactor, free=config.limits.auth_failures)
+    # DNS for SPF/DKIM/DMARC and RSA signing (dkimpy's is pure Python) run here.
+    content_threads = DiskWriter(reactor, threads=4, name="mailhost-content")
+    DiskWriterService(content_threads).setServiceParent(parent)
+    suppression = SuppressionList(config.server.state_dir / "suppression.json", soft_limit=config.bounces.soft_limit,
+                                  soft_window=config.bounces.soft_window)
+    signer = Signer(config.server.state_dir, configured_keys(config.dkim))
+    content = ContentSteps(config, signer, suppression, content_threads.run)
+    context = ServerContext(config, domains, intake, tls_options, make_portal(domains, checks.run), slowdown,
+                            content, suppression, metrics)
+    return Inbound(writer, domains, spool, intake, signer, context)
+
+
+def build(config: Config, tls_options: ServerTLS, reactor: Any) -> service.MultiService:
+    top = service.MultiService()
+    metrics = Metrics()
+    inbound = build_inbound(config, tls_options, reactor, top, metrics)
+    writer, domains, spool, intake = inbound.writer, inbound.domains, inbound.spool, inbound.intake
     router = Router(config.relay, config.server.hostname, listening_addresses(config))
     pool = SessionPool(reactor, config.server.hostname)
     throttle = Throttle(config.throttles, default_connections=config.queue.per_destination)
-    metrics = Metrics()
     metrics.watch_throttle(throttle.snapshot)
     scheduler = Scheduler(config, spool, writer, Deliverer(config, router, pool, throttle, reactor), intake, reactor, metrics,
                           max_in_flight=config.queue.concurrency)
@@ -131,24 +167,10 @@ def build(config: Config, tls_options: ServerTLS, reactor: Any) -> service.Multi
     if config.metrics.endpoint is not None:
         site = metrics_site(metrics, ready=lambda: scheduler.ready.called)
         ListenerService(config.metrics.endpoint, site, reactor).setServiceParent(top)
-    # Password checks get their own two threads: scrypt is CPU- and memory-hard
-    # (32 MiB each), and a flood of AUTH attempts must not hold up the disk.
-    checks = DiskWriter(reactor, threads=2, name="mailhost-auth")
-    DiskWriterService(checks).setServiceParent(top)
-    slowdown = AuthSlowdown(reactor, free=config.limits.auth_failures)
-    # DNS for SPF/DKIM/DMARC and RSA signing (dkimpy's is pure Python) run here.
-    content_threads = DiskWriter(reactor, threads=4, name="mailhost-content")
-    DiskWriterService(content_threads).setServiceParent(top)
-    suppression = SuppressionList(config.server.state_dir / "suppression.json", soft_limit=config.bounces.soft_limit,
-                                  soft_window=config.bounces.soft_window)
-    signer = Signer(config.server.state_dir, configured_keys(config.dkim))
-    content = ContentSteps(config, signer, suppression, content_threads.run)
-    context = ServerContext(config, domains, intake, tls_options, make_portal(domains, checks.run), slowdown,
-                            content, suppression, metrics)
     for listener in config.listeners:
-        factory = listener_factory(listener.role, context, reactor)
+        factory = listener_factory(listener.role, inbound.context, reactor)
         ListenerService(listener.endpoint, factory, reactor).setServiceParent(top)
-    ReloadOnHangup(tls_options, domains, reactor, signer, context).setServiceParent(top)
+    ReloadOnHangup(tls_options, domains, reactor, inbound.signer, inbound.context).setServiceParent(top)
     log.info(
         "mailhost starting: hostname={hostname} domains={domains} listeners={listeners}",
         hostname=config.server.hostname,
