@@ -33,6 +33,14 @@ class PaceCommand(amp.Command):
     response = [(b"json", amp.Unicode())]
 
 
+class QueuedCommand(amp.Command):
+    """Another process of this daemon (a worker, server.workers) committed a message to the spool."""
+
+    arguments = [(b"queue_id", amp.Unicode())]
+    response: list = []
+    errors = {SpoolError: b"NO_SUCH_MESSAGE"}
+
+
 class ControlProtocol(amp.AMP):
     def __init__(self, scheduler: Any, pickup: Any, throttle: Any) -> None:
         super().__init__()
@@ -43,6 +51,10 @@ class ControlProtocol(amp.AMP):
     @PaceCommand.responder
     def pace(self) -> dict[str, str]:
         return {"json": json.dumps(self.throttle.snapshot())}
+
+    @QueuedCommand.responder
+    def queued(self, queue_id: str) -> Deferred[dict]:
+        return self.scheduler.committed(queue_id).addCallback(lambda _: {})
 
     @QueueCommand.responder
     def queue_command(self, action: str, queue_id: str | None = None) -> Deferred[dict[str, int]]:

@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from twisted.application import service
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
 from twisted.logger import Logger
 
 from mailhost.config import Config
@@ -23,7 +23,7 @@ from mailhost.envelope import DELIVERED, DEFERRED, FAILED, Envelope
 from mailhost.intake import HOP_LIMIT, Intake
 from mailhost.metrics import Metrics
 from mailhost.outbound import Deliverer, Outcome
-from mailhost.spool import DueIndex, Spool, SpoolError
+from mailhost.spool import DueIndex, Spool, SpoolError, is_queue_id
 
 log = Logger(namespace="mailhost.queue")
 
@@ -86,9 +86,45 @@ class Scheduler(service.Service):
 
     def queued(self, envelope: Envelope) -> None:
         """A new message is in the spool."""
+        if envelope.id in self.in_flight:
+            return  # already found by adopt_strays, and being delivered
         self.index.schedule(envelope.id, envelope.next_attempt)
         self.arrivals[envelope.id] = envelope.arrival
         self._wake()
+
+    def committed(self, queue_id: str) -> Deferred[None]:
+        """Another process of this daemon (a worker) committed `queue_id`: load its envelope and schedule it."""
+        if not is_queue_id(queue_id):
+            return fail(SpoolError(f"{queue_id[:40]!r} is not a queue id"))
+        if queue_id in self.index or queue_id in self.in_flight:
+            return succeed(None)
+        return self.writer.run(self.spool.load, queue_id).addCallback(self._committed)
+
+    def _committed(self, envelope: Envelope) -> None:
+        if envelope.id in self.index or envelope.id in self.in_flight:
+            return
+        if envelope.held:
+            self.index.hold(envelope.id)
+            self.arrivals[envelope.id] = envelope.arrival
+        else:
+            self.queued(envelope)
+
+    @inlineCallbacks
+    def adopt_strays(self):
+        """Schedule every committed message the index does not know: a worker that
+        died between committing a message and telling us leaves it behind."""
+        ids = yield self.writer.run(lambda: list(self.spool.ids()))
+        found = 0
+        for queue_id in ids:
+            if queue_id in self.index or queue_id in self.in_flight:
+                continue
+            try:
+                yield self.committed(queue_id)
+            except SpoolError:
+                continue  # delivered and removed meanwhile
+            found += 1
+        if found:
+            log.info("queue: {count} messages found in the spool and scheduled", count=found)
 
     def flush(self, queue_id: str | None = None) -> int:
         """Make one message (or every one not held) due now; returns how many."""

@@ -38,6 +38,14 @@ def new_queue_id() -> str:
     return base64.b32encode(os.urandom(10)).decode("ascii")
 
 
+def is_queue_id(text: str) -> bool:
+    """Whether `text` has the shape new_queue_id gives (16 base32 characters), so it is safe in a path."""
+    return len(text) == 16 and all(c in _BASE32 for c in text)
+
+
+_BASE32 = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567")
+
+
 class Spool:
     def __init__(self, root: Path) -> None:
         self.root = root
