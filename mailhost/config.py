@@ -20,6 +20,8 @@ ROLES = ("mx", "submission", "submissions")
 RELAY_TLS = ("opportunistic", "required", "none")
 SMARTHOST_TLS = ("starttls", "implicit", "none")
 
+MAX_WORKERS = 64
+
 _DURATION = re.compile(r"([0-9]+)([smhd])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -34,6 +36,7 @@ class ServerConfig:
     state_dir: Path
     tls_cert: Path | None
     tls_key: Path | None
+    workers: int = 1  # reactor processes sharing the listeners: this one and workers - 1 more
 
 
 @dataclass(frozen=True)
@@ -244,7 +247,7 @@ class _Reader:
         top = {"server", "listener", "limits", "domain", "relay", "queue", "submission", "metrics", "throttle",
                "inbound", "bounces", "dkim"}
         self.check_table(data, "(top level)", top)
-        server = self.server(self.table(data, "server", {"hostname", "state_dir", "tls_cert", "tls_key"}))
+        server = self.server(self.table(data, "server", {"hostname", "state_dir", "tls_cert", "tls_key", "workers"}))
         listeners = self.listeners(data.get("listener"))
         limits = self.limits(self.table(data, "limits", set(LimitsConfig.__dataclass_fields__)))
         domains = self.domains(data.get("domain"), server.state_dir)
@@ -286,7 +289,8 @@ class _Reader:
         for name, tls_path in (("tls_cert", cert_path), ("tls_key", key_path)):
             if tls_path is not None and not tls_path.is_file():
                 raise ConfigError(f"{self.path}: server.{name}: {tls_path} is not a readable file")
-        return ServerConfig(hostname.lower(), state_dir, cert_path, key_path)
+        workers = self.integer(table, "server", "workers", 1, 1, MAX_WORKERS)
+        return ServerConfig(hostname.lower(), state_dir, cert_path, key_path, workers)
 
     def listeners(self, value: Any) -> tuple[ListenerConfig, ...]:
         if not isinstance(value, list) or not value:

@@ -13,6 +13,7 @@ AUTH or RCPT.
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application import service
@@ -34,6 +35,7 @@ class ReloadOnHangup(service.Service):
         self._signer = signer
         self._context = context  # smtp.server.ServerContext: new sessions read its config
         self._previous: Any = None
+        self.after: list[Callable[[], object]] = []  # called after each reload (the worker processes)
 
     def startService(self) -> None:
         super().startService()
@@ -47,18 +49,21 @@ class ReloadOnHangup(service.Service):
         # A signal handler may interrupt the reactor anywhere: do the work as a reactor call.
         self._reactor.callFromThread(self.reload)
 
-    def reload(self) -> None:
+    def reload(self, pem: tuple[bytes, bytes] | None = None) -> None:
+        """`pem`: the TLS pair's bytes instead of the files (a worker gets them from the main process)."""
         if self._context is not None:
             self._reload_config()
         self._domains.reload_users()
         if self._signer is not None:
             self._signer.reload()
         try:
-            self._tls.reload()
+            self._tls.reload(pem)
         except TLSSetupError as e:
             log.error("reload: {error}; new connections keep the previous TLS pair", error=str(e))
         else:
             log.info("reloaded: TLS pair {cert} and the users files", cert=str(self._tls.cert_path))
+        for hook in self.after:
+            hook()
 
     def _reload_config(self) -> None:
         running = self._context.config

@@ -15,7 +15,7 @@ from twisted.logger import Logger
 from mailhost.auth import AuthSlowdown, make_portal
 from mailhost.config import Config, ConfigError, load
 from mailhost.content import ContentSteps
-from mailhost.control import control_service
+from mailhost.control import ControlProtocol, control_service
 from mailhost.dkim_sign import DkimKeyError, Signer, configured_keys
 from mailhost.metrics import Metrics, metrics_site
 from mailhost.pickup import PickupCollector
@@ -31,6 +31,7 @@ from mailhost.spool import Spool
 from mailhost.suppression import SuppressionList
 from mailhost.throttle import Throttle
 from mailhost.tls import ServerTLS, TLSSetupError, ensure_tls_pair
+from mailhost.workers import WorkerPool
 
 log = Logger(namespace="mailhost.service")
 
@@ -74,6 +75,14 @@ class ListenerService(service.Service):
     def stopService(self) -> Any:
         super().stopService()
         return self.inner.stopService()
+
+    def port(self) -> Any:
+        """The listening port, once bound (None before)."""
+        found: list[Any] = []
+        waiting = getattr(self.inner, "_waitingForPort", None)  # StreamServerEndpointService keeps it there
+        if waiting is not None:
+            waiting.addCallback(lambda port: found.append(port) or port)
+        return found[0] if found else None
 
 
 def make_service(config_path: str, reactor: Any = None) -> service.MultiService:
@@ -167,15 +176,25 @@ def build(config: Config, tls_options: ServerTLS, reactor: Any) -> service.Multi
     if config.metrics.endpoint is not None:
         site = metrics_site(metrics, ready=lambda: scheduler.ready.called)
         ListenerService(config.metrics.endpoint, site, reactor).setServiceParent(top)
+    listeners = []
     for listener in config.listeners:
         factory = listener_factory(listener.role, inbound.context, reactor)
-        ListenerService(listener.endpoint, factory, reactor).setServiceParent(top)
-    ReloadOnHangup(tls_options, domains, reactor, inbound.signer, inbound.context).setServiceParent(top)
+        listeners.append(ListenerService(listener.endpoint, factory, reactor))
+        listeners[-1].setServiceParent(top)
+    reload = ReloadOnHangup(tls_options, domains, reactor, inbound.signer, inbound.context)
+    reload.setServiceParent(top)
+    if config.server.workers > 1:
+        workers = WorkerPool(config, lambda: [(i, l.port()) for i, l in enumerate(listeners) if l.port() is not None],
+                             tls_options, lambda: ControlProtocol(scheduler, pickup, throttle), scheduler.ready,
+                             scheduler.adopt_strays, reactor)
+        workers.setServiceParent(top)
+        reload.after.append(workers.reload)
     log.info(
-        "mailhost starting: hostname={hostname} domains={domains} listeners={listeners}",
+        "mailhost starting: hostname={hostname} domains={domains} listeners={listeners} workers={workers}",
         hostname=config.server.hostname,
         domains=",".join(d.name for d in config.domains),
         listeners=" ".join(f"{l.role}={l.endpoint}" for l in config.listeners),
+        workers=config.server.workers,
     )
     return top
 

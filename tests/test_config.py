@@ -49,6 +49,7 @@ def test_minimal_config_gets_the_documented_defaults(tmp_path: Path, monkeypatch
     assert config.server.hostname == socket.getfqdn().lower()
     assert config.server.state_dir == var
     assert config.server.tls_cert is None and config.server.tls_key is None
+    assert config.server.workers == 1
 
     assert [(lst.role, lst.endpoint) for lst in config.listeners] == [("mx", "tcp:2525:interface=127.0.0.1")]
 
@@ -180,6 +181,7 @@ MISTAKES = [
     ("server not a table", 'server = "mail.example.test"\n' + MINIMAL, ["server"]),
     ("hostname not a string", "[server]\nhostname = 5\n" + MINIMAL, ["server.hostname"]),
     ("state_dir not a string", "[server]\nstate_dir = ['var']\n" + MINIMAL, ["server.state_dir"]),
+    ("workers a string", "[server]\nworkers = '2'\n" + MINIMAL, ["server.workers", "1 to 64"]),
     ("message_size a string", "[limits]\nmessage_size = 'big'\n" + MINIMAL, ["limits.message_size"]),
     ("message_size a float", "[limits]\nmessage_size = 1.5e6\n" + MINIMAL, ["limits.message_size"]),
     ("recipients a boolean", "[limits]\nrecipients = true\n" + MINIMAL, ["limits.recipients"]),
@@ -198,6 +200,8 @@ MISTAKES = [
     # bad values
     ("message_size too small", "[limits]\nmessage_size = 10\n" + MINIMAL, ["limits.message_size"]),
     ("recipients zero", "[limits]\nrecipients = 0\n" + MINIMAL, ["limits.recipients"]),
+    ("workers zero", "[server]\nworkers = 0\n" + MINIMAL, ["server.workers"]),
+    ("workers too many", "[server]\nworkers = 65\n" + MINIMAL, ["server.workers"]),
     ("command_timeout zero", "[limits]\ncommand_timeout = 0\n" + MINIMAL, ["limits.command_timeout"]),
     ("mx_port out of range", MINIMAL + "[relay]\nmx_port = 70000\n", ["relay.mx_port"]),
     ("relay tls unknown", MINIMAL + "[relay]\ntls = 'sometimes'\n", ["relay.tls"]),

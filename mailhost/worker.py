@@ -1,0 +1,193 @@
+"""One worker process of `[server] workers = N` (see mailhost.workers); the main process starts it:
+
+    python -m mailhost.worker --config PATH --number N --channel FD --fds ROLE:FD,...
+
+FD numbers are inherited descriptors: --channel the worker's end of the AMP socket
+pair, --fds the listening sockets and the role each serves. Log events go to
+stdout as JSON lines, for the main process to write into its log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import socket
+import sys
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import protocol
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger, globalLogBeginner, jsonFileLogObserver
+from twisted.protocols import amp
+
+from mailhost.config import ROLES, Config, ConfigError, load
+from mailhost.control import QueuedCommand
+from mailhost.envelope import Envelope
+from mailhost.metrics import Metrics
+from mailhost.reload import ReloadOnHangup
+from mailhost.service import build_inbound
+from mailhost.smtp.server import listener_factory
+from mailhost.tls import ServerTLS, tls_pair_paths
+from mailhost.workers import WorkerReload, WorkerStart
+
+log = Logger(namespace="mailhost.worker")
+
+
+class Worker:
+    """Serves the inherited listeners the way the main process does, once it has the TLS pair."""
+
+    def __init__(self, config: Config, number: int, fds: list[tuple[str, int]], reactor: Any) -> None:
+        self.config = config
+        self.number = number
+        self.fds = fds
+        self.reactor = reactor
+        self.top = service.MultiService()
+        self.channel: WorkerChannel | None = None
+        self.tls: ServerTLS | None = None
+        self.reloader: ReloadOnHangup | None = None
+        self.ports: list[Any] = []
+        self.failed = False
+
+    def start(self, pem: tuple[bytes, bytes]) -> None:
+        if self.tls is not None:
+            raise RuntimeError("already started")
+        self.tls = ServerTLS(*tls_pair_paths(self.config), pem=pem)
+        # Its metrics are not served: /metrics is the main process's.
+        inbound = build_inbound(self.config, self.tls, self.reactor, self.top, Metrics())
+        inbound.intake.on_queued = self.queued
+        # Not a service here: no SIGHUP handler, the main process says when.
+        self.reloader = ReloadOnHangup(self.tls, inbound.domains, self.reactor, inbound.signer, inbound.context)
+        self.top.startService()
+        for role, fd in self.fds:
+            factory = listener_factory(role, inbound.context, self.reactor)
+            self.ports.append(self.reactor.adoptStreamPort(fd, _family(fd), factory))
+            _close(fd)  # adoptStreamPort holds its own copy
+        log.info("worker {number} listening: {listeners}", number=self.number,
+                 listeners=" ".join(f"{role}={_where(port)}" for (role, _), port in zip(self.fds, self.ports)))
+
+    def reload(self, pem: tuple[bytes, bytes]) -> None:
+        """What SIGHUP does in the main process, with the TLS pair the main process has."""
+        if self.reloader is not None:
+            self.reloader.reload(pem)
+
+    def queued(self, envelope: Envelope) -> None:
+        """Tell the main process, whose scheduler delivers it (it is on disk already)."""
+        if self.channel is None or self.channel.transport is None:
+            log.warn("{id}: queued, but the main process could not be told (it finds the message when this worker"
+                     " has ended, or when the daemon next starts)", id=envelope.id)
+            return
+        self.channel.callRemote(QueuedCommand, queue_id=envelope.id).addErrback(
+            lambda failure: log.warn("{id}: queued; telling the main process failed: {error}", id=envelope.id,
+                                     error=failure.getErrorMessage()))
+
+    def stop(self) -> Deferred | None:
+        for port in self.ports:
+            port.stopListening()
+        self.ports = []
+        if self.top.running:
+            return self.top.stopService()
+        return None
+
+
+class WorkerChannel(amp.AMP):
+    def __init__(self, worker: Worker) -> None:
+        super().__init__()
+        self.worker = worker
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.worker.channel = self
+
+    @WorkerStart.responder
+    def start(self, cert_pem: bytes, key_pem: bytes) -> dict:
+        try:
+            self.worker.start((cert_pem, key_pem))
+        except Exception:
+            # Not serving is no use: exit, and the main process tries again a little later.
+            log.failure("worker {number} cannot start", number=self.worker.number)
+            self.worker.failed = True
+            self.worker.reactor.callLater(0, self.worker.reactor.stop)
+            raise
+        return {}
+
+    @WorkerReload.responder
+    def reload(self, cert_pem: bytes, key_pem: bytes) -> dict:
+        self.worker.reload((cert_pem, key_pem))
+        return {}
+
+    def connectionLost(self, reason: Any) -> None:
+        super().connectionLost(reason)
+        self.worker.channel = None
+        # The main process is gone (or let go of us): stop; it starts a new worker if it is still there.
+        if self.worker.reactor.running:
+            self.worker.reactor.stop()
+
+
+def _where(port: Any) -> str:
+    address = port.getHost()
+    if hasattr(address, "port"):
+        return f"[{address.host}]:{address.port}" if ":" in address.host else f"{address.host}:{address.port}"
+    return str(getattr(address, "name", address))
+
+
+def _family(fd: int) -> int:
+    probe = socket.socket(fileno=fd)
+    try:
+        return probe.family
+    finally:
+        probe.detach()
+
+
+def _close(fd: int) -> None:
+    import os
+
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def parse_fds(text: str) -> list[tuple[str, int]]:
+    pairs = []
+    for item in text.split(","):
+        role, _, fd = item.partition(":")
+        if role not in ROLES:
+            raise ValueError(role)
+        pairs.append((role, int(fd)))
+    return pairs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mailhost.worker", description="a worker of server.workers (started by the daemon)")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--number", type=int, required=True)
+    parser.add_argument("--channel", type=int, required=True)
+    parser.add_argument("--fds", type=parse_fds, required=True)
+    args = parser.parse_args(argv)
+
+    # The main process steers us: SIGTERM stops, SIGHUP's work comes over the channel,
+    # and a Ctrl-C meant for the main process must not take us down first.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    globalLogBeginner.beginLoggingTo([jsonFileLogObserver(sys.stdout)], redirectStandardIO=False)
+    try:
+        config = load(args.config)
+    except ConfigError as e:
+        sys.stderr.write(f"mailhost worker: {e}\n")
+        return 1
+
+    from twisted.internet import reactor
+
+    worker = Worker(config, args.number, args.fds, reactor)
+    factory = protocol.Factory.forProtocol(lambda: WorkerChannel(worker))
+    factory.noisy = False
+    reactor.adoptStreamConnection(args.channel, socket.AF_UNIX, factory)
+    _close(args.channel)
+    reactor.addSystemEventTrigger("before", "shutdown", worker.stop)
+    reactor.run(installSignalHandlers=True)
+    return 1 if worker.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
