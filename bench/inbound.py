@@ -84,6 +84,18 @@ def wait_for_port(port: int, timeout: float, alive: Callable[[], bool]) -> None:
     raise RuntimeError(f"nothing listening on {LOOPBACK}:{port} after {timeout}s")
 
 
+def wait_for_log(path: Path, text: str, timeout: float, alive: Callable[[], bool]) -> None:
+    """Poll a log file until it holds `text`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not alive():
+            raise RuntimeError("server exited during startup")
+        if text in path.read_text(errors="replace"):
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"no {text!r} in {path} after {timeout}s")
+
+
 def count_files(directory: Path) -> int:
     try:
         with os.scandir(directory) as it:
@@ -118,6 +130,7 @@ MAILHOST_TOML = """\
 [server]
 hostname = "mail.example.test"
 state_dir = "{root}/state"
+{workers_line}
 
 [[listener]]
 role = "mx"
@@ -136,16 +149,20 @@ catch_all = "alice"
 """
 
 
-def start_mailhost(root: Path, venv_bin: Path) -> Server:
+def start_mailhost(root: Path, venv_bin: Path, workers: int = 1) -> Server:
     """Configure, provision and start mailhost under twistd in the foreground."""
     root.mkdir(parents=True)
     port = free_port()
     cfg = root / "mailhost.toml"
-    cfg.write_text(MAILHOST_TOML.format(root=root, port=port))
+    # (no workers line for 1, so that a tree from before the key can be measured too)
+    cfg.write_text(MAILHOST_TOML.format(root=root, port=port,
+                                        workers_line=f"workers = {workers}" if workers > 1 else ""))
+    # The code of this tree, whatever the venv has installed.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     run(
         [str(venv_bin / "mailhost"), "--config", str(cfg),
          "user", "add", RECIPIENT, "--password-stdin"],
-        input="bench-password\n", cwd=REPO,
+        input="bench-password\n", cwd=REPO, env=env,
     )
     log_file = root / "twistd.log"
     with open(log_file, "wb") as out:
@@ -153,7 +170,7 @@ def start_mailhost(root: Path, venv_bin: Path) -> Server:
             [str(venv_bin / "twistd"), "-n", "--pidfile=", "mailhost",
              "--config", str(cfg)],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            cwd=REPO,
+            cwd=REPO, env=env,
         )
 
     def stop() -> None:
@@ -171,10 +188,12 @@ def start_mailhost(root: Path, venv_bin: Path) -> Server:
     server = Server("mailhost", port, root / "mail" / "alice" / "new", log_file, stop)
     try:
         wait_for_port(port, 30, lambda: proc.poll() is None)
+        for number in range(1, workers):
+            wait_for_log(log_file, f"worker {number} listening", 30, lambda: proc.poll() is None)
     except Exception:
         stop()
         raise RuntimeError(f"mailhost did not start:\n{tail(log_file)}")
-    log(f"mailhost (pid {proc.pid}) listening on {LOOPBACK}:{port}")
+    log(f"mailhost (pid {proc.pid}, workers = {workers}) listening on {LOOPBACK}:{port}")
     return server
 
 
@@ -283,6 +302,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--stall-timeout", type=float, default=60.0,
                    help="give up waiting for delivery after this many seconds "
                         "without progress (default 60)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="mailhost's [server] workers: reactor processes sharing the listener (default 1)")
     p.add_argument("--only", choices=("mailhost", "postfix"),
                    help="benchmark just one server (no ratio)")
     p.add_argument("--venv", type=Path, default=REPO / ".venv",
@@ -362,7 +383,7 @@ def main() -> int:
     failed = False
     try:
         starters: dict[str, Callable[[Path], Server]] = {
-            "mailhost": lambda root: start_mailhost(root, venv_bin),
+            "mailhost": lambda root: start_mailhost(root, venv_bin, args.workers),
             "postfix": start_postfix,
         }
         for name in servers:
@@ -401,8 +422,8 @@ def main() -> int:
         else:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    print(f"\nInbound: {args.size}-byte bodies to one mailbox, loopback, "
-          f"smtp-source; msg/s = messages / seconds until all were in Maildir new/")
+    print(f"\nInbound: {args.size}-byte bodies to one mailbox, loopback, smtp-source, "
+          f"mailhost with workers = {args.workers}; msg/s = messages / seconds until all were in Maildir new/")
     print_table(scenarios, results, servers)
     return 1 if failed else 0
 
