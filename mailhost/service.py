@@ -31,6 +31,7 @@ from mailhost.spool import Spool
 from mailhost.suppression import SuppressionList
 from mailhost.throttle import Throttle
 from mailhost.tls import ServerTLS, TLSSetupError, ensure_tls_pair
+from mailhost.transport import send_eagerly
 from mailhost.workers import WorkerPool
 
 log = Logger(namespace="mailhost.service")
@@ -67,6 +68,7 @@ class ListenerService(service.Service):
         except internet_error.CannotListenError as e:
             sys.stderr.write(f"mailhost: cannot listen on {self.description}: {e.socketError}\n")
             raise SystemExit(1) from None
+        send_eagerly(self.port())
 
     def startService(self) -> None:
         super().startService()

@@ -29,6 +29,7 @@ from mailhost.reload import ReloadOnHangup
 from mailhost.service import build_inbound
 from mailhost.smtp.server import listener_factory
 from mailhost.tls import ServerTLS, tls_pair_paths
+from mailhost.transport import send_eagerly
 from mailhost.workers import WorkerReload, WorkerStart
 
 log = Logger(namespace="mailhost.worker")
@@ -62,6 +63,7 @@ class Worker:
         for role, fd in self.fds:
             factory = listener_factory(role, inbound.context, self.reactor)
             self.ports.append(self.reactor.adoptStreamPort(fd, _family(fd), factory))
+            send_eagerly(self.ports[-1])
             _close(fd)  # adoptStreamPort holds its own copy
         log.info("worker {number} listening: {listeners}", number=self.number,
                  listeners=" ".join(f"{role}={_where(port)}" for (role, _), port in zip(self.fds, self.ports)))

@@ -34,7 +34,15 @@ def wait_for_port(port: int, process: subprocess.Popen, host: str = "127.0.0.1",
         if process.poll() is not None:
             raise RuntimeError(f"daemon exited with {process.returncode}")
         try:
-            with socket.create_connection((host, port), timeout=0.5):
+            with socket.create_connection((host, port), timeout=0.5) as probe:
+                # Hang up and wait for the daemon to close too: then it has forgotten this
+                # connection, and a test of per-address limits does not meet it.
+                probe.shutdown(socket.SHUT_WR)
+                try:
+                    while probe.recv(4096):
+                        pass
+                except OSError:
+                    pass
                 return
         except OSError:
             time.sleep(0.05)
