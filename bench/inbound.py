@@ -14,8 +14,8 @@ Run from the repository root:
 
 Needs root (Postfix is started privately, and drops to its mail_owner), the
 Debian ``postfix`` package (for postfix, postconf and smtp-source), and
-mailhost installed in .venv.  Uses only the standard library (and the
-private-Postfix helper in tests/support/postfix.py, which does too).
+mailhost installed in .venv.  Uses the standard library, the private-Postfix
+helper in tests/support/postfix.py, and bench/common.py's CPU-time reader.
 """
 
 from __future__ import annotations
@@ -37,6 +37,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # for tests.support.postfix (standard library only)
 
 from tests.support.postfix import Postfix, PostfixError  # noqa: E402
+
+sys.path.insert(0, str(REPO / "bench"))
+from common import cpu_seconds  # noqa: E402
 
 LOOPBACK = "127.0.0.1"
 RECIPIENT = "alice@example.test"
@@ -124,6 +127,7 @@ class Server:
     maildir_new: Path  # where delivered mail for RECIPIENT appears
     log_file: Path
     stop: Callable[[], None] = field(repr=False)
+    cpu: Callable[[], float] = field(repr=False, default=lambda: 0.0)  # CPU seconds used so far, all its processes
 
 
 MAILHOST_TOML = """\
@@ -185,7 +189,9 @@ def start_mailhost(root: Path, venv_bin: Path, workers: int = 1) -> Server:
             proc.kill()
             proc.wait()
 
-    server = Server("mailhost", port, root / "mail" / "alice" / "new", log_file, stop)
+    # The daemon and its workers (its children).
+    server = Server("mailhost", port, root / "mail" / "alice" / "new", log_file, stop,
+                    lambda: cpu_seconds(proc.pid, children=True))
     try:
         wait_for_port(port, 30, lambda: proc.poll() is None)
         for number in range(1, workers):
@@ -211,7 +217,7 @@ def start_postfix(root: Path) -> Server:
         raise RuntimeError(f"postfix did not start: {exc}") from None
     log(f"postfix (master pid {instance.master_pid}) listening on {LOOPBACK}:{instance.port}")
     return Server("postfix", instance.port, instance.maildir(RECIPIENT) / "new",
-                  instance.log_file, instance.stop)
+                  instance.log_file, instance.stop, lambda: cpu_seconds(instance.master_pid, children=True))
 
 
 # --------------------------------------------------------------------------
@@ -232,6 +238,7 @@ class Result:
     accept_seconds: float   # until smtp-source had every 250
     deliver_seconds: float  # until every message was in Maildir new/
     delivered: int
+    cpu_seconds: float = 0.0  # CPU the server used meanwhile (all its processes)
 
     @property
     def ok(self) -> bool:
@@ -240,6 +247,11 @@ class Result:
     @property
     def rate(self) -> float:
         return self.messages / self.deliver_seconds
+
+    @property
+    def cpu_ms(self) -> float:
+        """CPU milliseconds per message."""
+        return 1000 * self.cpu_seconds / self.messages
 
 
 def smtp_source(server: Server, messages: int, sessions: int, size: int,
@@ -273,6 +285,7 @@ def wait_for_delivery(new_dir: Path, target: int, stall_timeout: float) -> int:
 def measure(server: Server, messages: int, sessions: int, size: int, reuse: bool,
             stall_timeout: float) -> Result:
     before = count_files(server.maildir_new)
+    cpu = server.cpu()
     start = time.monotonic()
     smtp_source(server, messages, sessions, size, reuse)
     accepted = time.monotonic() - start
@@ -280,7 +293,7 @@ def measure(server: Server, messages: int, sessions: int, size: int, reuse: bool
     # the server; for mailhost delivery already happened before each 250.
     after = wait_for_delivery(server.maildir_new, before + messages, stall_timeout)
     delivered = time.monotonic() - start
-    return Result(messages, accepted, delivered, after - before)
+    return Result(messages, accepted, delivered, after - before, server.cpu() - cpu)
 
 
 # --------------------------------------------------------------------------
@@ -337,6 +350,10 @@ def print_table(scenarios: list[Scenario], results: dict[tuple[str, str], Result
         m, p = results.get(("mailhost", sc.name)), results.get(("postfix", sc.name))
         return f"{m.rate / p.rate:.2f}" if m and p else "-"
 
+    def cpu(name: str, sc: Scenario) -> str:
+        r = results.get((name, sc.name))
+        return f"{r.cpu_ms:.2f}" if r else "-"
+
     def verified(sc: Scenario) -> str:
         rs = [results.get((s, sc.name)) for s in servers]
         if any(r is None for r in rs):
@@ -346,12 +363,12 @@ def print_table(scenarios: list[Scenario], results: dict[tuple[str, str], Result
         return "NO: " + ", ".join(f"{s} {r.delivered}/{r.messages}"
                                   for s, r in zip(servers, rs) if not r.ok)
 
-    rows = [("scenario", "mailhost msg/s", "postfix msg/s", "ratio m/p", "all verified")]
-    rows += [(sc.name, rate("mailhost", sc), rate("postfix", sc), ratio(sc), verified(sc))
-             for sc in scenarios]
+    rows = [("scenario", "mailhost msg/s", "postfix msg/s", "ratio m/p", "CPU ms/msg m", "CPU ms/msg p", "all verified")]
+    rows += [(sc.name, rate("mailhost", sc), rate("postfix", sc), ratio(sc), cpu("mailhost", sc), cpu("postfix", sc),
+              verified(sc)) for sc in scenarios]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for i, row in enumerate(rows):
-        print("  ".join(cell.ljust(w) if j in (0, 4) else cell.rjust(w)
+        print("  ".join(cell.ljust(w) if j in (0, 6) else cell.rjust(w)
                         for j, (cell, w) in enumerate(zip(row, widths))))
         if i == 0:
             print("  ".join("-" * w for w in widths))
@@ -400,7 +417,7 @@ def main() -> int:
                 results[(server.name, sc.name)] = r
                 log(f"  accepted in {r.accept_seconds:.2f}s "
                     f"({r.messages / r.accept_seconds:.0f} msg/s), all delivered in "
-                    f"{r.deliver_seconds:.2f}s ({r.rate:.0f} msg/s), "
+                    f"{r.deliver_seconds:.2f}s ({r.rate:.0f} msg/s), {r.cpu_seconds:.1f} CPU-s, "
                     f"verified {r.delivered}/{r.messages}")
                 if not r.ok:
                     failed = True
