@@ -1,4 +1,4 @@
-"""TCP server connections that send a write at once when nothing is waiting to be sent.
+"""TCP connections that send a write at once when nothing is waiting to be sent.
 
 Twisted's TCP transport buffers every write, registers the socket for
 writability (an epoll_ctl), sends on the next reactor turn, and unregisters it
@@ -15,7 +15,9 @@ from typing import Any
 from twisted.internet import tcp
 
 
-class EagerServer(tcp.Server):
+class EagerWrites:
+    """Mixed into a tcp.Connection subclass: try the send before buffering."""
+
     def write(self, data: bytes) -> None:
         if (data and self.connected and not self.disconnecting and not self._writeDisconnected and not self.TLS
                 and self.offset == len(self.dataBuffer) and not self._tempDataBuffer
@@ -28,6 +30,23 @@ class EagerServer(tcp.Server):
                 return
             data = data[sent:]
         super().write(data)
+
+
+class EagerServer(EagerWrites, tcp.Server):
+    pass
+
+
+class EagerClient(EagerWrites, tcp.Client):
+    """For outbound SMTP: each pipelined command group and each message body is one write."""
+
+
+def make_eager(transport: Any) -> None:
+    """Turn a plain outbound TCP transport into an EagerClient (TLS-wrapped or other ones are left alone).
+
+    The connector builds the tcp.Client itself, so the class is switched on the
+    instance once connected; EagerClient adds no state of its own."""
+    if type(transport) is tcp.Client:
+        transport.__class__ = EagerClient
 
 
 def send_eagerly(port: Any) -> None:

@@ -7,7 +7,7 @@ import socket
 from twisted.internet import tcp
 from twisted.internet.protocol import Protocol
 
-from mailhost.transport import EagerServer, send_eagerly
+from mailhost.transport import EagerClient, EagerServer, make_eager, send_eagerly
 
 
 class FakeReactor:
@@ -89,3 +89,26 @@ def test_only_plain_tcp_ports_are_switched() -> None:
     send_eagerly(port)
     assert port.transport is EagerServer
     send_eagerly(object())  # a UNIX port, or anything else: left alone
+
+
+def test_an_outbound_connection_is_made_eager_once_connected() -> None:
+    ours, peer = socket.socketpair()
+    ours.setblocking(False)
+    reactor = FakeReactor()
+    client = tcp.Client.__new__(tcp.Client)  # as the connector builds it, without connecting anywhere
+    tcp.Connection.__init__(client, ours, Protocol(), reactor)
+    client.connected = True
+    make_eager(client)
+    assert isinstance(client, EagerClient)
+    client.write(b"MAIL FROM:<a@example.test>\r\n")
+    assert peer.recv(100) == b"MAIL FROM:<a@example.test>\r\n"
+    assert client not in reactor.writers
+
+
+def test_other_transports_are_left_alone() -> None:
+    class Wrapped:
+        pass
+
+    wrapped = Wrapped()
+    make_eager(wrapped)
+    assert type(wrapped) is Wrapped

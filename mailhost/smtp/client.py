@@ -31,6 +31,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailhost.smtp.wire import stuff_from_lf
+from mailhost.transport import make_eager
 
 TLS_MODES = ("none", "opportunistic", "required", "starttls-verify", "implicit-verify")
 REPLY_LINE_MAX = 4096  # octets per reply line; RFC 5321 says 512, real servers say more
@@ -141,6 +142,7 @@ class SMTPClientProtocol(Protocol):
         if hasattr(self.transport, "setTcpNoDelay"):
             # Commands are written whole and deliberately; Nagle would only delay them.
             self.transport.setTcpNoDelay(True)
+        make_eager(self.transport)
         self._queue(_Waiter("greeting", self.greeting, self._greeting_timeout))
 
     def implicit_tls(self) -> None:
