@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application import internet
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.protocol import Factory
 from twisted.protocols import amp
 
@@ -49,8 +49,9 @@ class ControlProtocol(amp.AMP):
         self.throttle = throttle
 
     @PaceCommand.responder
-    def pace(self) -> dict[str, str]:
-        return {"json": json.dumps(self.throttle.snapshot())}
+    def pace(self) -> Deferred[dict[str, str]]:
+        # With server.workers, the snapshot gathers every process's paces (a Deferred).
+        return maybeDeferred(self.throttle.snapshot).addCallback(lambda paces: {"json": json.dumps(paces)})
 
     @QueuedCommand.responder
     def queued(self, queue_id: str) -> Deferred[dict]:
@@ -62,7 +63,7 @@ class ControlProtocol(amp.AMP):
 
     async def _queue_command(self, action: str, queue_id: str | None) -> dict[str, int]:
         if action == "flush":
-            return {"count": self.scheduler.flush(queue_id)}
+            return {"count": await maybeDeferred(self.scheduler.flush, queue_id)}
         if action == "pickup":
             self.pickup.collect()  # answered at once: sendmail need not wait for delivery
             return {"count": 1}
