@@ -121,7 +121,7 @@ MAILHOST_TOML = """\
 [server]
 hostname = "{hostname}"
 state_dir = "{root}/state"
-
+{server_extra}
 [[listener]]
 role = "mx"
 endpoint = "tcp:{port}:interface=127.0.0.1"
@@ -149,7 +149,8 @@ class Mailhost:
     """`twistd -n mailhost` with a config in `root`; stopped with SIGTERM (SIGKILL after 30 s), by PID."""
 
     def __init__(self, root: Path, venv_bin: Path, nameserver: str, mx_port: int,
-                 retry: Iterable[str] = ("1h",), queue_extra: str = "", profile: Path | None = None) -> None:
+                 retry: Iterable[str] = ("1h",), queue_extra: str = "", profile: Path | None = None,
+                 server_extra: str = "") -> None:
         self.root = root
         self.profile = profile
         self.venv_bin = venv_bin
@@ -159,7 +160,7 @@ class Mailhost:
         self.config = root / "mailhost.toml"
         self.config.write_text(MAILHOST_TOML.format(
             hostname=MAILHOST_NAME, root=root, port=self.port, nameserver=nameserver, mx_port=mx_port,
-            retry=json.dumps(list(retry)), queue_extra=queue_extra))
+            retry=json.dumps(list(retry)), queue_extra=queue_extra, server_extra=server_extra))
         self.state_dir = root / "state"
         self.spool_dir = self.state_dir / "spool"
         self.log_file = root / "twistd.log"

@@ -84,28 +84,32 @@ def flush_mailhost(daemon: Mailhost) -> None:
 
 
 def run_mailhost(root: Path, args, sink: SmtpSink, nameserver: str) -> Result:
+    # (no workers line for 1, so that a tree from before the key can be measured too)
     daemon = Mailhost(root, args.venv / "bin", nameserver=nameserver, mx_port=sink.port, retry=["1h"],
-                      queue_extra="\n".join(args.mailhost_queue), profile=args.profile)
+                      queue_extra="\n".join(args.mailhost_queue), profile=args.profile,
+                      server_extra=f"workers = {args.workers}" if args.workers > 1 else "")
     log(f"mailhost: writing {args.messages} messages into its spool (daemon stopped) ...")
     fill = fill_spool(daemon.spool_dir, args.messages, recipient(args.domains), args.size,
                       next_attempt=time.time() + 86400, progress=False)
     log(f"  written in {fill:.1f}s")
     try:
         started = daemon.start()
-        found = daemon.wait_for_log(r"queue loaded: (\d+) messages", timeout=300)
+        # With workers, each process loads its own shard of the queue and says so.
+        found = daemon.wait_for_log(r"(?s)(queue loaded: \d+ messages.*){%d}" % args.workers, timeout=300)
         loaded = time.monotonic() - started
-        if int(found.group(1)) != args.messages:
-            raise RuntimeError(f"mailhost loaded {found.group(1)} messages, not {args.messages}")
+        total = sum(int(n) for n in re.findall(r"queue loaded: (\d+) messages", daemon.log()))
+        if total != args.messages:
+            raise RuntimeError(f"mailhost loaded {total} messages, not {args.messages}")
         while not daemon.accepts():
             time.sleep(0.05)
         log(f"mailhost (pid {daemon.process.pid}) loaded its queue in {loaded:.2f}s; flushing")
         base, sessions = sink.messages, sink.sessions
-        cpu0 = cpu_seconds(daemon.process.pid)
+        cpu0 = cpu_seconds(daemon.process.pid, children=True)
         t0 = time.monotonic()
         flush_mailhost(daemon)
         end = sink.wait_for(base + args.messages, t0, args.stall_timeout)
         drain = end - t0 if end is not None else None
-        cpu = cpu_seconds(daemon.process.pid) - cpu0
+        cpu = cpu_seconds(daemon.process.pid, children=True) - cpu0
         if drain is None:
             log(f"  STALLED at {sink.messages - base}/{args.messages}; log tail:\n{tail(daemon.log_file)}")
         deadline = time.monotonic() + 60
@@ -225,6 +229,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--venv", type=Path, default=REPO / ".venv", help="virtualenv with twistd and mailhost")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, maillog)")
     p.add_argument("--profile", type=Path, help="run mailhost under cProfile, stats saved to this file")
+    p.add_argument("--workers", type=int, default=1,
+                   help="mailhost's [server] workers: processes that each deliver a shard of the queue (default 1)")
     p.add_argument("--mailhost-queue", action="append", default=[], metavar="'KEY = VALUE'",
                    help="an extra line for mailhost's [queue] table, e.g. 'per_destination = 50' (repeatable)")
     return p.parse_args()

@@ -16,7 +16,8 @@ from twisted.internet.defer import Deferred
 from mailhost.durable import DiskWriter
 from mailhost.envelope import Envelope, Recipient
 from mailhost.mailbox import Copy, LocalDomains, deliver_copies
-from mailhost.spool import Spool, new_queue_id
+from mailhost.shard import new_queue_id
+from mailhost.spool import Spool
 
 HOP_LIMIT = 50  # Received: headers; more means a mail loop (RFC 5321 6.3)
 

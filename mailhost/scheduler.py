@@ -16,6 +16,7 @@ from twisted.application import service
 from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
 from twisted.logger import Logger
 
+from mailhost import shard
 from mailhost.config import Config
 from mailhost.dsn import build_dsn, received_count
 from mailhost.durable import DiskWriter
@@ -32,7 +33,7 @@ ERROR_RETRY_SECONDS = 300.0  # when a delivery attempt itself crashed
 
 class Scheduler(service.Service):
     def __init__(self, config: Config, spool: Spool, writer: DiskWriter, deliverer: Deliverer,
-                 intake: Intake, reactor: Any, metrics: Metrics, max_in_flight: int = 50) -> None:
+                 intake: Intake, reactor: Any, metrics: Metrics, max_in_flight: int = 50, recover_spool: bool = True) -> None:
         self.config = config
         self.spool = spool
         self.writer = writer
@@ -40,6 +41,8 @@ class Scheduler(service.Service):
         self.intake = intake
         self.reactor = reactor
         self.max_in_flight = max_in_flight
+        # Only the main process cleans up interrupted writes: a worker doing so could meet a write in progress.
+        self.recover_spool = recover_spool
         self.index = DueIndex()
         self.arrivals: dict[str, float] = {}  # for the oldest-message gauge
         self.metrics = metrics
@@ -57,9 +60,11 @@ class Scheduler(service.Service):
         self.writer.run(self._load).addCallbacks(self._loaded, self._load_failed)
 
     def _load(self) -> list[tuple[str, float, bool, float]]:
-        for debris in self.spool.recover():
-            log.info("removed interrupted write {path}", path=debris)
-        return [(e["id"], e["next_attempt"], e.get("held", False), e["arrival"]) for e in self.spool.raw_envelopes()]
+        if self.recover_spool:
+            for debris in self.spool.recover():
+                log.info("removed interrupted write {path}", path=debris)
+        return [(e["id"], e["next_attempt"], e.get("held", False), e["arrival"]) for e in self.spool.raw_envelopes()
+                if shard.owns(e["id"])]
 
     def _loaded(self, entries: list[tuple[str, float, bool, float]]) -> None:
         for queue_id, when, held, arrival in entries:
@@ -111,12 +116,13 @@ class Scheduler(service.Service):
 
     @inlineCallbacks
     def adopt_strays(self):
-        """Schedule every committed message the index does not know: a worker that
-        died between committing a message and telling us leaves it behind."""
+        """Schedule every committed message of this process's shard that the index
+        does not know (a message committed while nobody could be told, or a
+        shard this process has just taken over)."""
         ids = yield self.writer.run(lambda: list(self.spool.ids()))
         found = 0
         for queue_id in ids:
-            if queue_id in self.index or queue_id in self.in_flight:
+            if queue_id in self.index or queue_id in self.in_flight or not shard.owns(queue_id):
                 continue
             try:
                 yield self.committed(queue_id)

@@ -12,6 +12,7 @@ from twisted.application.internet import TimerService
 from twisted.internet import error as internet_error
 from twisted.logger import Logger
 
+from mailhost import shard
 from mailhost.auth import AuthSlowdown, make_portal
 from mailhost.config import Config, ConfigError, load
 from mailhost.content import ContentSteps
@@ -32,7 +33,7 @@ from mailhost.suppression import SuppressionList
 from mailhost.throttle import Throttle
 from mailhost.tls import ServerTLS, TLSSetupError, ensure_tls_pair
 from mailhost.transport import send_eagerly
-from mailhost.workers import WorkerPool
+from mailhost.workers import ShardedQueue, WorkerPool
 
 log = Logger(namespace="mailhost.service")
 
@@ -158,37 +159,63 @@ def build_inbound(config: Config, tls_options: ServerTLS, reactor: Any, parent: 
     return Inbound(writer, domains, spool, intake, signer, context)
 
 
+@dataclass
+class Outbound:
+    """What delivers one process's shard of the queue (all of it, without workers)."""
+
+    scheduler: Scheduler
+    throttle: Throttle
+
+
+def build_outbound(config: Config, inbound: Inbound, reactor: Any, parent: service.MultiService, metrics: Metrics,
+                   shards: int, main: bool) -> Outbound:
+    """Routing, pooled connections, pacing and the queue runner. With `shards` = N
+    delivering processes, each keeps 1/N of the concurrency and of every pace."""
+    router = Router(config.relay, config.server.hostname, listening_addresses(config))
+    pool = SessionPool(reactor, config.server.hostname)
+    throttle = Throttle(config.throttles, default_connections=config.queue.per_destination, share=shards)
+    metrics.watch_throttle(throttle.snapshot)
+    scheduler = Scheduler(config, inbound.spool, inbound.writer, Deliverer(config, router, pool, throttle, reactor),
+                          inbound.intake, reactor, metrics, max_in_flight=-(-config.queue.concurrency // shards),
+                          recover_spool=main)
+    inbound.intake.on_queued = scheduler.queued
+    scheduler.setServiceParent(parent)
+    return Outbound(scheduler, throttle)
+
+
 def build(config: Config, tls_options: ServerTLS, reactor: Any) -> service.MultiService:
     top = service.MultiService()
     metrics = Metrics()
+    # With workers, every process delivers its own shard of the queue (mailhost.shard); this is shard 0.
+    shard.claim(0, config.server.workers)
     inbound = build_inbound(config, tls_options, reactor, top, metrics)
-    writer, domains, spool, intake = inbound.writer, inbound.domains, inbound.spool, inbound.intake
-    router = Router(config.relay, config.server.hostname, listening_addresses(config))
-    pool = SessionPool(reactor, config.server.hostname)
-    throttle = Throttle(config.throttles, default_connections=config.queue.per_destination)
-    metrics.watch_throttle(throttle.snapshot)
-    scheduler = Scheduler(config, spool, writer, Deliverer(config, router, pool, throttle, reactor), intake, reactor, metrics,
-                          max_in_flight=config.queue.concurrency)
-    intake.on_queued = scheduler.queued
-    scheduler.setServiceParent(top)
+    writer, domains, intake = inbound.writer, inbound.domains, inbound.intake
+    outbound = build_outbound(config, inbound, reactor, top, metrics, shards=config.server.workers, main=True)
+    scheduler, throttle = outbound.scheduler, outbound.throttle
     pickup = PickupCollector(config.server.state_dir, writer, intake, domains, config.server.hostname)
     # Collect at start and every few seconds, for messages dropped while no daemon answered the poke.
     TimerService(PICKUP_SCAN_SECONDS, pickup.collect).setServiceParent(top)
-    control_service(config.server.state_dir, scheduler, pickup, throttle).setServiceParent(top)
-    if config.metrics.endpoint is not None:
-        site = metrics_site(metrics, ready=lambda: scheduler.ready.called)
-        ListenerService(config.metrics.endpoint, site, reactor).setServiceParent(top)
     listeners = []
     for listener in config.listeners:
         factory = listener_factory(listener.role, inbound.context, reactor)
         listeners.append(ListenerService(listener.endpoint, factory, reactor))
-        listeners[-1].setServiceParent(top)
     reload = ReloadOnHangup(tls_options, domains, reactor, inbound.signer, inbound.context)
-    reload.setServiceParent(top)
+    queue: Any = scheduler
+    paces: Any = throttle
     if config.server.workers > 1:
         workers = WorkerPool(config, lambda: [(i, l.port()) for i, l in enumerate(listeners) if l.port() is not None],
                              tls_options, lambda: ControlProtocol(scheduler, pickup, throttle), scheduler.ready,
-                             scheduler.adopt_strays, reactor)
+                             scheduler.adopt_strays, reactor, alone=lambda: _deliver_alone(outbound))
+        # Queue commands and paces reach the process that holds the message.
+        queue = paces = ShardedQueue(scheduler, throttle, workers)
+    control_service(config.server.state_dir, queue, pickup, paces).setServiceParent(top)
+    if config.metrics.endpoint is not None:
+        site = metrics_site(metrics, ready=lambda: scheduler.ready.called)
+        ListenerService(config.metrics.endpoint, site, reactor).setServiceParent(top)
+    for each in listeners:
+        each.setServiceParent(top)
+    reload.setServiceParent(top)
+    if config.server.workers > 1:
         workers.setServiceParent(top)
         reload.after.append(workers.reload)
     log.info(
@@ -199,6 +226,14 @@ def build(config: Config, tls_options: ServerTLS, reactor: Any) -> service.Multi
         workers=config.server.workers,
     )
     return top
+
+
+def _deliver_alone(outbound: Outbound) -> None:
+    """No worker could be started: this process delivers every shard."""
+    shard.claim(0, 1)
+    outbound.throttle.deliver_alone()
+    outbound.scheduler.max_in_flight = outbound.scheduler.config.queue.concurrency
+    outbound.scheduler.adopt_strays().addErrback(lambda failure: log.failure("taking over the queue", failure))
 
 
 def listening_addresses(config: Config) -> set[tuple[str, int]]:

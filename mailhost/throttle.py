@@ -100,22 +100,35 @@ class Pace:
 
 
 class Throttle:
-    """The paces of every destination group seen so far."""
+    """The paces of every destination group seen so far.
 
-    def __init__(self, rules: tuple[ThrottleRule, ...], default_connections: int, clock: Callable[[], float] = time.monotonic) -> None:
+    With `share` = N (N processes delivering, server.workers), this process
+    keeps 1/N of each group's rate and connections, so that together they keep
+    the configured pace."""
+
+    def __init__(self, rules: tuple[ThrottleRule, ...], default_connections: int, clock: Callable[[], float] = time.monotonic,
+                 share: int = 1) -> None:
         self.rules = rules
         self.default_connections = default_connections
         self._clock = clock
+        self.share = share
         self.paces: dict[str, Pace] = {}
 
     def pace_for(self, mx_host: str) -> Pace:
         name, rule = group_of(mx_host, self.rules)
         if name not in self.paces:
+            share = self.share
             if rule is None:
-                self.paces[name] = Pace(name, self.default_connections, UNLIMITED, UNLIMITED, self._clock)
+                self.paces[name] = Pace(name, _part(self.default_connections, share), UNLIMITED, UNLIMITED, self._clock)
             else:
-                self.paces[name] = Pace(name, rule.connections, rule.rate, rule.floor, self._clock)
+                self.paces[name] = Pace(name, _part(rule.connections, share), rule.rate / share, rule.floor / share,
+                                        self._clock)
         return self.paces[name]
+
+    def deliver_alone(self) -> None:
+        """This process now delivers everything: groups seen from now on get the whole pace."""
+        self.share = 1
+        self.paces.clear()
 
     def snapshot(self) -> dict[str, dict[str, float]]:
         """Each paced group's current and configured rate (messages/minute), for queue list and metrics."""
@@ -124,6 +137,21 @@ class Throttle:
             for name, pace in sorted(self.paces.items())
             if pace.max_rate != UNLIMITED
         }
+
+
+def _part(connections: int, share: int) -> int:
+    return max(1, -(-connections // share))
+
+
+def merge_snapshots(snapshots: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """The paces of several processes added up, group by group: what the destination sees."""
+    merged: dict[str, dict[str, float]] = {}
+    for snapshot in snapshots:
+        for name, values in snapshot.items():
+            total = merged.setdefault(name, {key: 0.0 for key in values})
+            for key, value in values.items():
+                total[key] = total.get(key, 0.0) + value
+    return dict(sorted(merged.items()))
 
 
 def is_slow_down_signal(code: int | None, status: str, connection_refused: bool = False) -> bool:

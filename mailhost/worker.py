@@ -1,15 +1,18 @@
 """One worker process of `[server] workers = N` (see mailhost.workers); the main process starts it:
 
-    python -m mailhost.worker --config PATH --number N --channel FD --fds ROLE:FD,...
+    python -m mailhost.worker --config PATH --number N --shards S --channel FD --fds ROLE:FD,...
 
 FD numbers are inherited descriptors: --channel the worker's end of the AMP socket
-pair, --fds the listening sockets and the role each serves. Log events go to
-stdout as JSON lines, for the main process to write into its log.
+pair, --fds the listening sockets and the role each serves. Worker N delivers
+shard N of S of the queue (mailhost.shard): the messages it accepts, and those
+of its shard already in the spool. Log events go to stdout as JSON lines, for
+the main process to write into its log.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import socket
 import sys
@@ -21,16 +24,18 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger, globalLogBeginner, jsonFileLogObserver
 from twisted.protocols import amp
 
+from mailhost import shard
 from mailhost.config import ROLES, Config, ConfigError, load
 from mailhost.control import QueuedCommand
 from mailhost.envelope import Envelope
 from mailhost.metrics import Metrics
 from mailhost.reload import ReloadOnHangup
-from mailhost.service import build_inbound
+from mailhost.spool import SpoolError
+from mailhost.service import Outbound, build_inbound, build_outbound
 from mailhost.smtp.server import listener_factory
 from mailhost.tls import ServerTLS, tls_pair_paths
 from mailhost.transport import send_eagerly
-from mailhost.workers import WorkerReload, WorkerStart
+from mailhost.workers import WorkerPace, WorkerQueue, WorkerReload, WorkerStart
 
 log = Logger(namespace="mailhost.worker")
 
@@ -38,9 +43,10 @@ log = Logger(namespace="mailhost.worker")
 class Worker:
     """Serves the inherited listeners the way the main process does, once it has the TLS pair."""
 
-    def __init__(self, config: Config, number: int, fds: list[tuple[str, int]], reactor: Any) -> None:
+    def __init__(self, config: Config, number: int, fds: list[tuple[str, int]], reactor: Any, shards: int = 1) -> None:
         self.config = config
         self.number = number
+        self.shards = shards
         self.fds = fds
         self.reactor = reactor
         self.top = service.MultiService()
@@ -49,14 +55,21 @@ class Worker:
         self.reloader: ReloadOnHangup | None = None
         self.ports: list[Any] = []
         self.failed = False
+        self.outbound: Outbound | None = None
 
     def start(self, pem: tuple[bytes, bytes]) -> None:
         if self.tls is not None:
             raise RuntimeError("already started")
         self.tls = ServerTLS(*tls_pair_paths(self.config), pem=pem)
         # Its metrics are not served: /metrics is the main process's.
-        inbound = build_inbound(self.config, self.tls, self.reactor, self.top, Metrics())
-        inbound.intake.on_queued = self.queued
+        metrics = Metrics()
+        inbound = build_inbound(self.config, self.tls, self.reactor, self.top, metrics)
+        if self.shards > 1:
+            # Ids of our shard for what we accept, and our shard of the queue to deliver.
+            shard.claim(self.number, self.shards)
+            self.outbound = build_outbound(self.config, inbound, self.reactor, self.top, metrics, self.shards, main=False)
+        else:
+            inbound.intake.on_queued = self.queued
         # Not a service here: no SIGHUP handler, the main process says when.
         self.reloader = ReloadOnHangup(self.tls, inbound.domains, self.reactor, inbound.signer, inbound.context)
         self.top.startService()
@@ -82,6 +95,26 @@ class Worker:
         self.channel.callRemote(QueuedCommand, queue_id=envelope.id).addErrback(
             lambda failure: log.warn("{id}: queued; telling the main process failed: {error}", id=envelope.id,
                                      error=failure.getErrorMessage()))
+
+    async def queue_action(self, action: str, queue_id: str | None) -> int:
+        """`mailhost queue ...` for a message of our shard, as the main process does it for its own."""
+        if self.outbound is None:
+            raise SpoolError("this worker delivers nothing")
+        scheduler = self.outbound.scheduler
+        if action == "flush":
+            return scheduler.flush(queue_id)
+        if queue_id is None:
+            raise SpoolError(f"{action} needs a queue id")
+        if action == "delete":
+            await scheduler.delete(queue_id)
+        elif action in ("hold", "release"):
+            await scheduler.set_held(queue_id, action == "hold")
+        else:
+            raise SpoolError(f"unknown action {action}")
+        return 1
+
+    def paces(self) -> dict:
+        return self.outbound.throttle.snapshot() if self.outbound is not None else {}
 
     def stop(self) -> Deferred | None:
         for port in self.ports:
@@ -112,6 +145,14 @@ class WorkerChannel(amp.AMP):
             self.worker.reactor.callLater(0, self.worker.reactor.stop)
             raise
         return {}
+
+    @WorkerQueue.responder
+    def queue_action(self, action: str, queue_id: str | None = None) -> Deferred[dict]:
+        return Deferred.fromCoroutine(self.worker.queue_action(action, queue_id)).addCallback(lambda n: {"count": n})
+
+    @WorkerPace.responder
+    def pace(self) -> dict:
+        return {"json": json.dumps(self.worker.paces())}
 
     @WorkerReload.responder
     def reload(self, cert_pem: bytes, key_pem: bytes) -> dict:
@@ -164,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mailhost.worker", description="a worker of server.workers (started by the daemon)")
     parser.add_argument("--config", required=True)
     parser.add_argument("--number", type=int, required=True)
+    parser.add_argument("--shards", type=int, default=1)
     parser.add_argument("--channel", type=int, required=True)
     parser.add_argument("--fds", type=parse_fds, required=True)
     args = parser.parse_args(argv)
@@ -181,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from twisted.internet import reactor
 
-    worker = Worker(config, args.number, args.fds, reactor)
+    worker = Worker(config, args.number, args.fds, reactor, shards=args.shards)
     factory = protocol.Factory.forProtocol(lambda: WorkerChannel(worker))
     factory.noisy = False
     reactor.adoptStreamConnection(args.channel, socket.AF_UNIX, factory)

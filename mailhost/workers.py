@@ -7,14 +7,18 @@ each inheriting the listening sockets and one end of a private socket pair as
 file descriptors. Every process accepts on the same sockets; the kernel gives
 each new connection to one of them. A worker serves its sessions with its own
 SMTPServerFactory, writes Maildir copies and spool entries itself through
-Intake (the same fsyncs before the same 250), and tells the main process about
-each message it queued; the main process's scheduler loads it and delivers it.
+Intake (the same fsyncs before the same 250), and delivers its own shard of the
+queue (mailhost.shard): the messages it accepted, whose ids it picks in its
+shard, and those of its shard already in the spool, which it loads at start.
+Each process keeps 1/N of queue.concurrency and of every destination's pace.
 
 The socket pair speaks AMP:
 
     main -> worker   WorkerStart   the TLS pair in use; the worker then starts listening
                      WorkerReload  after SIGHUP: the users files and the (new) TLS pair
-    worker -> main   control.QueuedCommand  a message it committed to the spool
+                     WorkerQueue   `mailhost queue ...` for a message of its shard
+                     WorkerPace    its share of each paced group, for `queue list`
+    worker -> main   control.QueuedCommand  a message it committed (workers = 1 shard only)
 
 The TLS pair travels this way because a worker starts after twistd's --uid
 switch and may not read a key file only root can (the main process read it
@@ -24,14 +28,15 @@ there is one log, in the format and place twistd was told (stdout, --logfile,
 --logger=mailhost.logs.json_lines).
 
 A worker that exits is started again (after a second, longer if it keeps
-dying), and the main process then schedules any message the worker committed
-but had no time to report. Stopping the main process stops the workers
+dying) and loads its shard again; its messages wait meanwhile. When no worker
+can be started at all, the main process delivers every shard. Stopping the main process stops the workers
 (SIGTERM to each, by pid); a worker whose socket pair closes (the main process
 died) stops by itself.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
@@ -43,9 +48,13 @@ from typing import Any
 import mailhost
 from twisted.application import service
 from twisted.internet import protocol
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred, succeed
 from twisted.logger import Logger, eventFromJSON, globalLogPublisher
 from twisted.protocols import amp
+
+from mailhost import shard
+from mailhost.spool import SpoolError
+from mailhost.throttle import merge_snapshots
 
 log = Logger(namespace="mailhost.workers")
 
@@ -64,6 +73,22 @@ class WorkerStart(amp.Command):
 
     arguments = [(b"cert_pem", amp.String()), (b"key_pem", amp.String())]
     response: list = []
+
+
+class WorkerQueue(amp.Command):
+    """Main -> worker: `mailhost queue flush|delete|hold|release` for a message of the worker's shard
+    (flush with no id: every message of its shard); answers how many."""
+
+    arguments = [(b"action", amp.Unicode()), (b"queue_id", amp.Unicode(optional=True))]
+    response = [(b"count", amp.Integer())]
+    errors = {SpoolError: b"NO_SUCH_MESSAGE"}
+
+
+class WorkerPace(amp.Command):
+    """Main -> worker: the paces of the worker's share of each destination group, as JSON."""
+
+    arguments: list = []
+    response = [(b"json", amp.Unicode())]
 
 
 class WorkerReload(amp.Command):
@@ -96,8 +121,10 @@ class WorkerPool(service.Service):
     """
 
     def __init__(self, config: Any, ports: Callable[[], list[tuple[int, Any]]], tls: Any,
-                 channel: Callable[[], amp.AMP], ready: Deferred, strays: Callable[[], Deferred], reactor: Any) -> None:
+                 channel: Callable[[], amp.AMP], ready: Deferred, strays: Callable[[], Deferred], reactor: Any,
+                 alone: Callable[[], None] = lambda: None) -> None:
         self.config = config
+        self._alone = alone  # no worker can run: the main process takes over their shards
         self.count = config.server.workers - 1
         self._ports = ports
         self.tls = tls
@@ -117,14 +144,19 @@ class WorkerPool(service.Service):
     def _when_ready(self, result: object) -> object:
         # Others wait on the same Deferred: keep its result, and keep our failures to ourselves.
         try:
-            self._start_all()
+            started = self._start_all()
         except Exception:
             log.failure("cannot start the workers")
+            started = False
+        if not started and self.running:
+            log.warn("the main process delivers the whole queue")
+            self._alone()
         return result
 
-    def _start_all(self) -> None:
+    def _start_all(self) -> bool:
+        """Start every worker; False when none can run."""
         if not self.running:
-            return
+            return True
         for index, port in self._ports():
             endpoint = self.config.listeners[index].endpoint
             if not shareable(endpoint) or not hasattr(port, "fileno"):
@@ -134,20 +166,21 @@ class WorkerPool(service.Service):
             self._shared.append((index, port.fileno()))
         if not self._shared:
             log.warn("server.workers = {n}, but no listener can be shared; no workers started", n=self.count + 1)
-            return
+            return False
         try:
             check_pem_size(self.tls.pem)
         except ValueError as e:
             log.error("no workers started: {error}", error=str(e))
-            return
+            return False
         # A worker reads these itself, as the daemon's user (the main process read them before --uid).
         for path in [self.config.path, *(entry.key_file for entry in getattr(self.config, "dkim", ()))]:
             if not os.access(path, os.R_OK):
                 log.error("no workers started: they cannot read {path} (the daemon's user must be able to)",
                           path=str(path))
-                return
+                return False
         for number in range(1, self.count + 1):
             self._spawn(number)
+        return True
 
     def _spawn(self, number: int) -> None:
         self._restarts.pop(number, None)
@@ -167,7 +200,7 @@ class WorkerPool(service.Service):
                 # The role, not the index: the config file may have changed since we read it.
                 fds.append(f"{self.config.listeners[index].role}:{child_fd}")
             args = [sys.executable, "-m", "mailhost.worker", "--config", str(self.config.path),
-                    "--number", str(number), "--channel", "3", "--fds", ",".join(fds)]
+                    "--number", str(number), "--shards", str(self.count + 1), "--channel", "3", "--fds", ",".join(fds)]
             worker = _Worker(self, number)
             self.reactor.spawnProcess(worker, sys.executable, args, env=_environment(), childFDs=child_fds)
             worker.pid = worker.transport.pid
@@ -227,6 +260,56 @@ class WorkerPool(service.Service):
         return DeferredList(waits) if waits else succeed(None)
 
 
+class ShardedQueue:
+    """The queue as `mailhost queue` and `queue list`'s paces see it when every
+    process delivers its own shard: each command goes to the process holding
+    the message (a flush of everything to all of them), paces are added up."""
+
+    def __init__(self, scheduler: Any, throttle: Any, pool: WorkerPool) -> None:
+        self.scheduler = scheduler
+        self.throttle = throttle
+        self.pool = pool
+
+    def committed(self, queue_id: str) -> Deferred:
+        return self.scheduler.committed(queue_id)
+
+    def flush(self, queue_id: str | None = None) -> Deferred[int]:
+        if queue_id is not None:
+            return self._on_owner(queue_id, "flush", lambda: self.scheduler.flush(queue_id))
+        # A worker starting again loads its shard from the spool, due times and all; nothing to tell it.
+        calls = [succeed(self.scheduler.flush(None))] + [
+            channel.callRemote(WorkerQueue, action="flush").addCallback(lambda answer: answer["count"])
+            for channel in self._channels()]
+        return DeferredList(calls, consumeErrors=True).addCallback(
+            lambda results: sum(count for ok, count in results if ok))
+
+    def set_held(self, queue_id: str, held: bool) -> Deferred:
+        return self._on_owner(queue_id, "hold" if held else "release", lambda: self.scheduler.set_held(queue_id, held))
+
+    def delete(self, queue_id: str) -> Deferred:
+        return self._on_owner(queue_id, "delete", lambda: self.scheduler.delete(queue_id))
+
+    def snapshot(self) -> Deferred[dict]:
+        calls = [succeed(self.throttle.snapshot())] + [
+            channel.callRemote(WorkerPace).addCallback(lambda answer: json.loads(answer["json"]))
+            for channel in self._channels()]
+        return DeferredList(calls, consumeErrors=True).addCallback(
+            lambda results: merge_snapshots([paces for ok, paces in results if ok]))
+
+    def _channels(self) -> list[amp.AMP]:
+        return [w.channel for w in self.pool.workers.values() if w.channel is not None and w.channel.transport is not None]
+
+    def _on_owner(self, queue_id: str, action: str, here: Callable[[], Any]) -> Deferred:
+        owner = shard.shard_of(queue_id, shard.count())
+        if owner == 0:
+            return maybeDeferred(here)
+        worker = self.pool.workers.get(owner)
+        if worker is None or worker.channel is None or worker.channel.transport is None:
+            return fail(SpoolError(f"{queue_id} belongs to worker {owner}, which is starting again; try again shortly"))
+        return worker.channel.callRemote(WorkerQueue, action=action, queue_id=queue_id).addCallback(
+            lambda answer: answer["count"])
+
+
 def _environment() -> dict[str, str]:
     """Ours; with a source checkout's folder first on the path, so the worker runs the code we run."""
     env = dict(os.environ)
@@ -267,6 +350,9 @@ class _Worker(protocol.ProcessProtocol):
             log.info("worker {number}: {line}", number=self.number, line=text)
             return
         event["log_worker"] = self.number
+        # Shown in twistd's text lines as "[mailhost.outbound#info worker 1]": which process wrote it.
+        level = event.get("log_level")
+        event["log_system"] = f"{event.get('log_namespace', '-')}#{getattr(level, 'name', level)} worker {self.number}"
         globalLogPublisher(event)
 
     def processEnded(self, reason: Any) -> None:

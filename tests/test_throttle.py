@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from mailhost.throttle import CLEAN_WINDOW, DEFAULT_RULES, Pace, Throttle, group_of, is_slow_down_signal
+from mailhost.throttle import (
+    CLEAN_WINDOW, DEFAULT_RULES, Pace, Throttle, ThrottleRule, group_of, is_slow_down_signal, merge_snapshots,
+)
 
 
 class Clock:
@@ -81,3 +83,22 @@ def test_unmatched_groups_are_not_paced():
 ])
 def test_slow_down_signals(code, status, refused, expected):
     assert is_slow_down_signal(code, status, refused) is expected
+
+
+def test_a_share_of_the_pace_per_delivering_process_adds_up_to_the_configured_one() -> None:
+    rules = (ThrottleRule("google", ("google.com",), 10, 600.0, 10.0),)
+    halves = [Throttle(rules, default_connections=5, share=2) for _ in range(2)]
+    for throttle in halves:
+        pace = throttle.pace_for("alt1.gmail-smtp-in.l.google.com")
+        assert (pace.rate, pace.max_rate, pace.floor, pace.connections.limit) == (300.0, 300.0, 5.0, 5)
+        assert throttle.pace_for("mx.other.test").connections.limit == 3  # 5 connections over 2: rounded up
+    merged = merge_snapshots([t.snapshot() for t in halves])
+    assert merged == {"google": {"rate": 600.0, "max_rate": 600.0, "connections": 10}}
+
+
+def test_delivering_alone_again_gives_new_groups_the_whole_pace() -> None:
+    rules = (ThrottleRule("google", ("google.com",), 10, 600.0, 10.0),)
+    throttle = Throttle(rules, default_connections=5, share=2)
+    assert throttle.pace_for("mx.google.com").max_rate == 300.0
+    throttle.deliver_alone()
+    assert throttle.pace_for("mx.google.com").max_rate == 600.0

@@ -52,7 +52,7 @@ from mailhost.policy import (
     may_relay,
 )
 from mailhost.smtp import sasl
-from mailhost.spool import new_queue_id
+from mailhost.shard import new_queue_id
 from mailhost.suppression import SuppressionList
 from mailhost.smtp.wire import (
     COMMAND_LINE_MAX,

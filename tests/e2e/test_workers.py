@@ -1,8 +1,10 @@
-"""`[server] workers = 2`: a worker process shares the listeners, stores mail itself, and the
-main process relays what it queued; a killed worker is started again."""
+"""`[server] workers = 2`: a worker process shares the listeners, stores mail itself, and
+delivers its own shard of the queue; queue commands reach the process holding the message;
+a killed worker is started again and loads its shard."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -18,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from mailhost.envelope import Envelope, Recipient
+from mailhost.shard import shard_of
 from mailhost.spool import Spool, new_queue_id
 from tests.e2e.conftest import free_port
 from tests.support.dns import DNSServer
@@ -50,13 +53,32 @@ def wait_for(condition: Callable[[], object], timeout: float = 30.0, what: str =
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def start_with_workers(make_daemon, dns: DNSServer, **kwargs):
-    daemon = make_daemon(start=False, extra=f'nameservers = ["{dns.nameserver}"]\nmx_port = {MX_PORT}\n[queue]\nretry = ["1s"]\n',
-                         **kwargs)
+def start_with_workers(make_daemon, dns: DNSServer, retry: str = "1s", more: str = "", before_start=None, **kwargs):
+    daemon = make_daemon(start=False, extra=f'nameservers = ["{dns.nameserver}"]\nmx_port = {MX_PORT}\n'
+                                            f'[queue]\nretry = ["{retry}"]\n{more}', **kwargs)
     daemon.config.write_text(daemon.config.read_text().replace('state_dir = "state"', 'state_dir = "state"\nworkers = 2', 1))
+    if before_start is not None:
+        before_start(daemon)
     daemon.start()
     wait_for(lambda: "worker 1 listening" in daemon.log(), what="the worker to listen")
     return daemon
+
+
+def queue_remote(daemon, subjects: list[str]) -> list[str]:
+    """Store messages to remote.test in the spool of a stopped daemon, due now; their ids."""
+    spool = Spool(daemon.root / "state" / "spool")
+    ids = []
+    for subject in subjects:
+        now = time.time()
+        envelope = Envelope(new_queue_id(), "someone@client.test", [Recipient(f"{subject.replace(' ', '-')}@remote.test")],
+                            now, now)
+        spool.store(envelope, [f"Subject: {subject}\n\nHello.\n".encode()])
+        ids.append(envelope.id)
+    return ids
+
+
+def queue_listing(daemon) -> dict:
+    return json.loads(daemon.cli("queue", "list", "--json").stdout)
 
 
 def worker_pids(daemon) -> list[int]:
@@ -111,7 +133,7 @@ def main_process_stopped(daemon):
         os.kill(daemon.process.pid, signal.SIGCONT)
 
 
-def test_workers_take_mail_over_many_connections_and_the_main_process_relays_it(make_daemon, dns, sink):
+def test_workers_take_mail_over_many_connections_and_relay_it(make_daemon, dns, sink):
     daemon = start_with_workers(make_daemon, dns)
     [worker] = worker_pids(daemon)
     jobs = [("alice@example.test" if i % 2 else f"bob{i}@remote.test", f"many {i}") for i in range(40)]
@@ -120,16 +142,17 @@ def test_workers_take_mail_over_many_connections_and_the_main_process_relays_it(
     assert subjects(daemon) == {s for r, s in jobs if r.endswith("example.test")}
     wait_for(lambda: relayed(sink) == {s for r, s in jobs if r.endswith("remote.test")}, what="every remote message relayed")
 
-    # With the main process stopped only the worker accepts: it stores and queues, and the
-    # main process relays what it was told about once it runs again.
+    # With the main process stopped only the worker accepts: it stores, queues and relays
+    # what it took (its queue ids are of its own shard).
     with main_process_stopped(daemon):
         for i in range(3):
             send(daemon.port, "alice@example.test", f"worker local {i}")
             send(daemon.port, "bob@remote.test", f"worker remote {i}")
         written = writer_pids(daemon)
         assert {written[f"worker local {i}"] for i in range(3)} == {worker}
-    wait_for(lambda: {f"worker remote {i}" for i in range(3)} <= relayed(sink), what="the worker's queued mail relayed")
+        wait_for(lambda: {f"worker remote {i}" for i in range(3)} <= relayed(sink), what="the worker's queued mail relayed")
     wait_for(lambda: daemon.cli("queue", "list", "--json").stdout.count('"id"') == 0, what="an empty queue")
+    assert len(sink.messages()) == len(relayed(sink))  # nothing relayed twice
 
     daemon.stop()
     wait_for(lambda: not alive(worker), timeout=10, what="the worker to stop with the main process")
@@ -156,7 +179,8 @@ def test_tls_and_auth_in_the_worker(make_daemon, dns, sink):
             client.login("alice@example.test", "s3cret-pass")
             assert client.send_message(message) == {}
     wait_for(lambda: relayed(sink) == {"submissions via worker", "submission via worker"}, what="both relayed")
-    assert "tls=TLSv1.3" in daemon.log() and "user=alice@example.test" in daemon.log()
+    # (the worker's log lines reach the log through the main process, which was stopped)
+    wait_for(lambda: "tls=TLSv1.3" in daemon.log() and "user=alice@example.test" in daemon.log(), what="the worker's log")
 
     # SIGHUP to the main process reloads the worker too (which gets the TLS pair from it).
     os.kill(daemon.process.pid, signal.SIGHUP)
@@ -184,3 +208,53 @@ def test_a_killed_worker_is_started_again_and_what_it_left_is_delivered(make_dae
     with main_process_stopped(daemon):
         send(daemon.port, "alice@example.test", "after the restart")
     assert writer_pids(daemon)["after the restart"] == second
+
+
+def test_each_process_delivers_its_own_shard_of_a_full_queue(make_daemon, dns, sink):
+    wanted = [f"queued {i}" for i in range(40)]
+    ids: list[str] = []
+    daemon = start_with_workers(make_daemon, dns, before_start=lambda d: ids.extend(queue_remote(d, wanted)))
+    assert {shard_of(queue_id, 2) for queue_id in ids} == {0, 1}
+    wait_for(lambda: relayed(sink) == set(wanted), what="every queued message relayed")
+    assert len(sink.messages()) == len(wanted)  # each once: no process took another's shard
+    log = daemon.log()
+    delivered = [line for line in log.splitlines() if "status=delivered" in line]
+    by_worker = [line for line in delivered if "#info worker 1]" in line]
+    assert len(delivered) == len(wanted) and 0 < len(by_worker) < len(wanted)
+    assert {re.search(r"\] (\w+): to=", line).group(1) for line in by_worker} == {i for i in ids if shard_of(i, 2) == 1}
+    wait_for(lambda: queue_listing(daemon)["messages"] == [], what="an empty queue")
+
+
+def test_queue_commands_and_paces_reach_the_process_holding_the_message(make_daemon, dns, tmp_path):
+    # No MX listens yet: every attempt is deferred, and the retry is an hour away.
+    ids: list[str] = []
+    throttle = '[[throttle]]\nname = "remote"\nmx = ["remote.test"]\nrate = 600\nconnections = 4\n'
+    daemon = start_with_workers(make_daemon, dns, retry="1h", more=throttle,
+                                before_start=lambda d: ids.extend(queue_remote(d, [f"held back {i}" for i in range(12)])))
+    wait_for(lambda: all(m["recipients"][0]["attempts"] == 1 for m in queue_listing(daemon)["messages"])
+             and len(queue_listing(daemon)["messages"]) == 12, what="one deferred attempt each")
+    listing = queue_listing(daemon)
+    # Each process paces half of the group; the listing adds them up to what was configured.
+    assert listing["pace"]["remote"]["max_rate"] == 600 and listing["pace"]["remote"]["connections"] == 4
+
+    theirs = [i for i in ids if shard_of(i, 2) == 1]
+    ours = [i for i in ids if shard_of(i, 2) == 0]
+    assert theirs and ours
+    daemon.cli("queue", "hold", theirs[0])
+    daemon.cli("queue", "delete", theirs[1])
+    daemon.cli("queue", "delete", ours[0])
+    held = {m["id"]: m["held"] for m in queue_listing(daemon)["messages"]}
+    assert theirs[1] not in held and ours[0] not in held and held[theirs[0]] is True
+    assert "removed by the operator" in next(line for line in daemon.log().splitlines() if theirs[1] in line and "removed" in line)
+
+    mx = Sink(tmp_path / "sink", address="127.0.0.5", port=MX_PORT)
+    try:
+        flushed = daemon.cli("queue", "flush").stdout
+        assert "9 messages: flushed by the running daemon" in flushed  # 12, less 2 deleted and 1 held
+        wait_for(lambda: len(mx.messages()) == 9, what="the flushed messages relayed")
+        daemon.cli("queue", "release", theirs[0])
+        daemon.cli("queue", "flush", theirs[0])
+        wait_for(lambda: len(mx.messages()) == 10, what="the released message relayed")
+        wait_for(lambda: queue_listing(daemon)["messages"] == [], what="an empty queue")
+    finally:
+        mx.stop()
