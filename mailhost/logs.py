@@ -1,19 +1,115 @@
-"""Log observers for twistd's --logger option.
+"""Log output: the daemon's text lines, and observers for twistd's --logger option.
 
-    twistd -n --logger=mailhost.logs.json_lines mailhost --config ...
+    twistd -n mailhost --config ...                                   text lines on stdout
+    twistd -n --logger=mailhost.logs.json_lines mailhost --config ...  JSON lines on stdout
 
-writes one JSON object per event on stdout (twisted.logger's JSON format),
-for log shippers; without --logger, twistd's text lines go to stdout or
---logfile. Either way each message's lines start with its queue id.
+Without --logger, --logfile or --syslog, `twistd -n mailhost` writes twistd's
+own text lines to stdout, but through `BatchedStream`: the lines logged in one
+turn of the reactor go out in one write instead of one write and flush each
+(a busy daemon logs two or three lines per message). Either way each
+message's lines start with its queue id.
 """
 
 from __future__ import annotations
 
+import atexit
 import sys
+import threading
+import time
+from typing import Any, TextIO
 
-from twisted.logger import ILogObserver, jsonFileLogObserver
+from twisted.logger import FileLogObserver, ILogObserver, formatEventAsClassicLogText, jsonFileLogObserver
+
+BATCH_LIMIT = 64 * 1024  # characters held before they are written anyway
+
+
+class BatchedStream:
+    """A text stream whose writes from the reactor thread are held until the
+    reactor's current turn ends, then written and flushed together. Writes from
+    other threads, before the reactor runs, or past BATCH_LIMIT go out at once
+    (with what is held, in order). Held lines are written at shutdown and exit."""
+
+    def __init__(self, stream: TextIO, reactor: Any) -> None:
+        self.stream = stream
+        self.encoding = getattr(stream, "encoding", "utf-8")  # tells FileLogObserver this takes text
+        self._reactor = reactor
+        self._held: list[str] = []
+        self._size = 0
+        self._scheduled = False
+        self._lock = threading.Lock()
+        self._reactor_thread = threading.main_thread()
+        reactor.addSystemEventTrigger("after", "shutdown", self.flush_now)
+        atexit.register(self.flush_now)
+
+    def write(self, text: str) -> None:
+        with self._lock:
+            self._held.append(text)
+            self._size += len(text)
+            later = (self._size < BATCH_LIMIT and self._reactor.running
+                     and threading.current_thread() is self._reactor_thread)
+            if later and not self._scheduled:
+                self._scheduled = True
+                self._reactor.callLater(0, self._turn_ended)
+        if not later:
+            self.flush_now()
+
+    def flush(self) -> None:
+        """FileLogObserver flushes after every event: the real flush waits for the end of the turn."""
+
+    def _turn_ended(self) -> None:
+        self._scheduled = False
+        self.flush_now()
+
+    def flush_now(self) -> None:
+        with self._lock:
+            if not self._held:
+                return
+            text = "".join(self._held)
+            self._held.clear()
+            self._size = 0
+            try:
+                self.stream.write(text)
+                self.stream.flush()
+            except (OSError, ValueError):
+                pass  # stdout gone (closed pipe at exit): nothing left to tell
+
+
+class _SecondClock:
+    """twistd's timestamp format, computed once per second rather than once per line."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._text = ""
+
+    def __call__(self, when: float | None) -> str:
+        if when is None:
+            return "-"
+        second = int(when)
+        if second != self._second:
+            self._second = second
+            self._text = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(second))
+        return self._text
+
+
+def text_lines(stream: TextIO, reactor: Any) -> ILogObserver:
+    """twistd's classic text lines ("<time> [<namespace>#<level>] <text>"), batched per reactor turn."""
+    clock = _SecondClock()
+    return FileLogObserver(BatchedStream(stream, reactor), lambda event: formatEventAsClassicLogText(event, clock))
+
+
+def default_observer(twistd_options: Any, reactor: Any) -> ILogObserver | None:
+    """The observer for `twistd -n mailhost` logging to stdout; None when twistd was told where
+    or how to log (--logger, --logfile, --syslog, or not -n), so that twistd's own choice stands."""
+    if twistd_options is None:
+        return None
+    get = getattr(twistd_options, "get", lambda key, default=None: default)
+    if get("logger") or get("syslog") or not get("nodaemon") or get("logfile") not in (None, "", "-"):
+        return None
+    return text_lines(sys.stdout, reactor)
 
 
 def json_lines() -> ILogObserver:
-    """JSON lines on standard output."""
-    return jsonFileLogObserver(sys.stdout)
+    """JSON lines on standard output, batched per reactor turn."""
+    from twisted.internet import reactor
+
+    return jsonFileLogObserver(BatchedStream(sys.stdout, reactor))

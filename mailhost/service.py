@@ -10,7 +10,7 @@ from typing import Any
 from twisted.application import service, strports
 from twisted.application.internet import TimerService
 from twisted.internet import error as internet_error
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
 
 from mailhost import shard
 from mailhost.auth import AuthSlowdown, make_portal
@@ -18,6 +18,7 @@ from mailhost.config import Config, ConfigError, load
 from mailhost.content import ContentSteps
 from mailhost.control import ControlProtocol, control_service
 from mailhost.dkim_sign import DkimKeyError, Signer, configured_keys
+from mailhost.logs import default_observer
 from mailhost.metrics import Metrics, metrics_site
 from mailhost.pickup import PickupCollector
 from mailhost.durable import DiskWriter
@@ -88,7 +89,19 @@ class ListenerService(service.Service):
         return found[0] if found else None
 
 
-def make_service(config_path: str, reactor: Any = None) -> service.MultiService:
+class MailhostDaemon(service.MultiService):
+    """The whole daemon. Attached to twistd's application, it names the log
+    observer twistd starts (mailhost.logs.default_observer), if it has one."""
+
+    log_observer: ILogObserver | None = None
+
+    def setServiceParent(self, parent: Any) -> Any:
+        if self.log_observer is not None and hasattr(parent, "setComponent"):
+            parent.setComponent(ILogObserver, self.log_observer)
+        return super().setServiceParent(parent)
+
+
+def make_service(config_path: str, reactor: Any = None, twistd_options: Any = None) -> service.MultiService:
     """The whole daemon for the configuration at `config_path`.
 
     A user mistake (config, TLS or DKIM key files) exits with one line on stderr, status 1.
@@ -100,7 +113,9 @@ def make_service(config_path: str, reactor: Any = None) -> service.MultiService:
         config.server.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         check_permissions(config)
         tls_options = ServerTLS(*ensure_tls_pair(config))
-        return build(config, tls_options, reactor)
+        daemon = build(config, tls_options, reactor)
+        daemon.log_observer = default_observer(twistd_options, reactor)
+        return daemon
     except (ConfigError, TLSSetupError, DkimKeyError) as e:
         sys.stderr.write(f"mailhost: {e}\n")
         raise SystemExit(1) from None
@@ -183,8 +198,8 @@ def build_outbound(config: Config, inbound: Inbound, reactor: Any, parent: servi
     return Outbound(scheduler, throttle)
 
 
-def build(config: Config, tls_options: ServerTLS, reactor: Any) -> service.MultiService:
-    top = service.MultiService()
+def build(config: Config, tls_options: ServerTLS, reactor: Any) -> MailhostDaemon:
+    top = MailhostDaemon()
     metrics = Metrics()
     # With workers, every process delivers its own shard of the queue (mailhost.shard); this is shard 0.
     shard.claim(0, config.server.workers)

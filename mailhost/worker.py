@@ -28,6 +28,7 @@ from mailhost import shard
 from mailhost.config import ROLES, Config, ConfigError, load
 from mailhost.control import QueuedCommand
 from mailhost.envelope import Envelope
+from mailhost.logs import BatchedStream
 from mailhost.metrics import Metrics
 from mailhost.reload import ReloadOnHangup
 from mailhost.spool import SpoolError
@@ -214,14 +215,15 @@ def main(argv: list[str] | None = None) -> int:
     # and a Ctrl-C meant for the main process must not take us down first.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    globalLogBeginner.beginLoggingTo([jsonFileLogObserver(sys.stdout)], redirectStandardIO=False)
+    from twisted.internet import reactor
+
+    # Lines of one reactor turn go to the main process in one write (mailhost.logs).
+    globalLogBeginner.beginLoggingTo([jsonFileLogObserver(BatchedStream(sys.stdout, reactor))], redirectStandardIO=False)
     try:
         config = load(args.config)
     except ConfigError as e:
         sys.stderr.write(f"mailhost worker: {e}\n")
         return 1
-
-    from twisted.internet import reactor
 
     worker = Worker(config, args.number, args.fds, reactor, shards=args.shards)
     factory = protocol.Factory.forProtocol(lambda: WorkerChannel(worker))

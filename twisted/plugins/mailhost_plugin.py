@@ -22,7 +22,8 @@ class MailhostServiceMaker:
         # Imported here so `twistd --help` stays fast and never fails on our code.
         from mailhost.service import make_service
 
-        return make_service(options["config"])
+        # options.parent: twistd's own options, to see whether it was told how to log.
+        return make_service(options["config"], twistd_options=getattr(options, "parent", None))
 
 
 serviceMaker = MailhostServiceMaker()

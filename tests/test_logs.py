@@ -1,0 +1,103 @@
+"""mailhost.logs: the daemon's text lines go out once per reactor turn, and only when twistd was not told otherwise."""
+
+from __future__ import annotations
+
+import io
+import threading
+
+from twisted.internet.task import Clock
+from twisted.logger import Logger, formatEventAsClassicLogText
+
+from mailhost.logs import BatchedStream, _SecondClock, default_observer, text_lines
+
+
+class CountingStream(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+class TurnReactor(Clock):
+    """A Clock that says it runs and takes system event triggers."""
+
+    running = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.triggers: list = []
+
+    def addSystemEventTrigger(self, phase, event, callable, *args) -> None:
+        self.triggers.append((phase, event, callable))
+
+
+def test_lines_of_one_turn_are_written_together_at_its_end() -> None:
+    out, reactor = CountingStream(), TurnReactor()
+    stream = BatchedStream(out, reactor)
+    for n in range(3):
+        stream.write(f"line {n}\n")
+        stream.flush()  # what FileLogObserver does after each event
+    assert out.getvalue() == ""
+    reactor.advance(0)
+    assert out.getvalue() == "line 0\nline 1\nline 2\n" and out.writes == 1
+    stream.write("next turn\n")
+    reactor.advance(0)
+    assert out.getvalue().endswith("next turn\n") and out.writes == 2
+
+
+def test_lines_from_other_threads_or_before_the_reactor_runs_go_out_at_once_in_order() -> None:
+    out, reactor = CountingStream(), TurnReactor()
+    stream = BatchedStream(out, reactor)
+    stream.write("held\n")
+    thread = threading.Thread(target=stream.write, args=("from a thread\n",))
+    thread.start()
+    thread.join()
+    assert out.getvalue() == "held\nfrom a thread\n"
+    reactor.running = False
+    stream.write("not running\n")
+    assert out.getvalue().endswith("not running\n")
+
+
+def test_held_lines_are_written_at_shutdown() -> None:
+    out, reactor = CountingStream(), TurnReactor()
+    stream = BatchedStream(out, reactor)
+    stream.write("last words\n")
+    [(phase, event, flush)] = reactor.triggers
+    assert (phase, event) == ("after", "shutdown")
+    flush()
+    assert out.getvalue() == "last words\n"
+
+
+def test_text_lines_look_like_twistds_own() -> None:
+    out, reactor = CountingStream(), TurnReactor()
+    events: list[dict] = []
+    observer = text_lines(out, reactor)
+    log = Logger(namespace="mailhost.queue", observer=lambda event: (events.append(event), observer(event)))
+    log.info("{id}: removed", id="ABC")
+    log.warn("two\nlines")
+    reactor.advance(0)
+    assert out.getvalue() == "".join(formatEventAsClassicLogText(e) for e in events)
+    assert "[mailhost.queue#info] ABC: removed\n" in out.getvalue() and "two\n\tlines\n" in out.getvalue()
+
+
+def test_the_second_clock_formats_like_twisted() -> None:
+    from twisted.logger import formatTime
+
+    clock = _SecondClock()
+    for when in (0.5, 1700000000.25, 1700000000.75, 1700000001.0):
+        assert clock(when) == formatTime(when)
+    assert clock(None) == "-"
+
+
+def test_twistds_own_choice_of_log_stands() -> None:
+    reactor = TurnReactor()
+    assert default_observer({"nodaemon": True, "logfile": None}, reactor) is not None
+    assert default_observer({"nodaemon": True, "logfile": "-"}, reactor) is not None
+    assert default_observer({"nodaemon": True, "logfile": "/var/log/mailhost.log"}, reactor) is None
+    assert default_observer({"nodaemon": True, "logger": "mailhost.logs.json_lines"}, reactor) is None
+    assert default_observer({"nodaemon": True, "syslog": True}, reactor) is None
+    assert default_observer({"nodaemon": False}, reactor) is None
+    assert default_observer(None, reactor) is None
