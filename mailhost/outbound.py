@@ -9,7 +9,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succeed
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
@@ -23,6 +23,7 @@ from mailhost.throttle import Pace, Throttle, is_slow_down_signal
 log = Logger(namespace="mailhost.outbound")
 
 IDLE_REUSE_SECONDS = 5.0  # keep a finished connection this long for the next message to the same host
+SWEEP_SECONDS = 1.0  # how often connections idle for longer are closed
 
 
 THROTTLE_WAIT_MAX = 2.0  # seconds; a later send slot puts the message back in the queue instead
@@ -45,21 +46,24 @@ def recipient_domain(address: str) -> str:
 
 
 class SessionPool:
-    """Open SMTP sessions by (host, address, port), reused for later messages to the same place."""
+    """Open SMTP sessions by (host, address, port), reused for later messages to the same place.
+
+    A session given back waits IDLE_REUSE_SECONDS for the next message; one
+    sweep a second closes those that waited longer (no timer per message)."""
 
     def __init__(self, reactor: Any, helo: str) -> None:
         self._reactor = reactor
         self._helo = helo
-        self._idle: dict[tuple[str, str, int], list[tuple[ClientSession, Any]]] = defaultdict(list)
+        self._idle: dict[tuple[str, str, int], list[tuple[ClientSession, float]]] = defaultdict(list)
+        self._sweep: Any = None
 
     def take(self, hop: Hop, address: str, tls: str, trust_root: Any, auth: tuple[str, str] | None) -> Deferred[ClientSession]:
         idle = self._idle.get((hop.host, address, hop.port))
         while idle:
-            session, timer = idle.pop()
-            if timer.active():
-                timer.cancel()
+            session, _ = idle.pop()
             if session.usable:
-                return Deferred.fromCoroutine(_ready(session))
+                return succeed(session)
+            session.abort()
         return open_session(
             self._reactor, host=hop.host, address=address, port=hop.port, helo=self._helo,
             tls=tls, trust_root=trust_root, auth=auth,
@@ -69,27 +73,33 @@ class SessionPool:
         if not session.usable:
             session.abort()
             return
-        key = (hop.host, address, hop.port)
-        timer = self._reactor.callLater(IDLE_REUSE_SECONDS, self._expire, key, session)
-        self._idle[key].append((session, timer))
+        self._idle[(hop.host, address, hop.port)].append((session, self._reactor.seconds() + IDLE_REUSE_SECONDS))
+        if self._sweep is None or not self._sweep.active():
+            self._sweep = self._reactor.callLater(SWEEP_SECONDS, self._expire)
 
-    def _expire(self, key: tuple[str, str, int], session: ClientSession) -> None:
-        self._idle[key] = [(s, t) for s, t in self._idle[key] if s is not session]
-        if not self._idle[key]:
-            del self._idle[key]
-        session.quit()
+    def _expire(self) -> None:
+        now = self._reactor.seconds()
+        for key in list(self._idle):
+            keep = []
+            for session, until in self._idle[key]:
+                if until <= now or not session.usable:
+                    session.quit()
+                else:
+                    keep.append((session, until))
+            if keep:
+                self._idle[key] = keep
+            else:
+                del self._idle[key]
+        if self._idle:
+            self._sweep = self._reactor.callLater(SWEEP_SECONDS, self._expire)
 
     def close_all(self) -> None:
+        if self._sweep is not None and self._sweep.active():
+            self._sweep.cancel()
         for sessions in self._idle.values():
-            for session, timer in sessions:
-                if timer.active():
-                    timer.cancel()
+            for session, _ in sessions:
                 session.quit()
         self._idle.clear()
-
-
-async def _ready(session: ClientSession) -> ClientSession:
-    return session
 
 
 class Deliverer:

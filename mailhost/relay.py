@@ -247,15 +247,14 @@ class Router:
         thread (a campaign to one domain makes one thread trip, not one per
         message), with equal MX preferences shuffled again each time.
         """
+        key = domain.lower()
+        cached = self._routes.get(key)  # only names that passed the check below are here
+        if cached is not None and cached[0] > time.monotonic():
+            return defer.succeed(_reshuffled(cached[1]))
         try:
             self._domain(domain)  # refuse literals and bad names without a thread trip
         except RouteError:
             return defer.fail()
-        key = domain.lower()
-        cached = self._routes.get(key)
-        now = time.monotonic()
-        if cached is not None and cached[0] > now:
-            return defer.succeed(_reshuffled(cached[1]))
 
         def remember(route: Route) -> Route:
             self._routes[key] = (time.monotonic() + ROUTE_CACHE_SECONDS, route)

@@ -261,8 +261,16 @@ class Scheduler(service.Service):
         else:
             self.index.schedule(envelope.id, envelope.next_attempt)
 
+    def _send_dsns(self, envelope: Envelope, message: bytes, now: float) -> Deferred[None]:
+        """Bounce what failed and warn about what is late; most attempts have neither."""
+        delay = self.config.queue.delay_warning
+        late = delay > 0 and not envelope.delay_warned and envelope.pending() and now - envelope.arrival >= delay
+        if not late and not any(r.state == FAILED and not r.bounced for r in envelope.recipients):
+            return succeed(None)
+        return self._notify(envelope, message, now)
+
     @inlineCallbacks
-    def _send_dsns(self, envelope: Envelope, message: bytes, now: float):
+    def _notify(self, envelope: Envelope, message: bytes, now: float):
         hostname = self.config.server.hostname
         failed = [r for r in envelope.recipients if r.state == FAILED and not r.bounced]
         if failed:

@@ -132,6 +132,7 @@ class SMTPClientProtocol(Protocol):
         self._code = 0
         self._waiters: deque[_Waiter] = deque()
         self._timer: Any = None
+        self._timeout, self._timeout_label = 0.0, ""
         self._body: _BodyWriter | None = None
         self._lost: list[Deferred[None]] = []
 
@@ -254,17 +255,20 @@ class SMTPClientProtocol(Protocol):
 
     def arm(self, timeout: float, label: str) -> None:
         """(Re)start the one timer: `timeout` seconds for the server to answer or take `label`."""
-        self._cancel_timer()
-        self._timer = self.reactor.callLater(timeout, self._timed_out, timeout, label)
+        self._timeout, self._timeout_label = timeout, label
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(timeout)  # cheaper than a new DelayedCall for every reply
+        else:
+            self._timer = self.reactor.callLater(timeout, self._timed_out)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
 
-    def _timed_out(self, timeout: float, label: str) -> None:
+    def _timed_out(self) -> None:
         self._timer = None
-        self.fail(SessionError(f"timeout after {timeout:g}s waiting for {self.peer} ({label})"))
+        self.fail(SessionError(f"timeout after {self._timeout:g}s waiting for {self.peer} ({self._timeout_label})"))
 
     # --- replies -------------------------------------------------------------
 
