@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import marshal
+import math
+import os
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -11,6 +16,8 @@ from pathlib import Path
 from mailhost.config import Config
 from mailhost.control import DaemonNotRunning, current_pace, send_queue_command
 from mailhost.spool import Spool
+
+_enc = json.encoder.encode_basestring  # what json.dumps(..., ensure_ascii=False) puts a str as
 
 
 def run_queue_command(config: Config, args: argparse.Namespace) -> int:
@@ -69,30 +76,204 @@ def _summary(envelope: dict) -> dict:
     }
 
 
+_days: dict[int, str] = {}
+_seconds: dict[int, str] = {}
+
+
 def _iso(epoch: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+    """time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch)), without a strftime per call:
+    remembered per second (a big queue has many messages from the same second), the date per day."""
+    second = math.floor(epoch)  # as gmtime rounds
+    text = _seconds.get(second)
+    if text is None:
+        day, rest = divmod(second, 86400)
+        date = _days.get(day)
+        if date is None:
+            date = _days[day] = time.strftime("%Y-%m-%dT", time.gmtime(day * 86400))
+        hour, rest = divmod(rest, 3600)
+        minute, rest = divmod(rest, 60)
+        text = f"{date}{hour:02d}:{minute:02d}:{rest:02d}Z"
+        if len(_seconds) < 1_000_000:
+            _seconds[second] = text
+    return text
 
 
-def queue_list(spool: Spool, as_json: bool, state_dir: Path) -> int:
-    # Raw JSON dicts, not Envelope objects: `queue list` of 100,000 messages stays quick.
-    messages = [_summary(e) for e in sorted(spool.raw_envelopes(), key=lambda e: e["arrival"])]
+def _json_text(envelope: dict) -> str:
+    """json.dumps(_summary(envelope), ensure_ascii=False), written out directly for the usual
+    types (what Envelope.to_json writes); anything else goes through _summary and json.dumps."""
+    held = envelope.get("held", False)
+    recipients = envelope["recipients"]
+    queue_id, sender = envelope["id"], envelope["sender"]
+    if type(held) is bool and type(recipients) is list and type(queue_id) is str and type(sender) is str:
+        parts = []
+        for r in recipients:
+            try:
+                address, state, attempts, last_reply, status = (
+                    r["address"], r["state"], r["attempts"], r["last_reply"], r["status"])
+            except (KeyError, TypeError):
+                break
+            if not (type(address) is str and type(state) is str and type(attempts) is int
+                    and type(last_reply) is str and type(status) is str):
+                break
+            parts.append(f'{{"address": {_enc(address)}, "state": {_enc(state)}, "attempts": {attempts}, '
+                         f'"last_reply": {_enc(last_reply)}, "status": {_enc(status)}}}')
+        else:
+            return (f'{{"id": {_enc(queue_id)}, "sender": {_enc(sender)}, "arrival": "{_iso(envelope["arrival"])}", '
+                    f'"next_attempt": "{_iso(envelope["next_attempt"])}", "held": {"true" if held else "false"}, '
+                    f'"recipients": [{", ".join(parts)}]}}')
+    return json.dumps(_summary(envelope), ensure_ascii=False)
+
+
+def _text_lines(envelope: dict) -> str:
+    """The lines of one message in the plain listing."""
+    message = _summary(envelope)
+    held = " HELD" if message["held"] else ""
+    lines = [f"{message['id']}  {message['arrival']}  <{message['sender']}>{held}  next {message['next_attempt']}"]
+    for r in message["recipients"]:
+        reply = f"  ({r['last_reply']})" if r["last_reply"] else ""
+        lines.append(f"    {r['state']:9} {r['attempts']} attempts  <{r['address']}>{reply}")
+    return "\n".join(lines)
+
+
+Entry = tuple  # (arrival, position in the spool scan, the message's text in the listing)
+
+
+def _entries(paths: list[str], offset: int, as_json: bool) -> list[Entry]:
+    """The listing's entries for these envelope files (positions counted from `offset`)."""
+    render = _json_text if as_json else _text_lines
+    entries = []
+    for index, envelope in Spool.read_raw_envelopes(paths):
+        try:
+            entries.append((envelope["arrival"], offset + index, render(envelope)))
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError, OSError):
+            continue  # not an envelope mailhost wrote: `queue show` says what is wrong with it
+    return entries
+
+
+# A listing of 100,000 messages is CPU work (open/read/close, JSON, formatting) that one
+# process does in ~3.5 s here. Threads do not help (tried: the file system calls do not run
+# in parallel in this sandbox, and the JSON work holds the GIL); forked processes, each with
+# its own share of the files, do.
+PARALLEL_FROM = 4000  # envelopes; below this one process is quicker than forking
+MAX_PROCESSES = 4
+
+
+def _processes() -> int:
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, MAX_PROCESSES))
+
+
+def listing_entries(spool: Spool, as_json: bool, processes: int | None = None) -> list[Entry]:
+    """Every message's entry, sorted as the listing shows them: by arrival, then in scan order.
+
+    With `processes` > 1 (by default one per CPU, for big queues), forked children each do a
+    share of the envelope files and send their entries back marshalled through a pipe; a
+    share whose child fails is done here instead, so the listing is complete either way."""
+    collecting = gc.isenabled()
+    gc.disable()  # 100,000s of new dicts and strings, no cycles: the collector would only walk them again and again
+    try:
+        return _listing_entries(spool, as_json, processes)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _listing_entries(spool: Spool, as_json: bool, processes: int | None) -> list[Entry]:
+    paths = spool.envelope_files()
+    if processes is None:
+        processes = _processes() if len(paths) >= PARALLEL_FROM else 1
+    size = -(-len(paths) // max(processes, 1)) or 1
+    shares = [(start, paths[start:start + size]) for start in range(0, len(paths), size)]
+    children = []
+    for start, share in shares[1:]:
+        children.append((start, share, _fork(share, start, as_json)))
+    entries = _entries(shares[0][1], 0, as_json) if shares else []
+    for start, share, child in children:
+        result = _collect(child)
+        entries.extend(result if result is not None else _entries(share, start, as_json))
+    entries.sort(key=_order)
+    return entries
+
+
+def _order(entry: Entry) -> tuple:
+    return entry[0], entry[1]
+
+
+def _fork(share: list[str], start: int, as_json: bool) -> tuple[int, int] | None:
+    """A child that writes marshal.dumps(_entries(share)) to a pipe: (pid, read end), or None."""
+    try:
+        read_end, write_end = os.pipe()
+    except OSError:
+        return None
+    try:
+        pid = os.fork()
+    except OSError:
+        os.close(read_end)
+        os.close(write_end)
+        return None
+    if pid == 0:  # the child: never returns, never runs the parent's cleanups or flushes its stdout
+        code = 1
+        try:
+            os.close(read_end)
+            data = memoryview(marshal.dumps(_entries(share, start, as_json)))
+            while data:
+                data = data[os.write(write_end, data):]
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    return pid, read_end
+
+
+def _collect(child: tuple[int, int] | None) -> list[Entry] | None:
+    """A child's entries, or None when it failed (then the parent does its share)."""
+    if child is None:
+        return None
+    pid, read_end = child
+    chunks = []
+    try:
+        while chunk := os.read(read_end, 1 << 20):
+            chunks.append(chunk)
+    except OSError:
+        chunks = []
+    finally:
+        os.close(read_end)
+    _, status = os.waitpid(pid, 0)
+    if not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 0:
+        return None
+    try:
+        entries = marshal.loads(b"".join(chunks))
+    except (EOFError, ValueError, TypeError):
+        return None
+    return entries if type(entries) is list else None
+
+
+def queue_list(spool: Spool, as_json: bool, state_dir: Path, processes: int | None = None) -> int:
+    # Raw JSON dicts, not Envelope objects, in several processes: `queue list` of 100,000
+    # messages stays quick (bench/queue_scale.py).
+    entries = listing_entries(spool, as_json, processes)
     try:
         paces = current_pace(state_dir)
     except DaemonNotRunning:
         paces = {}
+    out = sys.stdout
     if as_json:
-        print(json.dumps({"messages": messages, "pace": paces}, ensure_ascii=False))
+        # The same text as json.dumps({"messages": [...], "pace": paces}, ensure_ascii=False).
+        out.write('{"messages": [')
+        out.write(", ".join([entry[2] for entry in entries]))
+        out.write(f'], "pace": {json.dumps(paces, ensure_ascii=False)}}}\n')
+        out.flush()
         return 0
     lines = [f"pace {group}: {values['rate']:.0f}/min (at most {values['max_rate']:.0f}/min, "
              f"{values['connections']:.0f} connections)" for group, values in paces.items()]
-    for message in messages:
-        held = " HELD" if message["held"] else ""
-        lines.append(f"{message['id']}  {message['arrival']}  <{message['sender']}>{held}  next {message['next_attempt']}")
-        for r in message["recipients"]:
-            reply = f"  ({r['last_reply']})" if r["last_reply"] else ""
-            lines.append(f"    {r['state']:9} {r['attempts']} attempts  <{r['address']}>{reply}")
-    lines.append(f"{len(messages)} messages in the queue")
-    print("\n".join(lines))
+    lines.extend(entry[2] for entry in entries)
+    lines.append(f"{len(entries)} messages in the queue")
+    out.write("\n".join(lines))
+    out.write("\n")
+    out.flush()
     return 0
 
 

@@ -153,6 +153,74 @@ class Spool:
                     except (OSError, ValueError):
                         continue  # removed meanwhile, or unreadable: `recover` and `load` say so
 
+    def envelope_files(self) -> list[str]:
+        """The path of every committed envelope, in the order raw_envelopes reads them
+        (one scan of env/, no stat): split it up and hand the parts to read_raw_envelopes."""
+        env = os.path.join(self.root, "env")
+        paths: list[str] = []
+        if not os.path.isdir(env):
+            return paths
+        for folder in os.scandir(env):
+            if not folder.is_dir():
+                continue
+            paths.extend(entry.path for entry in os.scandir(folder.path) if entry.name.endswith(".json"))
+        return paths
+
+    @staticmethod
+    def read_raw_envelopes(paths: list[str]) -> list[tuple[int, dict]]:
+        """(position in `paths`, JSON dict) of each readable envelope among `paths`; files removed
+        meanwhile and unreadable ones are left out, as raw_envelopes does.
+
+        Built for `queue list` of 100,000 messages, where system calls are what costs: one open
+        (relative to its open folder), one read and one close per file (no fstat, no seek), and
+        the JSON decoder called directly (json.loads itself only for what it does not take)."""
+        opened, read, close, rdonly = os.open, os.read, os.close, os.O_RDONLY
+        decode = json.JSONDecoder().raw_decode
+        envelopes: list[tuple[int, dict]] = []
+        folder, folder_fd = None, -1
+        try:
+            for index, path in enumerate(paths):
+                where, _, name = path.rpartition(os.sep)
+                if where != folder:  # names relative to the open folder: no walk of the whole path per file
+                    if folder_fd >= 0:
+                        close(folder_fd)
+                    folder, folder_fd = where, -1
+                    try:
+                        folder_fd = opened(where, rdonly | os.O_DIRECTORY)
+                    except OSError:
+                        pass
+                if folder_fd < 0:
+                    continue
+                try:
+                    fd = opened(name, rdonly, dir_fd=folder_fd)
+                    try:
+                        data = read(fd, 65536)
+                        if len(data) == 65536:  # a big envelope (hundreds of recipients): read to the end
+                            parts = [data]
+                            while part := read(fd, 65536):
+                                parts.append(part)
+                            data = b"".join(parts)
+                    finally:
+                        close(fd)
+                except OSError:
+                    continue
+                try:
+                    text = data.decode("utf-8")
+                    envelope, end = decode(text)
+                    if end != len(text):
+                        raise ValueError("more after the JSON value")
+                except (ValueError, RecursionError):  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
+                    try:
+                        envelope = json.loads(data)  # a BOM, white space around, another encoding ...
+                    except (ValueError, RecursionError):
+                        continue
+                if type(envelope) is dict:
+                    envelopes.append((index, envelope))
+        finally:
+            if folder_fd >= 0:
+                close(folder_fd)
+        return envelopes
+
     def envelopes(self) -> Iterator[Envelope]:
         """Every readable envelope; unreadable ones are skipped (see `recover`)."""
         for queue_id in self.ids():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -110,3 +111,60 @@ def test_due_index_orders_holds_and_reschedules():
     index.schedule("late", 50.0)  # released
     assert index.pop_due(100.0) == "late"
     assert len(index) == 0
+
+
+def test_read_raw_envelopes_reads_every_envelope_in_scan_order(tmp_path):
+    spool = Spool(tmp_path)
+    queued = [envelope([f"r{i}@remote.test"], when=float(i)) for i in range(40)]
+    for e in queued:
+        spool.store(e, [b"x\n"])
+    paths = spool.envelope_files()
+    assert sorted(paths) == sorted(str(spool.envelope_path(e.id)) for e in queued)
+    read = Spool.read_raw_envelopes(paths)
+    assert [index for index, _ in read] == list(range(40))
+    assert [raw for _, raw in read] == [json.loads(open(path, "rb").read()) for path in paths]
+    assert [raw["id"] for _, raw in read] == [e["id"] for e in spool.raw_envelopes()]
+
+
+def test_read_raw_envelopes_leaves_out_missing_and_broken_files(tmp_path):
+    spool = Spool(tmp_path)
+    good = [envelope(["a@remote.test"]) for _ in range(3)]
+    for e in good:
+        spool.store(e, [b"x\n"])
+    broken = new_queue_id()
+    spool.envelope_path(broken).parent.mkdir(parents=True, exist_ok=True)
+    spool.envelope_path(broken).write_bytes(b'{"id": "' + broken.encode() + b'", "sender":')
+    paths = spool.envelope_files()
+    gone = good[1]
+    spool.remove(gone.id)  # removed between the scan and the read, as by the running daemon
+    read = Spool.read_raw_envelopes(paths)
+    assert sorted(raw["id"] for _, raw in read) == sorted([good[0].id, good[2].id])
+    assert all(paths[index].endswith(f"{raw['id']}.json") for index, raw in read)
+
+
+def test_read_raw_envelopes_does_not_shift_envelopes_between_files(tmp_path):
+    """Two broken files that would join into one object, and one that splits into two, are
+    not read as three envelopes under the wrong names."""
+    spool = Spool(tmp_path)
+    names = [new_queue_id() for _ in range(3)]
+    texts = [b'{"id":"%s","x":[1' % names[0].encode(), b'{"id":"%s"}]}' % names[1].encode(),
+             b'{"id":"%s"},{"id":"%s"}' % (names[1].encode(), names[2].encode())]
+    for name, text in zip(names, texts):
+        spool.envelope_path(name).parent.mkdir(parents=True, exist_ok=True)
+        spool.envelope_path(name).write_bytes(text)
+    paths = [str(spool.envelope_path(name)) for name in names]
+    assert Spool.read_raw_envelopes(paths) == []
+
+
+def test_read_raw_envelopes_reads_big_envelopes_to_the_end(tmp_path):
+    spool = Spool(tmp_path)
+    big = envelope([f"recipient-number-{i}@remote{i}.test" for i in range(2000)])
+    spool.store(big, [b"x\n"])
+    assert os.path.getsize(spool.envelope_path(big.id)) > 3 * 65536
+    [(index, raw)] = Spool.read_raw_envelopes(spool.envelope_files())
+    assert Envelope.from_json(json.dumps(raw).encode()) == big
+
+
+def test_envelope_files_of_an_empty_spool(tmp_path):
+    assert Spool(tmp_path / "none").envelope_files() == []
+    assert Spool.read_raw_envelopes([]) == []
