@@ -11,6 +11,7 @@ import os
 import sys
 import time
 from dataclasses import asdict
+from operator import itemgetter
 from pathlib import Path
 
 from mailhost.config import Config
@@ -125,26 +126,28 @@ def _json_text(envelope: dict) -> str:
 
 
 def _text_lines(envelope: dict) -> str:
-    """The lines of one message in the plain listing."""
-    message = _summary(envelope)
-    held = " HELD" if message["held"] else ""
-    lines = [f"{message['id']}  {message['arrival']}  <{message['sender']}>{held}  next {message['next_attempt']}"]
-    for r in message["recipients"]:
-        reply = f"  ({r['last_reply']})" if r["last_reply"] else ""
-        lines.append(f"    {r['state']:9} {r['attempts']} attempts  <{r['address']}>{reply}")
+    """The lines of one message in the plain listing (from the envelope, as _summary reads it)."""
+    held = " HELD" if envelope.get("held", False) else ""
+    lines = [f"{envelope['id']}  {_iso(envelope['arrival'])}  <{envelope['sender']}>{held}  "
+             f"next {_iso(envelope['next_attempt'])}"]
+    for r in envelope["recipients"]:
+        get = r.get
+        reply = get("last_reply", "")
+        reply = f"  ({reply})" if reply else ""
+        lines.append(f"    {get('state', ''):9} {get('attempts', '')} attempts  <{get('address', '')}>{reply}")
     return "\n".join(lines)
 
 
-Entry = tuple  # (arrival, position in the spool scan, the message's text in the listing)
+Entry = tuple  # (arrival, the message's text in the listing)
 
 
-def _entries(paths: list[str], offset: int, as_json: bool) -> list[Entry]:
-    """The listing's entries for these envelope files (positions counted from `offset`)."""
+def _entries(paths: list[str], as_json: bool) -> list[Entry]:
+    """The listing's entries for these envelope files, in the order of `paths`."""
     render = _json_text if as_json else _text_lines
     entries = []
-    for index, envelope in Spool.read_raw_envelopes(paths):
+    for _, envelope in Spool.read_raw_envelopes(paths):
         try:
-            entries.append((envelope["arrival"], offset + index, render(envelope)))
+            entries.append((envelope["arrival"], render(envelope)))
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError, OSError):
             continue  # not an envelope mailhost wrote: `queue show` says what is wrong with it
     return entries
@@ -186,23 +189,19 @@ def _listing_entries(spool: Spool, as_json: bool, processes: int | None) -> list
     if processes is None:
         processes = _processes() if len(paths) >= PARALLEL_FROM else 1
     size = -(-len(paths) // max(processes, 1)) or 1
-    shares = [(start, paths[start:start + size]) for start in range(0, len(paths), size)]
-    children = []
-    for start, share in shares[1:]:
-        children.append((start, share, _fork(share, start, as_json)))
-    entries = _entries(shares[0][1], 0, as_json) if shares else []
-    for start, share, child in children:
+    shares = [paths[start:start + size] for start in range(0, len(paths), size)]
+    children = [(share, _fork(share, as_json)) for share in shares[1:]]
+    entries = _entries(shares[0], as_json) if shares else []
+    for share, child in children:
         result = _collect(child)
-        entries.extend(result if result is not None else _entries(share, start, as_json))
-    entries.sort(key=_order)
+        entries.extend(result if result is not None else _entries(share, as_json))
+    # The entries are in scan order here, so a stable sort by arrival alone orders equal times
+    # by scan position (as sorted() over raw_envelopes did); all-float keys sort fastest.
+    entries.sort(key=itemgetter(0))
     return entries
 
 
-def _order(entry: Entry) -> tuple:
-    return entry[0], entry[1]
-
-
-def _fork(share: list[str], start: int, as_json: bool) -> tuple[int, int] | None:
+def _fork(share: list[str], as_json: bool) -> tuple[int, int] | None:
     """A child that writes marshal.dumps(_entries(share)) to a pipe: (pid, read end), or None."""
     try:
         read_end, write_end = os.pipe()
@@ -218,7 +217,7 @@ def _fork(share: list[str], start: int, as_json: bool) -> tuple[int, int] | None
         code = 1
         try:
             os.close(read_end)
-            data = memoryview(marshal.dumps(_entries(share, start, as_json)))
+            data = memoryview(marshal.dumps(_entries(share, as_json)))
             while data:
                 data = data[os.write(write_end, data):]
             code = 0
@@ -263,13 +262,13 @@ def queue_list(spool: Spool, as_json: bool, state_dir: Path, processes: int | No
     if as_json:
         # The same text as json.dumps({"messages": [...], "pace": paces}, ensure_ascii=False).
         out.write('{"messages": [')
-        out.write(", ".join([entry[2] for entry in entries]))
+        out.write(", ".join([entry[1] for entry in entries]))
         out.write(f'], "pace": {json.dumps(paces, ensure_ascii=False)}}}\n')
         out.flush()
         return 0
     lines = [f"pace {group}: {values['rate']:.0f}/min (at most {values['max_rate']:.0f}/min, "
              f"{values['connections']:.0f} connections)" for group, values in paces.items()]
-    lines.extend(entry[2] for entry in entries)
+    lines.extend(entry[1] for entry in entries)
     lines.append(f"{len(entries)} messages in the queue")
     out.write("\n".join(lines))
     out.write("\n")
