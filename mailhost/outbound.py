@@ -7,9 +7,10 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore, inlineCallbacks, succeed
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
@@ -102,6 +103,25 @@ class SessionPool:
         self._idle.clear()
 
 
+class _Slot:
+    """One delivery's place among its group's connections (Pace.connections), released once."""
+
+    def __init__(self, semaphore: DeferredSemaphore) -> None:
+        self._semaphore = semaphore
+        self.held = False
+
+    def acquire(self) -> Deferred[None]:
+        def taken(_: object) -> None:
+            self.held = True
+
+        return self._semaphore.acquire().addCallback(taken)
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self._semaphore.release()
+
+
 class Deliverer:
     """Delivers a message's pending remote recipients, domain by domain, in parallel."""
 
@@ -149,16 +169,17 @@ class Deliverer:
             return {a: Outcome("throttled", text, "4.7.0", retry_in=wait) for a in addresses}
         if wait > 0:
             yield deferLater(self.reactor, wait, lambda: None)
-        yield pace.connections.acquire()
+        slot = _Slot(pace.connections)
+        yield slot.acquire()
         try:
-            outcomes = yield self._try_hops(envelope, message, route.hops, addresses, smarthost, pace)
+            outcomes = yield self._try_hops(envelope, message, route.hops, addresses, smarthost, pace, slot)
         finally:
-            pace.connections.release()
+            slot.release()
         return outcomes
 
     @inlineCallbacks
     def _try_hops(self, envelope: Envelope, message: bytes, hops: tuple[Hop, ...], addresses: list[str], smarthost: bool,
-                  pace: Pace):
+                  pace: Pace, slot: _Slot):
         outcomes: dict[str, Outcome] = {}
         remaining = list(addresses)
         last_error = Outcome("deferred", "no server could be reached", "4.4.1")
@@ -166,6 +187,8 @@ class Deliverer:
             for address in hop.addresses:
                 if not remaining:
                     return outcomes
+                if not slot.held:  # handed over with a connection whose final reply then failed
+                    yield slot.acquire()
                 relay = f"{hop.host}[{address}]:{hop.port}"
                 started = time.monotonic()
                 try:
@@ -177,15 +200,25 @@ class Deliverer:
                     if last_error.state == "failed":
                         return {**outcomes, **{a: last_error for a in remaining}}
                     continue
+                handed_over = []
+
+                def hand_over(hop: Hop = hop, address: str = address, session: ClientSession = session) -> None:
+                    # Our body is written: the connection and our connection slot go to the next
+                    # message now, so its commands share the send with our end of data.
+                    handed_over.append(True)
+                    self.pool.give_back(hop, address, session)
+                    slot.release()
+
                 try:
-                    result = yield self._send(session, envelope, remaining, message)
+                    result = yield self._send(session, envelope, remaining, message, hand_over)
                 except SessionError as e:
-                    session.abort()
+                    session.abort()  # (broken for whoever took it over too)
                     last_error = self._session_failure(e, hop, relay, smarthost)
                     log.info("{id}: {relay}: {reason}", id=envelope.id, relay=relay, reason=e.reason)
                     self._signal(pace, e.reply, e.refused)
                     continue
-                self.pool.give_back(hop, address, session)
+                if not handed_over:
+                    self.pool.give_back(hop, address, session)
                 delay = time.monotonic() - started
                 retry_here: list[str] = []
                 for rcpt in remaining:
@@ -213,15 +246,19 @@ class Deliverer:
         return outcomes
 
     @inlineCallbacks
-    def _send(self, session: ClientSession, envelope: Envelope, recipients: list[str], message: bytes):
-        """One transaction for all recipients; with VERP, one per recipient, each with its own return path."""
+    def _send(self, session: ClientSession, envelope: Envelope, recipients: list[str], message: bytes,
+              hand_over: Callable[[], None]):
+        """One transaction for all recipients; with VERP, one per recipient, each with its own return path.
+        The last transaction hands the session over once its body is written (ClientSession.send)."""
         options = {"body_8bit": envelope.body_8bit, "smtputf8": envelope.smtputf8}
         sender_domain = recipient_domain(envelope.sender) if envelope.sender else ""
         if not (self.config.relay.verp and sender_domain in self._local_domains):
-            return (yield session.send(envelope.sender, recipients, message, **options))
+            return (yield session.send(envelope.sender, recipients, message, body_written=hand_over, **options))
         replies = {}
-        for rcpt in recipients:
-            result = yield session.send(verp_sender(sender_domain, rcpt), [rcpt], message, **options)
+        for n, rcpt in enumerate(recipients):
+            last = n == len(recipients) - 1
+            result = yield session.send(verp_sender(sender_domain, rcpt), [rcpt], message,
+                                        body_written=hand_over if last else None, **options)
             replies.update(result.replies)
         return SendResult(replies)
 

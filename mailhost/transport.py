@@ -10,6 +10,8 @@ Measured in bench/README.md ("Where the time goes").
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from twisted.internet import tcp
@@ -18,7 +20,27 @@ from twisted.internet import tcp
 class EagerWrites:
     """Mixed into a tcp.Connection subclass: try the send before buffering."""
 
+    _cork: list[bytes] | None = None
+
+    @contextmanager
+    def corked(self) -> Iterator[None]:
+        """Hold the writes made inside the block and send them together at its end:
+        a message's body and the next message's pipelined commands in one send."""
+        if self._cork is not None:
+            yield
+            return
+        self._cork = []
+        try:
+            yield
+        finally:
+            held, self._cork = self._cork, None
+            if held:
+                self.write(b"".join(held))
+
     def write(self, data: bytes) -> None:
+        if self._cork is not None:
+            self._cork.append(data)
+            return
         if (data and self.connected and not self.disconnecting and not self._writeDisconnected and not self.TLS
                 and self.offset == len(self.dataBuffer) and not self._tempDataBuffer
                 and isinstance(data, bytes)):

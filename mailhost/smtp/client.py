@@ -15,7 +15,8 @@ import base64
 import ipaddress
 import re
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -210,16 +211,25 @@ class SMTPClientProtocol(Protocol):
     def command(self, line: str, label: str, timeout: float, tls_options: Any = None) -> Deferred[ServerReply]:
         return self.commands([line], [label], timeout, tls_options)[0]
 
-    def write_body(self, wire: bytes, block_timeout: float, end_timeout: float) -> Deferred[ServerReply]:
-        """Write the DATA body (dot-stuffed, with its terminating dot) and return the reply to it."""
+    def write_body(self, wire: bytes, block_timeout: float, end_timeout: float,
+                   then: Callable[[], None] | None = None) -> Deferred[ServerReply]:
+        """Write the DATA body (dot-stuffed, with its terminating dot) and return the reply to it.
+
+        `then` runs once the whole body is in the transport, before the reply:
+        what it writes (the next transaction's commands) goes out in the same
+        send as the body when the body is small enough to be held back that long."""
         deferred: Deferred[ServerReply] = Deferred()
         problem = self.unusable_reason()
         if problem is not None:
             deferred.errback(self.error or SessionError(problem))
             return deferred
         self._queue(_Waiter("end of data", deferred, end_timeout))
-        self._body = _BodyWriter(self, wire, block_timeout, end_timeout)
-        self._body.start()
+        self._body = body = _BodyWriter(self, wire, block_timeout, end_timeout)
+        corked = getattr(self.transport, "corked", None) if then is not None and len(wire) <= BODY_CHUNK else None
+        with corked() if corked is not None else nullcontext():
+            body.start()
+            if then is not None and body.finished and self.unusable_reason() is None:
+                then()
         return deferred
 
     def unusable_reason(self) -> str | None:
@@ -462,6 +472,7 @@ class ClientSession:
         self._command_timeout = command_timeout
         self._data_timeout = data_timeout
         self._busy = False
+        self._holder = 0  # counts operations: which one may clear _busy (see _exclusive)
 
     @property
     def tls_version(self) -> str | None:
@@ -549,10 +560,15 @@ class ClientSession:
 
     # --- mail ----------------------------------------------------------------
 
-    def send(self, sender: str, recipients: list[str], message: bytes, *,
-             body_8bit: bool = False, smtputf8: bool = False) -> Deferred[SendResult]:
-        """One transaction: the final reply for each recipient (SendResult), or SessionError."""
-        return self._exclusive(self._send(sender, recipients, message, body_8bit, smtputf8))
+    def send(self, sender: str, recipients: list[str], message: bytes, *, body_8bit: bool = False,
+             smtputf8: bool = False, body_written: Callable[[], None] | None = None) -> Deferred[SendResult]:
+        """One transaction: the final reply for each recipient (SendResult), or SessionError.
+
+        With PIPELINING, `body_written` is called once the body is written, before
+        its reply: the session is then free for the next transaction, whose
+        commands follow the end of data in the same send (RFC 2920 3.1: the
+        message content may be the first "command" of a group)."""
+        return self._exclusive(self._send(sender, recipients, message, body_8bit, smtputf8, body_written))
 
     def reset(self) -> Deferred[None]:
         """RSET; SessionError unless the server says 250."""
@@ -575,14 +591,18 @@ class ClientSession:
             failed.errback(SessionError(f"session with {self.peer} cannot be used: {problem}"))
             return failed
         self._busy = True
+        self._holder += 1
+        holder = self._holder
 
         def done(result: Any) -> Any:
-            self._busy = False
+            if self._holder == holder:  # not handed over to the next transaction meanwhile
+                self._busy = False
             return result
 
         return Deferred.fromCoroutine(coroutine).addBoth(done)
 
-    async def _send(self, sender: str, recipients: list[str], message: bytes, body_8bit: bool, smtputf8: bool) -> SendResult:
+    async def _send(self, sender: str, recipients: list[str], message: bytes, body_8bit: bool, smtputf8: bool,
+                    body_written: Callable[[], None] | None = None) -> SendResult:
         unique = list(dict.fromkeys(recipients))
         if not unique:
             return SendResult({})
@@ -601,7 +621,7 @@ class ClientSession:
             replies = await self._pipelined(lines, labels)
         else:
             replies = await self._one_by_one(lines, labels)
-        return await self._finish(unique, replies, wire)
+        return await self._finish(unique, replies, wire, body_written if "PIPELINING" in self.extensions else None)
 
     def _refuse_before_sending(self, sender: str, recipients: list[str], smtputf8: bool) -> ServerReply | None:
         """A permanent reply for a transaction that must not be attempted here, else None."""
@@ -642,13 +662,16 @@ class ClientSession:
         replies.append(await self._command(lines[-1], labels[-1]))
         return replies
 
-    async def _finish(self, recipients: list[str], replies: list[ServerReply], wire: bytes) -> SendResult:
+    async def _finish(self, recipients: list[str], replies: list[ServerReply], wire: bytes,
+                      body_written: Callable[[], None] | None = None) -> SendResult:
         mail, rcpts, data = replies[0], replies[1:-1], replies[-1]
         accepted = _positive(mail) and any(_positive(reply) for reply in rcpts)
         final = data
         if data.code == 354:
+            then = self._hand_over(body_written) if accepted and body_written is not None else None
             # RFC 2920 3.1: DATA may be accepted even with no recipient; then only the dot goes.
-            end = await self._protocol.write_body(wire if accepted else b".\r\n", self._command_timeout, self._data_timeout)
+            end = await self._protocol.write_body(wire if accepted else b".\r\n", self._command_timeout,
+                                                  self._data_timeout, then)
             if accepted:
                 final = end
         else:
@@ -657,6 +680,15 @@ class ClientSession:
         for recipient, rcpt in zip(recipients, rcpts):
             results[recipient] = mail if not _positive(mail) else rcpt if not _positive(rcpt) else final
         return SendResult(results)
+
+    def _hand_over(self, body_written: Callable[[], None]) -> Callable[[], None]:
+        def hand_over() -> None:
+            # The end-of-data reply is still to come; the next transaction's replies queue behind it.
+            self._busy = False
+            self._holder += 1
+            body_written()
+
+        return hand_over
 
     async def _reset_quietly(self, mail: ServerReply) -> None:
         """End a transaction that did not reach the body. A failed RSET leaves the session unusable."""

@@ -130,6 +130,28 @@ def test_pipelining_sends_the_envelope_in_one_write(make_sink) -> None:
     assert batches["EHLO"] != group[0]
 
 
+def test_the_next_message_is_pipelined_behind_the_end_of_data(make_sink) -> None:
+    sink = make_sink()
+    bodies = [f"Subject: chained {n}\n\nBody {n}.\n" for n in range(4)]
+    result = drive(sink, chain=True, messages=[message([f"r{n}@remote.test"], body) for n, body in enumerate(bodies)])
+    assert "unchained" not in result
+    assert [codes(send) for send in result["sends"]] == [{f"r{n}@remote.test": 250} for n in range(4)]
+    assert result["usable"] == [True]
+    received = sink.messages()
+    assert [m["rcpt_to"] for m in received] == [[f"r{n}@remote.test"] for n in range(4)]
+    assert [m["data"] for m in received] == [b.replace("\n", "\r\n") for b in bodies]
+    # RFC 2920 3.1: the body and its dot, then the next MAIL, RCPT and DATA, in one write.
+    mails = [entry["batch"] for entry in sink.commands() if entry["line"].startswith("MAIL")]
+    assert [m["end_batch"] for m in received[:-1]] == mails[1:]
+
+
+def test_nothing_is_pipelined_behind_the_end_of_data_without_pipelining(make_sink) -> None:
+    sink = make_sink(no_pipelining=True)
+    result = drive(sink, chain=True, messages=[message([f"r{n}@remote.test"]) for n in range(2)])
+    assert result["unchained"] is True  # the second waited for the first's final reply
+    assert [codes(send) for send in result["sends"]] == [{"r0@remote.test": 250}, {"r1@remote.test": 250}]
+
+
 def test_no_pipelining_waits_for_each_reply(make_sink) -> None:
     sink = make_sink(no_pipelining=True)
     result = drive(sink, messages=[message(["a@remote.test", "b@remote.test"])])

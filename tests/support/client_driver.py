@@ -49,6 +49,10 @@ async def run(reactor: Any, spec: dict[str, Any]) -> dict[str, Any]:
         result["open"] = {"ok": False, "error": error_json(e)}
         return result
     result["open"] = {"ok": True, "peer": session.peer, "tls_version": session.tls_version, "extensions": session.extensions}
+    if spec.get("chain"):
+        await _chained(session, spec["messages"], result)
+        await session.quit()
+        return result
     for message in spec.get("messages", []):
         try:
             if message.get("reset_first"):
@@ -64,6 +68,34 @@ async def run(reactor: Any, spec: dict[str, Any]) -> dict[str, Any]:
     if spec.get("quit", True):
         await session.quit()
     return result
+
+
+async def _chained(session: Any, messages: list[dict], result: dict[str, Any]) -> None:
+    """As the Deliverer does with a deep queue: each message is started from the previous
+    one's body_written hand-over, before that one's final reply."""
+    from twisted.internet.defer import gatherResults
+
+    sends: list = []
+    replies: dict[int, Any] = {}
+
+    def start(index: int) -> None:
+        message = messages[index]
+        following = (lambda: start(index + 1)) if index + 1 < len(messages) else None
+        sent = session.send(message["sender"], message["recipients"], message["data"].encode("latin-1"),
+                            body_written=following)
+        sends.append(sent.addCallback(lambda reply, index=index: replies.__setitem__(index, reply)))
+
+    start(0)
+    while len(sends) < len(messages):
+        started = len(sends)
+        await sends[-1]
+        if len(sends) == started:  # no hand-over (no PIPELINING): start the next one now
+            result["unchained"] = True
+            start(started)
+    await gatherResults(sends)
+    for sent in (replies[index] for index in range(len(messages))):
+        result["sends"].append({"replies": {rcpt: reply_json(reply) for rcpt, reply in sent.replies.items()}})
+    result["usable"].append(session.usable)
 
 
 def main(reactor: Any, argument: str) -> Any:

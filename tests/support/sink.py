@@ -358,7 +358,7 @@ class SinkSession(asyncio.Protocol):
         entry = {
             "mail_from": self.mail_from, "rcpt_to": self.rcpt_to, "data": message.decode("latin-1"),
             "tls": self.tls, "auth": self.user, "helo": self.helo, "mail_params": self.mail_params,
-            "conn": self.connection,
+            "conn": self.connection, "end_batch": self.batch,  # the network read the final dot came in
         }
         name = f"{next(self.s.counter):06d}.json"
         temp = self.s.record / f".{name}.tmp"
