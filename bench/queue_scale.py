@@ -10,7 +10,8 @@ measures:
 * the time until its log says "queue loaded: 100000 messages",
 * its resident memory (VmRSS, and the peak VmHWM, from /proc/PID/status)
   once loaded,
-* how long `mailhost queue list --json` takes against that spool.
+* how long `mailhost queue list --json` takes against that spool, with the
+  daemon running (queue loaded) and stopped (median of --list-runs runs).
 
 For scale, the same start-up is measured first with an empty spool. With
 --postfix, a private Postfix gets the same messages on hold (through its
@@ -19,13 +20,19 @@ smtpd; this takes minutes) and `postqueue -p` is timed too.
 Run from the repository root, as root (only for --postfix):
 
     .venv/bin/python bench/queue_scale.py [--messages 100000] [--size 4096] [--postfix]
+        [--dir DIR] [--list-runs 3]
+
+With --dir the work happens in DIR, which is kept; a later run with the same
+DIR reuses the spool it holds instead of writing it again (minutes).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import statistics
 import signal
 import socket
 import subprocess
@@ -92,7 +99,9 @@ def measure_start(daemon: Mailhost, expected: int, timeout: float) -> dict:
     return result
 
 
-def time_queue_list(daemon: Mailhost, expected: int) -> float:
+def time_queue_list(daemon: Mailhost, expected: int) -> tuple[float, float]:
+    """Seconds `mailhost queue list --json` took, and the 1-minute load average just before."""
+    load = os.getloadavg()[0]
     t = time.monotonic()
     out = subprocess.run([str(daemon.venv_bin / "mailhost"), "--config", str(daemon.config), "queue", "list", "--json"],
                          capture_output=True, timeout=1800, env=tree_env())
@@ -102,7 +111,22 @@ def time_queue_list(daemon: Mailhost, expected: int) -> float:
     count = len(json.loads(out.stdout)["messages"])
     if count != expected:
         raise RuntimeError(f"mailhost queue list --json listed {count} messages, expected {expected}")
-    return elapsed
+    return elapsed, load
+
+
+def queued_count(spool_dir: Path) -> int:
+    """Envelopes in a spool (one scan of env/)."""
+    env = spool_dir / "env"
+    if not env.is_dir():
+        return 0
+    return sum(1 for folder in os.scandir(env) for entry in os.scandir(folder.path) if entry.name.endswith(".json"))
+
+
+def listing_summary(runs: list[tuple[float, float]]) -> str:
+    times = [t for t, _ in runs]
+    loads = [load for _, load in runs]
+    return (f"{statistics.median(times):.2f}s (median of {len(times)}: {min(times):.2f}-{max(times):.2f}s, "
+            f"load average {min(loads):.1f}-{max(loads):.1f})")
 
 
 def postfix_postqueue(root: Path, count: int, size: int) -> tuple[float, float]:
@@ -140,6 +164,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--postfix", action="store_true", help="also time postqueue -p on a Postfix holding as many")
     p.add_argument("--venv", type=Path, default=REPO / ".venv", help="virtualenv with twistd and mailhost")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    p.add_argument("--dir", type=Path, help="work in DIR and keep it; reuse the spool it holds from an earlier run")
+    p.add_argument("--list-runs", type=int, default=3, help="times to run `queue list --json` each way (default 3)")
     return p.parse_args()
 
 
@@ -157,11 +183,18 @@ def main() -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGHUP, on_signal)
 
-    tmp = Path(tempfile.mkdtemp(prefix="mailhost-bench-queue-"))
+    if args.dir:
+        tmp = args.dir.resolve()
+        tmp.mkdir(parents=True, exist_ok=True)
+    else:
+        tmp = Path(tempfile.mkdtemp(prefix="mailhost-bench-queue-"))
     nobody = f"127.0.0.1:{free_port('127.0.0.1')}"  # no DNS server: nothing is ever looked up
     failed = False
     empty = full = again = None
-    fill = listing = 0.0
+    fill = 0.0
+    reused = 0
+    listing_running: list[tuple[float, float]] = []
+    listing_stopped: list[tuple[float, float]] = []
     postfix = None
     try:
         log("mailhost with an empty spool ...")
@@ -173,11 +206,18 @@ def main() -> int:
 
         daemon = Mailhost(tmp / "full", venv_bin, nameserver=nobody, mx_port=25, retry=["30d"],
                           queue_extra='lifetime = "60d"\ndelay_warning = "0"')
-        log(f"writing {args.messages} messages of {args.size} B into the spool with Spool.store "
-            f"({args.threads} threads, daemon stopped) ...")
-        fill = fill_spool(daemon.spool_dir, args.messages, recipient, args.size,
-                          next_attempt=time.time() + 30 * 86400, threads=args.threads)
-        log(f"  written in {fill:.0f}s; starting mailhost")
+        reused = queued_count(daemon.spool_dir)
+        if reused and reused != args.messages:
+            raise RuntimeError(f"{daemon.spool_dir} holds {reused} messages, not {args.messages}: "
+                               "remove it or pick another --dir")
+        if reused:
+            log(f"reusing the {reused} messages in {daemon.spool_dir}; starting mailhost")
+        else:
+            log(f"writing {args.messages} messages of {args.size} B into the spool with Spool.store "
+                f"({args.threads} threads, daemon stopped) ...")
+            fill = fill_spool(daemon.spool_dir, args.messages, recipient, args.size,
+                              next_attempt=time.time() + 30 * 86400, threads=args.threads)
+            log(f"  written in {fill:.0f}s; starting mailhost")
         try:
             full = measure_start(daemon, args.messages, timeout=1800)
         finally:
@@ -185,13 +225,15 @@ def main() -> int:
         log("starting mailhost again (the spool's files now read once) ...")
         try:
             again = measure_start(daemon, args.messages, timeout=1800)
+            log("timing `mailhost queue list --json` (daemon running) ...")
+            listing_running = [time_queue_list(daemon, args.messages) for _ in range(args.list_runs)]
         finally:
             daemon.stop()
         attempts = daemon.log().count(" status=")
         if attempts:
             raise RuntimeError(f"mailhost tried {attempts} deliveries during the measurement")
         log("timing `mailhost queue list --json` (daemon stopped) ...")
-        listing = time_queue_list(daemon, args.messages)
+        listing_stopped = [time_queue_list(daemon, args.messages) for _ in range(args.list_runs)]
         if args.postfix:
             log(f"postfix: injecting {args.messages} messages on hold through smtpd (slow) ...")
             postfix = postfix_postqueue(tmp / "postfix", args.messages, args.size)
@@ -199,7 +241,7 @@ def main() -> int:
         failed = True
         log(f"error: {exc}")
     finally:
-        if args.keep:
+        if args.keep or args.dir:
             log(f"kept {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -210,7 +252,8 @@ def main() -> int:
     print(f"\nQueue scale: mailhost with {args.messages} queued messages of {args.size} B "
           "(remote, next attempt in 30 days)")
     runs = [r for r in (empty, full, again) if r]
-    rows = [("", "empty spool", f"{args.messages} queued", "same, 2nd start")[:len(runs) + 1]]
+    first = "reused spool" if reused else f"{args.messages} queued"
+    rows = [("", "empty spool", first, "same, 2nd start")[:len(runs) + 1]]
     if runs:
         rows += [
             ("accepts SMTP (220) after", *(f"{r['greeting']:.2f}s" for r in runs)),
@@ -224,10 +267,16 @@ def main() -> int:
             print("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths))))
             if i == 0:
                 print("  ".join("-" * w for w in widths))
-    if listing:
-        print(f"mailhost queue list --json: {listing:.2f}s for {args.messages} messages")
-    print(f"spool written with Spool.store in {fill:.0f}s ({args.messages / fill:.0f} msg/s, not part of the figures)"
-          if fill else "")
+    if listing_running:
+        print(f"mailhost queue list --json, daemon running: {listing_summary(listing_running)} "
+              f"for {args.messages} messages")
+    if listing_stopped:
+        print(f"mailhost queue list --json, daemon stopped: {listing_summary(listing_stopped)} "
+              f"for {args.messages} messages")
+    if fill:
+        print(f"spool written with Spool.store in {fill:.0f}s ({args.messages / fill:.0f} msg/s, not part of the figures)")
+    elif reused:
+        print(f"spool of {reused} messages reused from an earlier run in {tmp}")
     if postfix:
         print(f"postfix postqueue -p: {postfix[1]:.2f}s for {args.messages} held messages "
               f"(filled through smtpd in {postfix[0]:.0f}s)")
