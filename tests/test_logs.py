@@ -101,3 +101,30 @@ def test_twistds_own_choice_of_log_stands() -> None:
     assert default_observer({"nodaemon": True, "syslog": True}, reactor) is None
     assert default_observer({"nodaemon": False}, reactor) is None
     assert default_observer(None, reactor) is None
+
+
+def test_the_fast_line_is_twisteds_line_for_every_kind_of_event() -> None:
+    from twisted.logger import LogLevel, formatTime
+    from twisted.python.failure import Failure
+
+    from mailhost.logs import classic_line
+
+    try:
+        1 / 0
+    except ZeroDivisionError:
+        failure = Failure()
+    base = {"log_time": 1700000000.5, "log_level": LogLevel.info, "log_namespace": "mailhost.queue"}
+    events = [
+        {**base, "log_format": "{id}: to=<{rcpt}> delay={delay:.2f} ({reply!r})", "id": "ABC", "rcpt": "b@x.test",
+         "delay": 0.1234, "reply": "250 ok"},
+        {**base, "log_format": "two\nlines"},
+        {**base, "log_format": "{missing}"},  # Twisted says it cannot format it: so do we
+        {**base, "log_format": "{f()}", "f": lambda: "called"},
+        {**base, "log_format": "boom {id}", "id": 1, "log_failure": failure},
+        {**base, "log_format": "", "x": 1},
+        {**base, "log_format": None, "log_text": "legacy"},
+        {**base, "log_format": "from a worker", "log_system": "mailhost.queue#info worker 1"},
+        {"log_format": "no time, level or namespace"},
+    ]
+    for event in events:
+        assert classic_line(event, formatTime) == formatEventAsClassicLogText(event, formatTime), event
