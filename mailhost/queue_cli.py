@@ -153,11 +153,11 @@ def _entries(paths: list[str], as_json: bool) -> list[Entry]:
     return entries
 
 
-# A listing of 100,000 messages is CPU work (open/read/close, JSON, formatting) that one
-# process does in ~3.5 s here. Threads do not help (tried: the file system calls do not run
-# in parallel in this sandbox, and the JSON work holds the GIL); forked processes, each with
-# its own share of the files, do.
-PARALLEL_FROM = 4000  # envelopes; below this one process is quicker than forking
+# A listing of 100,000 messages is CPU work (open/read/close, JSON, formatting): 2-3 s of
+# one process on the benchmark machine. Threads did not help there (two threads reading took
+# as long as one, or longer; the JSON work holds the GIL). Forked processes, each with its
+# own share of the files, do when a CPU is free, and cost a few milliseconds when none is.
+PARALLEL_FROM = 4000  # envelopes; fewer take well under 0.2 s in one process
 MAX_PROCESSES = 4
 
 
@@ -251,8 +251,9 @@ def _collect(child: tuple[int, int] | None) -> list[Entry] | None:
 
 
 def queue_list(spool: Spool, as_json: bool, state_dir: Path, processes: int | None = None) -> int:
-    # Raw JSON dicts, not Envelope objects, in several processes: `queue list` of 100,000
-    # messages stays quick (bench/queue_scale.py).
+    # Raw JSON dicts, not Envelope objects, and several processes: `queue list` of 100,000
+    # messages stays quick (bench/queue_scale.py). The spool is read directly even when the
+    # daemon runs: it holds only ids and due times, not the recipients' states.
     entries = listing_entries(spool, as_json, processes)
     try:
         paces = current_pace(state_dir)
