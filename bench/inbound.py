@@ -153,7 +153,7 @@ catch_all = "alice"
 """
 
 
-def start_mailhost(root: Path, venv_bin: Path, workers: int = 1) -> Server:
+def start_mailhost(root: Path, venv_bin: Path, workers: int = 1, profile: Path | None = None) -> Server:
     """Configure, provision and start mailhost under twistd in the foreground."""
     root.mkdir(parents=True)
     port = free_port()
@@ -171,8 +171,9 @@ def start_mailhost(root: Path, venv_bin: Path, workers: int = 1) -> Server:
     log_file = root / "twistd.log"
     with open(log_file, "wb") as out:
         proc = subprocess.Popen(
-            [str(venv_bin / "twistd"), "-n", "--pidfile=", "mailhost",
-             "--config", str(cfg)],
+            [str(venv_bin / "twistd"), "-n", "--pidfile=",
+             *(["--profiler=cprofile", "--savestats", f"--profile={profile}"] if profile else []),
+             "mailhost", "--config", str(cfg)],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             cwd=REPO, env=env,
         )
@@ -321,6 +322,8 @@ def parse_args() -> argparse.Namespace:
                    help="benchmark just one server (no ratio)")
     p.add_argument("--venv", type=Path, default=REPO / ".venv",
                    help="virtualenv holding twistd and mailhost (default .venv)")
+    p.add_argument("--profile", type=Path,
+                   help="run mailhost's main process under cProfile, stats saved to this file (read with pstats)")
     p.add_argument("--keep", action="store_true",
                    help="keep the temporary directory for inspection")
     return p.parse_args()
@@ -400,7 +403,7 @@ def main() -> int:
     failed = False
     try:
         starters: dict[str, Callable[[Path], Server]] = {
-            "mailhost": lambda root: start_mailhost(root, venv_bin, args.workers),
+            "mailhost": lambda root: start_mailhost(root, venv_bin, args.workers, args.profile),
             "postfix": start_postfix,
         }
         for name in servers:

@@ -11,6 +11,7 @@ List-Unsubscribe headers of RFC 8058 included.
 from __future__ import annotations
 
 import base64
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from mailhost.durable import write_file_atomically
 RSA = "rsa-sha256"
 ED25519 = "ed25519-sha256"
 ALGORITHMS = (RSA, ED25519)
+KEYS_CHECK_SECONDS = 1.0  # how soon a key from `mailhost dkim keygen` is used by a running daemon
 
 SIGNED_HEADERS = (
     "from", "to", "cc", "subject", "date", "message-id", "reply-to", "in-reply-to", "references",
@@ -180,6 +182,7 @@ class Signer:
         self.state_dir = state_dir
         self._configured = configured or {}
         self._stamp: float | None = None
+        self._next_check = 0.0
         self.keys: dict[str, DkimKey] = {}
         self.reload()
 
@@ -189,9 +192,13 @@ class Signer:
         self._stamp = _folder_stamp(self.state_dir)
 
     def has_keys(self) -> bool:
-        """Whether any domain signs; keygen adds a folder or file: noticed without a restart."""
-        if _folder_stamp(self.state_dir) != self._stamp:
-            self.reload()
+        """Whether any domain signs; keygen adds a folder or file: noticed without a restart,
+        within KEYS_CHECK_SECONDS (not a stat of the folder for every message)."""
+        now = time.monotonic()
+        if now >= self._next_check:
+            self._next_check = now + KEYS_CHECK_SECONDS
+            if _folder_stamp(self.state_dir) != self._stamp:
+                self.reload()
         return bool(self.keys)
 
     def key_for(self, domain: str | None) -> DkimKey | None:

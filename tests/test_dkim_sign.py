@@ -73,3 +73,16 @@ def test_dkim_config_entry_names_the_key(tmp_path):
     (tmp_path / "mailhost.toml").write_text(base + '[[dkim]]\ndomain = "example.test"\nselector = "s9"\nkey_file = "nope.key"\n')
     with pytest.raises(ConfigError, match="dkim\\[0\\].key_file"):
         load(tmp_path / "mailhost.toml")
+
+
+def test_a_new_key_is_used_within_a_second_without_a_stat_per_message(tmp_path, monkeypatch):
+    import mailhost.dkim_sign as dkim_sign
+
+    now = [1000.0]
+    monkeypatch.setattr(dkim_sign.time, "monotonic", lambda: now[0])
+    signer = Signer(tmp_path)
+    assert signer.key_for("example.test") is None
+    generate(tmp_path, "example.test", "s1")
+    assert signer.key_for("example.test") is None  # checked a moment ago
+    now[0] += dkim_sign.KEYS_CHECK_SECONDS
+    assert signer.key_for("example.test").selector == "s1"
