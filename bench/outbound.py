@@ -56,6 +56,7 @@ class Result:
     left_in_queue: int
     connections: int  # SMTP sessions the sink saw from this MTA
     cpu_seconds: float | None  # CPU the MTA used from release until drained
+    sink_cpu_seconds: float | None = None  # CPU smtp-sink used meanwhile (the shared ceiling)
 
     @property
     def rate(self) -> float | None:
@@ -104,12 +105,12 @@ def run_mailhost(root: Path, args, sink: SmtpSink, nameserver: str) -> Result:
             time.sleep(0.05)
         log(f"mailhost (pid {daemon.process.pid}) loaded its queue in {loaded:.2f}s; flushing")
         base, sessions = sink.messages, sink.sessions
-        cpu0 = cpu_seconds(daemon.process.pid, children=True)
+        cpu0, sink0 = cpu_seconds(daemon.process.pid, children=True), cpu_seconds(sink.process.pid)
         t0 = time.monotonic()
         flush_mailhost(daemon)
         end = sink.wait_for(base + args.messages, t0, args.stall_timeout)
         drain = end - t0 if end is not None else None
-        cpu = cpu_seconds(daemon.process.pid, children=True) - cpu0
+        cpu, sink_cpu = cpu_seconds(daemon.process.pid, children=True) - cpu0, cpu_seconds(sink.process.pid) - sink0
         if drain is None:
             log(f"  STALLED at {sink.messages - base}/{args.messages}; log tail:\n{tail(daemon.log_file)}")
         deadline = time.monotonic() + 60
@@ -119,7 +120,7 @@ def run_mailhost(root: Path, args, sink: SmtpSink, nameserver: str) -> Result:
     finally:
         daemon.stop()
     time.sleep(0.5)  # the sink counts a session when it ends
-    return Result("mailhost", args.messages, fill, loaded, drain, delivered, left, sink.sessions - sessions, cpu)
+    return Result("mailhost", args.messages, fill, loaded, drain, delivered, left, sink.sessions - sessions, cpu, sink_cpu)
 
 
 # --- Postfix -------------------------------------------------------------------------------
@@ -192,14 +193,14 @@ def run_postfix(root: Path, args, sink: SmtpSink, routing: str) -> Result:
             raise RuntimeError(f"postfix holds {held_count(instance)} messages, not {args.messages}")
         log(f"  {args.messages} on hold after {fill:.1f}s; releasing (postsuper -H ALL; postqueue -f)")
         base, sessions = sink.messages, sink.sessions
-        cpu0 = cpu_seconds(instance.master_pid, children=True)
+        cpu0, sink0 = cpu_seconds(instance.master_pid, children=True), cpu_seconds(sink.process.pid)
         t0 = time.monotonic()
         instance.postsuper("-H", "ALL")
         instance.postqueue("-f")
         end = sink.wait_for(base + args.messages, t0, args.stall_timeout)
         drain = end - t0 if end is not None else None
         # postsuper and postqueue are not the master's children: not counted (they are short).
-        cpu = cpu_seconds(instance.master_pid, children=True) - cpu0
+        cpu, sink_cpu = cpu_seconds(instance.master_pid, children=True) - cpu0, cpu_seconds(sink.process.pid) - sink0
         if drain is None:
             log(f"  STALLED at {sink.messages - base}/{args.messages}; maillog tail:\n{tail(instance.log_file)}")
         deadline = time.monotonic() + 60
@@ -209,7 +210,7 @@ def run_postfix(root: Path, args, sink: SmtpSink, routing: str) -> Result:
     finally:
         instance.stop()
     time.sleep(0.5)
-    return Result("postfix", args.messages, fill, None, drain, delivered, left, sink.sessions - sessions, cpu)
+    return Result("postfix", args.messages, fill, None, drain, delivered, left, sink.sessions - sessions, cpu, sink_cpu)
 
 
 # --- main ----------------------------------------------------------------------------------
@@ -275,6 +276,8 @@ def print_table(results: dict[str, Result], args, routing: str) -> None:
         cpu = ""
         if r.cpu_seconds is not None and r.drain_seconds:
             cpu = f", {r.cpu_seconds:.1f} CPU-s ({100 * r.cpu_seconds / r.drain_seconds:.0f}% of one core)"
+            if r.sink_cpu_seconds is not None:
+                cpu += f", smtp-sink {r.sink_cpu_seconds:.1f} CPU-s"
         print(f"  {r.name}: drained in {drain} over {r.connections} SMTP connections{cpu}{extra}; "
               f"queue filled in {r.fill_seconds:.1f}s (not timed)")
     if routing == "dns":
