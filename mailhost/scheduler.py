@@ -9,6 +9,7 @@ stopping the rest.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -63,8 +64,17 @@ class Scheduler(service.Service):
         if self.recover_spool:
             for debris in self.spool.recover():
                 log.info("removed interrupted write {path}", path=debris)
-        return [(e["id"], e["next_attempt"], e.get("held", False), e["arrival"]) for e in self.spool.raw_envelopes()
-                if shard.owns(e["id"])]
+        # Only this process's shard is read (the id is the file name), with few system calls a file.
+        paths = [path for path in self.spool.envelope_files() if shard.owns(os.path.basename(path)[:-5])]
+        entries = []
+        for index, envelope in self.spool.read_raw_envelopes(paths):
+            try:
+                entries.append((envelope["id"], float(envelope["next_attempt"]), bool(envelope.get("held", False)),
+                                float(envelope["arrival"])))
+            except (AttributeError, KeyError, TypeError, ValueError):
+                # One bad file must not keep the rest of the queue from loading.
+                log.warn("skipping a malformed envelope in the spool: {path}", path=paths[index])
+        return entries
 
     def _loaded(self, entries: list[tuple[str, float, bool, float]]) -> None:
         for queue_id, when, held, arrival in entries:

@@ -306,6 +306,22 @@ def test_restart_with_non_empty_queue(make_daemon, dns, sinks):
     wait_for(lambda: queue(daemon) == [], what="empty queue")
 
 
+def test_a_malformed_envelope_does_not_stop_the_queue_from_loading(make_daemon, dns, sinks):
+    daemon = make_daemon(extra=relay_config(dns, queue='retry = ["1h"]'))
+    submit(daemon, ["bob@remote.test"], "queued beside a bad envelope")  # no MX is listening: deferred
+    wait_for(lambda: [m for m in queue(daemon) if m["recipients"][0]["attempts"]], what="a failed attempt")
+    daemon.stop()
+    bad = daemon.root / "state" / "spool" / "env" / "AA" / "AAAAAAAAAAAAAAAA.json"
+    bad.parent.mkdir(parents=True, exist_ok=True)
+    bad.write_text('{"id": "AAAAAAAAAAAAAAAA", "sender": "x@y.test", "recipients": []}')  # no times
+    mx1 = sinks("127.0.0.5")
+    daemon.cli("queue", "flush")
+    daemon.start()
+    [got] = wait_for(mx1.messages, what="the good message delivered")
+    assert "queued beside a bad envelope" in got["data"]
+    assert f"skipping a malformed envelope in the spool: {bad}" in daemon.log()
+
+
 def test_queue_commands_reach_the_running_daemon(make_daemon, dns, sinks):
     daemon = make_daemon(extra=relay_config(dns, queue='retry = ["1h"]'))
     submit(daemon, ["bob@remote.test"], "steered")
