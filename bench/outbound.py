@@ -106,11 +106,14 @@ def run_mailhost(root: Path, args, sink: SmtpSink, nameserver: str) -> Result:
         log(f"mailhost (pid {daemon.process.pid}) loaded its queue in {loaded:.2f}s; flushing")
         base, sessions = sink.messages, sink.sessions
         cpu0, sink0 = cpu_seconds(daemon.process.pid, children=True), cpu_seconds(sink.process.pid)
+        main0 = cpu_seconds(daemon.process.pid)
         t0 = time.monotonic()
         flush_mailhost(daemon)
         end = sink.wait_for(base + args.messages, t0, args.stall_timeout)
         drain = end - t0 if end is not None else None
         cpu, sink_cpu = cpu_seconds(daemon.process.pid, children=True) - cpu0, cpu_seconds(sink.process.pid) - sink0
+        if args.workers > 1:
+            log(f"  main process {cpu_seconds(daemon.process.pid) - main0:.1f} of the {cpu:.1f} CPU-s")
         if drain is None:
             log(f"  STALLED at {sink.messages - base}/{args.messages}; log tail:\n{tail(daemon.log_file)}")
         deadline = time.monotonic() + 60
