@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.threads import deferToThreadPool
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 T = TypeVar("T")
@@ -71,6 +72,7 @@ class DiskWriter:
     def __init__(self, reactor: IReactorThreads, threads: int = 8, name: str = "mailhost-disk") -> None:
         self._reactor = reactor
         self._pool = ThreadPool(minthreads=1, maxthreads=threads, name=name)
+        self._together: list[tuple[Callable[..., Any], tuple[Any, ...], Deferred[Any]]] = []
 
     def start(self) -> None:
         self._pool.start()
@@ -81,3 +83,38 @@ class DiskWriter:
     def run(self, function: Callable[..., T], *args: Any) -> Deferred[T]:
         """Run blocking work off the reactor thread."""
         return deferToThreadPool(self._reactor, self._pool, function, *args)
+
+    def run_together(self, function: Callable[..., T], *args: Any) -> Deferred[T]:
+        """Like run, but the calls made in one turn of the reactor share one thread trip
+        (run in order, each with its own result): for short work that many messages need
+        at once, such as loading and removing queue entries while a queue drains."""
+        deferred: Deferred[T] = Deferred()
+        self._together.append((function, args, deferred))
+        if len(self._together) == 1:
+            self._reactor.callLater(0, self._run_together)  # type: ignore[attr-defined]
+        return deferred
+
+    def _run_together(self) -> None:
+        batch, self._together = self._together, []
+
+        def work() -> list[tuple[bool, Any]]:
+            results: list[tuple[bool, Any]] = []
+            for function, args, _ in batch:
+                try:
+                    results.append((True, function(*args)))
+                except BaseException:
+                    results.append((False, Failure()))
+            return results
+
+        def deliver(results: list[tuple[bool, Any]]) -> None:
+            for (_, _, deferred), (ok, value) in zip(batch, results):
+                if ok:
+                    deferred.callback(value)
+                else:
+                    deferred.errback(value)
+
+        def lost(failure: Failure) -> None:  # the pool itself failed (stopped)
+            for _, _, deferred in batch:
+                deferred.errback(failure)
+
+        self.run(work).addCallbacks(deliver, lost)

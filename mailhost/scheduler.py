@@ -208,7 +208,7 @@ class Scheduler(service.Service):
     @inlineCallbacks
     def _attempt(self, queue_id: str):
         try:
-            envelope, message = yield self.writer.run(self.spool.load_with_message, queue_id)
+            envelope, message = yield self.writer.run_together(self.spool.load_with_message, queue_id)
             if envelope.held or envelope.done:
                 return
             if received_count(message) > HOP_LIMIT:
@@ -260,7 +260,7 @@ class Scheduler(service.Service):
                 log.info("{id}: to=<{rcpt}> status=expired ({reply})", id=envelope.id, rcpt=recipient.address, reply=recipient.last_reply)
         yield self._send_dsns(envelope, message, now)
         if envelope.done:
-            yield self.writer.run(self.spool.remove, envelope.id)
+            yield self.writer.run_together(self.spool.remove, envelope.id)
             self.arrivals.pop(envelope.id, None)
             log.info("{id}: removed (every recipient delivered or bounced)", id=envelope.id)
             return
