@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))  # for tests.support.postfix (standard library onl
 from tests.support.postfix import Postfix, PostfixError  # noqa: E402
 
 sys.path.insert(0, str(REPO / "bench"))
-from common import cpu_seconds  # noqa: E402
+from common import cpu_seconds, write_json  # noqa: E402
 
 LOOPBACK = "127.0.0.1"
 RECIPIENT = "alice@example.test"
@@ -322,6 +322,7 @@ def parse_args() -> argparse.Namespace:
                    help="benchmark just one server (no ratio)")
     p.add_argument("--venv", type=Path, default=REPO / ".venv",
                    help="virtualenv holding twistd and mailhost (default .venv)")
+    p.add_argument("--json", type=Path, help="also write the figures to this file (for bench/targets.py)")
     p.add_argument("--profile", type=Path,
                    help="run mailhost's main process under cProfile, stats saved to this file (read with pstats)")
     p.add_argument("--keep", action="store_true",
@@ -445,6 +446,10 @@ def main() -> int:
     print(f"\nInbound: {args.size}-byte bodies to one mailbox, loopback, smtp-source, "
           f"mailhost with workers = {args.workers}; msg/s = messages / seconds until all were in Maildir new/")
     print_table(scenarios, results, servers)
+    if args.json:
+        write_json(args.json, {"workers": args.workers, "ok": not failed, "scenarios": {
+            sc.name: {name: results[(name, sc.name)].rate for name in servers if (name, sc.name) in results}
+            for sc in scenarios}})
     return 1 if failed else 0
 
 

@@ -36,7 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
-    REPO, SENDER, Mailhost, SmtpSink, ZoneServer, cpu_seconds, fill_spool, log, make_message, spool_size,
+    REPO, SENDER, Mailhost, SmtpSink, ZoneServer, cpu_seconds, fill_spool, log, make_message, spool_size, write_json,
 )
 from tests.support.postfix import Postfix, PostfixError, free_port, tail, unavailable  # noqa: E402
 
@@ -233,6 +233,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--venv", type=Path, default=REPO / ".venv", help="virtualenv with twistd and mailhost")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, maillog)")
     p.add_argument("--profile", type=Path, help="run mailhost under cProfile, stats saved to this file")
+    p.add_argument("--json", type=Path, help="also write the figures to this file (for bench/targets.py)")
     p.add_argument("--workers", type=int, default=1,
                    help="mailhost's [server] workers: processes that each deliver a shard of the queue (default 1)")
     p.add_argument("--mailhost-queue", action="append", default=[], metavar="'KEY = VALUE'",
@@ -345,6 +346,9 @@ def main() -> int:
         else:
             shutil.rmtree(tmp, ignore_errors=True)
     print_table(results, args, routing)
+    if args.json:
+        write_json(args.json, {"workers": args.workers, "ok": not failed and all(r.ok for r in results.values()),
+                               **{name: r.rate for name, r in results.items()}})
     return 1 if failed else 0
 
 

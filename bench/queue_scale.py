@@ -44,7 +44,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import REPO, Mailhost, fill_spool, log, tree_env  # noqa: E402
+from common import REPO, Mailhost, fill_spool, log, tree_env, write_json  # noqa: E402
 from tests.support.postfix import free_port, unavailable  # noqa: E402
 
 
@@ -165,6 +165,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--venv", type=Path, default=REPO / ".venv", help="virtualenv with twistd and mailhost")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     p.add_argument("--dir", type=Path, help="work in DIR and keep it; reuse the spool it holds from an earlier run")
+    p.add_argument("--json", type=Path, help="also write the figures to this file (for bench/targets.py)")
     p.add_argument("--list-runs", type=int, default=3, help="times to run `queue list --json` each way (default 3)")
     return p.parse_args()
 
@@ -280,6 +281,15 @@ def main() -> int:
     if postfix:
         print(f"postfix postqueue -p: {postfix[1]:.2f}s for {args.messages} held messages "
               f"(filled through smtpd in {postfix[0]:.0f}s)")
+    if args.json:
+        def median(runs: list[tuple[float, float]]) -> float | None:
+            return sorted(t for t, _ in runs)[len(runs) // 2] if runs else None
+        write_json(args.json, {"ok": not failed and bool(full), "messages": args.messages,
+                               "greeting": max((r["greeting"] for r in (full, again) if r), default=None),
+                               "loaded": max((r["loaded"] for r in (full, again) if r), default=None),
+                               "rss_mib": max((r["rss_settled"]["VmHWM"] / 1024 for r in (full, again) if r), default=None),
+                               "list_running": median(listing_running), "list_stopped": median(listing_stopped),
+                               "postqueue": postfix[1] if postfix else None})
     return 1 if failed or not full else 0
 
 
