@@ -139,6 +139,9 @@ class Deliverer:
         by_domain: dict[str, list[Recipient]] = defaultdict(list)
         for recipient in envelope.pending():
             by_domain[recipient_domain(recipient.address)].append(recipient)
+        if len(by_domain) == 1:  # the usual case: no DeferredList to merge one result
+            [(domain, rcpts)] = by_domain.items()
+            return self._deliver_domain(envelope, message, domain, rcpts)
         jobs = [self._deliver_domain(envelope, message, domain, rcpts) for domain, rcpts in by_domain.items()]
 
         def merge(results: list[tuple[bool, dict[str, Outcome]]]) -> dict[str, Outcome]:

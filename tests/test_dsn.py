@@ -538,3 +538,20 @@ def test_fold_limits(value):
     if " " in value.strip():
         assert all(len(line.encode()) <= 78 or " " not in line.strip() for line in lines)
     assert "".join(folded[4:].split()) == "".join(value.split())  # nothing lost
+
+
+@pytest.mark.parametrize(
+    "message, looped",
+    [
+        (b"".join(b"Received: from hop%d\n" % i for i in range(50)) + b"\nbody\n", False),
+        (b"".join(b"Received: from hop%d\n" % i for i in range(51)) + b"\nbody\n", True),
+        (b"".join(b"RECEIVED : hop%d\r\n" % i for i in range(51)) + b"\r\nbody\r\n", True),
+        (b"Subject: " + b"received " * 60 + b"\n\nbody\n", False),  # the word, not the field
+        (b"Subject: x\n\n" + b"Received: in the body\n" * 60, False),
+        (b"Subject: x\r\n\r\n" + b"Received: in the body\r\n" * 60, False),
+    ],
+)
+def test_too_many_hops_agrees_with_the_count(message, looped):
+    from mailhost.scheduler import too_many_hops
+
+    assert too_many_hops(message) is looped
