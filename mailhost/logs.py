@@ -16,12 +16,13 @@ import atexit
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
 from twisted.logger import FileLogObserver, ILogObserver, formatEventAsClassicLogText, jsonFileLogObserver
 
 BATCH_LIMIT = 64 * 1024  # characters held before they are written anyway
+ATOMIC_WRITE = 4096  # bytes per write at most (PIPE_BUF), unless one line is longer
 
 
 class BatchedStream:
@@ -65,14 +66,32 @@ class BatchedStream:
         with self._lock:
             if not self._held:
                 return
-            text = "".join(self._held)
-            self._held.clear()
+            held = self._held
+            self._held = []
             self._size = 0
             try:
-                self.stream.write(text)
-                self.stream.flush()
+                for text in _whole_lines(held, ATOMIC_WRITE):
+                    self.stream.write(text)
+                    self.stream.flush()
             except (OSError, ValueError):
                 pass  # stdout gone (closed pipe at exit): nothing left to tell
+
+
+def _whole_lines(parts: list[str], limit: int) -> Iterator[str]:
+    """The held lines joined into writes of at most `limit` bytes (a longer line alone):
+    the workers share the main process's stdout, and a pipe keeps writes of up to PIPE_BUF
+    bytes whole, so no process's line is cut by another's."""
+    chunk: list[str] = []
+    size = 0
+    for part in parts:
+        length = len(part) if part.isascii() else 4 * len(part)  # UTF-8 takes at most 4 bytes a character
+        if chunk and size + length > limit:
+            yield "".join(chunk)
+            chunk, size = [], 0
+        chunk.append(part)
+        size += length
+    if chunk:
+        yield "".join(chunk)
 
 
 class _SecondClock:
@@ -112,10 +131,20 @@ def classic_line(event: dict, clock: Callable[[float | None], str]) -> str | Non
     return f"{clock(event.get('log_time'))} [{system}] {text.replace(chr(10), chr(10) + chr(9))}\n"
 
 
-def text_lines(stream: TextIO, reactor: Any) -> ILogObserver:
-    """twistd's classic text lines ("<time> [<namespace>#<level>] <text>"), batched per reactor turn."""
+def text_lines(stream: TextIO, reactor: Any, worker: int | None = None) -> ILogObserver:
+    """twistd's classic text lines ("<time> [<namespace>#<level>] <text>"), batched per reactor turn.
+    A worker's lines say which ("[mailhost.outbound#info worker 1]")."""
     clock = _SecondClock()
-    return FileLogObserver(BatchedStream(stream, reactor), lambda event: classic_line(event, clock))
+    if worker is None:
+        return FileLogObserver(BatchedStream(stream, reactor), lambda event: classic_line(event, clock))
+
+    def worker_line(event: dict) -> str | None:
+        if "log_system" not in event:
+            level = event.get("log_level")
+            event = {**event, "log_system": f"{event.get('log_namespace', '-')}#{getattr(level, 'name', '-')} worker {worker}"}
+        return classic_line(event, clock)
+
+    return FileLogObserver(BatchedStream(stream, reactor), worker_line)
 
 
 def default_observer(twistd_options: Any, reactor: Any) -> ILogObserver | None:

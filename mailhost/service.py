@@ -94,6 +94,7 @@ class MailhostDaemon(service.MultiService):
     observer twistd starts (mailhost.logs.default_observer), if it has one."""
 
     log_observer: ILogObserver | None = None
+    workers: WorkerPool | None = None
 
     def setServiceParent(self, parent: Any) -> Any:
         if self.log_observer is not None and hasattr(parent, "setComponent"):
@@ -115,6 +116,8 @@ def make_service(config_path: str, reactor: Any = None, twistd_options: Any = No
         tls_options = ServerTLS(*ensure_tls_pair(config))
         daemon = build(config, tls_options, reactor)
         daemon.log_observer = default_observer(twistd_options, reactor)
+        if daemon.workers is not None and daemon.log_observer is not None:
+            daemon.workers.share_stdout = True
         return daemon
     except (ConfigError, TLSSetupError, DkimKeyError) as e:
         sys.stderr.write(f"mailhost: {e}\n")
@@ -233,6 +236,7 @@ def build(config: Config, tls_options: ServerTLS, reactor: Any) -> MailhostDaemo
     if config.server.workers > 1:
         workers.setServiceParent(top)
         reload.after.append(workers.reload)
+        top.workers = workers
     log.info(
         "mailhost starting: hostname={hostname} domains={domains} listeners={listeners} workers={workers}",
         hostname=config.server.hostname,

@@ -28,7 +28,7 @@ from mailhost import shard
 from mailhost.config import ROLES, Config, ConfigError, load
 from mailhost.control import QueuedCommand
 from mailhost.envelope import Envelope
-from mailhost.logs import BatchedStream
+from mailhost.logs import BatchedStream, text_lines
 from mailhost.metrics import Metrics
 from mailhost.reload import ReloadOnHangup
 from mailhost.spool import SpoolError
@@ -207,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True)
     parser.add_argument("--number", type=int, required=True)
     parser.add_argument("--shards", type=int, default=1)
+    parser.add_argument("--log", choices=("json", "text"), default="json")
     parser.add_argument("--channel", type=int, required=True)
     parser.add_argument("--fds", type=parse_fds, required=True)
     args = parser.parse_args(argv)
@@ -217,8 +218,13 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from twisted.internet import reactor
 
-    # Lines of one reactor turn go to the main process in one write (mailhost.logs).
-    globalLogBeginner.beginLoggingTo([jsonFileLogObserver(BatchedStream(sys.stdout, reactor))], redirectStandardIO=False)
+    if args.log == "text":
+        # The main process's own stdout: text lines in its format, written here (mailhost.logs).
+        observer = text_lines(sys.stdout, reactor, worker=args.number)
+    else:
+        # JSON lines to the main process, which logs them its way (--logfile, --logger).
+        observer = jsonFileLogObserver(BatchedStream(sys.stdout, reactor))
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
     try:
         config = load(args.config)
     except ConfigError as e:

@@ -22,10 +22,11 @@ The socket pair speaks AMP:
 
 The TLS pair travels this way because a worker starts after twistd's --uid
 switch and may not read a key file only root can (the main process read it
-before the switch). A worker writes its log events as JSON lines to a pipe the
-main process reads; the main process hands them to its own log observer, so
-there is one log, in the format and place twistd was told (stdout, --logfile,
---logger=mailhost.logs.json_lines).
+before the switch). When the main process writes twistd's text lines to stdout
+itself (mailhost.logs.default_observer), a worker inherits that stdout and
+writes its own text lines there; otherwise (--logfile, --logger) it writes its
+log events as JSON lines to a pipe the main process reads and hands to its own
+log observer. Either way there is one log, in the format and place twistd was told.
 
 A worker that exits is started again (after a second, longer if it keeps
 dying) and loads its shard again; its messages wait meanwhile. When no worker
@@ -125,6 +126,9 @@ class WorkerPool(service.Service):
                  alone: Callable[[], None] = lambda: None) -> None:
         self.config = config
         self._alone = alone  # no worker can run: the main process takes over their shards
+        # Set when the main process writes twistd's text lines to stdout itself (mailhost.logs):
+        # then workers write theirs there too, instead of sending JSON lines over a pipe.
+        self.share_stdout = False
         self.count = config.server.workers - 1
         self._ports = ports
         self.tls = tls
@@ -193,14 +197,16 @@ class WorkerPool(service.Service):
     def _start_worker(self, number: int) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            child_fds: dict[int, Any] = {0: "w", 1: "r", 2: 2, 3: theirs.fileno()}
+            # Text lines to stdout: the worker writes its own into it; else JSON lines to us.
+            child_fds: dict[int, Any] = {0: "w", 1: 1 if self.share_stdout else "r", 2: 2, 3: theirs.fileno()}
             fds = []
             for child_fd, (index, fd) in enumerate(self._shared, start=4):
                 child_fds[child_fd] = fd
                 # The role, not the index: the config file may have changed since we read it.
                 fds.append(f"{self.config.listeners[index].role}:{child_fd}")
             args = [sys.executable, "-m", "mailhost.worker", "--config", str(self.config.path),
-                    "--number", str(number), "--shards", str(self.count + 1), "--channel", "3", "--fds", ",".join(fds)]
+                    "--number", str(number), "--shards", str(self.count + 1), "--channel", "3", "--fds", ",".join(fds),
+                    "--log", "text" if self.share_stdout else "json"]
             worker = _Worker(self, number)
             self.reactor.spawnProcess(worker, sys.executable, args, env=_environment(), childFDs=child_fds)
             worker.pid = worker.transport.pid

@@ -128,3 +128,21 @@ def test_the_fast_line_is_twisteds_line_for_every_kind_of_event() -> None:
     ]
     for event in events:
         assert classic_line(event, formatTime) == formatEventAsClassicLogText(event, formatTime), event
+
+
+def test_writes_stay_within_a_pipes_atomic_size_and_keep_lines_whole() -> None:
+    from mailhost.logs import ATOMIC_WRITE, _whole_lines
+
+    lines = [f"line {n} " + "x" * 200 + "\n" for n in range(100)] + ["é" * 2000 + "\n", "last\n"]
+    writes = list(_whole_lines(lines, ATOMIC_WRITE))
+    assert "".join(writes) == "".join(lines)
+    assert all(len(w.encode()) <= ATOMIC_WRITE or w.count("\n") == 1 for w in writes)
+    assert all(w.endswith("\n") for w in writes) and len(writes) > 1
+
+
+def test_a_workers_text_lines_say_which_worker() -> None:
+    out, reactor = CountingStream(), TurnReactor()
+    log = Logger(namespace="mailhost.outbound", observer=text_lines(out, reactor, worker=2))
+    log.info("{id}: delivered", id="XYZ")
+    reactor.advance(0)
+    assert "[mailhost.outbound#info worker 2] XYZ: delivered\n" in out.getvalue()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import time
 
 import pytest
 
@@ -46,6 +47,29 @@ def test_json_lines_logger(make_daemon):
     events = [json.loads(line) for line in (daemon.root / "json.log").read_text().splitlines() if line.strip()]
     accepted = [e for e in events if e.get("log_namespace") == "mailhost.smtp" and "accepted" in e.get("log_format", "")]
     assert accepted and accepted[0]["sender"] == "alice@example.test"
+
+
+def test_json_lines_logger_with_a_worker(make_daemon):
+    """With --logger, a worker's events reach the main process as JSON and are logged its way, marked."""
+    daemon = make_daemon(start=False)
+    daemon.config.write_text(daemon.config.read_text().replace('state_dir = "state"', 'state_dir = "state"\nworkers = 2', 1))
+    with open(daemon.root / "json.log", "wb") as out:
+        process = subprocess.Popen([TWISTD, "-n", "--pidfile=", "--logger=mailhost.logs.json_lines", "mailhost",
+                                    "--config", str(daemon.config)], cwd=daemon.root, stdout=out, stderr=subprocess.STDOUT)
+    daemon.process = process
+    wait_for_port(daemon.port, process)
+
+    def events() -> list[dict]:
+        text = (daemon.root / "json.log").read_text()
+        return [json.loads(line.lstrip("\x1e")) for line in text.splitlines() if line.strip().lstrip("\x1e")]
+
+    deadline = time.monotonic() + 30
+    while not any(e.get("log_worker") == 1 and "listening" in e.get("log_format", "") for e in events()):
+        assert time.monotonic() < deadline, "no JSON event from worker 1"
+        time.sleep(0.1)
+    daemon.stop()
+    [listening] = [e for e in events() if e.get("log_worker") == 1 and "listening" in e.get("log_format", "")]
+    assert listening["number"] == 1 and "worker 1" in listening["log_system"]
 
 
 def test_world_writable_spool_or_users_file_refused(make_daemon):
