@@ -25,6 +25,17 @@ BATCH_LIMIT = 64 * 1024  # characters held before they are written anyway
 ATOMIC_WRITE = 4096  # bytes per write at most (PIPE_BUF), unless one line is longer
 
 
+_streams: list[BatchedStream] = []
+
+
+def flush_pending() -> None:
+    """Write the held lines now: called before an SMTP reply goes to a client, so that
+    the log already has the line about it (a script may grep for the queue id at once)."""
+    for stream in _streams:
+        if stream._held:
+            stream.flush_now()
+
+
 class BatchedStream:
     """A text stream whose writes from the reactor thread are held until the
     reactor's current turn ends, then written and flushed together. Writes from
@@ -42,6 +53,7 @@ class BatchedStream:
         self._reactor_thread = threading.main_thread()
         reactor.addSystemEventTrigger("after", "shutdown", self.flush_now)
         atexit.register(self.flush_now)
+        _streams.append(self)
 
     def write(self, text: str) -> None:
         with self._lock:

@@ -16,6 +16,8 @@ from typing import Any
 
 from twisted.internet import tcp
 
+from mailhost.logs import flush_pending
+
 
 class EagerWrites:
     """Mixed into a tcp.Connection subclass: try the send before buffering."""
@@ -55,7 +57,9 @@ class EagerWrites:
 
 
 class EagerServer(EagerWrites, tcp.Server):
-    pass
+    def write(self, data: bytes) -> None:
+        flush_pending()  # the log has the line about a reply before the client has the reply
+        super().write(data)
 
 
 class EagerClient(EagerWrites, tcp.Client):

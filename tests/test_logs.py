@@ -146,3 +146,27 @@ def test_a_workers_text_lines_say_which_worker() -> None:
     log.info("{id}: delivered", id="XYZ")
     reactor.advance(0)
     assert "[mailhost.outbound#info worker 2] XYZ: delivered\n" in out.getvalue()
+
+
+def test_held_lines_are_written_before_a_reply_goes_to_a_client() -> None:
+    import socket as socketlib
+
+    from twisted.internet.protocol import Protocol
+
+    from mailhost.transport import EagerServer
+    from tests.test_transport import FakeReactor
+
+    out, reactor = CountingStream(), TurnReactor()
+    log = Logger(namespace="mailhost.smtp", observer=text_lines(out, reactor))
+    ours, peer = socketlib.socketpair()
+    ours.setblocking(False)
+    server = EagerServer(ours, Protocol(), ("127.0.0.1", 2525), None, 1, FakeReactor())
+    try:
+        log.info("{id}: accepted", id="QID")
+        assert out.getvalue() == ""
+        server.write(b"250 2.0.0 Ok: queued as QID\r\n")
+        assert "QID: accepted" in out.getvalue()  # in the log before the reply left
+        assert peer.recv(100).startswith(b"250")
+    finally:
+        ours.close()
+        peer.close()
