@@ -2,21 +2,33 @@
 
 prometheus_client does the exposition format; each daemon gets its own
 registry (no process-global state), handed to the parts that count.
+
+With `[server] workers`, each worker writes a snapshot of its registry every
+SNAPSHOT_SECONDS into state_dir/metrics/, and the main process serves the sum
+of its own figures and the fresh snapshots, sample by sample (the age of the
+oldest queued message: the largest), under the same names.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
 from prometheus_client.twisted import MetricsResource
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 DELAY_BUCKETS = (1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 86400, 5 * 86400)
+SNAPSHOT_SECONDS = 1.0  # how often a worker writes its figures for the main process
+STALE_SECONDS = 10.0  # a snapshot older than this is a worker that is gone: left out
+LARGEST_NOT_SUM = frozenset({"mailhost_queue_oldest_message_age_seconds"})
 
 
 class Metrics:
@@ -81,10 +93,85 @@ class _Health(Resource):
         return b"starting\n"
 
 
-def metrics_site(metrics: Metrics, ready: Callable[[], bool]) -> Site:
-    """/metrics (Prometheus text) and /healthz (200 once the queue is loaded)."""
+def snapshots_folder(state_dir: Path) -> Path:
+    return state_dir / "metrics"
+
+
+def write_snapshot(metrics: Metrics, path: Path) -> None:
+    """This process's figures as JSON, replaced atomically (a worker, for the main process to add up)."""
+    families = [
+        {"name": f.name, "type": f.type, "help": f.documentation,
+         "samples": [[s.name, s.labels, s.value] for s in f.samples if not s.name.endswith("_created")]}
+        for f in metrics.registry.collect()
+    ]
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(families))
+    os.replace(temporary, path)
+
+
+class AllProcesses:
+    """Collector: this process's registry plus every fresh worker snapshot in `folder`, summed."""
+
+    def __init__(self, registry: CollectorRegistry, folder: Path, clock: Callable[[], float] = time.time) -> None:
+        self._registry = registry
+        self._folder = folder
+        self._clock = clock
+
+    def collect(self) -> Iterator[Metric]:
+        families: dict[str, Metric] = {}
+        values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+
+        def add(name: str, kind: str, documentation: str, samples: Any) -> None:
+            if name not in families:
+                families[name] = Metric(name, documentation, kind)
+                values[name] = {}
+            into = values[name]
+            for sample_name, labels, value in samples:
+                key = (sample_name, tuple(sorted(labels.items())))
+                if key not in into:
+                    into[key] = value
+                elif name in LARGEST_NOT_SUM:
+                    into[key] = max(into[key], value)
+                elif not sample_name.endswith("_created"):
+                    into[key] += value
+
+        for family in self._registry.collect():
+            add(family.name, family.type, family.documentation, ((s.name, s.labels, s.value) for s in family.samples))
+        for snapshot in self._fresh_snapshots():
+            for family in snapshot:
+                add(family["name"], family["type"], family["help"], family["samples"])
+        for name, family in families.items():
+            for (sample_name, labels), value in values[name].items():
+                family.add_sample(sample_name, dict(labels), value)
+            yield family
+
+    def _fresh_snapshots(self) -> Iterator[list[dict]]:
+        now = self._clock()
+        try:
+            entries = list(os.scandir(self._folder))
+        except FileNotFoundError:
+            return
+        for entry in entries:
+            if not (entry.name.startswith("worker") and entry.name.endswith(".json")):
+                continue
+            try:
+                if now - entry.stat().st_mtime > STALE_SECONDS:
+                    continue
+                with open(entry.path, "rb") as f:
+                    yield json.loads(f.read())
+            except (OSError, ValueError):
+                continue  # replaced or removed meanwhile: the next scrape has it
+
+
+def metrics_site(metrics: Metrics, ready: Callable[[], bool], workers_folder: Path | None = None) -> Site:
+    """/metrics (Prometheus text) and /healthz (200 once the queue is loaded). With
+    `workers_folder`, /metrics adds up this process's figures and the workers' snapshots."""
+    registry = metrics.registry
+    if workers_folder is not None:
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(AllProcesses(metrics.registry, workers_folder))
     root = Resource()
-    root.putChild(b"metrics", MetricsResource(registry=metrics.registry))
+    root.putChild(b"metrics", MetricsResource(registry=registry))
     root.putChild(b"healthz", _Health(ready))
     site = Site(root)
     site.noisy = False

@@ -19,7 +19,7 @@ from mailhost.content import ContentSteps
 from mailhost.control import ControlProtocol, control_service
 from mailhost.dkim_sign import DkimKeyError, Signer, configured_keys
 from mailhost.logs import default_observer
-from mailhost.metrics import Metrics, metrics_site
+from mailhost.metrics import Metrics, metrics_site, snapshots_folder
 from mailhost.pickup import PickupCollector
 from mailhost.durable import DiskWriter
 from mailhost.intake import Intake
@@ -228,7 +228,13 @@ def build(config: Config, tls_options: ServerTLS, reactor: Any) -> MailhostDaemo
         queue = paces = ShardedQueue(scheduler, throttle, workers)
     control_service(config.server.state_dir, queue, pickup, paces).setServiceParent(top)
     if config.metrics.endpoint is not None:
-        site = metrics_site(metrics, ready=lambda: scheduler.ready.called)
+        folder = None
+        if config.server.workers > 1:
+            folder = snapshots_folder(config.server.state_dir)
+            folder.mkdir(mode=0o700, exist_ok=True)
+            for old in folder.glob("worker*.json"):  # from an earlier run: not this one's workers
+                old.unlink(missing_ok=True)
+        site = metrics_site(metrics, ready=lambda: scheduler.ready.called, workers_folder=folder)
         ListenerService(config.metrics.endpoint, site, reactor).setServiceParent(top)
     for each in listeners:
         each.setServiceParent(top)

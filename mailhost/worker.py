@@ -19,6 +19,7 @@ import sys
 from typing import Any
 
 from twisted.application import service
+from twisted.application.internet import TimerService
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger, globalLogBeginner, jsonFileLogObserver
@@ -29,7 +30,7 @@ from mailhost.config import ROLES, Config, ConfigError, load
 from mailhost.control import QueuedCommand
 from mailhost.envelope import Envelope
 from mailhost.logs import BatchedStream, text_lines
-from mailhost.metrics import Metrics
+from mailhost.metrics import SNAPSHOT_SECONDS, Metrics, snapshots_folder, write_snapshot
 from mailhost.reload import ReloadOnHangup
 from mailhost.spool import SpoolError
 from mailhost.service import Outbound, build_inbound, build_outbound
@@ -73,6 +74,11 @@ class Worker:
             inbound.intake.on_queued = self.queued
         # Not a service here: no SIGHUP handler, the main process says when.
         self.reloader = ReloadOnHangup(self.tls, inbound.domains, self.reactor, inbound.signer, inbound.context)
+        if self.config.metrics.endpoint is not None:
+            # The main process serves /metrics: it adds up our snapshots (mailhost.metrics).
+            path = snapshots_folder(self.config.server.state_dir) / f"worker{self.number}.json"
+            snapshots = TimerService(SNAPSHOT_SECONDS, self._snapshot, metrics, path)
+            snapshots.setServiceParent(self.top)
         self.top.startService()
         for role, fd in self.fds:
             factory = listener_factory(role, inbound.context, self.reactor)
@@ -96,6 +102,13 @@ class Worker:
         self.channel.callRemote(QueuedCommand, queue_id=envelope.id).addErrback(
             lambda failure: log.warn("{id}: queued; telling the main process failed: {error}", id=envelope.id,
                                      error=failure.getErrorMessage()))
+
+    def _snapshot(self, metrics: Metrics, path: Any) -> None:
+        try:
+            write_snapshot(metrics, path)
+        except OSError as e:
+            log.warn("worker {number}: cannot write its metrics for the main process: {error}", number=self.number,
+                     error=str(e))
 
     async def queue_action(self, action: str, queue_id: str | None) -> int:
         """`mailhost queue ...` for a message of our shard, as the main process does it for its own."""

@@ -36,3 +36,33 @@ def test_metrics_after_traffic(make_daemon, dns, sinks):  # noqa: F811
     assert "mailhost_queue_messages" in text and "mailhost_queue_oldest_message_age_seconds" in text
     assert value(text, 'mailhost_messages_received_total{result="accepted",role="mx"}') == 2
     assert value(text, 'mailhost_smtp_sessions_total{role="mx"}') >= 2
+
+
+def test_metrics_add_up_every_process_with_workers(make_daemon, dns, sinks):  # noqa: F811
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.e2e.test_workers import main_process_stopped, worker_pids, writer_pids
+
+    port = free_port()
+    mx1 = sinks("127.0.0.5")
+    daemon = make_daemon(start=False, extra=relay_config(dns), prelude=f'[metrics]\nendpoint = "tcp:{port}:interface=127.0.0.1"\n')
+    daemon.config.write_text(daemon.config.read_text().replace('state_dir = "state"', 'state_dir = "state"\nworkers = 2', 1))
+    daemon.start()
+    wait_for(lambda: "worker 1 listening" in daemon.log(), what="the worker to listen")
+    jobs = [(["alice@example.test"], f"local {n}") for n in range(6)] + [(["bob@remote.test"], f"remote {n}") for n in range(6)]
+    with main_process_stopped(daemon):  # only the worker accepts: it stores, counts and relays these
+        for job in jobs:
+            submit(daemon, *job)
+        wait_for(lambda: len(mx1.messages()) == 6, what="the worker's messages relayed")
+    assert set(writer_pids(daemon).values()) == set(worker_pids(daemon))
+    with ThreadPoolExecutor(6) as pool:
+        list(pool.map(lambda job: submit(daemon, job[0], job[1] + " again"), jobs))
+    wait_for(lambda: len(mx1.messages()) == 12, what="every remote message relayed")
+    wait_for(lambda: value(scrape(port), 'mailhost_deliveries_total{result="delivered"}') == 12,
+             what="the deliveries of both processes counted")
+    text = scrape(port)
+    assert value(text, 'mailhost_messages_received_total{result="accepted",role="mx"}') == 24
+    assert value(text, "mailhost_delivery_delay_seconds_count") == 12
+    assert value(text, 'mailhost_delivery_delay_seconds_bucket{le="+Inf"}') == 12
+    assert value(text, "mailhost_queue_messages") == 0
+    assert text.count("# TYPE mailhost_deliveries_total counter") == 1  # one family, added up
