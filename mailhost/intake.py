@@ -19,6 +19,18 @@ from mailhost.mailbox import Copy, LocalDomains, deliver_copies
 from mailhost.shard import new_queue_id
 from mailhost.spool import Spool
 
+_date_cache: tuple[int, str] = (-1, "")
+
+
+def received_date() -> str:
+    """The RFC 5322 date for a Received: line, made once a second (formatdate is slow)."""
+    global _date_cache
+    second = int(time.time())
+    if _date_cache[0] != second:
+        _date_cache = (second, formatdate(second, localtime=True))
+    return _date_cache[1]
+
+
 HOP_LIMIT = 50  # Received: headers; more means a mail loop (RFC 5321 6.3)
 
 
@@ -53,7 +65,7 @@ class Intake:
         queue_id = new_queue_id()
         origin = f"{received_from}\n\t" if received_from else ""
         received = (
-            f"Received: {origin}by {self._hostname} (mailhost) id {queue_id}; {formatdate(localtime=True)}\n"
+            f"Received: {origin}by {self._hostname} (mailhost) id {queue_id}; {received_date()}\n"
         ).encode("utf-8")
         copies: list[Copy] = []
         remote: list[str] = []

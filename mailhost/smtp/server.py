@@ -19,7 +19,6 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from email.utils import formatdate
 from typing import Any
 
 from twisted.cred.credentials import UsernamePassword
@@ -38,7 +37,7 @@ from mailhost.config import Config
 from mailhost.content import ContentSteps
 from mailhost.dsn import received_count
 from mailhost.envelope import Envelope, Recipient
-from mailhost.intake import HOP_LIMIT, Intake, delivery_headers
+from mailhost.intake import HOP_LIMIT, Intake, delivery_headers, received_date
 from mailhost.mailbox import Copy, LocalDomains
 from mailhost.metrics import Metrics
 from mailhost.policy import (
@@ -695,7 +694,7 @@ class SMTPServer(Protocol, TimeoutMixin):
 
     def _accept(self, transaction: Transaction, body: bytes, size: int) -> Deferred[Reply]:
         queue_id = new_queue_id()
-        now = formatdate(localtime=True)
+        now = received_date()
         copies: list[Copy] = []
         remote: list[str] = []
         seen: set[str] = set()
