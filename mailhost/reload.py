@@ -77,6 +77,8 @@ class ReloadOnHangup(service.Service):
         self._tls.cert_path, self._tls.key_path = tls_pair_paths(config)
         changed = [name for name in ("listeners", "relay", "queue", "metrics", "throttles")
                    if getattr(config, name) != getattr(running, name)]
+        if config.server.workers != running.server.workers:
+            changed.append("server.workers")  # the queue's shards follow the count the daemon started with
         if changed:
             log.warn("reload: {names} changed; those take effect at the next restart", names=", ".join(changed))
         log.info("reloaded {path}: domains {domains}", path=str(running.path),

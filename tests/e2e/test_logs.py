@@ -153,3 +153,8 @@ def test_sighup_reloads_aliases_and_a_broken_config_keeps_the_running_one(daemon
     assert "bogus" in daemon.log()
     assert rcpt("newsletter@example.test") == 250  # still serving, with the last good configuration
     assert daemon.process.poll() is None
+    # A new number of workers needs a restart (the queue's shards follow the starting count): say so.
+    daemon.config.write_text(good.replace('state_dir = "state"', 'state_dir = "state"\nworkers = 3', 1))
+    daemon.process.send_signal(signal.SIGHUP)
+    wait_for(lambda: "server.workers changed; those take effect at the next restart" in daemon.log(),
+             what="the warning about server.workers")
