@@ -228,14 +228,14 @@ def test_each_process_delivers_its_own_shard_of_a_full_queue(make_daemon, dns, s
 def test_queue_commands_and_paces_reach_the_process_holding_the_message(make_daemon, dns, tmp_path):
     # No MX listens yet: every attempt is deferred, and the retry is an hour away.
     ids: list[str] = []
-    throttle = '[[throttle]]\nname = "remote"\nmx = ["remote.test"]\nrate = 600\nconnections = 4\n'
+    throttle = '[[throttle]]\nname = "remote"\nmx = ["remote.test"]\nrate = 60000\nconnections = 4\n'
     daemon = start_with_workers(make_daemon, dns, retry="1h", more=throttle,
                                 before_start=lambda d: ids.extend(queue_remote(d, [f"held back {i}" for i in range(12)])))
     wait_for(lambda: all(m["recipients"][0]["attempts"] == 1 for m in queue_listing(daemon)["messages"])
              and len(queue_listing(daemon)["messages"]) == 12, what="one deferred attempt each")
     listing = queue_listing(daemon)
     # Each process paces half of the group; the listing adds them up to what was configured.
-    assert listing["pace"]["remote"]["max_rate"] == 600 and listing["pace"]["remote"]["connections"] == 4
+    assert listing["pace"]["remote"]["max_rate"] == 60000 and listing["pace"]["remote"]["connections"] == 4
 
     theirs = [i for i in ids if shard_of(i, 2) == 1]
     ours = [i for i in ids if shard_of(i, 2) == 0]
