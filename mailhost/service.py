@@ -31,7 +31,7 @@ from mailhost.reload import ReloadOnHangup
 from mailhost.smtp.server import ServerContext, listener_factory
 from mailhost.spool import Spool
 from mailhost.suppression import SuppressionList
-from mailhost.throttle import Throttle
+from mailhost.throttle import Throttle, share_of
 from mailhost.tls import ServerTLS, TLSSetupError, ensure_tls_pair
 from mailhost.transport import send_eagerly
 from mailhost.workers import ShardedQueue, WorkerPool
@@ -188,14 +188,16 @@ class Outbound:
 def build_outbound(config: Config, inbound: Inbound, reactor: Any, parent: service.MultiService, metrics: Metrics,
                    shards: int, main: bool) -> Outbound:
     """Routing, pooled connections, pacing and the queue runner. With `shards` = N
-    delivering processes, each keeps 1/N of the concurrency and of every pace."""
+    delivering processes, each keeps its part of the concurrency, of every pace and of
+    its connections (the process's shard, claimed before this, says which part)."""
     router = Router(config.relay, config.server.hostname, listening_addresses(config))
     pool = SessionPool(reactor, config.server.hostname)
-    throttle = Throttle(config.throttles, default_connections=config.queue.per_destination, share=shards)
+    index = shard.index()
+    throttle = Throttle(config.throttles, default_connections=config.queue.per_destination, share=shards, index=index)
     metrics.watch_throttle(throttle.snapshot)
     scheduler = Scheduler(config, inbound.spool, inbound.writer, Deliverer(config, router, pool, throttle, reactor),
-                          inbound.intake, reactor, metrics, max_in_flight=-(-config.queue.concurrency // shards),
-                          recover_spool=main)
+                          inbound.intake, reactor, metrics,
+                          max_in_flight=share_of(config.queue.concurrency, shards, index), recover_spool=main)
     inbound.intake.on_queued = scheduler.queued
     scheduler.setServiceParent(parent)
     return Outbound(scheduler, throttle)

@@ -30,6 +30,10 @@ def count() -> int:
     return _count
 
 
+def index() -> int:
+    return _index
+
+
 def shard_of(queue_id: str, shards: int) -> int:
     return zlib.crc32(queue_id.encode("ascii", "replace")) % shards if shards > 1 else 0
 

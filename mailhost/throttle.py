@@ -107,27 +107,29 @@ class Throttle:
     the configured pace."""
 
     def __init__(self, rules: tuple[ThrottleRule, ...], default_connections: int, clock: Callable[[], float] = time.monotonic,
-                 share: int = 1) -> None:
+                 share: int = 1, index: int = 0) -> None:
         self.rules = rules
         self.default_connections = default_connections
         self._clock = clock
         self.share = share
+        self.index = index  # which of the `share` processes this is (its part of the connections)
         self.paces: dict[str, Pace] = {}
 
     def pace_for(self, mx_host: str) -> Pace:
         name, rule = group_of(mx_host, self.rules)
         if name not in self.paces:
-            share = self.share
+            share, index = self.share, self.index
             if rule is None:
-                self.paces[name] = Pace(name, _part(self.default_connections, share), UNLIMITED, UNLIMITED, self._clock)
-            else:
-                self.paces[name] = Pace(name, _part(rule.connections, share), rule.rate / share, rule.floor / share,
+                self.paces[name] = Pace(name, share_of(self.default_connections, share, index), UNLIMITED, UNLIMITED,
                                         self._clock)
+            else:
+                self.paces[name] = Pace(name, share_of(rule.connections, share, index), rule.rate / share,
+                                        rule.floor / share, self._clock)
         return self.paces[name]
 
     def deliver_alone(self) -> None:
         """This process now delivers everything: groups seen from now on get the whole pace."""
-        self.share = 1
+        self.share, self.index = 1, 0
         self.paces.clear()
 
     def snapshot(self) -> dict[str, dict[str, float]]:
@@ -139,8 +141,10 @@ class Throttle:
         }
 
 
-def _part(connections: int, share: int) -> int:
-    return max(1, -(-connections // share))
+def share_of(total: int, share: int, index: int) -> int:
+    """Process `index`'s part of `total` split over `share` processes: the parts add up to
+    `total` (the first `total % share` take one more), and none is below 1."""
+    return max(1, total // share + (1 if index < total % share else 0))
 
 
 def merge_snapshots(snapshots: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:

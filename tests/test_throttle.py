@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mailhost.throttle import (
-    CLEAN_WINDOW, DEFAULT_RULES, Pace, Throttle, ThrottleRule, group_of, is_slow_down_signal, merge_snapshots,
+    CLEAN_WINDOW, DEFAULT_RULES, Pace, Throttle, ThrottleRule, group_of, is_slow_down_signal, merge_snapshots, share_of,
 )
 
 
@@ -87,13 +87,24 @@ def test_slow_down_signals(code, status, refused, expected):
 
 def test_a_share_of_the_pace_per_delivering_process_adds_up_to_the_configured_one() -> None:
     rules = (ThrottleRule("google", ("google.com",), 10, 600.0, 10.0),)
-    halves = [Throttle(rules, default_connections=5, share=2) for _ in range(2)]
+    halves = [Throttle(rules, default_connections=5, share=2, index=i) for i in range(2)]
     for throttle in halves:
         pace = throttle.pace_for("alt1.gmail-smtp-in.l.google.com")
         assert (pace.rate, pace.max_rate, pace.floor, pace.connections.limit) == (300.0, 300.0, 5.0, 5)
-        assert throttle.pace_for("mx.other.test").connections.limit == 3  # 5 connections over 2: rounded up
+    # 5 connections over 2 processes: 3 and 2, never more than configured in all.
+    assert [t.pace_for("mx.other.test").connections.limit for t in halves] == [3, 2]
     merged = merge_snapshots([t.snapshot() for t in halves])
     assert merged == {"google": {"rate": 600.0, "max_rate": 600.0, "connections": 10}}
+
+
+@pytest.mark.parametrize("total, share", [(10, 1), (10, 2), (10, 3), (5, 2), (7, 4), (50, 3), (64, 64)])
+def test_the_parts_of_a_limit_add_up_to_it(total: int, share: int) -> None:
+    parts = [share_of(total, share, index) for index in range(share)]
+    assert sum(parts) == total and max(parts) - min(parts) <= 1
+
+
+def test_every_process_gets_at_least_one_connection() -> None:
+    assert [share_of(2, 3, index) for index in range(3)] == [1, 1, 1]
 
 
 def test_delivering_alone_again_gives_new_groups_the_whole_pace() -> None:
