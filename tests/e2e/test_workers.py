@@ -217,8 +217,9 @@ def test_each_process_delivers_its_own_shard_of_a_full_queue(make_daemon, dns, s
     assert {shard_of(queue_id, 2) for queue_id in ids} == {0, 1}
     wait_for(lambda: relayed(sink) == set(wanted), what="every queued message relayed")
     assert len(sink.messages()) == len(wanted)  # each once: no process took another's shard
-    log = daemon.log()
-    delivered = [line for line in log.splitlines() if "status=delivered" in line]
+    # (the sink has a message before the daemon reads its 250 and logs the delivery)
+    wait_for(lambda: daemon.log().count("status=delivered") == len(wanted), what="every delivery logged")
+    delivered = [line for line in daemon.log().splitlines() if "status=delivered" in line]
     by_worker = [line for line in delivered if "#info worker 1]" in line]
     assert len(delivered) == len(wanted) and 0 < len(by_worker) < len(wanted)
     assert {re.search(r"\] (\w+): to=", line).group(1) for line in by_worker} == {i for i in ids if shard_of(i, 2) == 1}
