@@ -33,14 +33,6 @@ class PaceCommand(amp.Command):
     response = [(b"json", amp.Unicode())]
 
 
-class QueuedCommand(amp.Command):
-    """Another process of this daemon (a worker, server.workers) committed a message to the spool."""
-
-    arguments = [(b"queue_id", amp.Unicode())]
-    response: list = []
-    errors = {SpoolError: b"NO_SUCH_MESSAGE"}
-
-
 class ControlProtocol(amp.AMP):
     def __init__(self, scheduler: Any, pickup: Any, throttle: Any) -> None:
         super().__init__()
@@ -53,29 +45,31 @@ class ControlProtocol(amp.AMP):
         # With server.workers, the snapshot gathers every process's paces (a Deferred).
         return maybeDeferred(self.throttle.snapshot).addCallback(lambda paces: {"json": json.dumps(paces)})
 
-    @QueuedCommand.responder
-    def queued(self, queue_id: str) -> Deferred[dict]:
-        return self.scheduler.committed(queue_id).addCallback(lambda _: {})
-
     @QueueCommand.responder
     def queue_command(self, action: str, queue_id: str | None = None) -> Deferred[dict[str, int]]:
         return Deferred.fromCoroutine(self._queue_command(action, queue_id))
 
     async def _queue_command(self, action: str, queue_id: str | None) -> dict[str, int]:
-        if action == "flush":
-            return {"count": await maybeDeferred(self.scheduler.flush, queue_id)}
         if action == "pickup":
             self.pickup.collect()  # answered at once: sendmail need not wait for delivery
             return {"count": 1}
-        if queue_id is None:
-            raise SpoolError(f"{action} needs a queue id")
-        if action == "delete":
-            await self.scheduler.delete(queue_id)
-        elif action in ("hold", "release"):
-            await self.scheduler.set_held(queue_id, action == "hold")
-        else:
-            raise SpoolError(f"unknown action {action}")
-        return {"count": 1}
+        return {"count": await apply_queue_action(self.scheduler, action, queue_id)}
+
+
+async def apply_queue_action(queue: Any, action: str, queue_id: str | None) -> int:
+    """flush, delete, hold or release on `queue` (a Scheduler, or the main process's ShardedQueue);
+    how many messages it touched. A worker runs the same for the messages of its shard."""
+    if action == "flush":
+        return await maybeDeferred(queue.flush, queue_id)
+    if queue_id is None:
+        raise SpoolError(f"{action} needs a queue id")
+    if action == "delete":
+        await queue.delete(queue_id)
+    elif action in ("hold", "release"):
+        await queue.set_held(queue_id, action == "hold")
+    else:
+        raise SpoolError(f"unknown action {action}")
+    return 1
 
 
 def control_service(state_dir: Path, scheduler: Any, pickup: Any, throttle: Any) -> internet.UNIXServer:

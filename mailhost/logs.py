@@ -143,6 +143,12 @@ def classic_line(event: dict, clock: Callable[[float | None], str]) -> str | Non
     return f"{clock(event.get('log_time'))} [{system}] {text.replace(chr(10), chr(10) + chr(9))}\n"
 
 
+def worker_system(event: dict, worker: int) -> str:
+    """The "system" of a worker's line: "mailhost.outbound#info worker 1", which process wrote it."""
+    level = event.get("log_level")
+    return f"{event.get('log_namespace', '-')}#{getattr(level, 'name', '-')} worker {worker}"
+
+
 def text_lines(stream: TextIO, reactor: Any, worker: int | None = None) -> ILogObserver:
     """twistd's classic text lines ("<time> [<namespace>#<level>] <text>"), batched per reactor turn.
     A worker's lines say which ("[mailhost.outbound#info worker 1]")."""
@@ -152,8 +158,7 @@ def text_lines(stream: TextIO, reactor: Any, worker: int | None = None) -> ILogO
 
     def worker_line(event: dict) -> str | None:
         if "log_system" not in event:
-            level = event.get("log_level")
-            event = {**event, "log_system": f"{event.get('log_namespace', '-')}#{getattr(level, 'name', '-')} worker {worker}"}
+            event = {**event, "log_system": worker_system(event, worker)}
         return classic_line(event, clock)
 
     return FileLogObserver(BatchedStream(stream, reactor), worker_line)

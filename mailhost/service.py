@@ -16,7 +16,7 @@ from mailhost import shard
 from mailhost.auth import AuthSlowdown, make_portal
 from mailhost.config import Config, ConfigError, load
 from mailhost.content import ContentSteps
-from mailhost.control import ControlProtocol, control_service
+from mailhost.control import control_service
 from mailhost.dkim_sign import DkimKeyError, Signer, configured_keys
 from mailhost.logs import default_observer
 from mailhost.metrics import Metrics, metrics_site, snapshots_folder
@@ -224,8 +224,8 @@ def build(config: Config, tls_options: ServerTLS, reactor: Any) -> MailhostDaemo
     paces: Any = throttle
     if config.server.workers > 1:
         workers = WorkerPool(config, lambda: [(i, l.port()) for i, l in enumerate(listeners) if l.port() is not None],
-                             tls_options, lambda: ControlProtocol(scheduler, pickup, throttle), scheduler.ready,
-                             scheduler.adopt_strays, reactor, alone=lambda: _deliver_alone(outbound))
+                             tls_options, scheduler.ready, scheduler.adopt_strays, reactor,
+                             alone=lambda: _deliver_alone(outbound))
         # Queue commands and paces reach the process that holds the message.
         queue = paces = ShardedQueue(scheduler, throttle, workers)
     control_service(config.server.state_dir, queue, pickup, paces).setServiceParent(top)

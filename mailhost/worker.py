@@ -27,8 +27,7 @@ from twisted.protocols import amp
 
 from mailhost import shard
 from mailhost.config import ROLES, Config, ConfigError, load
-from mailhost.control import QueuedCommand
-from mailhost.envelope import Envelope
+from mailhost.control import apply_queue_action
 from mailhost.logs import BatchedStream, text_lines
 from mailhost.metrics import SNAPSHOT_SECONDS, Metrics, snapshots_folder, write_snapshot
 from mailhost.reload import ReloadOnHangup
@@ -45,14 +44,13 @@ log = Logger(namespace="mailhost.worker")
 class Worker:
     """Serves the inherited listeners the way the main process does, once it has the TLS pair."""
 
-    def __init__(self, config: Config, number: int, fds: list[tuple[str, int]], reactor: Any, shards: int = 1) -> None:
+    def __init__(self, config: Config, number: int, fds: list[tuple[str, int]], reactor: Any, shards: int) -> None:
         self.config = config
         self.number = number
         self.shards = shards
         self.fds = fds
         self.reactor = reactor
         self.top = service.MultiService()
-        self.channel: WorkerChannel | None = None
         self.tls: ServerTLS | None = None
         self.reloader: ReloadOnHangup | None = None
         self.ports: list[Any] = []
@@ -66,12 +64,9 @@ class Worker:
         # Its metrics are not served: /metrics is the main process's.
         metrics = Metrics()
         inbound = build_inbound(self.config, self.tls, self.reactor, self.top, metrics)
-        if self.shards > 1:
-            # Ids of our shard for what we accept, and our shard of the queue to deliver.
-            shard.claim(self.number, self.shards)
-            self.outbound = build_outbound(self.config, inbound, self.reactor, self.top, metrics, self.shards, main=False)
-        else:
-            inbound.intake.on_queued = self.queued
+        # Ids of our shard for what we accept, and our shard of the queue to deliver.
+        shard.claim(self.number, self.shards)
+        self.outbound = build_outbound(self.config, inbound, self.reactor, self.top, metrics, self.shards, main=False)
         # Not a service here: no SIGHUP handler, the main process says when.
         self.reloader = ReloadOnHangup(self.tls, inbound.domains, self.reactor, inbound.signer, inbound.context)
         if self.config.metrics.endpoint is not None:
@@ -93,16 +88,6 @@ class Worker:
         if self.reloader is not None:
             self.reloader.reload(pem)
 
-    def queued(self, envelope: Envelope) -> None:
-        """Tell the main process, whose scheduler delivers it (it is on disk already)."""
-        if self.channel is None or self.channel.transport is None:
-            log.warn("{id}: queued, but the main process could not be told (it finds the message when this worker"
-                     " has ended, or when the daemon next starts)", id=envelope.id)
-            return
-        self.channel.callRemote(QueuedCommand, queue_id=envelope.id).addErrback(
-            lambda failure: log.warn("{id}: queued; telling the main process failed: {error}", id=envelope.id,
-                                     error=failure.getErrorMessage()))
-
     def _snapshot(self, metrics: Metrics, path: Any) -> None:
         try:
             write_snapshot(metrics, path)
@@ -114,18 +99,7 @@ class Worker:
         """`mailhost queue ...` for a message of our shard, as the main process does it for its own."""
         if self.outbound is None:
             raise SpoolError("this worker delivers nothing")
-        scheduler = self.outbound.scheduler
-        if action == "flush":
-            return scheduler.flush(queue_id)
-        if queue_id is None:
-            raise SpoolError(f"{action} needs a queue id")
-        if action == "delete":
-            await scheduler.delete(queue_id)
-        elif action in ("hold", "release"):
-            await scheduler.set_held(queue_id, action == "hold")
-        else:
-            raise SpoolError(f"unknown action {action}")
-        return 1
+        return await apply_queue_action(self.outbound.scheduler, action, queue_id)
 
     def paces(self) -> dict:
         return self.outbound.throttle.snapshot() if self.outbound is not None else {}
@@ -143,10 +117,6 @@ class WorkerChannel(amp.AMP):
     def __init__(self, worker: Worker) -> None:
         super().__init__()
         self.worker = worker
-
-    def connectionMade(self) -> None:
-        super().connectionMade()
-        self.worker.channel = self
 
     @WorkerStart.responder
     def start(self, cert_pem: bytes, key_pem: bytes) -> dict:
@@ -175,7 +145,6 @@ class WorkerChannel(amp.AMP):
 
     def connectionLost(self, reason: Any) -> None:
         super().connectionLost(reason)
-        self.worker.channel = None
         # The main process is gone (or let go of us): stop; it starts a new worker if it is still there.
         if self.worker.reactor.running:
             self.worker.reactor.stop()
@@ -219,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mailhost.worker", description="a worker of server.workers (started by the daemon)")
     parser.add_argument("--config", required=True)
     parser.add_argument("--number", type=int, required=True)
-    parser.add_argument("--shards", type=int, default=1)
+    parser.add_argument("--shards", type=int, required=True)
     parser.add_argument("--log", choices=("json", "text"), default="json")
     parser.add_argument("--channel", type=int, required=True)
     parser.add_argument("--fds", type=parse_fds, required=True)

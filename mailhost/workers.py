@@ -18,7 +18,6 @@ The socket pair speaks AMP:
                      WorkerReload  after SIGHUP: the users files and the (new) TLS pair
                      WorkerQueue   `mailhost queue ...` for a message of its shard
                      WorkerPace    its share of each paced group, for `queue list`
-    worker -> main   control.QueuedCommand  a message it committed (workers = 1 shard only)
 
 The TLS pair travels this way because a worker starts after twistd's --uid
 switch and may not read a key file only root can (the main process read it
@@ -55,6 +54,7 @@ from twisted.protocols import amp
 
 from mailhost import shard
 from mailhost.spool import SpoolError
+from mailhost.logs import worker_system
 from mailhost.throttle import merge_snapshots
 
 log = Logger(namespace="mailhost.workers")
@@ -116,13 +116,14 @@ class WorkerPool(service.Service):
     """Starts, restarts and stops the worker processes of the main process.
 
     `ports` are (index in config.listeners, listening port) for the listeners
-    to share; `channel` builds the AMP protocol that answers a worker (the
-    control protocol, which knows QueuedCommand); `ready` fires once the queue
-    is loaded; `strays` schedules what a worker left unreported.
+    to share; `ready` fires once the queue is loaded; `strays` schedules what
+    the spool holds of the main process's shard that its queue does not know,
+    after a worker ended; `alone` makes the main process deliver every shard
+    when no worker can run.
     """
 
     def __init__(self, config: Any, ports: Callable[[], list[tuple[int, Any]]], tls: Any,
-                 channel: Callable[[], amp.AMP], ready: Deferred, strays: Callable[[], Deferred], reactor: Any,
+                 ready: Deferred, strays: Callable[[], Deferred], reactor: Any,
                  alone: Callable[[], None] = lambda: None) -> None:
         self.config = config
         self._alone = alone  # no worker can run: the main process takes over their shards
@@ -132,7 +133,6 @@ class WorkerPool(service.Service):
         self.count = config.server.workers - 1
         self._ports = ports
         self.tls = tls
-        self._channel = channel
         self._ready = ready
         self._strays = strays
         self.reactor = reactor
@@ -211,7 +211,7 @@ class WorkerPool(service.Service):
             self.reactor.spawnProcess(worker, sys.executable, args, env=_environment(), childFDs=child_fds)
             worker.pid = worker.transport.pid
             worker.transport.closeChildFD(0)  # its stdin: nothing to read
-            worker.channel = self._channel()
+            worker.channel = amp.AMP()  # our end: we ask (WorkerStart, WorkerQueue, ...), the worker answers
             factory = protocol.Factory.forProtocol(lambda: worker.channel)
             factory.noisy = False
             self.reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX, factory)
@@ -234,7 +234,7 @@ class WorkerPool(service.Service):
         delay = self._restart_later(worker.number, lived=time.monotonic() - worker.started)
         log.warn("worker {number} (pid {pid}) ended: {reason}; starting it again in {delay:g}s",
                  number=worker.number, pid=worker.pid, reason=reason.getErrorMessage(), delay=delay)
-        # It may have committed a message it had no time to report.
+        # The restarted worker loads its own shard; look for anything of ours the queue does not know.
         self._strays().addErrback(lambda failure: log.failure("looking for unreported messages", failure))
 
     def _restart_later(self, number: int, lived: float) -> float:
@@ -275,9 +275,6 @@ class ShardedQueue:
         self.scheduler = scheduler
         self.throttle = throttle
         self.pool = pool
-
-    def committed(self, queue_id: str) -> Deferred:
-        return self.scheduler.committed(queue_id)
 
     def flush(self, queue_id: str | None = None) -> Deferred[int]:
         if queue_id is not None:
@@ -356,9 +353,7 @@ class _Worker(protocol.ProcessProtocol):
             log.info("worker {number}: {line}", number=self.number, line=text)
             return
         event["log_worker"] = self.number
-        # Shown in twistd's text lines as "[mailhost.outbound#info worker 1]": which process wrote it.
-        level = event.get("log_level")
-        event["log_system"] = f"{event.get('log_namespace', '-')}#{getattr(level, 'name', level)} worker {self.number}"
+        event["log_system"] = worker_system(event, self.number)  # twistd's text lines show it
         globalLogPublisher(event)
 
     def processEnded(self, reason: Any) -> None:
