@@ -9,10 +9,9 @@ from the spool when it starts (again, after a restart).
 
 from __future__ import annotations
 
-import base64
-import os
-import random
 import zlib
+
+from mailhost import spool
 
 _index = 0
 _count = 1
@@ -42,14 +41,9 @@ def owns(queue_id: str) -> bool:
     return _count == 1 or shard_of(queue_id, _count) == _index
 
 
-# Queue ids need to be unique, not secret: one seed from the OS per process rather than a
-# getrandom() system call per message (76 us each under bench/inbound.py's profile).
-_random = random.Random(os.urandom(32))
-
-
 def new_queue_id() -> str:
-    """A fresh queue id, shaped as spool.new_queue_id's (80 random bits, base32), in this process's shard."""
+    """A fresh queue id (spool.new_queue_id) in this process's shard: N tries on average."""
     while True:
-        queue_id = base64.b32encode(_random.getrandbits(80).to_bytes(10, "big")).decode("ascii")
+        queue_id = spool.new_queue_id()
         if owns(queue_id):
             return queue_id
