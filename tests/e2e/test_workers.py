@@ -11,9 +11,10 @@ import signal
 import smtplib
 import ssl
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from functools import partial
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from mailhost.envelope import Envelope, Recipient
 from mailhost.shard import shard_of
 from mailhost.spool import Spool, new_queue_id
 from tests.e2e.conftest import free_port
+from tests.e2e.test_sending import wait_for as sending_wait_for
 from tests.support.dns import DNSServer
 from tests.support.peers import Sink
 
@@ -43,14 +45,8 @@ def sink(tmp_path: Path) -> Iterator[Sink]:
     mx.stop()
 
 
-def wait_for(condition: Callable[[], object], timeout: float = 30.0, what: str = "condition") -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+# Workers start a second process: a little more time than test_sending's default.
+wait_for = partial(sending_wait_for, timeout=30.0)
 
 
 def start_with_workers(make_daemon, dns: DNSServer, retry: str = "1s", more: str = "", before_start=None, **kwargs):
