@@ -39,13 +39,17 @@ class Submitter:
     address: str
 
 
+class UnsupportedAvatar(LookupError):
+    """A portal asked the realm for an avatar interface it does not serve (a programming error)."""
+
+
 @implementer(IRealm)
 class SubmitterRealm:
     """Turns the checker's avatar id (the user's address) into a Submitter."""
 
     def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> tuple[Any, Submitter, Callable[[], None]]:
         if IMailSubmitter not in interfaces:
-            raise NotImplementedError("mailhost's realm only has IMailSubmitter avatars")
+            raise UnsupportedAvatar(f"mailhost's realm only has IMailSubmitter avatars, not {interfaces!r}")
         return IMailSubmitter, Submitter(avatarId), lambda: None
 
 
