@@ -248,15 +248,19 @@ class Deliverer:
             outcomes[rcpt] = last_error
         return outcomes
 
-    @inlineCallbacks
     def _send(self, session: ClientSession, envelope: Envelope, recipients: list[str], message: bytes,
-              hand_over: Callable[[], None]):
+              hand_over: Callable[[], None]) -> Deferred[SendResult]:
         """One transaction for all recipients; with VERP, one per recipient, each with its own return path.
         The last transaction hands the session over once its body is written (ClientSession.send)."""
         options = {"body_8bit": envelope.body_8bit, "smtputf8": envelope.smtputf8}
         sender_domain = recipient_domain(envelope.sender) if envelope.sender else ""
         if not (self.config.relay.verp and sender_domain in self._local_domains):
-            return (yield session.send(envelope.sender, recipients, message, body_written=hand_over, **options))
+            return session.send(envelope.sender, recipients, message, body_written=hand_over, **options)
+        return self._send_verp(session, sender_domain, recipients, message, hand_over, options)
+
+    @inlineCallbacks
+    def _send_verp(self, session: ClientSession, sender_domain: str, recipients: list[str], message: bytes,
+                   hand_over: Callable[[], None], options: dict[str, bool]):
         replies = {}
         for n, rcpt in enumerate(recipients):
             last = n == len(recipients) - 1

@@ -24,7 +24,7 @@ from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.internet import error as net_error
 from twisted.internet import ssl
-from twisted.internet.defer import Deferred, FirstError, gatherResults
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol, connectionDone
@@ -109,9 +109,29 @@ class _Waiter:
     """One reply the server owes us."""
 
     label: str  # what the reply answers, for error messages
-    deferred: Deferred[ServerReply]
+    deferred: Deferred[ServerReply] | _Replies
     timeout: float
     tls_options: Any = None  # set for STARTTLS: switch to TLS the moment its 220 is read
+
+
+class _Replies:
+    """The replies to a pipelined group, gathered into one Deferred: a waiter's
+    `callback`/`errback` land here instead of in a Deferred per command."""
+
+    def __init__(self, count: int) -> None:
+        self.deferred: Deferred[list[ServerReply]] = Deferred()
+        self._replies: list[ServerReply] = []
+        self._count = count
+
+    def callback(self, reply: ServerReply) -> None:
+        if not self.deferred.called:
+            self._replies.append(reply)
+            if len(self._replies) == self._count:
+                self.deferred.callback(self._replies)
+
+    def errback(self, error: BaseException) -> None:
+        if not self.deferred.called:  # the first error is the session's; the rest repeat it
+            self.deferred.errback(error)
 
 
 class SMTPClientProtocol(Protocol):
@@ -194,22 +214,28 @@ class SMTPClientProtocol(Protocol):
 
     # --- commands ------------------------------------------------------------
 
-    def commands(self, lines: list[str], labels: list[str], timeout: float, tls_options: Any = None) -> list[Deferred[ServerReply]]:
-        """Write command lines in one go (a pipelined group when several) and
-        return one Deferred per reply, in order."""
-        deferreds: list[Deferred[ServerReply]] = [Deferred() for _ in lines]
-        problem = self.unusable_reason()
-        if problem is not None:
-            for deferred in deferreds:
-                deferred.errback(self.error or SessionError(problem))
-            return deferreds
-        for label, deferred in zip(labels, deferreds):
-            self._queue(_Waiter(label, deferred, timeout, tls_options))
-        self.transport.write(b"".join(line.encode("utf-8") + b"\r\n" for line in lines))
-        return deferreds
+    def commands(self, lines: list[str], labels: list[str], timeout: float) -> Deferred[list[ServerReply]]:
+        """Write command lines in one go (a pipelined group) and return their replies, in
+        order, through one Deferred: it fails with the session's error if any reply does not come."""
+        group = _Replies(len(lines))
+        self._write_commands(lines, [_Waiter(label, group, timeout) for label in labels])
+        return group.deferred
 
     def command(self, line: str, label: str, timeout: float, tls_options: Any = None) -> Deferred[ServerReply]:
-        return self.commands([line], [label], timeout, tls_options)[0]
+        deferred: Deferred[ServerReply] = Deferred()
+        self._write_commands([line], [_Waiter(label, deferred, timeout, tls_options)])
+        return deferred
+
+    def _write_commands(self, lines: list[str], waiters: list[_Waiter]) -> None:
+        problem = self.unusable_reason()
+        if problem is not None:
+            error = self.error or SessionError(problem)
+            for waiter in waiters:
+                waiter.deferred.errback(error)
+            return
+        for waiter in waiters:
+            self._queue(waiter)
+        self.transport.write(b"".join(line.encode("utf-8") + b"\r\n" for line in lines))
 
     def write_body(self, wire: bytes, block_timeout: float, end_timeout: float,
                    then: Callable[[], None] | None = None) -> Deferred[ServerReply]:
@@ -644,7 +670,7 @@ class ClientSession:
 
     async def _pipelined(self, lines: list[str], labels: list[str]) -> list[ServerReply]:
         """RFC 2920: MAIL, every RCPT and DATA in one write, the replies read in order."""
-        return await _gather(self._protocol.commands(lines, labels, self._command_timeout))
+        return await self._protocol.commands(lines, labels, self._command_timeout)
 
     async def _one_by_one(self, lines: list[str], labels: list[str]) -> list[ServerReply]:
         """Without PIPELINING: wait for each reply; stop early when the transaction is lost.
@@ -749,15 +775,6 @@ def _positive(reply: ServerReply) -> bool:
 
 def _b64(text: str) -> str:
     return base64.b64encode(text.encode("utf-8")).decode("ascii")
-
-
-async def _gather(deferreds: list[Deferred[ServerReply]]) -> list[ServerReply]:
-    """Wait for all replies; the session's error if one fails (and no unhandled-error noise)."""
-    try:
-        return await gatherResults(deferreds, consumeErrors=True)
-    except FirstError as e:
-        e.subFailure.raiseException()
-        raise  # unreachable: raiseException always raises
 
 
 # --- opening a session -------------------------------------------------------

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 
 from mailhost.smtp.client import ServerReply, SessionError, SMTPClientProtocol, message_size, parse_extensions
 from mailhost.smtp.wire import stuff_from_lf
@@ -538,11 +539,27 @@ def test_multiline_replies_split_across_buffers() -> None:
         protocol.dataReceived(piece)
     assert greetings == [ServerReply(220, "mx.test ESMTP\nsecond\nthird")]
     replies: list[ServerReply] = []
-    for d in protocol.commands(["MAIL FROM:<a@b>", "RCPT TO:<c@d>"], ["MAIL", "RCPT"], 300):
-        d.addCallback(replies.append)
+    protocol.commands(["MAIL FROM:<a@b>", "RCPT TO:<c@d>"], ["MAIL", "RCPT"], 300).addCallback(replies.extend)
     assert transport.value() == b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n"
     protocol.dataReceived(b"250 2.1.0 ok\r\n550 5.1.1 no\r\n")
     assert [str(r) for r in replies] == ["250 2.1.0 ok", "550 5.1.1 no"]
+
+
+def test_a_pipelined_group_gets_all_its_replies_or_the_session_error_once() -> None:
+    protocol, _, _ = _protocol()
+    protocol.dataReceived(b"220 mx.test ESMTP\r\n")
+    answered: list[list[ServerReply]] = []
+    protocol.commands(["MAIL FROM:<a@b>", "RCPT TO:<c@d>", "DATA"], ["MAIL", "RCPT", "DATA"], 300).addCallback(answered.append)
+    protocol.dataReceived(b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n")
+    assert answered == []  # not before the last reply
+    protocol.dataReceived(b"354 go ahead\r\n")
+    assert [[r.code for r in replies] for replies in answered] == [[250, 250, 354]]
+
+    failures: list[Failure] = []
+    protocol.commands(["MAIL FROM:<a@b>", "RCPT TO:<c@d>", "DATA"], ["MAIL", "RCPT", "DATA"], 300).addErrback(failures.append)
+    protocol.dataReceived(b"250 2.1.0 ok\r\n")
+    protocol.fail(SessionError("connection lost"))
+    assert [f.value.reason for f in failures] == ["connection lost"]
 
 
 @pytest.mark.parametrize("data, reason", [
