@@ -37,16 +37,27 @@ def write_and_sync(path: str, chunks: Iterable[bytes], mode: int = 0o600) -> Non
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     try:
         try:
-            for chunk in chunks:
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(fd, view) :]
+            _write_all(fd, list(chunks))
             os.fsync(fd)
         finally:
             os.close(fd)
     except BaseException:
         _unlink_quietly(path)
         raise
+
+
+def _write_all(fd: int, chunks: list[bytes]) -> None:
+    # One writev for all the chunks (a Maildir copy is its header lines and the body):
+    # one system call, and one trip out of and back into the GIL, for the usual case.
+    written = os.writev(fd, chunks)
+    for chunk in chunks:
+        if written >= len(chunk):
+            written -= len(chunk)
+            continue
+        view = memoryview(chunk)[written:]  # a short write: finish one chunk at a time
+        written = 0
+        while view:
+            view = view[os.write(fd, view) :]
 
 
 def write_file_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:

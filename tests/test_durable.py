@@ -1,11 +1,16 @@
-"""mailhost.durable.DiskWriter.run_together: the calls of one reactor turn share one thread trip."""
+"""mailhost.durable: DiskWriter.run_together shares one thread trip among the calls of one reactor turn;
+write_and_sync writes every chunk whole, short writes included."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
+import pytest
 from twisted.internet.defer import maybeDeferred
 from twisted.internet.task import Clock
 
-from mailhost.durable import DiskWriter
+from mailhost.durable import DiskWriter, write_and_sync
 
 
 class CountingWriter(DiskWriter):
@@ -41,3 +46,14 @@ def test_calls_of_one_turn_share_a_trip_and_keep_their_own_results() -> None:
     writer.run_together(work, 5).addCallback(done.append)
     clock.advance(0)
     assert writer.trips == 2 and done[-1] == 50
+
+
+@pytest.mark.parametrize("short_by", [0, 1, 5, 8, 11])
+def test_write_and_sync_finishes_a_short_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, short_by: int) -> None:
+    chunks = [b"Received: x\r\n", b"", b"body\r\n" * 3]
+    whole = b"".join(chunks)
+    real_writev = os.writev
+    # The kernel may take less than asked (a signal, a full disk about to be reported).
+    monkeypatch.setattr(os, "writev", lambda fd, buffers: real_writev(fd, [whole[: len(whole) - short_by]]))
+    write_and_sync(str(tmp_path / "message"), chunks)
+    assert (tmp_path / "message").read_bytes() == whole
