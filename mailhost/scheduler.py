@@ -25,7 +25,7 @@ from mailhost.envelope import DELIVERED, DEFERRED, FAILED, Envelope
 from mailhost.intake import HOP_LIMIT, Intake
 from mailhost.metrics import Metrics
 from mailhost.outbound import Deliverer, Outcome
-from mailhost.spool import DueIndex, Spool, SpoolError, is_queue_id
+from mailhost.spool import DueIndex, MessageMissing, Spool, SpoolError, is_queue_id
 
 log = Logger(namespace="mailhost.queue")
 
@@ -227,6 +227,13 @@ class Scheduler(service.Service):
             else:
                 outcomes = yield self.deliverer.deliver(envelope, message)
             yield self._record(envelope, message, outcomes)
+        except MessageMissing:
+            # The removal after its delivery did not reach the disk before a crash
+            # (Spool.remove with sync=False): the message went out; finish the removal.
+            yield self.writer.run(self.spool.remove, queue_id).addCallbacks(
+                lambda _: log.info("{id}: removed (its message file was already gone: a removal cut short by a crash)",
+                                   id=queue_id),
+                lambda failure: log.warn("{id}: {error}", id=queue_id, error=failure.getErrorMessage()))
         except SpoolError as e:
             log.warn("{id}: {error}", id=queue_id, error=str(e))
         except Exception:
@@ -270,7 +277,7 @@ class Scheduler(service.Service):
                 log.info("{id}: to=<{rcpt}> status=expired ({reply})", id=envelope.id, rcpt=recipient.address, reply=recipient.last_reply)
         yield self._send_dsns(envelope, message, now)
         if envelope.done:
-            yield self.writer.run_together(self.spool.remove, envelope.id)
+            yield self.writer.run_together(self.spool.remove, envelope.id, False)
             self.arrivals.pop(envelope.id, None)
             log.info("{id}: removed (every recipient delivered or bounced)", id=envelope.id)
             return

@@ -34,6 +34,10 @@ class SpoolError(Exception):
     """A queue id that is not in the spool, or a spool entry that cannot be read."""
 
 
+class MessageMissing(SpoolError):
+    """An envelope whose message file is gone: what a removal interrupted by a crash leaves."""
+
+
 # Queue ids need to be unique, not secret: one seed from the OS per process rather than a
 # getrandom() system call per message (76 us each under bench/inbound.py's profile).
 _random = random.Random(os.urandom(32))
@@ -102,13 +106,20 @@ class Spool:
         write_and_sync(str(tmp), [envelope.to_json()])
         os.replace(tmp, self.envelope_path(envelope.id))
 
-    def remove(self, queue_id: str) -> None:
-        """Take a message out: the envelope first (the commit point), then the message file."""
+    def remove(self, queue_id: str, sync: bool = True) -> None:
+        """Take a message out: the envelope first (the commit point), then the message file.
+
+        sync=False does not wait for the removal to reach the disk: for a message that was
+        delivered or bounced, where a crash before it does only brings the message back for a
+        second attempt (a duplicate, never a loss; Postfix does not sync its deletions either).
+        The envelope may then come back without its message file: MessageMissing."""
         envelope_path = self.envelope_path(queue_id)
-        if not envelope_path.exists():
-            raise SpoolError(f"{queue_id}: no such message in the queue")
-        envelope_path.unlink()
-        fsync_directory(envelope_path.parent)
+        try:
+            os.unlink(envelope_path)
+        except FileNotFoundError:
+            raise SpoolError(f"{queue_id}: no such message in the queue") from None
+        if sync:
+            fsync_directory(envelope_path.parent)
         _unlink(self.message_path(queue_id))
 
     # --- reading (blocking) ----------------------------------------------------
@@ -129,7 +140,7 @@ class Spool:
         try:
             return self.message_path(queue_id).read_bytes()
         except FileNotFoundError:
-            raise SpoolError(f"{queue_id}: message file missing") from None
+            raise MessageMissing(f"{queue_id}: message file missing") from None
 
     def ids(self) -> Iterator[str]:
         """Every committed queue id (unordered)."""

@@ -8,7 +8,8 @@ import os
 import pytest
 
 from mailhost.envelope import DEFERRED, Envelope, Recipient
-from mailhost.spool import DueIndex, Spool, SpoolError, new_queue_id
+from mailhost import spool as spool_module
+from mailhost.spool import DueIndex, MessageMissing, Spool, SpoolError, new_queue_id
 
 
 def envelope(recipients: list[str], when: float = 100.0) -> Envelope:
@@ -56,6 +57,30 @@ def test_remove_and_unknown_ids(tmp_path):
         spool.load(queued.id)
     with pytest.raises(SpoolError):
         spool.remove(queued.id)
+
+
+@pytest.mark.parametrize("sync, directory_syncs", [(True, 1), (False, 0)])
+def test_remove_syncs_its_folder_only_when_asked(tmp_path, monkeypatch, sync, directory_syncs):
+    spool = Spool(tmp_path)
+    queued = envelope(["a@remote.test"])
+    spool.store(queued, [b"x\n"])
+    synced: list = []
+    monkeypatch.setattr(spool_module, "fsync_directory", synced.append)
+    spool.remove(queued.id, sync=sync)
+    assert list(spool.ids()) == [] and not spool.message_path(queued.id).exists()
+    assert synced == [spool.envelope_path(queued.id).parent] * directory_syncs
+
+
+def test_an_envelope_without_its_message_says_so(tmp_path):
+    # What an unsynced removal can leave after a crash: the envelope came back, the message did not.
+    spool = Spool(tmp_path)
+    queued = envelope(["a@remote.test"])
+    spool.store(queued, [b"x\n"])
+    os.unlink(spool.message_path(queued.id))
+    with pytest.raises(MessageMissing):
+        spool.load_with_message(queued.id)
+    spool.remove(queued.id)
+    assert list(spool.ids()) == []
 
 
 def test_recover_removes_interrupted_writes_and_keeps_committed(tmp_path):

@@ -306,20 +306,30 @@ def test_restart_with_non_empty_queue(make_daemon, dns, sinks):
     wait_for(lambda: queue(daemon) == [], what="empty queue")
 
 
-def test_a_malformed_envelope_does_not_stop_the_queue_from_loading(make_daemon, dns, sinks):
+def test_a_malformed_or_orphaned_envelope_does_not_stop_the_queue(make_daemon, dns, sinks):
     daemon = make_daemon(extra=relay_config(dns, queue='retry = ["1h"]'))
     submit(daemon, ["bob@remote.test"], "queued beside a bad envelope")  # no MX is listening: deferred
-    wait_for(lambda: [m for m in queue(daemon) if m["recipients"][0]["attempts"]], what="a failed attempt")
+    [entry] = wait_for(lambda: [m for m in queue(daemon) if m["recipients"][0]["attempts"]], what="a failed attempt")
     daemon.stop()
-    bad = daemon.root / "state" / "spool" / "env" / "AA" / "AAAAAAAAAAAAAAAA.json"
+    spool = daemon.root / "state" / "spool"
+    bad = spool / "env" / "AA" / "AAAAAAAAAAAAAAAA.json"
     bad.parent.mkdir(parents=True, exist_ok=True)
     bad.write_text('{"id": "AAAAAAAAAAAAAAAA", "sender": "x@y.test", "recipients": []}')  # no times
+    # An envelope whose message file is gone: what a delivered message's removal, not yet
+    # synced to disk, can leave after a crash. It is removed, and nothing is sent for it.
+    orphan_id = "B" * 16
+    orphan = spool / "env" / orphan_id[:2] / f"{orphan_id}.json"
+    orphan.parent.mkdir(parents=True, exist_ok=True)
+    good = (spool / "env" / entry["id"][:2] / f"{entry['id']}.json").read_text()
+    orphan.write_text(good.replace(entry["id"], orphan_id))
     mx1 = sinks("127.0.0.5")
     daemon.cli("queue", "flush")
     daemon.start()
     [got] = wait_for(mx1.messages, what="the good message delivered")
     assert "queued beside a bad envelope" in got["data"]
     assert f"skipping a malformed envelope in the spool: {bad}" in daemon.log()
+    wait_for(lambda: f"{orphan_id}: removed (its message file was already gone" in daemon.log(), what="the orphan removed")
+    assert not orphan.exists() and len(mx1.messages()) == 1
 
 
 def test_queue_commands_reach_the_running_daemon(make_daemon, dns, sinks):
