@@ -416,14 +416,12 @@ def main() -> int:
         }
         for name in servers:
             started.append(starters[name](tmp / name))
-        # Each server runs all its scenarios in one block, mailhost's first: Postfix
-        # deletes every queue file it delivers, and on this disk the next server to
-        # create files in the same block group would pay for those deletions.
-        for server in started:
-            if args.warmup:
+        if args.warmup:
+            for server in started:
                 measure(server, args.warmup, min(s, args.warmup), args.size,
                         False, args.stall_timeout)
-            for sc in scenarios:
+        for sc in scenarios:
+            for server in started:
                 log(f"{server.name}: {sc.name}, {sc.messages} messages ...")
                 r = measure(server, sc.messages, sc.sessions, args.size, sc.reuse,
                             args.stall_timeout)
