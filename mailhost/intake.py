@@ -13,6 +13,7 @@ from email.utils import formatdate
 
 from twisted.internet.defer import Deferred
 
+from mailhost.dsn import received_count
 from mailhost.durable import DiskWriter
 from mailhost.envelope import Envelope, Recipient
 from mailhost.mailbox import Copy, LocalDomains, deliver_copies
@@ -32,6 +33,17 @@ def received_date() -> str:
 
 
 HOP_LIMIT = 50  # Received: headers; more means a mail loop (RFC 5321 6.3)
+
+
+def too_many_hops(message: bytes) -> bool:
+    """More Received: fields than HOP_LIMIT (RFC 5321 6.3: a mail loop). The word's count up
+    to the first empty line is an upper bound that settles the usual case without parsing the
+    header block."""
+    ends = [at for at in (message.find(b"\n\n"), message.find(b"\n\r\n")) if at >= 0]
+    head = message[: min(ends) + 1] if ends else message
+    if head.lower().count(b"received") <= HOP_LIMIT:
+        return False
+    return received_count(message) > HOP_LIMIT
 
 
 def delivery_headers(sender: str, mailbox: str) -> bytes:

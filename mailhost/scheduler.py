@@ -19,10 +19,10 @@ from twisted.logger import Logger
 
 from mailhost import shard
 from mailhost.config import Config
-from mailhost.dsn import build_dsn, received_count
+from mailhost.dsn import build_dsn
 from mailhost.durable import DiskWriter
 from mailhost.envelope import DELIVERED, DEFERRED, FAILED, Envelope
-from mailhost.intake import HOP_LIMIT, Intake
+from mailhost.intake import HOP_LIMIT, Intake, too_many_hops
 from mailhost.metrics import Metrics
 from mailhost.outbound import Deliverer, Outcome
 from mailhost.spool import DueIndex, MessageMissing, Spool, SpoolError, is_queue_id
@@ -31,16 +31,6 @@ log = Logger(namespace="mailhost.queue")
 
 ERROR_RETRY_SECONDS = 300.0  # when a delivery attempt itself crashed
 LOAD_SLICE = 1000  # envelopes parsed at a time while loading the queue
-
-
-def too_many_hops(message: bytes) -> bool:
-    """More Received: fields than HOP_LIMIT (RFC 5321 6.3: a mail loop). The word's count in
-    the head is an upper bound that settles the usual case without parsing the header block."""
-    end = message.find(b"\n\n")
-    head = message if end < 0 else message[: end + 1]
-    if head.lower().count(b"received") <= HOP_LIMIT:
-        return False
-    return received_count(message) > HOP_LIMIT
 
 
 class Scheduler(service.Service):

@@ -552,6 +552,6 @@ def test_fold_limits(value):
     ],
 )
 def test_too_many_hops_agrees_with_the_count(message, looped):
-    from mailhost.scheduler import too_many_hops
+    from mailhost.intake import too_many_hops
 
     assert too_many_hops(message) is looped

@@ -35,9 +35,8 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from mailhost.auth import AuthSlowdown, IMailSubmitter, Submitter
 from mailhost.config import Config
 from mailhost.content import ContentSteps
-from mailhost.dsn import received_count
 from mailhost.envelope import Envelope, Recipient
-from mailhost.intake import HOP_LIMIT, Intake, delivery_headers, received_date
+from mailhost.intake import HOP_LIMIT, Intake, delivery_headers, received_date, too_many_hops
 from mailhost.mailbox import Copy, LocalDomains
 from mailhost.metrics import Metrics
 from mailhost.policy import (
@@ -781,6 +780,6 @@ class SMTPServer(Protocol, TimeoutMixin):
 
 def _loop_check(body: bytes) -> Reply | None:
     """554 5.4.6 for a message that has been through more than HOP_LIMIT hosts."""
-    if received_count(body[2:]) > HOP_LIMIT:  # body starts with the reader's CRLF
+    if too_many_hops(body[2:]):  # body starts with the reader's CRLF
         return Reply(554, "5.4.6", f"Too many hops (more than {HOP_LIMIT} Received: headers): mail loop?")
     return None

@@ -218,6 +218,20 @@ def test_body_line_of_1000_octets_with_crlf_is_accepted(shared, session):
     assert line in message.as_bytes()
 
 
+@pytest.mark.parametrize("hops, code", [(50, "250 2.0.0"), (51, "554 5.4.6")])
+def test_more_than_50_received_fields_is_a_mail_loop(shared, session, hops, code):
+    mark = token()
+    received = b"".join(b"Received: from hop%d.client.test by mx.client.test; Mon, 1 Jan 2024 00:00:00 +0000\r\n" % i
+                        for i in range(hops))
+    # The word in the body does not count: only the header block's fields do (RFC 5321 6.3).
+    body = b"received " * 60 + b"\r\n"
+    expect(transaction(session, received + f"Subject: {mark}\r\n\r\n".encode() + body + b".\r\n"), code)
+    if hops > 50:
+        assert stored_anywhere(shared, mark) == []
+    else:
+        assert delivered(shared, "alice", mark) == 1
+
+
 @pytest.mark.parametrize("length", [999, 70000])
 def test_long_body_line_refused_at_end_of_data_without_running_what_follows(shared, session, length):
     outer, smuggled = token(), token()
