@@ -7,6 +7,7 @@ and other messages mailhost writes itself come through `inject`.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from email.utils import formatdate
@@ -20,16 +21,14 @@ from mailhost.mailbox import Copy, LocalDomains, deliver_copies
 from mailhost.shard import new_queue_id
 from mailhost.spool import Spool
 
-_date_cache: tuple[int, str] = (-1, "")
-
-
 def received_date() -> str:
     """The RFC 5322 date for a Received: line, made once a second (formatdate is slow)."""
-    global _date_cache
-    second = int(time.time())
-    if _date_cache[0] != second:
-        _date_cache = (second, formatdate(second, localtime=True))
-    return _date_cache[1]
+    return _date_of_second(int(time.time()))
+
+
+@functools.lru_cache(maxsize=1)
+def _date_of_second(second: int) -> str:
+    return formatdate(second, localtime=True)
 
 
 HOP_LIMIT = 50  # Received: headers; more means a mail loop (RFC 5321 6.3)

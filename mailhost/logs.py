@@ -13,6 +13,7 @@ message's lines start with its queue id.
 from __future__ import annotations
 
 import atexit
+import functools
 import sys
 import threading
 import time
@@ -106,21 +107,14 @@ def _whole_lines(parts: list[str], limit: int) -> Iterator[str]:
         yield "".join(chunk)
 
 
-class _SecondClock:
-    """twistd's timestamp format, computed once per second rather than once per line."""
+def twistd_time(when: float | None) -> str:
+    """twistd's timestamp format, made once per second rather than once per line."""
+    return "-" if when is None else _local_second(int(when))
 
-    def __init__(self) -> None:
-        self._second = -1
-        self._text = ""
 
-    def __call__(self, when: float | None) -> str:
-        if when is None:
-            return "-"
-        second = int(when)
-        if second != self._second:
-            self._second = second
-            self._text = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(second))
-        return self._text
+@functools.lru_cache(maxsize=1)
+def _local_second(second: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(second))
 
 
 def classic_line(event: dict, clock: Callable[[float | None], str]) -> str | None:
@@ -152,7 +146,7 @@ def worker_system(event: dict, worker: int) -> str:
 def text_lines(stream: TextIO, reactor: Any, worker: int | None = None) -> ILogObserver:
     """twistd's classic text lines ("<time> [<namespace>#<level>] <text>"), batched per reactor turn.
     A worker's lines say which ("[mailhost.outbound#info worker 1]")."""
-    clock = _SecondClock()
+    clock = twistd_time
     if worker is None:
         return FileLogObserver(BatchedStream(stream, reactor), lambda event: classic_line(event, clock))
 

@@ -8,7 +8,7 @@ import threading
 from twisted.internet.task import Clock
 from twisted.logger import Logger, formatEventAsClassicLogText
 
-from mailhost.logs import BatchedStream, _SecondClock, default_observer, text_lines
+from mailhost.logs import BatchedStream, default_observer, text_lines, twistd_time
 
 
 class CountingStream(io.StringIO):
@@ -86,7 +86,7 @@ def test_text_lines_look_like_twistds_own() -> None:
 def test_the_second_clock_formats_like_twisted() -> None:
     from twisted.logger import formatTime
 
-    clock = _SecondClock()
+    clock = twistd_time
     for when in (0.5, 1700000000.25, 1700000000.75, 1700000001.0):
         assert clock(when) == formatTime(when)
     assert clock(None) == "-"
