@@ -11,7 +11,6 @@ under 100 MB more than none.
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import signal
 import socket
@@ -20,6 +19,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_json  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -98,7 +100,7 @@ def main() -> int:
     print(f"mailhost resident memory: {before:.1f} MiB idle, {after:.1f} MiB with {args.sessions} idle sessions "
           f"(+{after - before:.1f} MiB, {(after - before) * 1024 / args.sessions:.1f} KiB per session)")
     if args.json:
-        args.json.write_text(json.dumps({"ok": True, "sessions": args.sessions, "idle_mib": before, "with_mib": after}))
+        write_json(args.json, {"ok": True, "sessions": args.sessions, "idle_mib": before, "with_mib": after})
     return 0
 
 

@@ -112,7 +112,8 @@ class Scheduler(service.Service):
         self._wake()
 
     def committed(self, queue_id: str) -> Deferred[None]:
-        """Another process of this daemon (a worker) committed `queue_id`: load its envelope and schedule it."""
+        """Load and schedule `queue_id`, committed to the spool without this queue being told
+        (adopt_strays: a shard taken over, or a message found after a worker ended)."""
         if not is_queue_id(queue_id):
             return fail(SpoolError(f"{queue_id[:40]!r} is not a queue id"))
         if queue_id in self.index or queue_id in self.in_flight:
