@@ -26,8 +26,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from mailhost.envelope import Envelope, Recipient  # noqa: E402
-from mailhost.spool import Spool, new_queue_id  # noqa: E402
+from mailhost.queue.envelope import Envelope, Recipient  # noqa: E402
+from mailhost.queue.spool import Spool, new_queue_id  # noqa: E402
 from tests.support.postfix import free_port, tail  # noqa: E402
 
 SENDER = "bench@example.test"

@@ -2,7 +2,7 @@
 """DKIM signing cost: messages/s signed in-process, and mailhost's inbound rate with and without a key.
 
 1. In this process: an rsa-sha256 (2048-bit) and an ed25519-sha256 key made with
-   mailhost.dkim_sign.generate, and mailhost.dkim_sign.sign() timed on a 4 KiB and
+   mailhost.authn.dkim.generate, and mailhost.authn.dkim.sign() timed on a 4 KiB and
    a 100 KiB newsletter-like message (LF line ends, as mailhost signs them).
 2. End to end: `twistd -n mailhost` on loopback, loaded with smtp-source (20
    sessions, 4 KiB bodies, From: bench@example.test, to a local mailbox). The
@@ -39,7 +39,7 @@ import dkim.util  # noqa: E402
 
 from common import REPO, Mailhost, cpu_seconds, log, tree_env  # noqa: E402
 from inbound import wait_for_delivery  # noqa: E402
-from mailhost.dkim_sign import ALGORITHMS, generate, load_key, sign  # noqa: E402
+from mailhost.authn.dkim import ALGORITHMS, generate, load_key, sign  # noqa: E402
 from tests.support.postfix import tail  # noqa: E402
 
 DOMAIN = "example.test"

@@ -77,7 +77,7 @@ def recipient(domains: int):
 def flush_mailhost(daemon: Mailhost) -> None:
     """`mailhost queue flush`, sent from this process (no CLI start-up in the timing)."""
     try:
-        from mailhost.control import send_queue_command
+        from mailhost.doors.control import send_queue_command
     except ImportError:
         daemon.cli("queue", "flush")
         return

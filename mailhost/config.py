@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mailhost.throttle import DEFAULT_RULES, ThrottleRule
+from mailhost.delivery.throttle import DEFAULT_RULES, ThrottleRule
 
 ROLES = ("mx", "submission", "submissions")
 RELAY_TLS = ("opportunistic", "required", "none")

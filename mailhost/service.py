@@ -12,29 +12,29 @@ from twisted.application.internet import TimerService
 from twisted.internet import error as internet_error
 from twisted.logger import ILogObserver, Logger
 
-from mailhost import shard
-from mailhost.auth import AuthSlowdown, make_portal
+from mailhost.multiproc import shard
+from mailhost.local.auth import AuthSlowdown, make_portal
 from mailhost.config import Config, ConfigError, load
-from mailhost.content import ContentSteps
-from mailhost.control import control_service
-from mailhost.dkim_sign import DkimKeyError, Signer, configured_keys
-from mailhost.logs import default_observer
-from mailhost.metrics import Metrics, metrics_site, snapshots_folder
-from mailhost.pickup import PickupCollector
-from mailhost.durable import DiskWriter
-from mailhost.intake import Intake
-from mailhost.mailbox import LocalDomains
-from mailhost.outbound import Deliverer, SessionPool
-from mailhost.relay import Router
-from mailhost.scheduler import Scheduler
-from mailhost.reload import ReloadOnHangup
+from mailhost.intake.content import ContentSteps
+from mailhost.doors.control import control_service
+from mailhost.authn.dkim import DkimKeyError, Signer, configured_keys
+from mailhost.ops.logs import default_observer
+from mailhost.ops.metrics import Metrics, metrics_site, snapshots_folder
+from mailhost.doors.pickup import PickupCollector
+from mailhost.ops.durable import DiskWriter
+from mailhost.intake.cleanup import Intake
+from mailhost.local.mailbox import LocalDomains
+from mailhost.delivery.deliverer import Deliverer, SessionPool
+from mailhost.delivery.routing import Router
+from mailhost.delivery.scheduler import Scheduler
+from mailhost.ops.reload import ReloadOnHangup
 from mailhost.smtp.server import ServerContext, listener_factory
-from mailhost.spool import Spool
-from mailhost.suppression import SuppressionList
-from mailhost.throttle import Throttle, share_of
-from mailhost.tls import ServerTLS, TLSSetupError, ensure_tls_pair
-from mailhost.transport import send_eagerly
-from mailhost.workers import ShardedQueue, WorkerPool
+from mailhost.queue.spool import Spool
+from mailhost.feedback.suppression import SuppressionList
+from mailhost.delivery.throttle import Throttle, share_of
+from mailhost.ops.tls import ServerTLS, TLSSetupError, ensure_tls_pair
+from mailhost.smtp.transport import send_eagerly
+from mailhost.multiproc.parent import ShardedQueue, WorkerPool
 
 log = Logger(namespace="mailhost.service")
 
@@ -91,7 +91,7 @@ class ListenerService(service.Service):
 
 class MailhostDaemon(service.MultiService):
     """The whole daemon. Attached to twistd's application, it names the log
-    observer twistd starts (mailhost.logs.default_observer), if it has one."""
+    observer twistd starts (mailhost.ops.logs.default_observer), if it has one."""
 
     log_observer: ILogObserver | None = None
     workers: WorkerPool | None = None
@@ -206,7 +206,7 @@ def build_outbound(config: Config, inbound: Inbound, reactor: Any, parent: servi
 def build(config: Config, tls_options: ServerTLS, reactor: Any) -> MailhostDaemon:
     top = MailhostDaemon()
     metrics = Metrics()
-    # With workers, every process delivers its own shard of the queue (mailhost.shard); this is shard 0.
+    # With workers, every process delivers its own shard of the queue (mailhost.multiproc.shard); this is shard 0.
     shard.claim(0, config.server.workers)
     inbound = build_inbound(config, tls_options, reactor, top, metrics)
     writer, domains, intake = inbound.writer, inbound.domains, inbound.intake

@@ -32,7 +32,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailhost.smtp.wire import stuff_from_lf
-from mailhost.transport import make_eager
+from mailhost.smtp.transport import make_eager
 
 TLS_MODES = ("none", "opportunistic", "required", "starttls-verify", "implicit-verify")
 REPLY_LINE_MAX = 4096  # octets per reply line; RFC 5321 says 512, real servers say more

@@ -32,14 +32,14 @@ from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from mailhost.auth import AuthSlowdown, IMailSubmitter, Submitter
+from mailhost.local.auth import AuthSlowdown, IMailSubmitter, Submitter
 from mailhost.config import Config
-from mailhost.content import ContentSteps
-from mailhost.envelope import Envelope, Recipient
-from mailhost.intake import HOP_LIMIT, Intake, delivery_headers, received_date, too_many_hops
-from mailhost.mailbox import Copy, LocalDomains
-from mailhost.metrics import Metrics
-from mailhost.policy import (
+from mailhost.intake.content import ContentSteps
+from mailhost.queue.envelope import Envelope, Recipient
+from mailhost.intake.cleanup import HOP_LIMIT, Intake, delivery_headers, received_date, too_many_hops
+from mailhost.local.mailbox import Copy, LocalDomains
+from mailhost.ops.metrics import Metrics
+from mailhost.intake.policy import (
     SUBMISSION_ROLES,
     RecipientVerdict,
     auth_required,
@@ -50,8 +50,8 @@ from mailhost.policy import (
     may_relay,
 )
 from mailhost.smtp import sasl
-from mailhost.shard import new_queue_id
-from mailhost.suppression import SuppressionList
+from mailhost.multiproc.shard import new_queue_id
+from mailhost.feedback.suppression import SuppressionList
 from mailhost.smtp.wire import (
     COMMAND_LINE_MAX,
     Address,
@@ -64,7 +64,7 @@ from mailhost.smtp.wire import (
     split_command,
     unstuff_to_lf,
 )
-from mailhost.submission import from_addresses, missing_headers, read_headers
+from mailhost.intake.submission import from_addresses, missing_headers, read_headers
 
 log = Logger(namespace="mailhost.smtp")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from mailhost.users import UserEntry, hash_password, write_users
+from mailhost.local.users import UserEntry, hash_password, write_users
 
 BIN = Path(sys.executable).parent
 TWISTD = str(BIN / "twistd")

@@ -12,9 +12,9 @@ import dkim
 import dns.resolver
 import pytest
 
-from mailhost.dkim_sign import Signer, generate, sign
-from mailhost.dsn import build_dsn
-from mailhost.envelope import FAILED, Envelope, Recipient
+from mailhost.authn.dkim import Signer, generate, sign
+from mailhost.feedback.dsn import build_dsn
+from mailhost.queue.envelope import FAILED, Envelope, Recipient
 from tests.e2e.conftest import RawSession
 from tests.e2e.test_sending import MX_PORT, ZONE, sinks, wait_for  # noqa: F401  (fixtures)
 from tests.support.dns import DNSServer

@@ -38,7 +38,7 @@ def test_every_line_of_a_message_life_carries_its_queue_id(make_daemon, dns, sin
 def test_json_lines_logger(make_daemon):
     daemon = make_daemon(start=False)
     with open(daemon.root / "json.log", "wb") as out:
-        process = subprocess.Popen([TWISTD, "-n", "--pidfile=", "--logger=mailhost.logs.json_lines", "mailhost",
+        process = subprocess.Popen([TWISTD, "-n", "--pidfile=", "--logger=mailhost.ops.logs.json_lines", "mailhost",
                                     "--config", str(daemon.config)], cwd=daemon.root, stdout=out, stderr=subprocess.STDOUT)
     daemon.process = process
     wait_for_port(daemon.port, process)
@@ -54,7 +54,7 @@ def test_json_lines_logger_with_a_worker(make_daemon):
     daemon = make_daemon(start=False)
     daemon.config.write_text(daemon.config.read_text().replace('state_dir = "state"', 'state_dir = "state"\nworkers = 2', 1))
     with open(daemon.root / "json.log", "wb") as out:
-        process = subprocess.Popen([TWISTD, "-n", "--pidfile=", "--logger=mailhost.logs.json_lines", "mailhost",
+        process = subprocess.Popen([TWISTD, "-n", "--pidfile=", "--logger=mailhost.ops.logs.json_lines", "mailhost",
                                     "--config", str(daemon.config)], cwd=daemon.root, stdout=out, stderr=subprocess.STDOUT)
     daemon.process = process
     wait_for_port(daemon.port, process)

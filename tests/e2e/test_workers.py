@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from mailhost.envelope import Envelope, Recipient
-from mailhost.shard import shard_of
-from mailhost.spool import Spool, new_queue_id
+from mailhost.queue.envelope import Envelope, Recipient
+from mailhost.multiproc.shard import shard_of
+from mailhost.queue.spool import Spool, new_queue_id
 from tests.e2e.conftest import free_port
 from tests.e2e.test_sending import wait_for as sending_wait_for
 from tests.support.dns import DNSServer

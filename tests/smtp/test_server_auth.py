@@ -21,15 +21,15 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 
-from mailhost.auth import AuthSlowdown, SubmitterRealm, UsersFileChecker
+from mailhost.local.auth import AuthSlowdown, SubmitterRealm, UsersFileChecker
 from mailhost.config import load
-from mailhost.content import ContentSteps
-from mailhost.dkim_sign import Signer
-from mailhost.mailbox import LocalDomains
-from mailhost.metrics import Metrics
+from mailhost.intake.content import ContentSteps
+from mailhost.authn.dkim import Signer
+from mailhost.local.mailbox import LocalDomains
+from mailhost.ops.metrics import Metrics
 from mailhost.smtp.server import ServerContext, SMTPServerFactory
-from mailhost.suppression import SuppressionList
-from mailhost.users import UserEntry, hash_password, write_users
+from mailhost.feedback.suppression import SuppressionList
+from mailhost.local.users import UserEntry, hash_password, write_users
 
 CONFIG = """
 [server]
@@ -86,7 +86,7 @@ class TLSStringTransport(StringTransport):
 
 
 class Intake:
-    """Stands in for mailhost.intake.Intake: remembers what would be stored."""
+    """Stands in for mailhost.intake.cleanup.Intake: remembers what would be stored."""
 
     def __init__(self) -> None:
         self.accepted: list[tuple[list, Any, bytes, bytes]] = []

@@ -1,0 +1,280 @@
+"""The `mailhost` admin command.
+
+Exit codes: 0 ok, 1 user error (one line on stderr), 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import dataclasses
+import getpass
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from mailhost.config import Config, ConfigError, DomainConfig, load
+from mailhost.local.mailbox import create_maildir, is_safe_local_part
+from mailhost.queue.spool import SpoolError
+from mailhost.local.users import UserEntry, UsersFileError, hash_password, parse_send_as, read_users, write_users
+
+
+class UserError(Exception):
+    """A mistake the user can fix; printed as one line, exit 1."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{self.prog}: {message} (see {self.prog.split()[0]} --help)\n")
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="mailhost", description="Administer a mailhost installation.")
+    parser.add_argument("--config", default="etc/mailhost.toml", help="configuration file (default: %(default)s)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    commands.add_parser("check-config", help="validate the configuration; exit 0 or print the error and exit 1")
+    commands.add_parser(
+        "sendmail", help="sendmail-compatible injection from stdin: [-f SENDER] [-t] [-i] [RCPT ...]", add_help=False
+    )
+
+    user = commands.add_parser("user", help="manage mailbox users").add_subparsers(
+        dest="user_command", required=True, metavar="add|passwd|del|list|may-send-as", parser_class=_Parser
+    )
+    for name, text in (("add", "create a user and its Maildir"), ("passwd", "set a user's password")):
+        sub = user.add_parser(name, help=text)
+        sub.add_argument("address")
+        sub.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    user.add_parser("del", help="remove a user (its Maildir is kept)").add_argument("address")
+    user.add_parser("list", help="list users")
+    send_as = user.add_parser("may-send-as", help="show or set the other senders a user may use on the submission ports")
+    send_as.add_argument("address")
+    send_as.add_argument("senders", nargs="*", metavar="SENDER", help="an address, or @domain for all of a domain")
+    send_as.add_argument("--clear", action="store_true", help="remove them all")
+
+    dkim = commands.add_parser("dkim", help="DKIM signing keys").add_subparsers(
+        dest="dkim_command", required=True, metavar="keygen", parser_class=_Parser
+    )
+    keygen = dkim.add_parser("keygen", help="make a signing key for a local domain and print its DNS record")
+    keygen.add_argument("domain")
+    keygen.add_argument("--selector", required=True, help="the DNS selector, e.g. s2026")
+    keygen.add_argument("--algorithm", default="rsa-sha256", choices=["rsa-sha256", "ed25519-sha256"])
+
+    suppress = commands.add_parser("suppress", help="the suppression list (hard-bounced addresses)").add_subparsers(
+        dest="suppress_command", required=True, metavar="list|add|remove", parser_class=_Parser
+    )
+    suppress.add_parser("list", help="suppressed addresses").add_argument("--json", action="store_true")
+    suppress_add = suppress.add_parser("add", help="stop sending to an address")
+    suppress_add.add_argument("address")
+    suppress_add.add_argument("--reason", default="added by the operator")
+    suppress.add_parser("remove", help="send to an address again").add_argument("address")
+
+    queue = commands.add_parser("queue", help="see and steer the outbound queue").add_subparsers(
+        dest="queue_command", required=True, metavar="list|show|flush|delete|hold|release", parser_class=_Parser
+    )
+    queue.add_parser("list", help="queued messages").add_argument("--json", action="store_true", help="one JSON document")
+    queue.add_parser("show", help="one message: envelope and headers").add_argument("id")
+    queue.add_parser("flush", help="retry now (one message or all)").add_argument("id", nargs="?")
+    for name, text in (("delete", "remove a message without bouncing it"), ("hold", "keep a message from being tried"),
+                       ("release", "let a held message be tried again")):
+        queue.add_parser(name, help=text).add_argument("id")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "sendmail" in argv:
+        # sendmail's own flags (-t, -oi, -fSENDER) are not argparse's: split them off.
+        at = argv.index("sendmail")
+        return _sendmail(build_parser().parse_args([*argv[:at], "check-config"]).config, argv[at + 1 :])
+    args = build_parser().parse_args(argv)
+    try:
+        config = load(args.config)
+        if args.command == "check-config":
+            return check_config(config)
+        if args.command == "suppress":
+            return suppress_command(config, args)
+        if args.command == "dkim":
+            return dkim_keygen(config, args)
+        if args.command == "queue":
+            from mailhost.cli.queue import run_queue_command
+
+            return run_queue_command(config, args)
+        commands = {"add": user_add, "passwd": user_passwd, "del": user_del, "list": user_list,
+                    "may-send-as": user_may_send_as}
+        return commands[args.user_command](config, args)
+    except (ConfigError, UserError, UsersFileError, SpoolError) as e:
+        sys.stderr.write(f"mailhost: {e}\n")
+        return 1
+    except KeyboardInterrupt:
+        sys.stderr.write("mailhost: interrupted\n")
+        return 1
+
+
+def _sendmail(config_path: str, sendmail_argv: list[str]) -> int:
+    from mailhost.cli.sendmail import SendmailError, run
+
+    try:
+        return run(load(config_path), sendmail_argv)
+    except (ConfigError, SendmailError, UsersFileError, OSError) as e:
+        sys.stderr.write(f"mailhost sendmail: {e}\n")
+        return 1
+
+
+def suppress_command(config: Config, args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import asdict
+
+    from mailhost.feedback.suppression import SuppressionError, suppression_list
+
+    suppressed = suppression_list(config.server.state_dir)
+    try:
+        if args.suppress_command == "list":
+            entries = suppressed.entries()
+            if args.json:
+                print(json.dumps({"suppressed": [asdict(e) for e in entries]}, ensure_ascii=False))
+            else:
+                for e in entries:
+                    print(f"{e.address}  {e.status or '-'}  {e.date}  {e.source}: {e.reason}")
+                print(f"{len(entries)} suppressed addresses")
+        elif args.suppress_command == "add":
+            suppressed.add(args.address, "5.0.0", args.reason)
+            print(f"suppressed {args.address}")
+        elif not suppressed.remove(args.address):
+            raise UserError(f"{args.address} is not suppressed")
+        else:
+            print(f"{args.address} may be sent to again")
+    except (SuppressionError, ValueError) as e:
+        raise UserError(str(e)) from None
+    return 0
+
+
+def dkim_keygen(config: Config, args: argparse.Namespace) -> int:
+    from mailhost.authn.dkim import DkimKeyError, generate
+
+    domain = config.domain(args.domain)
+    if domain is None:
+        raise UserError(f"{args.domain} is not a local domain (local domains: {', '.join(d.name for d in config.domains)})")
+    if not re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?", args.selector):
+        raise UserError(f"selector {args.selector!r}: use letters, digits and hyphens, e.g. s2026")
+    try:
+        path, record = generate(config.server.state_dir, domain.name, args.selector, args.algorithm)
+    except DkimKeyError as e:
+        raise UserError(str(e)) from None
+    # DNS TXT strings are at most 255 octets each; resolvers join them.
+    strings = " ".join(f'"{record[i:i + 250]}"' for i in range(0, len(record), 250))
+    print(f"; key written to {path}; mail from {domain.name} is signed with it from now on")
+    print(f"{args.selector}._domainkey.{domain.name}. IN TXT ( {strings} )")
+    return 0
+
+
+def check_config(config: Config) -> int:
+    from mailhost.ops.tls import TLSSetupError, server_tls_options, tls_pair_paths
+
+    cert, key = tls_pair_paths(config)
+    if config.server.tls_cert is not None:
+        try:
+            server_tls_options(cert, key)
+        except TLSSetupError as e:
+            raise UserError(str(e)) from None
+    for domain in config.domains:
+        read_users(domain.users)  # a malformed users file is a config error too
+    print(f"{config.path}: ok ({len(config.domains)} domains, {len(config.listeners)} listeners)")
+    return 0
+
+
+def _split_address(config: Config, address: str) -> tuple[str, DomainConfig]:
+    local, at, domain_name = address.rpartition("@")
+    if not at or not local:
+        raise UserError(f"{address!r} is not an address such as alice@example.test")
+    domain = config.domain(domain_name)
+    if domain is None:
+        local_domains = ", ".join(d.name for d in config.domains)
+        raise UserError(f"{domain_name} is not a local domain (local domains: {local_domains})")
+    local = local.lower()
+    if not is_safe_local_part(local) or "+" in local or not local.isprintable() or " " in local:
+        raise UserError(f"{local!r} cannot be a mailbox name (no /, +, spaces, or leading dot)")
+    return local, domain
+
+
+def _read_password(args: argparse.Namespace) -> str:
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass(f"Password for {args.address}: ")
+        if password != getpass.getpass("Again: "):
+            raise UserError("the two passwords differ; nothing changed")
+    if not password:
+        raise UserError("empty password; nothing changed")
+    return password
+
+
+def user_add(config: Config, args: argparse.Namespace) -> int:
+    local, domain = _split_address(config, args.address)
+    address = f"{local}@{domain.name}"
+    entries = read_users(domain.users)
+    if address in entries:
+        raise UserError(f"{address} already exists (use `mailhost user passwd {address}`)")
+    entries[address] = UserEntry(address, hash_password(_read_password(args)))
+    create_maildir(domain.maildir / local)
+    write_users(domain.users, entries)
+    print(f"added {address} (Maildir {domain.maildir / local})")
+    return 0
+
+
+def user_passwd(config: Config, args: argparse.Namespace) -> int:
+    local, domain = _split_address(config, args.address)
+    address = f"{local}@{domain.name}"
+    entries = read_users(domain.users)
+    if address not in entries:
+        raise UserError(f"{address} does not exist (use `mailhost user add {address}`)")
+    entries[address] = dataclasses.replace(entries[address], password_hash=hash_password(_read_password(args)))
+    write_users(domain.users, entries)
+    print(f"password changed for {address}")
+    return 0
+
+
+def user_del(config: Config, args: argparse.Namespace) -> int:
+    local, domain = _split_address(config, args.address)
+    address = f"{local}@{domain.name}"
+    entries = read_users(domain.users)
+    if entries.pop(address, None) is None:
+        raise UserError(f"{address} does not exist")
+    write_users(domain.users, entries)
+    print(f"deleted {address} (its Maildir {domain.maildir / local} is kept)")
+    return 0
+
+
+def user_may_send_as(config: Config, args: argparse.Namespace) -> int:
+    """No senders: show the list; senders: replace it; --clear: empty it."""
+    local, domain = _split_address(config, args.address)
+    address = f"{local}@{domain.name}"
+    entries = read_users(domain.users)
+    if address not in entries:
+        raise UserError(f"{address} does not exist (use `mailhost user add {address}`)")
+    if args.clear and args.senders:
+        raise UserError("give senders or --clear, not both")
+    if args.senders or args.clear:
+        try:
+            senders = parse_send_as(",".join(args.senders)) if args.senders else ()
+        except ValueError as e:
+            raise UserError(f"{e} is not an address or @domain (such as news@example.test or @example.test)") from None
+        entries[address] = dataclasses.replace(entries[address], may_send_as=senders)
+        write_users(domain.users, entries)
+    senders = entries[address].may_send_as
+    print(f"{address} may send as: {' '.join(senders) if senders else '(its own addresses only)'}")
+    return 0
+
+
+def user_list(config: Config, args: argparse.Namespace) -> int:
+    addresses: set[str] = set()
+    for domain in config.domains:
+        addresses.update(a for a in read_users(domain.users) if a.endswith(f"@{domain.name}"))
+    for address in sorted(addresses):
+        print(address)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,322 @@
+"""Delivering one queued message to its remote recipients: route each domain,
+try its hops in order over pooled connections, and return one result per
+recipient. The scheduler decides what the results mean for the queue."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore, inlineCallbacks, succeed
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+
+from mailhost.config import Config, SmartHostConfig
+from mailhost.queue.envelope import Envelope, Recipient
+from mailhost.delivery.routing import Hop, RouteError, Router
+from mailhost.smtp.client import ClientSession, SendResult, ServerReply, SessionError, open_session
+from mailhost.feedback.suppression import verp_sender
+from mailhost.delivery.throttle import Pace, Throttle, is_slow_down_signal
+
+log = Logger(namespace="mailhost.outbound")
+
+IDLE_REUSE_SECONDS = 5.0  # keep a finished connection this long for the next message to the same host
+SWEEP_SECONDS = 1.0  # how often connections idle for longer are closed
+
+
+THROTTLE_WAIT_MAX = 2.0  # seconds; a later send slot puts the message back in the queue instead
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one recipient in one delivery attempt."""
+
+    state: str  # "delivered" | "deferred" | "failed" | "throttled" (not tried: over the pace)
+    reply: str  # the remote reply or our own reason
+    status: str  # enhanced status code
+    remote_mta: str = ""
+    relay: str = ""  # host[ip]:port, for the log
+    retry_in: float = 0.0  # for "throttled": seconds until the group's next send slot
+
+
+def recipient_domain(address: str) -> str:
+    return address.rpartition("@")[2].lower()
+
+
+class SessionPool:
+    """Open SMTP sessions by (host, address, port), reused for later messages to the same place.
+
+    A session given back waits IDLE_REUSE_SECONDS for the next message; one
+    sweep a second closes those that waited longer (no timer per message)."""
+
+    def __init__(self, reactor: Any, helo: str) -> None:
+        self._reactor = reactor
+        self._helo = helo
+        self._idle: dict[tuple[str, str, int], list[tuple[ClientSession, float]]] = defaultdict(list)
+        self._sweep: Any = None
+
+    def take(self, hop: Hop, address: str, tls: str, trust_root: Any, auth: tuple[str, str] | None) -> Deferred[ClientSession]:
+        idle = self._idle.get((hop.host, address, hop.port))
+        while idle:
+            session, _ = idle.pop()
+            if session.usable:
+                return succeed(session)
+            session.abort()
+        return open_session(
+            self._reactor, host=hop.host, address=address, port=hop.port, helo=self._helo,
+            tls=tls, trust_root=trust_root, auth=auth,
+        )
+
+    def give_back(self, hop: Hop, address: str, session: ClientSession) -> None:
+        if not session.usable:
+            session.abort()
+            return
+        self._idle[(hop.host, address, hop.port)].append((session, self._reactor.seconds() + IDLE_REUSE_SECONDS))
+        if self._sweep is None or not self._sweep.active():
+            self._sweep = self._reactor.callLater(SWEEP_SECONDS, self._expire)
+
+    def _expire(self) -> None:
+        now = self._reactor.seconds()
+        for key in list(self._idle):
+            keep = []
+            for session, until in self._idle[key]:
+                if until <= now or not session.usable:
+                    session.quit()
+                else:
+                    keep.append((session, until))
+            if keep:
+                self._idle[key] = keep
+            else:
+                del self._idle[key]
+        if self._idle:
+            self._sweep = self._reactor.callLater(SWEEP_SECONDS, self._expire)
+
+    def close_all(self) -> None:
+        if self._sweep is not None and self._sweep.active():
+            self._sweep.cancel()
+        for sessions in self._idle.values():
+            for session, _ in sessions:
+                session.quit()
+        self._idle.clear()
+
+
+class _Slot:
+    """One delivery's place among its group's connections (Pace.connections), released once."""
+
+    def __init__(self, semaphore: DeferredSemaphore) -> None:
+        self._semaphore = semaphore
+        self.held = False
+
+    def acquire(self) -> Deferred[None]:
+        def taken(_: object) -> None:
+            self.held = True
+
+        return self._semaphore.acquire().addCallback(taken)
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self._semaphore.release()
+
+
+class Deliverer:
+    """Delivers a message's pending remote recipients, domain by domain, in parallel."""
+
+    def __init__(self, config: Config, router: Router, pool: SessionPool, throttle: Throttle, reactor: Any) -> None:
+        self.config = config
+        self.router = router
+        self.pool = pool
+        self.throttle = throttle
+        self.reactor = reactor
+        self._local_domains = {d.name for d in config.domains}
+        self._smarthost_secrets: dict[int, tuple[str, str] | None] = {}
+        self._trust_roots: dict[int, Any] = {}
+
+    def deliver(self, envelope: Envelope, message: bytes) -> Deferred[dict[str, Outcome]]:
+        by_domain: dict[str, list[Recipient]] = defaultdict(list)
+        for recipient in envelope.pending():
+            by_domain[recipient_domain(recipient.address)].append(recipient)
+        if len(by_domain) == 1:  # the usual case: no DeferredList to merge one result
+            [(domain, rcpts)] = by_domain.items()
+            return self._deliver_domain(envelope, message, domain, rcpts)
+        jobs = [self._deliver_domain(envelope, message, domain, rcpts) for domain, rcpts in by_domain.items()]
+
+        def merge(results: list[tuple[bool, dict[str, Outcome]]]) -> dict[str, Outcome]:
+            merged: dict[str, Outcome] = {}
+            for _, outcomes in results:
+                merged.update(outcomes)
+            return merged
+
+        return DeferredList(jobs, consumeErrors=False).addCallback(merge)
+
+    @inlineCallbacks
+    def _deliver_domain(self, envelope: Envelope, message: bytes, domain: str, recipients: list[Recipient]):
+        addresses = [r.address for r in recipients]
+        try:
+            route = yield self.router.route(domain)
+        except RouteError as e:
+            state = "failed" if e.permanent else "deferred"
+            return {a: Outcome(state, e.text, e.status) for a in addresses}
+        except Exception as e:  # a resolver failure we did not foresee: retry later
+            log.failure("routing {domain} failed", domain=domain)
+            return {a: Outcome("deferred", f"routing failed: {e}", "4.4.3") for a in addresses}
+        smarthost = bool(route.hops) and route.hops[0].smarthost is not None
+        pace = self.throttle.pace_for(route.hops[0].host if route.hops else domain)
+        wait = pace.reserve()
+        if wait > THROTTLE_WAIT_MAX:
+            pace.give_back()
+            text = f"over the pace for {pace.name} ({pace.rate:.0f}/min)"
+            return {a: Outcome("throttled", text, "4.7.0", retry_in=wait) for a in addresses}
+        if wait > 0:
+            yield deferLater(self.reactor, wait, lambda: None)
+        slot = _Slot(pace.connections)
+        yield slot.acquire()
+        try:
+            outcomes = yield self._try_hops(envelope, message, route.hops, addresses, smarthost, pace, slot)
+        finally:
+            slot.release()
+        return outcomes
+
+    @inlineCallbacks
+    def _try_hops(self, envelope: Envelope, message: bytes, hops: tuple[Hop, ...], addresses: list[str], smarthost: bool,
+                  pace: Pace, slot: _Slot):
+        outcomes: dict[str, Outcome] = {}
+        remaining = list(addresses)
+        last_error = Outcome("deferred", "no server could be reached", "4.4.1")
+        for hop in hops:
+            for address in hop.addresses:
+                if not remaining:
+                    return outcomes
+                if not slot.held:  # handed over with a connection whose final reply then failed
+                    yield slot.acquire()
+                relay = f"{hop.host}[{address}]:{hop.port}"
+                started = time.monotonic()
+                try:
+                    session = yield self.pool.take(hop, address, *self._tls_for(hop), self._auth_for(hop.smarthost))
+                except SessionError as e:
+                    last_error = self._session_failure(e, hop, relay, smarthost)
+                    log.info("{id}: {relay}: {reason}", id=envelope.id, relay=relay, reason=e.reason)
+                    self._signal(pace, e.reply, e.refused)
+                    if last_error.state == "failed":
+                        return {**outcomes, **{a: last_error for a in remaining}}
+                    continue
+                handed_over = []
+
+                def hand_over(hop: Hop = hop, address: str = address, session: ClientSession = session) -> None:
+                    # Our body is written: the connection and our connection slot go to the next
+                    # message now, so its commands share the send with our end of data.
+                    handed_over.append(True)
+                    self.pool.give_back(hop, address, session)
+                    slot.release()
+
+                try:
+                    result = yield self._send(session, envelope, remaining, message, hand_over)
+                except SessionError as e:
+                    session.abort()  # (broken for whoever took it over too)
+                    last_error = self._session_failure(e, hop, relay, smarthost)
+                    log.info("{id}: {relay}: {reason}", id=envelope.id, relay=relay, reason=e.reason)
+                    self._signal(pace, e.reply, e.refused)
+                    continue
+                if not handed_over:
+                    self.pool.give_back(hop, address, session)
+                delay = time.monotonic() - started
+                retry_here: list[str] = []
+                for rcpt in remaining:
+                    reply: ServerReply = result.replies[rcpt]
+                    outcome = _from_reply(reply, hop.host, relay)
+                    if outcome.state == "deferred":
+                        self._signal(pace, reply, False)
+                    if outcome.state == "deferred" and smarthost:
+                        # A smart host's 4xx sends the recipient on to the backup.
+                        retry_here.append(rcpt)
+                        last_error = outcome
+                        continue
+                    outcomes[rcpt] = outcome
+                    log.info(
+                        "{id}: to=<{rcpt}> relay={relay} delay={delay:.2f} dsn={status} status={state} ({reply})",
+                        id=envelope.id, rcpt=rcpt, relay=relay, delay=delay, status=outcome.status,
+                        state=outcome.state, reply=outcome.reply,
+                    )
+                remaining = retry_here
+                if not remaining:
+                    return outcomes
+                break  # the next hop for the recipients a smart host deferred
+        for rcpt in remaining:
+            outcomes[rcpt] = last_error
+        return outcomes
+
+    def _send(self, session: ClientSession, envelope: Envelope, recipients: list[str], message: bytes,
+              hand_over: Callable[[], None]) -> Deferred[SendResult]:
+        """One transaction for all recipients; with VERP, one per recipient, each with its own return path.
+        The last transaction hands the session over once its body is written (ClientSession.send)."""
+        options = {"body_8bit": envelope.body_8bit, "smtputf8": envelope.smtputf8}
+        sender_domain = recipient_domain(envelope.sender) if envelope.sender else ""
+        if not (self.config.relay.verp and sender_domain in self._local_domains):
+            return session.send(envelope.sender, recipients, message, body_written=hand_over, **options)
+        return self._send_verp(session, sender_domain, recipients, message, hand_over, options)
+
+    @inlineCallbacks
+    def _send_verp(self, session: ClientSession, sender_domain: str, recipients: list[str], message: bytes,
+                   hand_over: Callable[[], None], options: dict[str, bool]):
+        replies = {}
+        for n, rcpt in enumerate(recipients):
+            last = n == len(recipients) - 1
+            result = yield session.send(verp_sender(sender_domain, rcpt), [rcpt], message,
+                                        body_written=hand_over if last else None, **options)
+            replies.update(result.replies)
+        return SendResult(replies)
+
+    def _signal(self, pace: Pace, reply: ServerReply | None, refused: bool) -> None:
+        code, status = (reply.code, reply.status) if reply is not None else (None, "")
+        if is_slow_down_signal(code, status, refused):
+            before = pace.rate
+            pace.slow_down()
+            if pace.rate != before:
+                log.info("pace for {group} down to {rate:.0f}/min ({reply})", group=pace.name, rate=pace.rate,
+                         reply=str(reply) if reply is not None else "connection refused")
+
+    def _session_failure(self, error: SessionError, hop: Hop, relay: str, smarthost: bool) -> Outcome:
+        reply = error.reply
+        if reply is not None:
+            # A 5xx greeting/EHLO/AUTH from a smart host is a configuration problem:
+            # keep the mail queued. From an MX it is that domain's answer: try the next MX.
+            return Outcome("deferred", str(reply), reply.status if reply.transient else "4.4.2", hop.host, relay)
+        return Outcome("deferred", error.reason, "4.4.1", hop.host, relay)
+
+    def _tls_for(self, hop: Hop) -> tuple[str, Any]:
+        smarthost = hop.smarthost
+        if smarthost is None:
+            return self.config.relay.tls, None
+        mode = {"starttls": "starttls-verify", "implicit": "implicit-verify", "none": "none"}[smarthost.tls]
+        return mode, self._trust_root(smarthost)
+
+    def _trust_root(self, smarthost: SmartHostConfig) -> Any:
+        key = id(smarthost)
+        if key not in self._trust_roots:
+            from twisted.internet import ssl
+
+            if smarthost.ca_file is not None:
+                certificate = ssl.Certificate.loadPEM(smarthost.ca_file.read_bytes())
+                self._trust_roots[key] = ssl.trustRootFromCertificates([certificate])
+            else:
+                self._trust_roots[key] = ssl.platformTrust()
+        return self._trust_roots[key]
+
+    def _auth_for(self, smarthost: SmartHostConfig | None) -> tuple[str, str] | None:
+        if smarthost is None or smarthost.username is None or smarthost.password_file is None:
+            return None
+        key = id(smarthost)
+        if key not in self._smarthost_secrets:
+            password = smarthost.password_file.read_text(encoding="utf-8").strip("\r\n")
+            self._smarthost_secrets[key] = (smarthost.username, password)
+        return self._smarthost_secrets[key]
+
+
+def _from_reply(reply: ServerReply, host: str, relay: str) -> Outcome:
+    if reply.code < 400:
+        return Outcome("delivered", str(reply), reply.status, host, relay)
+    return Outcome("failed" if reply.permanent else "deferred", str(reply), reply.status, host, relay)
+

@@ -1,0 +1,312 @@
+"""The queue runner: hands due messages to the Deliverer with bounded
+concurrency, then records each recipient's result, retries on the
+queue.retry steps, expires after queue.lifetime, and sends the DSNs.
+
+It wakes at the next due time from the in-memory index (never polls the
+disk), and an exception in one delivery reschedules that message without
+stopping the rest.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from twisted.application import service
+from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
+from twisted.logger import Logger
+
+from mailhost.multiproc import shard
+from mailhost.config import Config
+from mailhost.feedback.dsn import build_dsn
+from mailhost.ops.durable import DiskWriter
+from mailhost.queue.envelope import DELIVERED, DEFERRED, FAILED, Envelope
+from mailhost.intake.cleanup import HOP_LIMIT, Intake, too_many_hops
+from mailhost.ops.metrics import Metrics
+from mailhost.delivery.deliverer import Deliverer, Outcome
+from mailhost.queue.spool import DueIndex, MessageMissing, Spool, SpoolError, is_queue_id
+
+log = Logger(namespace="mailhost.queue")
+
+ERROR_RETRY_SECONDS = 300.0  # when a delivery attempt itself crashed
+LOAD_SLICE = 1000  # envelopes parsed at a time while loading the queue
+
+
+class Scheduler(service.Service):
+    def __init__(self, config: Config, spool: Spool, writer: DiskWriter, deliverer: Deliverer,
+                 intake: Intake, reactor: Any, metrics: Metrics, max_in_flight: int = 50, recover_spool: bool = True) -> None:
+        self.config = config
+        self.spool = spool
+        self.writer = writer
+        self.deliverer = deliverer
+        self.intake = intake
+        self.reactor = reactor
+        self.max_in_flight = max_in_flight
+        # Only the main process cleans up interrupted writes: a worker doing so could meet a write in progress.
+        self.recover_spool = recover_spool
+        self.index = DueIndex()
+        self.arrivals: dict[str, float] = {}  # for the oldest-message gauge
+        self.metrics = metrics
+        metrics.watch_queue(lambda: len(self.arrivals), lambda: min(self.arrivals.values(), default=None))
+        self.in_flight: set[str] = set()
+        self._deleted: set[str] = set()
+        self._timer: Any = None
+        self._timer_at: float | None = None
+        self.ready: Deferred[None] = Deferred()
+
+    # --- life cycle --------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self.writer.run(self._load).addCallbacks(self._loaded, self._load_failed)
+
+    def _load(self) -> list[tuple[str, float, bool, float]]:
+        if self.recover_spool:
+            for debris in self.spool.recover():
+                log.info("removed interrupted write {path}", path=debris)
+        # Only this process's shard is read (the id is the file name), with few system calls a file.
+        paths = [path for path in self.spool.envelope_files() if shard.owns(os.path.basename(path)[:-5])]
+        entries = []
+        # A slice at a time: 100,000 parsed envelopes held at once would cost ~250 MB.
+        for start in range(0, len(paths), LOAD_SLICE):
+            part = paths[start:start + LOAD_SLICE]
+            for index, envelope in self.spool.read_raw_envelopes(part):
+                try:
+                    entries.append((envelope["id"], float(envelope["next_attempt"]),
+                                    bool(envelope.get("held", False)), float(envelope["arrival"])))
+                except (AttributeError, KeyError, TypeError, ValueError):
+                    # One bad file must not keep the rest of the queue from loading.
+                    log.warn("skipping a malformed envelope in the spool: {path}", path=part[index])
+        return entries
+
+    def _loaded(self, entries: list[tuple[str, float, bool, float]]) -> None:
+        for queue_id, when, held, arrival in entries:
+            self.arrivals[queue_id] = arrival
+            if held:
+                self.index.hold(queue_id)
+            else:
+                self.index.schedule(queue_id, when)
+        log.info("queue loaded: {count} messages", count=len(entries))
+        self.ready.callback(None)
+        self._wake()
+
+    def _load_failed(self, failure: Any) -> None:
+        log.failure("cannot read the spool", failure)
+        self.ready.callback(None)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self.deliverer.pool.close_all()
+
+    # --- what others call --------------------------------------------------------
+
+    def queued(self, envelope: Envelope) -> None:
+        """A new message is in the spool."""
+        if envelope.id in self.in_flight:
+            return  # already found by adopt_strays, and being delivered
+        self.index.schedule(envelope.id, envelope.next_attempt)
+        self.arrivals[envelope.id] = envelope.arrival
+        self._wake()
+
+    def committed(self, queue_id: str) -> Deferred[None]:
+        """Load and schedule `queue_id`, committed to the spool without this queue being told
+        (adopt_strays: a shard taken over, or a message found after a worker ended)."""
+        if not is_queue_id(queue_id):
+            return fail(SpoolError(f"{queue_id[:40]!r} is not a queue id"))
+        if queue_id in self.index or queue_id in self.in_flight:
+            return succeed(None)
+        return self.writer.run(self.spool.load, queue_id).addCallback(self._committed)
+
+    def _committed(self, envelope: Envelope) -> None:
+        if envelope.id in self.index or envelope.id in self.in_flight:
+            return
+        if envelope.held:
+            self.index.hold(envelope.id)
+            self.arrivals[envelope.id] = envelope.arrival
+        else:
+            self.queued(envelope)
+
+    @inlineCallbacks
+    def adopt_strays(self):
+        """Schedule every committed message of this process's shard that the index
+        does not know (a message committed while nobody could be told, or a
+        shard this process has just taken over)."""
+        ids = yield self.writer.run(lambda: list(self.spool.ids()))
+        found = 0
+        for queue_id in ids:
+            if queue_id in self.index or queue_id in self.in_flight or not shard.owns(queue_id):
+                continue
+            try:
+                yield self.committed(queue_id)
+            except SpoolError:
+                continue  # delivered and removed meanwhile
+            found += 1
+        if found:
+            log.info("queue: {count} messages found in the spool and scheduled", count=found)
+
+    def flush(self, queue_id: str | None = None) -> int:
+        """Make one message (or every one not held) due now; returns how many."""
+        now = time.time()
+        ids = [queue_id] if queue_id else self.index.all_due()
+        count = 0
+        for one in ids:
+            if one in self.index and one not in self.in_flight:
+                self.index.schedule(one, now)
+                count += 1
+        self._wake()
+        return count
+
+    @inlineCallbacks
+    def set_held(self, queue_id: str, held: bool):
+        envelope = yield self.writer.run(self.spool.load, queue_id)
+        envelope.held = held
+        yield self.writer.run(self.spool.update, envelope)
+        if queue_id in self.in_flight:
+            return  # the running attempt re-reads `held` when it finishes
+        if held:
+            self.index.hold(queue_id)
+        else:
+            self.index.schedule(queue_id, envelope.next_attempt)
+            self._wake()
+
+    @inlineCallbacks
+    def delete(self, queue_id: str):
+        if queue_id in self.in_flight:
+            self._deleted.add(queue_id)  # removed when the running attempt ends
+            return
+        yield self.writer.run(self.spool.remove, queue_id)
+        self.index.discard(queue_id)
+        self.arrivals.pop(queue_id, None)
+        log.info("{id}: removed by the operator", id=queue_id)
+
+    # --- running deliveries ------------------------------------------------------
+
+    def _wake(self) -> None:
+        if not self.running:
+            return
+        now = time.time()
+        while len(self.in_flight) < self.max_in_flight:
+            queue_id = self.index.pop_due(now)
+            if queue_id is None:
+                break
+            self.in_flight.add(queue_id)
+            self._attempt(queue_id)
+        self._arm_timer(self.index.next_time())
+
+    def _arm_timer(self, when: float | None) -> None:
+        if when is None or len(self.in_flight) >= self.max_in_flight:
+            return  # a finishing attempt wakes us
+        if self._timer is not None and self._timer.active():
+            if self._timer_at is not None and self._timer_at <= when:
+                return
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = self.reactor.callLater(max(0.0, when - time.time()), self._wake)
+
+    @inlineCallbacks
+    def _attempt(self, queue_id: str):
+        try:
+            envelope, message = yield self.writer.run_together(self.spool.load_with_message, queue_id)
+            if envelope.held or envelope.done:
+                return
+            if too_many_hops(message):
+                text = f"too many hops: more than {HOP_LIMIT} Received: headers (mail loop)"
+                outcomes = {r.address: Outcome(FAILED, text, "5.4.6") for r in envelope.pending()}
+            else:
+                outcomes = yield self.deliverer.deliver(envelope, message)
+            yield self._record(envelope, message, outcomes)
+        except MessageMissing:
+            # The removal after its delivery did not reach the disk before a crash
+            # (Spool.remove with sync=False): the message went out; finish the removal.
+            yield self.writer.run(self.spool.remove, queue_id).addCallbacks(
+                lambda _: log.info("{id}: removed (its message file was already gone: a removal cut short by a crash)",
+                                   id=queue_id),
+                lambda failure: log.warn("{id}: {error}", id=queue_id, error=failure.getErrorMessage()))
+        except SpoolError as e:
+            log.warn("{id}: {error}", id=queue_id, error=str(e))
+        except Exception:
+            log.failure("{id}: delivery attempt failed; retrying later", id=queue_id)
+            if queue_id in self.index or self.spool.envelope_path(queue_id).exists():
+                self.index.schedule(queue_id, time.time() + ERROR_RETRY_SECONDS)
+        finally:
+            self.in_flight.discard(queue_id)
+            if queue_id in self._deleted:
+                self._deleted.discard(queue_id)
+                yield self.delete(queue_id)
+            self._wake()
+
+    @inlineCallbacks
+    def _record(self, envelope: Envelope, message: bytes, outcomes: dict[str, Outcome]):
+        now = time.time()
+        throttled_until: float | None = None
+        for recipient in envelope.pending():
+            outcome = outcomes.get(recipient.address)
+            if outcome is None:
+                continue
+            if outcome.state == "throttled":
+                # Not an attempt: the group's pace says later. Nothing about the recipient changes.
+                throttled_until = min(throttled_until or float("inf"), now + outcome.retry_in)
+                continue
+            recipient.attempts += 1
+            recipient.state = {"delivered": DELIVERED, "failed": FAILED}.get(outcome.state, DEFERRED)
+            self.metrics.deliveries.labels({DELIVERED: "delivered", FAILED: "bounced"}.get(recipient.state, "deferred")).inc()
+            if recipient.state == DELIVERED:
+                self.metrics.delivery_delay.observe(now - envelope.arrival)
+            recipient.last_reply = outcome.reply
+            recipient.status = outcome.status
+            recipient.remote_mta = outcome.remote_mta
+        queue = self.config.queue
+        if envelope.pending() and now - envelope.arrival >= queue.lifetime:
+            for recipient in envelope.pending():
+                recipient.state = FAILED
+                recipient.status = "4.4.7"
+                recipient.last_reply = f"delivery time expired after {recipient.attempts} attempts; last: {recipient.last_reply}"
+                self.metrics.deliveries.labels("expired").inc()
+                log.info("{id}: to=<{rcpt}> status=expired ({reply})", id=envelope.id, rcpt=recipient.address, reply=recipient.last_reply)
+        yield self._send_dsns(envelope, message, now)
+        if envelope.done:
+            yield self.writer.run_together(self.spool.remove, envelope.id, False)
+            self.arrivals.pop(envelope.id, None)
+            log.info("{id}: removed (every recipient delivered or bounced)", id=envelope.id)
+            return
+        tried = [r.attempts for r in envelope.pending() if outcomes.get(r.address, None) is not None
+                 and outcomes[r.address].state != "throttled"]
+        envelope.next_attempt = now + queue.retry[min(max(max(tried, default=1), 1), len(queue.retry)) - 1]
+        if throttled_until is not None:
+            envelope.next_attempt = min(envelope.next_attempt, throttled_until) if tried else throttled_until
+        yield self.writer.run(self.spool.update, envelope)
+        if envelope.held:
+            self.index.hold(envelope.id)
+        else:
+            self.index.schedule(envelope.id, envelope.next_attempt)
+
+    def _send_dsns(self, envelope: Envelope, message: bytes, now: float) -> Deferred[None]:
+        """Bounce what failed and warn about what is late; most attempts have neither."""
+        delay = self.config.queue.delay_warning
+        late = delay > 0 and not envelope.delay_warned and envelope.pending() and now - envelope.arrival >= delay
+        if not late and not any(r.state == FAILED and not r.bounced for r in envelope.recipients):
+            return succeed(None)
+        return self._notify(envelope, message, now)
+
+    @inlineCallbacks
+    def _notify(self, envelope: Envelope, message: bytes, now: float):
+        hostname = self.config.server.hostname
+        failed = [r for r in envelope.recipients if r.state == FAILED and not r.bounced]
+        if failed:
+            for recipient in failed:
+                recipient.bounced = True
+            if envelope.sender:
+                bounce = build_dsn(envelope, failed, message, hostname=hostname, kind="failure", now=now)
+                bounce_id = yield self.intake.inject("", [envelope.sender], bounce)
+                log.info("{id}: sender non-delivery notification: {bounce}", id=envelope.id, bounce=bounce_id)
+        delay = self.config.queue.delay_warning
+        if delay > 0 and not envelope.delay_warned and envelope.pending() and now - envelope.arrival >= delay:
+            envelope.delay_warned = True
+            if envelope.sender:
+                warning = build_dsn(envelope, envelope.pending(), message, hostname=hostname, kind="delay", now=now,
+                                    retry_until=envelope.arrival + self.config.queue.lifetime)
+                warning_id = yield self.intake.inject("", [envelope.sender], warning)
+                log.info("{id}: sender delay notification: {warning}", id=envelope.id, warning=warning_id)

@@ -1,0 +1,142 @@
+"""The control socket: `mailhost queue flush|delete|hold|release` (and
+`mailhost sendmail`'s "pickup" poke) reach the running daemon over AMP on a
+UNIX socket in state_dir, so its in-memory queue index stays right. With no
+daemon listening, the CLI edits the spool itself."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+from twisted.application import internet
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.protocol import Factory
+from twisted.protocols import amp
+
+from mailhost.queue.spool import SpoolError
+
+SOCKET_NAME = "control.sock"
+
+
+class QueueCommand(amp.Command):
+    arguments = [(b"action", amp.Unicode()), (b"queue_id", amp.Unicode(optional=True))]
+    response = [(b"count", amp.Integer())]
+    errors = {SpoolError: b"NO_SUCH_MESSAGE"}
+
+
+class PaceCommand(amp.Command):
+    """Each paced destination group's current and configured rate, as JSON."""
+
+    arguments: list = []
+    response = [(b"json", amp.Unicode())]
+
+
+class ControlProtocol(amp.AMP):
+    def __init__(self, scheduler: Any, pickup: Any, throttle: Any) -> None:
+        super().__init__()
+        self.scheduler = scheduler
+        self.pickup = pickup
+        self.throttle = throttle
+
+    @PaceCommand.responder
+    def pace(self) -> Deferred[dict[str, str]]:
+        # With server.workers, the snapshot gathers every process's paces (a Deferred).
+        return maybeDeferred(self.throttle.snapshot).addCallback(lambda paces: {"json": json.dumps(paces)})
+
+    @QueueCommand.responder
+    def queue_command(self, action: str, queue_id: str | None = None) -> Deferred[dict[str, int]]:
+        return Deferred.fromCoroutine(self._queue_command(action, queue_id))
+
+    async def _queue_command(self, action: str, queue_id: str | None) -> dict[str, int]:
+        if action == "pickup":
+            self.pickup.collect()  # answered at once: sendmail need not wait for delivery
+            return {"count": 1}
+        return {"count": await apply_queue_action(self.scheduler, action, queue_id)}
+
+
+async def apply_queue_action(queue: Any, action: str, queue_id: str | None) -> int:
+    """flush, delete, hold or release on `queue` (a Scheduler, or the main process's ShardedQueue);
+    how many messages it touched. A worker runs the same for the messages of its shard."""
+    if action == "flush":
+        return await maybeDeferred(queue.flush, queue_id)
+    if queue_id is None:
+        raise SpoolError(f"{action} needs a queue id")
+    if action == "delete":
+        await queue.delete(queue_id)
+    elif action in ("hold", "release"):
+        await queue.set_held(queue_id, action == "hold")
+    else:
+        raise SpoolError(f"unknown action {action}")
+    return 1
+
+
+def control_service(state_dir: Path, scheduler: Any, pickup: Any, throttle: Any) -> internet.UNIXServer:
+    path = state_dir / SOCKET_NAME
+    factory = Factory.forProtocol(lambda: ControlProtocol(scheduler, pickup, throttle))
+    factory.noisy = False
+    # mode 0600: only the daemon's user (and root) may steer the queue.
+    return internet.UNIXServer(str(path), factory, mode=0o600, wantPID=True)
+
+
+class DaemonNotRunning(Exception):
+    pass
+
+
+def send_queue_command(state_dir: Path, action: str, queue_id: str | None, timeout: float = 30.0) -> int:
+    """Ask the running daemon to act on the queue; DaemonNotRunning when nobody answers."""
+    arguments = {b"action": action.encode()}
+    if queue_id is not None:
+        arguments[b"queue_id"] = queue_id.encode()
+    return int(_call(state_dir, b"QueueCommand", arguments, timeout)[b"count"])
+
+
+def current_pace(state_dir: Path, timeout: float = 10.0) -> dict[str, dict[str, float]]:
+    """The running daemon's destination paces; DaemonNotRunning when nobody answers."""
+    return json.loads(_call(state_dir, b"PaceCommand", {}, timeout)[b"json"])
+
+
+def _call(state_dir: Path, command: bytes, arguments: dict[bytes, bytes], timeout: float) -> dict[bytes, bytes]:
+    """One AMP call from a blocking socket (the CLI runs no reactor): one box out, one box back."""
+    path = state_dir / SOCKET_NAME
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(str(path))
+    except (FileNotFoundError, ConnectionRefusedError):
+        sock.close()
+        raise DaemonNotRunning() from None
+    try:
+        box = amp.AmpBox(_command=command, _ask=b"1")
+        box.update(arguments)
+        sock.sendall(box.serialize())
+        reply = _read_box(sock)
+    finally:
+        sock.close()
+    if b"_error" in reply:
+        raise SpoolError(reply.get(b"_error_description", b"error").decode())
+    return reply
+
+
+def _read_box(sock: socket.socket) -> dict[bytes, bytes]:
+    """One AMP box from a blocking socket: 2-byte length-prefixed keys and values, ended by an empty key."""
+    data = b""
+
+    def need(n: int) -> bytes:
+        nonlocal data
+        while len(data) < n:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("daemon closed the control connection")
+            data += chunk
+        out, data = data[:n], data[n:]
+        return out
+
+    box: dict[bytes, bytes] = {}
+    while True:
+        key = need(int.from_bytes(need(2), "big"))
+        if not key:
+            return box
+        box[key] = need(int.from_bytes(need(2), "big"))
+

@@ -1,0 +1,658 @@
+"""Bounce processing: VERP return paths, reading RFC 3464 reports, and the
+suppression list.
+
+Everything here is blocking (file I/O, parsing): the daemon calls it on its
+disk thread pool, the command line calls it directly.
+
+VERP (`verp_sender` / `verp_recipient`)
+---------------------------------------
+
+The envelope sender of a message to one recipient becomes
+`bounces+<tail>@<bounce_domain>`, the whole local part a valid dot-atom of at
+most 64 octets (RFC 5321 4.5.3.1.1). The first form that fits is used:
+
+1. Readable, the classic VERP `local=domain`: when the recipient is
+   `local@domain` with an ASCII dot-atom local part and a host-name domain.
+   In the local part every character other than `A-Z a-z 0-9 . _ -` becomes
+   `+` and two hex digits (`+` is `+2b`, `=` is `+3d`), so the only `=` is the
+   one that stands for the `@`. `bob+news@example.com` ->
+   `bounces+bob+2bnews=example.com@bounce.example`.
+2. `=` and the recipient's UTF-8 in base32 (lowercase, no padding): any other
+   recipient of at most 34 octets (quoted local parts, non-ASCII, literals,
+   long readable forms).
+3. `=0` and 26 base32 characters of the SHA-256 of the recipient's key (see
+   below): a recipient too long for either. This form cannot be turned back on
+   its own: `verp_recipient` returns the candidate (from the report's
+   Final-Recipient/Original-Recipient) whose hash it is, else None. Keeping a
+   table of hashes instead would put a write on the sending path for a case
+   that needs a 57-character address; the report names the recipient anyway.
+
+Base32 never contains `0`, `1`, `8`, `9` or `=`, and a readable tail never
+starts with `=`, so the three forms cannot be confused. Base32 and the hex
+escapes are read without regard to case, because some relays change the case
+of a return path.
+
+Address keys
+------------
+
+The suppression list compares addresses by a key: surrounding `<>` dropped,
+the whole address lowercased (the local part too: RFC 5321 lets it be case
+sensitive, but no provider's is, and missing a bounced address costs more
+than matching one too many) and a trailing dot of the domain dropped.
+Internationalised domains are compared as written (U-label and A-label forms
+of the same domain are different keys).
+
+The file
+--------
+
+One JSON file (`state_dir/suppression.json`), mode 0600, replaced atomically
+with `durable.write_file_atomically` on every change. The daemon and the
+command line both write it: a change is a read-modify-write under an
+exclusive `flock` on `suppression.json.lock` next to it (and a thread lock
+within a process), and every instance re-reads the file when its identity
+(inode, size, mtime) changes, so each sees the other's changes on its next
+call. A file that is not ours to read raises `SuppressionError` (never
+overwritten: the list would be lost).
+"""
+
+from __future__ import annotations
+
+import base64
+import email.message
+import email.parser
+import fcntl
+import hashlib
+import json
+import os
+import re
+import threading
+import time
+import unicodedata
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from mailhost.ops.durable import write_file_atomically
+
+__all__ = [
+    "BounceReport",
+    "SuppressionEntry",
+    "SuppressionError",
+    "SuppressionList",
+    "address_key",
+    "parse_dsn",
+    "verp_recipient",
+    "verp_sender",
+]
+
+VERP_PREFIX = "bounces+"
+LOCAL_PART_LIMIT = 64  # RFC 5321 4.5.3.1.1
+ADDRESS_LIMIT = 320  # RFC 5321 4.5.3.1: 64 + 1 + 255
+TEXT_LIMIT = 1000  # characters of a diagnostic / reason kept
+MAX_REPORTS = 1000  # per-recipient blocks read from one report
+
+_TAIL_LIMIT = LOCAL_PART_LIMIT - len(VERP_PREFIX)
+_HASH_CHARS = 26  # 130 bits
+
+_ATOM = r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+"
+_DOT_ATOM = re.compile(rf"^{_ATOM}(?:\.{_ATOM})*$")
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_HOST = re.compile(rf"^{_LABEL}(?:\.{_LABEL})*$")
+_KEEP = re.compile(r"[A-Za-z0-9._-]")
+_READABLE = re.compile(r"^([A-Za-z0-9._+-]+)=([A-Za-z0-9.-]+)$")
+_ESCAPE = re.compile(r"\+([0-9A-Fa-f]{2})")
+_BASE32 = re.compile(r"^[A-Za-z2-7]+$")
+
+_STATUS = re.compile(r"^([245])\.[0-9]{1,3}\.[0-9]{1,3}$")
+_TYPED = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9-]*)\s*;\s*(.*)$", re.DOTALL)
+_XTEXT_UTF8 = re.compile(r"\\x\{([0-9A-Fa-f]{1,6})\}")
+_REPORT_TYPES = ("delivery-status", "global-delivery-status")
+_STATUS_PARTS = ("message/delivery-status", "message/global-delivery-status")
+_BOUNCE_ACTIONS = ("failed", "delayed")
+
+# Unicode categories that must not reach a stored reason as they are.
+_SPACE_CATEGORIES = frozenset({"Cc", "Zl", "Zp", "Zs"})
+_BAD_CATEGORIES = frozenset({"Cf", "Cs", "Co", "Cn"})
+
+
+# ---------------------------------------------------------------------------
+# Addresses
+
+
+def address_key(address: str) -> str:
+    """The form the suppression list compares (see the module docstring)."""
+    address = address.strip()
+    if address.startswith("<") and address.endswith(">"):
+        address = address[1:-1].strip()
+    local, at, domain = address.rpartition("@")
+    if not at:
+        return address.lower()
+    return f"{local}@{domain.rstrip('.')}".lower()
+
+
+def _is_address(address: str) -> bool:
+    """A plausible mailbox `local@domain`: both parts there, no control or
+    invisible characters, spaces only inside a quoted local part."""
+    if not address or len(address) > ADDRESS_LIMIT:
+        return False
+    local, at, domain = address.rpartition("@")
+    if not at or not local or not domain.rstrip("."):
+        return False
+    if any(unicodedata.category(ch) in _BAD_CATEGORIES or unicodedata.category(ch) == "Cc" for ch in address):
+        return False
+    if any(ch.isspace() for ch in domain):
+        return False
+    quoted = len(local) >= 2 and local[0] == local[-1] == '"'
+    return quoted or not any(ch.isspace() for ch in local)
+
+
+# ---------------------------------------------------------------------------
+# VERP
+
+
+def _b32(data: bytes) -> str:
+    return base64.b32encode(data).decode("ascii").rstrip("=").lower()
+
+
+def _unb32(text: str) -> bytes | None:
+    if not _BASE32.match(text):
+        return None
+    padded = text.upper() + "=" * (-len(text) % 8)
+    try:
+        data = base64.b32decode(padded)
+    except ValueError:
+        return None
+    # Only the one spelling we produce (no stray trailing bits): reversible both ways.
+    return data if _b32(data) == text.lower() else None
+
+
+def _recipient_hash(recipient: str) -> str:
+    digest = hashlib.sha256(address_key(recipient).encode("utf-8", "surrogatepass")).digest()
+    return _b32(digest)[:_HASH_CHARS]
+
+
+def _readable(recipient: str) -> str | None:
+    local, at, domain = recipient.rpartition("@")
+    if not at or not _DOT_ATOM.match(local) or not _HOST.match(domain):
+        return None
+    escaped = "".join(ch if _KEEP.match(ch) else f"+{ord(ch):02x}" for ch in local)
+    return f"{escaped}={domain}"
+
+
+def verp_sender(bounce_domain: str, recipient: str) -> str:
+    """The VERP envelope sender for a message to `recipient`:
+    `bounces+<tail>@<bounce_domain>` (the tail's three forms are in the module
+    docstring). Raises ValueError for an empty recipient, one with control
+    characters, or a bounce domain that is not an ASCII host name (use the
+    A-label of an IDN)."""
+    domain = bounce_domain.strip().rstrip(".")
+    if not _HOST.match(domain):
+        raise ValueError(f"not a bounce domain (an ASCII host name): {bounce_domain!r}")
+    if not recipient:
+        raise ValueError("a VERP sender needs a recipient")
+    if any(unicodedata.category(ch) == "Cc" for ch in recipient):
+        raise ValueError(f"control character in recipient {recipient!r}")
+    tail = _readable(recipient)
+    if tail is None or len(tail) > _TAIL_LIMIT:
+        encoded = "=" + _b32(recipient.encode("utf-8", "surrogatepass"))
+        tail = encoded if len(encoded) <= _TAIL_LIMIT else "=0" + _recipient_hash(recipient)
+    return f"{VERP_PREFIX}{tail}@{domain}"
+
+
+def _from_readable(tail: str) -> str | None:
+    match = _READABLE.match(tail)
+    if match is None:
+        return None
+    escaped, domain = match.groups()
+    if "+" in _ESCAPE.sub("", escaped):
+        return None  # a "+" that is not an escape: not something we wrote
+    local = _ESCAPE.sub(lambda m: chr(int(m.group(1), 16)), escaped)
+    if not _DOT_ATOM.match(local) or not _HOST.match(domain):
+        return None
+    return f"{local}@{domain}"
+
+
+def _from_base32(text: str) -> str | None:
+    data = _unb32(text)
+    if not data:
+        return None
+    try:
+        recipient = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if any(unicodedata.category(ch) == "Cc" for ch in recipient):
+        return None
+    return recipient
+
+
+def verp_recipient(local_part: str, candidates: Iterable[str] = ()) -> str | None:
+    """The recipient a VERP local part (`bounces+...`, the prefix compared
+    without case) was made for, or None when it is not one of ours.
+
+    A hashed tail (`=0...`) is matched against `candidates`, the addresses a
+    report names (BounceReport.recipient and .original_recipient): the first
+    whose hash it is comes back, as given."""
+    if not isinstance(local_part, str) or len(local_part) > LOCAL_PART_LIMIT:
+        return None
+    if local_part[: len(VERP_PREFIX)].lower() != VERP_PREFIX:
+        return None
+    tail = local_part[len(VERP_PREFIX) :]
+    if tail.startswith("=0"):
+        wanted = tail[2:].lower()
+        if len(wanted) != _HASH_CHARS:
+            return None
+        return next((c for c in candidates if c and _recipient_hash(c) == wanted), None)
+    if tail.startswith("="):
+        return _from_base32(tail[1:])
+    return _from_readable(tail)
+
+
+# ---------------------------------------------------------------------------
+# Reading delivery status notifications
+
+
+@dataclass(frozen=True)
+class BounceReport:
+    """One per-recipient block of a report whose Action is failed or delayed.
+
+    `recipient` is the Final-Recipient address (Original-Recipient when the
+    final one is missing or not a mail address); `status` the x.y.z code ("" when
+    the report gave none we can read); `diagnostic` the Diagnostic-Code text
+    without its type ("smtp; "), one cleaned line. `permanent` is Action failed
+    with a 5.x.x status: a report without a readable status never counts as
+    permanent."""
+
+    recipient: str
+    status: str
+    action: str
+    diagnostic: str
+    permanent: bool
+    original_recipient: str = ""
+
+
+def _clean(text: str, limit: int = TEXT_LIMIT) -> str:
+    """One line: controls and separators a space, invisible characters "?",
+    runs of spaces collapsed, at most `limit` characters."""
+    out = []
+    for ch in text:
+        category = unicodedata.category(ch)
+        if category in _SPACE_CATEGORIES:
+            out.append(" ")
+        elif category in _BAD_CATEGORIES:
+            out.append("?")
+        else:
+            out.append(ch)
+    cleaned = re.sub(" +", " ", "".join(out)).strip(" ")
+    return cleaned[: limit - 3].rstrip(" ") + "..." if len(cleaned) > limit else cleaned
+
+
+def _raw_text(value: Any) -> str:
+    """A raw header value as text: 8-bit bytes (kept by the parser as
+    surrogate escapes) read as UTF-8, folding undone."""
+    text = str(value)
+    try:
+        text = text.encode("ascii", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:
+        pass  # already real text
+    return re.sub(r"\r?\n(?=[ \t])", "", text)
+
+
+def _fields(block: email.message.Message) -> dict[str, str]:
+    """The block's fields by lowercased name, the first of each kept."""
+    fields: dict[str, str] = {}
+    for name, value in block.raw_items():
+        fields.setdefault(str(name).strip().lower(), _raw_text(value))
+    return fields
+
+
+def _typed_address(value: str | None) -> str | None:
+    """The mail address of an RFC 3464 address field ("rfc822; a@b",
+    "utf-8; xtext or UTF-8", a bare address), or None."""
+    if not value:
+        return None
+    match = _TYPED.match(value)
+    atype, address = (match.group(1).lower(), match.group(2)) if match else ("rfc822", value)
+    if atype == "utf-8":
+        try:
+            address = _XTEXT_UTF8.sub(lambda m: chr(int(m.group(1), 16)), address)
+        except (ValueError, OverflowError):
+            return None
+    elif atype != "rfc822":
+        return None
+    address = address.strip()
+    if address.startswith("<") and address.endswith(">"):
+        address = address[1:-1].strip()
+    return address if _is_address(address) else None
+
+
+def _status_code(value: str | None) -> str:
+    """The x.y.z code that starts a Status field (comments after it allowed)."""
+    words = (value or "").split()
+    return words[0] if words and _STATUS.match(words[0]) else ""
+
+
+def _diagnostic(value: str | None) -> str:
+    if not value:
+        return ""
+    match = _TYPED.match(value)
+    return _clean(match.group(2) if match else value)
+
+
+def _report(block: email.message.Message) -> BounceReport | None:
+    fields = _fields(block)
+    words = fields.get("action", "").split()
+    action = words[0].lower() if words else ""
+    if action not in _BOUNCE_ACTIONS:
+        return None
+    final = _typed_address(fields.get("final-recipient"))
+    original = _typed_address(fields.get("original-recipient"))
+    recipient = final or original
+    if recipient is None:
+        return None
+    status = _status_code(fields.get("status"))
+    return BounceReport(
+        recipient=recipient,
+        status=status,
+        action=action,
+        diagnostic=_diagnostic(fields.get("diagnostic-code")),
+        permanent=action == "failed" and status.startswith("5"),
+        original_recipient=original or "",
+    )
+
+
+def _headers_only(data: bytes) -> email.message.Message:
+    """Headers parsed, body kept as it is: `email` would otherwise parse a
+    message/* part as a message (a global-delivery-status part, or an encoded
+    delivery-status part, would come out as nonsense)."""
+    return email.parser.BytesParser().parsebytes(data, headersonly=True)
+
+
+def _body_bytes(message: email.message.Message) -> bytes:
+    # decode=True gives the 8-bit bytes back as they came (without it, `email` guesses a charset).
+    data = message.get_payload(decode=True)
+    return data if isinstance(data, bytes) else b""
+
+
+def _parts(body: bytes, boundary: str) -> Iterator[bytes]:
+    """The parts of a multipart body (RFC 2046 5.1.1): what lies between
+    delimiter lines, preamble and epilogue dropped, one level deep. A part
+    that no delimiter ends is dropped: in a truncated report it may end in
+    the middle of an address, and a cut address may be someone else's."""
+    delimiter = b"--" + boundary.encode("utf-8", "surrogateescape")
+    current: list[bytes] | None = None
+    for line in body.splitlines(keepends=True):
+        if line.startswith(delimiter):
+            rest = line[len(delimiter) :].rstrip(b" \t\r\n")
+            if rest in (b"", b"--"):
+                if current is not None:
+                    yield b"".join(current)
+                if rest == b"--":
+                    return
+                current = []
+                continue
+        if current is not None:
+            current.append(line)
+
+
+def _status_blocks(part: email.message.Message) -> Iterator[email.message.Message]:
+    """The field blocks of a delivery-status part, its transfer encoding undone."""
+    data = _body_bytes(part)
+    parser = email.parser.BytesHeaderParser()
+    for chunk in re.split(rb"\n[ \t]*\n", data.replace(b"\r\n", b"\n")):
+        if chunk.strip():
+            yield parser.parsebytes(chunk.strip(b"\n") + b"\n")
+
+
+def _is_report(message: email.message.Message) -> bool:
+    if message.get_content_type() != "multipart/report":
+        return False
+    report_type = message.get_param("report-type")
+    # No report-type at all is tolerated (some gateways drop it); another type is not a DSN.
+    return report_type is None or (isinstance(report_type, str) and report_type.strip().lower() in _REPORT_TYPES)
+
+
+def _reports(data: bytes) -> Iterator[BounceReport]:
+    top = _headers_only(data)
+    boundary = top.get_boundary()
+    if not _is_report(top) or not isinstance(boundary, str) or not boundary:
+        return
+    for raw_part in _parts(_body_bytes(top), boundary):
+        part = _headers_only(raw_part)
+        if part.get_content_type() not in _STATUS_PARTS:
+            continue
+        for block in _status_blocks(part):
+            report = _report(block)
+            if report is not None:
+                yield report
+
+
+def parse_dsn(message: bytes) -> list[BounceReport]:
+    """The failed and delayed recipients of an RFC 3464 report (multipart/report;
+    report-type=delivery-status, or RFC 6533's global-delivery-status), one
+    report per recipient (the first block for an address wins). Anything else,
+    however malformed, gives []: this reads mail from anyone."""
+    try:
+        found: list[BounceReport] = []
+        seen: set[str] = set()
+        for report in _reports(bytes(message)):
+            key = address_key(report.recipient)
+            if key not in seen:
+                seen.add(key)
+                found.append(report)
+            if len(found) >= MAX_REPORTS:
+                break
+        return found
+    except Exception:  # noqa: BLE001 - hostile input must not take the caller down
+        return []
+
+
+# ---------------------------------------------------------------------------
+# The suppression list
+
+
+class SuppressionError(Exception):
+    """The suppression file cannot be used (unreadable, not our format)."""
+
+
+@dataclass(frozen=True)
+class SuppressionEntry:
+    address: str  # the address key
+    status: str  # x.y.z, or "" when none was given
+    reason: str
+    date: str  # ISO 8601, UTC, when it was suppressed
+    source: str  # "manual", "bounce", ...
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="seconds")
+
+
+class SuppressionList:
+    """The addresses not to send to, kept in one JSON file (see the module
+    docstring for how two processes share it)."""
+
+    def __init__(self, path: Path, soft_limit: int = 3, soft_window: float = 7 * 86400) -> None:
+        if soft_limit < 1:
+            raise ValueError(f"soft_limit must be at least 1, not {soft_limit}")
+        if soft_window <= 0:
+            raise ValueError(f"soft_window must be positive, not {soft_window}")
+        self.path = Path(path)
+        self.soft_limit = soft_limit
+        self.soft_window = float(soft_window)
+        self._lock_path = self.path.with_name(self.path.name + ".lock")
+        self._mutex = threading.RLock()
+        self._identity: tuple[int, int, int, int] | None = None
+        self._suppressed: dict[str, SuppressionEntry] = {}
+        self._soft: dict[str, list[float]] = {}
+
+    # -- queries
+
+    def is_suppressed(self, address: str) -> SuppressionEntry | None:
+        with self._mutex:
+            self._refresh()
+            return self._suppressed.get(address_key(address))
+
+    def entries(self) -> list[SuppressionEntry]:
+        with self._mutex:
+            self._refresh()
+            return sorted(self._suppressed.values(), key=lambda e: e.address)
+
+    def soft_count(self, address: str, now: float | None = None) -> int:
+        """Soft bounces of `address` still inside the window."""
+        now = time.time() if now is None else now
+        with self._mutex:
+            self._refresh()
+            return len(self._recent(self._soft.get(address_key(address), []), now))
+
+    # -- changes
+
+    def add(self, address: str, status: str, reason: str, source: str = "manual",
+            *, now: float | None = None) -> None:
+        """Suppress `address` (replacing an entry it has). Raises ValueError
+        for something that is not a mail address or an x.y.z status."""
+        address = address.strip()
+        if address.startswith("<") and address.endswith(">"):
+            address = address[1:-1].strip()
+        if not _is_address(address):
+            raise ValueError(f"not a mail address: {address!r}")
+        status = status.strip()
+        if status and not _STATUS.match(status):
+            raise ValueError(f"not a status code (x.y.z with x 2, 4 or 5): {status!r}")
+        now = time.time() if now is None else now
+        with self._changing(now):
+            self._put(address_key(address), status, reason, source, now)
+
+    def remove(self, address: str) -> bool:
+        """Take `address` off the list (and forget its soft bounces); False
+        when it was not on it."""
+        key = address_key(address)
+        with self._changing(time.time()):
+            self._soft.pop(key, None)
+            return self._suppressed.pop(key, None) is not None
+
+    def record_bounce(self, report: BounceReport, now: float | None = None) -> bool:
+        """Count one bounce. A permanent failure suppresses at once; soft ones
+        (4.x.x, delayed, or no readable status) suppress when `soft_limit` of
+        them fall within `soft_window` seconds. True when the address is now
+        suppressed (also when it already was)."""
+        now = time.time() if now is None else now
+        key = address_key(report.recipient)
+        if not _is_address(key) or report.action not in _BOUNCE_ACTIONS:
+            return self.is_suppressed(key) is not None
+        with self._changing(now) as changed:
+            if key in self._suppressed:
+                changed.append(False)  # nothing to write
+                return True
+            if report.permanent:
+                self._put(key, report.status, report.diagnostic or f"{report.action} {report.status}", "bounce", now)
+                return True
+            recent = self._recent(self._soft.get(key, []), now) + [now]
+            if len(recent) < self.soft_limit:
+                self._soft[key] = recent
+                return False
+            days = self.soft_window / 86400
+            reason = f"{len(recent)} soft bounces in {days:g} days"
+            if report.diagnostic:
+                reason += f"; last: {report.diagnostic}"
+            self._put(key, report.status, reason, "bounce", now)
+            return True
+
+    # -- internals
+
+    def _recent(self, times: list[float], now: float) -> list[float]:
+        return [t for t in times if now - self.soft_window < t <= now]
+
+    def _put(self, key: str, status: str, reason: str, source: str, now: float) -> None:
+        self._soft.pop(key, None)
+        self._suppressed[key] = SuppressionEntry(key, status, _clean(reason), _iso(now), _clean(source, 40))
+
+    @contextmanager
+    def _changing(self, now: float) -> Iterator[list[bool]]:
+        """Read-modify-write under both locks, starting from the file as it is
+        now. The body may append False to the yielded list to skip the write;
+        soft bounces older than the window before `now` are dropped."""
+        with self._mutex:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                self._refresh()
+                changed: list[bool] = []
+                yield changed
+                if changed != [False]:
+                    self._write(now)
+            finally:
+                os.close(fd)  # releases the flock
+
+    def _refresh(self) -> None:
+        """Load the file when it is not the one loaded last."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            if self._identity is not None:
+                self._identity = None
+                self._suppressed, self._soft = {}, {}
+            return
+        except OSError as error:
+            raise SuppressionError(f"{self.path}: cannot read: {error.strerror}") from None
+        try:
+            st = os.fstat(fd)
+            identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            if identity == self._identity:
+                return
+            with os.fdopen(fd, "rb", closefd=False) as stream:
+                data = stream.read()
+        finally:
+            os.close(fd)
+        self._suppressed, self._soft = self._decode(data)
+        self._identity = identity
+
+    def _decode(self, data: bytes) -> tuple[dict[str, SuppressionEntry], dict[str, list[float]]]:
+        try:
+            raw = json.loads(data)
+        except ValueError as error:
+            raise SuppressionError(f"{self.path}: not valid JSON ({error}); fix or remove the file") from None
+        if not isinstance(raw, dict) or raw.get("version") != 1:
+            raise SuppressionError(f"{self.path}: not a mailhost suppression list (version 1)")
+        suppressed_raw, soft_raw = raw.get("suppressed", {}), raw.get("soft", {})
+        if not isinstance(suppressed_raw, dict) or not isinstance(soft_raw, dict):
+            raise SuppressionError(f"{self.path}: \"suppressed\" and \"soft\" must be objects")
+        suppressed: dict[str, SuppressionEntry] = {}
+        for key, value in suppressed_raw.items():
+            if not isinstance(value, dict) or not all(isinstance(value.get(f, ""), str) for f in
+                                                       ("status", "reason", "date", "source")):
+                raise SuppressionError(f"{self.path}: entry {key!r} is not an object of strings")
+            suppressed[key] = SuppressionEntry(key, value.get("status", ""), value.get("reason", ""),
+                                               value.get("date", ""), value.get("source", ""))
+        soft: dict[str, list[float]] = {}
+        for key, value in soft_raw.items():
+            if not isinstance(value, list) or not all(isinstance(t, (int, float)) for t in value):
+                raise SuppressionError(f"{self.path}: soft bounces of {key!r} are not a list of times")
+            soft[key] = [float(t) for t in value]
+        return suppressed, soft
+
+    def _write(self, now: float) -> None:
+        # Old soft bounces of every address go on each write, so the file does not grow forever.
+        soft = {k: r for k, times in self._soft.items() if (r := self._recent(times, now))}
+        self._soft = soft
+        data = {
+            "version": 1,
+            "suppressed": {
+                key: {"status": e.status, "reason": e.reason, "date": e.date, "source": e.source}
+                for key, e in sorted(self._suppressed.items())
+            },
+            "soft": dict(sorted(soft.items())),
+        }
+        encoded = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        write_file_atomically(self.path, encoded + b"\n", 0o600)
+        # Still under the flock: no one else has written since, so what we hold is this file.
+        st = os.stat(self.path)
+        self._identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def suppression_list(state_dir: Path) -> SuppressionList:
+    """The daemon's and the CLI's shared list: state_dir/suppression.json."""
+    return SuppressionList(state_dir / "suppression.json")

@@ -1,0 +1,115 @@
+"""Who may send what to whom, in one place: the relay decision, AUTH on the
+submission roles, the RCPT decision and sender ownership.
+
+Relaying (to a domain that is not ours) is allowed only to clients that may
+relay: authenticated users (the submission roles) and, on the mx role, those in
+relay.networks. `%` and `!` in a local part are just characters of a local
+name (never routed), an address literal is never one of our domains and is
+never routed, and source routes were dropped by the codec before this sees the
+address.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mailhost.local.mailbox import LocalDomains, Resolution
+from mailhost.smtp.wire import Address, Reply
+from mailhost.feedback.suppression import SuppressionList, verp_recipient
+
+SUBMISSION_ROLES = ("submission", "submissions")
+
+
+def may_relay(role: str, authenticated: bool, in_relay_networks: bool) -> bool:
+    """Whether a session may send to other domains."""
+    if authenticated:
+        return True
+    return role == "mx" and in_relay_networks
+
+
+def auth_required(role: str, authenticated: bool, tls: bool) -> Reply | None:
+    """530 for a submission session that wants to send before AUTH (RFC 4954 6); None when it may go on."""
+    if role not in SUBMISSION_ROLES or authenticated:
+        return None
+    return Reply(530, "5.7.0", "Authentication required" + ("" if tls else " (STARTTLS first)"))
+
+
+@dataclass(frozen=True)
+class RecipientVerdict:
+    """The RCPT reply and, when accepted, where the mail goes."""
+
+    reply: Reply
+    resolution: Resolution | None = None
+
+    @property
+    def accepted(self) -> bool:
+        return self.resolution is not None
+
+
+def check_recipient(address: Address, domains: LocalDomains, may_relay: bool = False, verp: bool = False) -> RecipientVerdict:
+    """Accept a recipient in a local domain that names someone (or, with VERP
+    on, a bounces+... return address), or a remote one from a client that may
+    relay; refuse the rest."""
+    rcpt = f"<{address}>"
+    if address.domain.startswith("["):
+        if may_relay:
+            return RecipientVerdict(Reply(550, "5.1.2", f"{rcpt}: Address literals are not routed"))
+        return RecipientVerdict(Reply(554, "5.7.1", f"{rcpt}: Relay access denied"))
+    if not domains.is_local(address.domain):
+        if not may_relay:
+            return RecipientVerdict(Reply(554, "5.7.1", f"{rcpt}: Relay access denied"))
+        return RecipientVerdict(Reply(250, "2.1.5", f"{rcpt}: Recipient ok"), Resolution(remote=[str(address)]))
+    if verp and (about := verp_recipient(address.bare_local)) is not None:
+        return RecipientVerdict(Reply(250, "2.1.5", f"{rcpt}: Bounce address ok"), Resolution(bounce_for=about))
+    resolution = domains.resolve(address.bare_local, address.domain)
+    if not resolution.found:
+        return RecipientVerdict(Reply(550, "5.1.1", f"{rcpt}: Recipient address rejected: no such user here"))
+    return RecipientVerdict(Reply(250, "2.1.5", f"{rcpt}: Recipient ok"), resolution)
+
+
+def check_suppressed(resolution: Resolution, suppression: SuppressionList) -> Reply | None:
+    """550 5.1.1 for a relayed recipient on the suppression list, with why and since when."""
+    for address in resolution.remote:
+        entry = suppression.is_suppressed(address)
+        if entry is not None:
+            return Reply(550, "5.1.1", f"<{address}>: Recipient suppressed ({entry.status or 'bounced'} on "
+                                       f"{entry.date[:10]}: {entry.reason[:120]}); `mailhost suppress remove` to undo")
+    return None
+
+
+def owns(user: str, address: str, domains: LocalDomains) -> bool:
+    """Whether authenticated `user` may use `address` as its sender.
+
+    Its own address, its plus-addresses, the aliases that reach its mailbox
+    (not a catch-all), and what its users-file entry lists in may_send_as.
+    """
+    address = address.lower()
+    user = user.lower()
+    if address == user:
+        return True
+    local, at, domain = address.rpartition("@")
+    if not at or not local:
+        return False
+    if domains.is_local(domain):
+        resolution = domains.resolve(local, domain, catch_all=False)
+        if any(mailbox.address == user for mailbox in resolution.mailboxes):
+            return True
+    entry = domains.user(user)
+    allowed = entry.may_send_as if entry is not None else ()
+    return address in allowed or f"@{domain}" in allowed
+
+
+def check_sender(user: str, sender: Address, domains: LocalDomains) -> Reply | None:
+    """MAIL FROM of an authenticated session: None when `user` owns it (or it is <>), else 553 5.7.1."""
+    if sender.is_null or owns(user, f"{sender.bare_local}@{sender.domain}", domains):
+        return None
+    return Reply(553, "5.7.1", f"<{sender}>: Sender address not owned by {user}")
+
+
+def check_header_senders(user: str, addresses: list[str], domains: LocalDomains) -> Reply | None:
+    """From: header addresses of an authenticated session: those in a local domain must be `user`'s."""
+    for address in addresses:
+        domain = address.rpartition("@")[2]
+        if domains.is_local(domain) and not owns(user, address, domains):
+            return Reply(553, "5.7.1", f"From: <{address}> not owned by {user}")
+    return None
