@@ -138,14 +138,14 @@ def classic_line(event: dict, clock: Callable[[float | None], str]) -> str | Non
 
 
 def worker_system(event: dict, worker: int) -> str:
-    """The "system" of a worker's line: "mailhost.delivery.deliverer#info worker 1", which process wrote it."""
+    """The "system" of a worker's line: "mailhost.outbound#info worker 1", which process wrote it."""
     level = event.get("log_level")
     return f"{event.get('log_namespace', '-')}#{getattr(level, 'name', '-')} worker {worker}"
 
 
 def text_lines(stream: TextIO, reactor: Any, worker: int | None = None) -> ILogObserver:
     """twistd's classic text lines ("<time> [<namespace>#<level>] <text>"), batched per reactor turn.
-    A worker's lines say which ("[mailhost.delivery.deliverer#info worker 1]")."""
+    A worker's lines say which ("[mailhost.outbound#info worker 1]")."""
     clock = twistd_time
     if worker is None:
         return FileLogObserver(BatchedStream(stream, reactor), lambda event: classic_line(event, clock))

@@ -145,7 +145,7 @@ def test_a_workers_text_lines_say_which_worker() -> None:
     log = Logger(namespace="mailhost.outbound", observer=text_lines(out, reactor, worker=2))
     log.info("{id}: delivered", id="XYZ")
     reactor.advance(0)
-    assert "[mailhost.delivery.deliverer#info worker 2] XYZ: delivered\n" in out.getvalue()
+    assert "[mailhost.outbound#info worker 2] XYZ: delivered\n" in out.getvalue()
 
 
 def test_held_lines_are_written_before_a_reply_goes_to_a_client() -> None:
@@ -154,7 +154,7 @@ def test_held_lines_are_written_before_a_reply_goes_to_a_client() -> None:
     from twisted.internet.protocol import Protocol
 
     from mailhost.smtp.transport import EagerServer
-    from tests.test_transport import FakeReactor
+    from tests.smtp.test_transport import FakeReactor
 
     out, reactor = CountingStream(), TurnReactor()
     log = Logger(namespace="mailhost.smtp", observer=text_lines(out, reactor))
