@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mailhost.delivery.throttle import DEFAULT_RULES, ThrottleRule
 
 ROLES = ("mx", "submission", "submissions")
 RELAY_TLS = ("opportunistic", "required", "none")
@@ -28,6 +27,25 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 class ConfigError(Exception):
     """A user mistake in the configuration: str(error) is the whole message."""
+
+
+@dataclass(frozen=True)
+class ThrottleRule:
+    name: str
+    mx_domains: tuple[str, ...]  # MX host name suffixes, e.g. ("google.com", "googlemail.com")
+    connections: int
+    rate: float  # messages per minute at most; 0 = no pace
+    floor: float  # messages per minute the rate never drops below
+
+
+# What the big providers tolerate from a new sender without deferring much
+# (conservative; operators raise them with [[throttle]] entries).
+DEFAULT_RULES = (
+    ThrottleRule("google", ("google.com", "googlemail.com"), 10, 600.0, 10.0),
+    ThrottleRule("yahoo", ("yahoodns.net", "yahoo.com"), 5, 300.0, 10.0),
+    ThrottleRule("microsoft", ("outlook.com", "hotmail.com"), 5, 300.0, 10.0),
+    ThrottleRule("apple", ("icloud.com", "me.com"), 5, 300.0, 10.0),
+)
 
 
 @dataclass(frozen=True)

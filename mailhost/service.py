@@ -12,10 +12,9 @@ from twisted.application.internet import TimerService
 from twisted.internet import error as internet_error
 from twisted.logger import ILogObserver, Logger
 
-from mailhost.multiproc import shard
+from mailhost.multiproc.shard import EVERYTHING, Shard
 from mailhost.local.auth import AuthSlowdown, make_portal
 from mailhost.config import Config, ConfigError, load
-from mailhost.intake.content import ContentSteps
 from mailhost.doors.control import control_service
 from mailhost.authn.dkim import DkimKeyError, Signer, configured_keys
 from mailhost.ops.logs import default_observer
@@ -27,12 +26,12 @@ from mailhost.local.mailbox import LocalDomains
 from mailhost.delivery.deliverer import Deliverer, SessionPool
 from mailhost.delivery.routing import Router
 from mailhost.delivery.scheduler import Scheduler
-from mailhost.ops.reload import ReloadOnHangup
+from mailhost.ops.reload import ReloadError, ReloadOnHangup, changed_sections
 from mailhost.smtp.server import ServerContext, listener_factory
 from mailhost.queue.spool import Spool
 from mailhost.feedback.suppression import SuppressionList
 from mailhost.delivery.throttle import Throttle, share_of
-from mailhost.ops.tls import ServerTLS, TLSSetupError, ensure_tls_pair
+from mailhost.ops.tls import ServerTLS, TLSSetupError, ensure_tls_pair, tls_pair_paths
 from mailhost.smtp.transport import send_eagerly
 from mailhost.multiproc.parent import ShardedQueue, WorkerPool
 
@@ -147,19 +146,18 @@ class Inbound:
     domains: LocalDomains
     spool: Spool
     intake: Intake  # its on_queued is the caller's to set
-    signer: Signer
+    suppression: SuppressionList
     context: ServerContext
 
 
 def build_inbound(config: Config, tls_options: ServerTLS, reactor: Any, parent: service.MultiService,
-                  metrics: Metrics) -> Inbound:
-    """The disk threads, local domains, the spool's intake, AUTH, the content steps, and the
-    context every SMTP session reads. The thread pools run as services under `parent`."""
+                  metrics: Metrics, shard: Shard) -> Inbound:
+    """The disk threads, local domains, the spool's intake, AUTH, and the context every
+    SMTP session reads. The thread pools run as services under `parent`."""
     writer = DiskWriter(reactor)
     DiskWriterService(writer).setServiceParent(parent)
     domains = LocalDomains(config)
     spool = Spool(config.server.state_dir / "spool")
-    intake = Intake(writer, spool, domains, config.server.hostname, on_queued=lambda envelope: None)
     # Password checks get their own two threads: scrypt is CPU- and memory-hard
     # (32 MiB each), and a flood of AUTH attempts must not hold up the disk.
     checks = DiskWriter(reactor, threads=2, name="mailhost-auth")
@@ -171,10 +169,9 @@ def build_inbound(config: Config, tls_options: ServerTLS, reactor: Any, parent: 
     suppression = SuppressionList(config.server.state_dir / "suppression.json", soft_limit=config.bounces.soft_limit,
                                   soft_window=config.bounces.soft_window)
     signer = Signer(config.server.state_dir, configured_keys(config.dkim))
-    content = ContentSteps(config, signer, suppression, content_threads.run)
-    context = ServerContext(config, domains, intake, tls_options, make_portal(domains, checks.run), slowdown,
-                            content, suppression, metrics)
-    return Inbound(writer, domains, spool, intake, signer, context)
+    intake = Intake(config, writer, spool, domains, signer, suppression, content_threads.run, shard)
+    context = ServerContext(config, domains, intake, tls_options, make_portal(domains, checks.run), slowdown, metrics)
+    return Inbound(writer, domains, spool, intake, suppression, context)
 
 
 @dataclass
@@ -183,43 +180,45 @@ class Outbound:
 
     scheduler: Scheduler
     throttle: Throttle
+    deliverer: Deliverer
 
 
 def build_outbound(config: Config, inbound: Inbound, reactor: Any, parent: service.MultiService, metrics: Metrics,
-                   shards: int, main: bool) -> Outbound:
-    """Routing, pooled connections, pacing and the queue runner. With `shards` = N
-    delivering processes, each keeps its part of the concurrency, of every pace and of
-    its connections (the process's shard, claimed before this, says which part)."""
+                   main: bool) -> Outbound:
+    """Routing, pooled connections, pacing and the queue runner. With N delivering
+    processes, each keeps its part of the concurrency, of every pace and of its
+    connections (the intake's shard says which part)."""
+    shard = inbound.intake.shard
     router = Router(config.relay, config.server.hostname, listening_addresses(config))
     pool = SessionPool(reactor, config.server.hostname)
-    index = shard.index()
-    throttle = Throttle(config.throttles, default_connections=config.queue.per_destination, share=shards, index=index)
+    throttle = Throttle(config.throttles, default_connections=config.queue.per_destination, share=shard.count,
+                        index=shard.index)
     metrics.watch_throttle(throttle.snapshot)
-    scheduler = Scheduler(config, inbound.spool, inbound.writer, Deliverer(config, router, pool, throttle, reactor),
-                          inbound.intake, reactor, metrics,
-                          max_in_flight=share_of(config.queue.concurrency, shards, index), recover_spool=main)
+    deliverer = Deliverer(config, router, pool, throttle, reactor)
+    scheduler = Scheduler(config, inbound.spool, inbound.writer, deliverer, inbound.intake, reactor, metrics, shard,
+                          inbound.suppression, max_in_flight=share_of(config.queue.concurrency, shard.count, shard.index),
+                          recover_spool=main)
     inbound.intake.on_queued = scheduler.queued
     scheduler.setServiceParent(parent)
-    return Outbound(scheduler, throttle)
+    return Outbound(scheduler, throttle, deliverer)
 
 
 def build(config: Config, tls_options: ServerTLS, reactor: Any) -> MailhostDaemon:
     top = MailhostDaemon()
     metrics = Metrics()
     # With workers, every process delivers its own shard of the queue (mailhost.multiproc.shard); this is shard 0.
-    shard.claim(0, config.server.workers)
-    inbound = build_inbound(config, tls_options, reactor, top, metrics)
+    inbound = build_inbound(config, tls_options, reactor, top, metrics, Shard(0, config.server.workers))
     writer, domains, intake = inbound.writer, inbound.domains, inbound.intake
-    outbound = build_outbound(config, inbound, reactor, top, metrics, shards=config.server.workers, main=True)
+    outbound = build_outbound(config, inbound, reactor, top, metrics, main=True)
     scheduler, throttle = outbound.scheduler, outbound.throttle
-    pickup = PickupCollector(config.server.state_dir, writer, intake, domains, config.server.hostname)
+    pickup = PickupCollector(config.server.state_dir, writer, intake, config.server.hostname)
     # Collect at start and every few seconds, for messages dropped while no daemon answered the poke.
     TimerService(PICKUP_SCAN_SECONDS, pickup.collect).setServiceParent(top)
     listeners = []
     for listener in config.listeners:
         factory = listener_factory(listener.role, inbound.context, reactor)
         listeners.append(ListenerService(listener.endpoint, factory, reactor))
-    reload = ReloadOnHangup(tls_options, domains, reactor, inbound.signer, inbound.context)
+    reload = reloader(tls_options, reactor, inbound, outbound)
     queue: Any = scheduler
     paces: Any = throttle
     if config.server.workers > 1:
@@ -255,9 +254,45 @@ def build(config: Config, tls_options: ServerTLS, reactor: Any) -> MailhostDaemo
     return top
 
 
+def reloader(tls: ServerTLS, reactor: Any, inbound: Inbound, outbound: Outbound) -> ReloadOnHangup:
+    """SIGHUP for one process: every component whose settings changed is rebuilt."""
+    context = inbound.context
+
+    def apply(config: Config) -> list[str]:
+        running = context.config
+        changed = changed_sections(running, config, (
+            "server.hostname", "limits", "domains", "submission", "inbound", "bounces", "dkim", "relay", "queue",
+            "throttles", "server.tls_cert", "server.tls_key"))
+        # Build what can fail first, so that a bad key changes nothing.
+        try:
+            signer = Signer(config.server.state_dir, configured_keys(config.dkim)) if "dkim" in changed else None
+        except DkimKeyError as e:
+            raise ReloadError(str(e)) from None
+        inbound.domains.replace(config)
+        context.config = config  # limits, hostname: read by each new session
+        inbound.intake.reconfigure(config, signer)
+        inbound.suppression.soft_limit = config.bounces.soft_limit
+        inbound.suppression.soft_window = config.bounces.soft_window
+        tls.cert_path, tls.key_path = tls_pair_paths(config)
+        if outbound is not None:
+            if "relay" in changed or "domains" in changed or "server.hostname" in changed:
+                router = Router(config.relay, config.server.hostname, listening_addresses(config))
+                outbound.deliverer.reconfigure(config, router)
+            else:
+                outbound.deliverer.config = config
+            if "throttles" in changed or running.queue.per_destination != config.queue.per_destination:
+                outbound.throttle.reconfigure(config.throttles, config.queue.per_destination)
+            shard = outbound.scheduler.shard
+            outbound.scheduler.config = config
+            outbound.scheduler.max_in_flight = share_of(config.queue.concurrency, shard.count, shard.index)
+        return changed
+
+    return ReloadOnHangup(tls, reactor, lambda: context.config, apply, inbound.domains.reload_users)
+
+
 def _deliver_alone(outbound: Outbound) -> None:
     """No worker could be started: this process delivers every shard."""
-    shard.claim(0, 1)
+    outbound.scheduler.shard = EVERYTHING
     outbound.throttle.deliver_alone()
     outbound.scheduler.max_in_flight = outbound.scheduler.config.queue.concurrency
     outbound.scheduler.adopt_strays().addErrback(lambda failure: log.failure("taking over the queue", failure))

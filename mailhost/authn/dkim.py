@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
+from mailhost.message import field_names
 from mailhost.ops.durable import write_file_atomically
 
 RSA = "rsa-sha256"
@@ -114,33 +115,56 @@ def configured_keys(entries: Any) -> dict[str, DkimKey]:
 
 
 def load_key(path: Path, domain: str, selector: str) -> DkimKey:
+    """The key in `path`, tried once: a key dkimpy cannot sign with is refused here, naming
+    the file and why, not found out by the first message after DATA."""
     try:
         data = path.read_bytes()
     except OSError as e:
         raise DkimKeyError(f"{path}: cannot read DKIM key: {e.strerror}") from None
     if data.startswith(b"ed25519\n"):
-        return DkimKey(domain, selector, ED25519, data.split(b"\n")[1].strip())
-    if b"PRIVATE KEY" not in data:
+        key = DkimKey(domain, selector, ED25519, data.split(b"\n")[1].strip())
+    elif b"PRIVATE KEY" in data:
+        try:
+            loaded = serialization.load_pem_private_key(data, password=None)
+        except (ValueError, TypeError) as e:
+            raise DkimKeyError(f"{path}: not a usable PEM private key ({e})") from None
+        if not isinstance(loaded, rsa.RSAPrivateKey):
+            kind = type(loaded).__name__.removeprefix("_").replace("PrivateKey", "") or "non-RSA"
+            raise DkimKeyError(f"{path}: an {kind} key; DKIM signs with RSA (PEM) or ed25519 keys "
+                               "(`mailhost dkim keygen` makes either)")
+        key = DkimKey(domain, selector, RSA, data)
+    else:
         raise DkimKeyError(f"{path}: not a PEM RSA key or an ed25519 key made by `mailhost dkim keygen`")
-    return DkimKey(domain, selector, RSA, data)
+    try:
+        sign(_PROBE, key)
+    except Exception as e:  # dkimpy says why in its own words
+        raise DkimKeyError(f"{path}: cannot sign with this key: {e}") from None
+    return key
 
 
-def discover(state_dir: Path) -> dict[str, DkimKey]:
-    """The newest key per domain in state_dir/dkim/ (blocking)."""
-    found: dict[str, DkimKey] = {}
+_PROBE = b"From: probe@example.invalid\nSubject: key check\n\nbody\n"
+
+
+def discover(state_dir: Path) -> dict[str, DkimKey | DkimKeyError]:
+    """The newest key per domain in state_dir/dkim/ (blocking); a domain whose newest key
+    cannot be used maps to the error, so its mail waits (451) until the key is fixed."""
+    found: dict[str, DkimKey | DkimKeyError] = {}
     folder = keys_folder(state_dir)
     if not folder.is_dir():
         return found
     for domain_dir in sorted(folder.iterdir()):
         keys = sorted(domain_dir.glob("*.key"), key=lambda p: p.stat().st_mtime)
         if keys:
-            found[domain_dir.name] = load_key(keys[-1], domain_dir.name, keys[-1].stem)
+            try:
+                found[domain_dir.name] = load_key(keys[-1], domain_dir.name, keys[-1].stem)
+            except DkimKeyError as e:
+                found[domain_dir.name] = e
     return found
 
 
 def sign(message: bytes, key: DkimKey) -> bytes:
     """The DKIM-Signature header line(s) for `message` (LF line endings), ending in LF."""
-    present = _present_headers(message)
+    present = field_names(message)
     headers = [h for h in SIGNED_HEADERS if h in present]
     headers.append("from")  # over-signed
     signature = dkim.sign(
@@ -151,30 +175,6 @@ def sign(message: bytes, key: DkimKey) -> bytes:
     return signature if signature.endswith(b"\n") else signature + b"\n"
 
 
-def _present_headers(message: bytes) -> set[str]:
-    end = message.find(b"\n\n")
-    block = message[: end if end >= 0 else len(message)]
-    return {
-        line.split(b":", 1)[0].strip().lower().decode("ascii", "replace")
-        for line in block.split(b"\n")
-        if line and line[:1] not in (b" ", b"\t") and b":" in line
-    }
-
-
-def from_domain(message: bytes) -> str | None:
-    """The domain of the (first) From: address, lower case; None when there is none."""
-    from email.parser import BytesHeaderParser
-    from email.utils import getaddresses
-
-    end = message.find(b"\n\n")
-    headers = BytesHeaderParser().parsebytes(message[: end + 1 if end >= 0 else len(message)])
-    addresses = getaddresses([str(v) for v in headers.get_all("From", [])])
-    for _, address in addresses:
-        if "@" in address:
-            return address.rpartition("@")[2].lower()
-    return None
-
-
 class Signer:
     """Which key signs mail from which domain: [[dkim]] config entries, then keys made by keygen."""
 
@@ -183,7 +183,7 @@ class Signer:
         self._configured = configured or {}
         self._stamp: float | None = None
         self._next_check = 0.0
-        self.keys: dict[str, DkimKey] = {}
+        self.keys: dict[str, DkimKey | DkimKeyError] = {}
         self.reload()
 
     def reload(self) -> None:
@@ -202,7 +202,11 @@ class Signer:
         return bool(self.keys)
 
     def key_for(self, domain: str | None) -> DkimKey | None:
-        return self.keys.get(domain) if domain and self.has_keys() else None
+        """The key that signs `domain`'s mail; raises DkimKeyError when that key is unusable."""
+        key = self.keys.get(domain) if domain and self.has_keys() else None
+        if isinstance(key, DkimKeyError):
+            raise key
+        return key
 
 
 def _folder_stamp(state_dir: Path) -> float | None:

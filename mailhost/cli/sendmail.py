@@ -16,12 +16,17 @@ import sys
 from dataclasses import dataclass, field
 from email.headerregistry import Address
 from email.parser import BytesHeaderParser
-from email.utils import formatdate, getaddresses, make_msgid
+from email.utils import getaddresses
 
 from mailhost.config import Config
 from mailhost.doors.control import DaemonNotRunning, send_queue_command
-from mailhost.local.mailbox import LocalDomains
 from mailhost.doors.pickup import drop
+from mailhost.feedback.suppression import SuppressionError, suppression_list
+from mailhost.intake.origin import SENDMAIL, Origin
+from mailhost.intake.policy import recipient_verdict
+from mailhost.local.mailbox import LocalDomains
+from mailhost.message import drop_field
+from mailhost.smtp.wire import Address as ParsedAddress
 from mailhost.smtp.wire import SMTPError, parse_path
 
 
@@ -86,45 +91,27 @@ def _split(message: bytes) -> tuple[bytes, bytes]:
     return message[: end + 1], message[end + 1 :]
 
 
-def _drop_header(header_block: bytes, name: bytes) -> bytes:
-    """Remove every `name:` field (with its continuation lines) from a raw header block."""
-    out, skipping = [], False
-    for line in header_block.splitlines(keepends=True):
-        if line[:1] in (b" ", b"\t"):
-            if not skipping:
-                out.append(line)
-            continue
-        skipping = line.split(b":", 1)[0].strip().lower() == name
-        if not skipping:
-            out.append(line)
-    return b"".join(out)
-
-
 def prepare(message: bytes, args: SendmailArgs, sender: str, hostname: str) -> tuple[bytes, list[str]]:
     """Recipients (command line plus, with -t, To/Cc/Bcc) and the message with
-    Bcc removed and Date, Message-ID and From added when missing."""
+    Bcc removed and From added when missing (the intake adds Date and Message-ID)."""
     header_block, body = _split(message)
     headers = BytesHeaderParser().parsebytes(header_block + b"\n")
     recipients = list(args.recipients)
     if args.from_headers:
         fields = headers.get_all("To", []) + headers.get_all("Cc", []) + headers.get_all("Bcc", [])
         recipients += [address for _, address in getaddresses([str(f) for f in fields]) if address]
-        header_block = _drop_header(header_block, b"bcc")
+        header_block = drop_field(header_block, b"bcc")
     added = []
     if "From" not in headers:
         display = args.full_name or ""
         added.append(f"From: {Address(display_name=display, addr_spec=sender)}\n" if sender else "From: MAILER-DAEMON\n")
-    if "Date" not in headers:
-        added.append(f"Date: {formatdate(localtime=True)}\n")
-    if "Message-ID" not in headers:
-        added.append(f"Message-ID: {make_msgid(domain=hostname)}\n")
     unique = list(dict.fromkeys(recipients))
     return header_block + "".join(added).encode("utf-8") + body, unique
 
 
-def _check_address(address: str, what: str) -> None:
+def _check_address(address: str, what: str) -> ParsedAddress:
     try:
-        parse_path(f"<{address}>", utf8=True, null_ok=what == "sender", kind=what)
+        return parse_path(f"<{address}>", utf8=True, null_ok=what == "sender", kind=what)[0]
     except SMTPError:
         raise SendmailError(f"{address!r} is not a valid {what} address") from None
 
@@ -141,13 +128,19 @@ def run(config: Config, argv: list[str], stdin=None) -> int:
     message, recipients = prepare(message, args, sender, hostname)
     if not recipients:
         raise SendmailError("no recipients (name them, or use -t to read them from the headers)")
-    domains = LocalDomains(config)
-    for address in recipients:
-        _check_address(address, "recipient")
-        local, _, domain = address.rpartition("@")
-        if domains.is_local(domain) and not domains.resolve(local, domain).found:
-            raise SendmailError(f"{address}: no such user here; nothing was sent")
     submitter = f"userid {os.getuid()} ({user}@{socket.gethostname()})"
+    # The daemon's intake asks the same question again when it collects the message.
+    domains = LocalDomains(config)
+    suppression = suppression_list(config.server.state_dir)
+    origin = Origin(SENDMAIL, submitter=submitter)
+    for address in recipients:
+        parsed = _check_address(address, "recipient")
+        try:
+            verdict = recipient_verdict(parsed, origin, domains, suppression)
+        except SuppressionError as e:
+            raise SendmailError(f"{e}; nothing was sent") from None
+        if not verdict.accepted:
+            raise SendmailError(f"{verdict.reply.text}; nothing was sent")
     drop(config.server.state_dir, sender, recipients, submitter, message)
     try:
         send_queue_command(config.server.state_dir, "pickup", None, timeout=5)

@@ -135,9 +135,19 @@ class Deliverer:
         self._smarthost_secrets: dict[int, tuple[str, str] | None] = {}
         self._trust_roots: dict[int, Any] = {}
 
-    def deliver(self, envelope: Envelope, message: bytes) -> Deferred[dict[str, Outcome]]:
+    def reconfigure(self, config: Config, router: Router) -> None:
+        """New [relay] settings or domains (SIGHUP): the next attempt uses them."""
+        self.config = config
+        self.router = router
+        self._local_domains = {d.name for d in config.domains}
+        self._smarthost_secrets.clear()
+        self._trust_roots.clear()
+
+    def deliver(self, envelope: Envelope, message: bytes,
+                recipients: list[Recipient] | None = None) -> Deferred[dict[str, Outcome]]:
+        """One attempt for `recipients` (default: every pending one of the envelope)."""
         by_domain: dict[str, list[Recipient]] = defaultdict(list)
-        for recipient in envelope.pending():
+        for recipient in envelope.pending() if recipients is None else recipients:
             by_domain[recipient_domain(recipient.address)].append(recipient)
         if len(by_domain) == 1:  # the usual case: no DeferredList to merge one result
             [(domain, rcpts)] = by_domain.items()

@@ -17,12 +17,14 @@ from twisted.application import service
 from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
 from twisted.logger import Logger
 
-from mailhost.multiproc import shard
+from mailhost.multiproc.shard import Shard
 from mailhost.config import Config
 from mailhost.feedback.dsn import build_dsn
 from mailhost.ops.durable import DiskWriter
 from mailhost.queue.envelope import DELIVERED, DEFERRED, FAILED, Envelope
-from mailhost.intake.cleanup import HOP_LIMIT, Intake, too_many_hops
+from mailhost.feedback.suppression import BounceReport, SuppressionList
+from mailhost.intake.cleanup import Intake
+from mailhost.message import HOP_LIMIT, too_many_hops
 from mailhost.ops.metrics import Metrics
 from mailhost.delivery.deliverer import Deliverer, Outcome
 from mailhost.queue.spool import DueIndex, MessageMissing, Spool, SpoolError, is_queue_id
@@ -35,8 +37,11 @@ LOAD_SLICE = 1000  # envelopes parsed at a time while loading the queue
 
 class Scheduler(service.Service):
     def __init__(self, config: Config, spool: Spool, writer: DiskWriter, deliverer: Deliverer,
-                 intake: Intake, reactor: Any, metrics: Metrics, max_in_flight: int = 50, recover_spool: bool = True) -> None:
+                 intake: Intake, reactor: Any, metrics: Metrics, shard: Shard, suppression: SuppressionList,
+                 max_in_flight: int = 50, recover_spool: bool = True) -> None:
         self.config = config
+        self.shard = shard  # which messages of the spool this process delivers
+        self.suppression = suppression
         self.spool = spool
         self.writer = writer
         self.deliverer = deliverer
@@ -66,7 +71,7 @@ class Scheduler(service.Service):
             for debris in self.spool.recover():
                 log.info("removed interrupted write {path}", path=debris)
         # Only this process's shard is read (the id is the file name), with few system calls a file.
-        paths = [path for path in self.spool.envelope_files() if shard.owns(os.path.basename(path)[:-5])]
+        paths = [path for path in self.spool.envelope_files() if self.shard.owns(os.path.basename(path)[:-5])]
         entries = []
         # A slice at a time: 100,000 parsed envelopes held at once would cost ~250 MB.
         for start in range(0, len(paths), LOAD_SLICE):
@@ -137,7 +142,7 @@ class Scheduler(service.Service):
         ids = yield self.writer.run(lambda: list(self.spool.ids()))
         found = 0
         for queue_id in ids:
-            if queue_id in self.index or queue_id in self.in_flight or not shard.owns(queue_id):
+            if queue_id in self.index or queue_id in self.in_flight or not self.shard.owns(queue_id):
                 continue
             try:
                 yield self.committed(queue_id)
@@ -209,12 +214,15 @@ class Scheduler(service.Service):
     @inlineCallbacks
     def _attempt(self, queue_id: str):
         try:
-            envelope, message = yield self.writer.run_together(self.spool.load_with_message, queue_id)
+            envelope, message, suppressed = yield self.writer.run_together(self._load_attempt, queue_id)
             if envelope.held or envelope.done:
                 return
             if too_many_hops(message):
                 text = f"too many hops: more than {HOP_LIMIT} Received: headers (mail loop)"
                 outcomes = {r.address: Outcome(FAILED, text, "5.4.6") for r in envelope.pending()}
+            elif suppressed:
+                # Suppressed since it was queued (a bounce, a complaint, the operator): not sent.
+                outcomes = yield self._deliver_except(envelope, message, suppressed)
             else:
                 outcomes = yield self.deliverer.deliver(envelope, message)
             yield self._record(envelope, message, outcomes)
@@ -238,6 +246,43 @@ class Scheduler(service.Service):
                 yield self.delete(queue_id)
             self._wake()
 
+    def _load_attempt(self, queue_id: str) -> tuple[Envelope, bytes, dict[str, str]]:
+        """The envelope, the message, and why each pending recipient now suppressed is (disk thread)."""
+        envelope, message = self.spool.load_with_message(queue_id)
+        suppressed = {}
+        for recipient in envelope.pending():
+            entry = self.suppression.is_suppressed(recipient.address)
+            if entry is not None:
+                suppressed[recipient.address] = (f"recipient suppressed since {entry.date[:10]} "
+                                                  f"({entry.source}: {entry.status} {entry.reason[:120]})")
+        return envelope, message, suppressed
+
+    @inlineCallbacks
+    def _deliver_except(self, envelope: Envelope, message: bytes, suppressed: dict[str, str]):
+        outcomes = {address: Outcome(FAILED, reason, "5.7.1") for address, reason in suppressed.items()}
+        rest = [r for r in envelope.pending() if r.address not in suppressed]
+        if rest:
+            outcomes.update((yield self.deliverer.deliver(envelope, message, rest)))
+        return outcomes
+
+    def _feed_suppression(self, envelope: Envelope, outcomes: dict[str, Outcome]) -> Deferred[None]:
+        """A remote server's permanent refusal during our own delivery says what a DSN coming
+        back would: the same classifier decides (a 5.7.x policy refusal suppresses nobody)."""
+        reports = [BounceReport(address, outcome.status, "failed", outcome.reply, True)
+                   for address, outcome in outcomes.items()
+                   if outcome.state == FAILED and outcome.remote_mta and outcome.status.startswith("5.")]
+        if not reports:
+            return succeed(None)
+
+        def record() -> None:
+            for report in reports:
+                if self.suppression.is_suppressed(report.recipient) is None and self.suppression.record_bounce(report):
+                    log.info("{id}: suppressed <{rcpt}>: {status} {diagnostic}", id=envelope.id, rcpt=report.recipient,
+                             status=report.status, diagnostic=report.diagnostic)
+
+        return self.writer.run(record).addErrback(
+            lambda failure: log.failure("{id}: cannot update the suppression list", failure, id=envelope.id))
+
     @inlineCallbacks
     def _record(self, envelope: Envelope, message: bytes, outcomes: dict[str, Outcome]):
         now = time.time()
@@ -258,6 +303,7 @@ class Scheduler(service.Service):
             recipient.last_reply = outcome.reply
             recipient.status = outcome.status
             recipient.remote_mta = outcome.remote_mta
+        yield self._feed_suppression(envelope, outcomes)
         queue = self.config.queue
         if envelope.pending() and now - envelope.arrival >= queue.lifetime:
             for recipient in envelope.pending():
@@ -300,7 +346,7 @@ class Scheduler(service.Service):
                 recipient.bounced = True
             if envelope.sender:
                 bounce = build_dsn(envelope, failed, message, hostname=hostname, kind="failure", now=now)
-                bounce_id = yield self.intake.inject("", [envelope.sender], bounce)
+                bounce_id = yield self.intake.notify(envelope.sender, bounce)
                 log.info("{id}: sender non-delivery notification: {bounce}", id=envelope.id, bounce=bounce_id)
         delay = self.config.queue.delay_warning
         if delay > 0 and not envelope.delay_warned and envelope.pending() and now - envelope.arrival >= delay:
@@ -308,5 +354,5 @@ class Scheduler(service.Service):
             if envelope.sender:
                 warning = build_dsn(envelope, envelope.pending(), message, hostname=hostname, kind="delay", now=now,
                                     retry_until=envelope.arrival + self.config.queue.lifetime)
-                warning_id = yield self.intake.inject("", [envelope.sender], warning)
+                warning_id = yield self.intake.notify(envelope.sender, warning)
                 log.info("{id}: sender delay notification: {warning}", id=envelope.id, warning=warning_id)

@@ -20,27 +20,10 @@ from dataclasses import dataclass
 
 from twisted.internet.defer import DeferredSemaphore
 
+from mailhost.config import DEFAULT_RULES, ThrottleRule  # noqa: F401 (DEFAULT_RULES: for callers)
+
 CLEAN_WINDOW = 60.0  # seconds without a deferral before the rate grows again
 UNLIMITED = 0.0
-
-
-@dataclass(frozen=True)
-class ThrottleRule:
-    name: str
-    mx_domains: tuple[str, ...]  # MX host name suffixes, e.g. ("google.com", "googlemail.com")
-    connections: int
-    rate: float  # messages per minute at most; 0 = no pace
-    floor: float  # messages per minute the rate never drops below
-
-
-# What the big providers tolerate from a new sender without deferring much
-# (conservative; operators raise them with [[throttle]] entries).
-DEFAULT_RULES = (
-    ThrottleRule("google", ("google.com", "googlemail.com"), 10, 600.0, 10.0),
-    ThrottleRule("yahoo", ("yahoodns.net", "yahoo.com"), 5, 300.0, 10.0),
-    ThrottleRule("microsoft", ("outlook.com", "hotmail.com"), 5, 300.0, 10.0),
-    ThrottleRule("apple", ("icloud.com", "me.com"), 5, 300.0, 10.0),
-)
 
 
 def group_of(mx_host: str, rules: tuple[ThrottleRule, ...]) -> tuple[str, ThrottleRule | None]:
@@ -126,6 +109,13 @@ class Throttle:
                 self.paces[name] = Pace(name, share_of(rule.connections, share, index), rule.rate / share,
                                         rule.floor / share, self._clock)
         return self.paces[name]
+
+    def reconfigure(self, rules: tuple[ThrottleRule, ...], default_connections: int) -> None:
+        """New [[throttle]] rules or queue.per_destination (SIGHUP): groups start over with them
+        (deliveries under way keep the pace they hold until they finish)."""
+        self.rules = rules
+        self.default_connections = default_connections
+        self.paces = {}
 
     def deliver_alone(self) -> None:
         """This process now delivers everything: groups seen from now on get the whole pace."""

@@ -16,13 +16,17 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from mailhost.ops.durable import fsync_directory, write_and_sync
+from mailhost.feedback.dsn import build_dsn
+from mailhost.intake.cleanup import Incoming, Intake, Receipt, Refused
+from mailhost.intake.origin import SENDMAIL, Origin
+from mailhost.ops.durable import DiskWriter, fsync_directory, write_and_sync
+from mailhost.queue.envelope import FAILED, Envelope, Recipient
 from mailhost.queue.spool import new_queue_id
+from mailhost.smtp.wire import Reply
 
 log = Logger(namespace="mailhost.pickup")
 
@@ -83,13 +87,12 @@ def remove_stale_temporaries(state_dir: Path, older_than: float = 3600.0) -> Non
 
 
 class PickupCollector:
-    """Moves pickup files into the mail flow (Maildir or queue) through the Intake."""
+    """Moves pickup files into the mail flow through the one intake path."""
 
-    def __init__(self, state_dir: Path, writer: Any, intake: Any, domains: Any, hostname: str) -> None:
+    def __init__(self, state_dir: Path, writer: DiskWriter, intake: Intake, hostname: str) -> None:
         self.state_dir = state_dir
         self.writer = writer
         self.intake = intake
-        self.domains = domains
         self.hostname = hostname
         self._running: Deferred[None] | None = None
         self._again = False
@@ -118,35 +121,31 @@ class PickupCollector:
             await self._take(entry)
 
     async def _take(self, entry: PickupEntry) -> None:
-        known, unknown = [], []
-        for address in entry.recipients:
-            local, _, domain = address.rpartition("@")
-            if self.domains.is_local(domain) and not self.domains.resolve(local, domain).found:
-                unknown.append(address)
-            else:
-                known.append(address)
-        received_from = f"from {_header_safe(entry.submitter)}"
-        if known:
-            queue_id = await self.intake.inject(entry.sender, known, entry.message, received_from=received_from)
+        origin = Origin(SENDMAIL, submitter=entry.submitter)
+        incoming = Incoming(entry.sender, entry.recipients, entry.message, body_8bit=not entry.message.isascii())
+        try:
+            receipt = await self.intake.receive(incoming, origin)
+        except Refused as e:
+            # The whole message is refused (a mail loop): it goes back to its sender.
+            receipt = Receipt("", 0, 0, [(address, e.reply) for address in entry.recipients])
+        if receipt.local or receipt.queued:
             log.info("{id}: accepted from=<{sender}> to={rcpts} size={size} via=sendmail submitter={who}",
-                     id=queue_id, sender=entry.sender, rcpts=",".join(f"<{r}>" for r in known),
+                     id=receipt.queue_id, sender=entry.sender,
+                     rcpts=",".join(f"<{r}>" for r in entry.recipients if r not in dict(receipt.refused)),
                      size=len(entry.message), who=entry.submitter)
-        if unknown and entry.sender:
-            await self._bounce_unknown(entry, unknown)
+        if receipt.refused and entry.sender:
+            await self._bounce(entry, receipt.refused)
         await self.writer.run(os.unlink, entry.path)
 
-    async def _bounce_unknown(self, entry: PickupEntry, unknown: list[str]) -> None:
-        from mailhost.feedback.dsn import build_dsn
-        from mailhost.queue.envelope import FAILED, Envelope, Recipient
-
+    async def _bounce(self, entry: PickupEntry, refused: list[tuple[str, Reply]]) -> None:
+        """What sendmail checked may have changed before the daemon collected it (a user removed,
+        an address suppressed): those recipients go back to the sender in a DSN."""
         now = time.time()
-        failed = [Recipient(a, state=FAILED, status="5.1.1", last_reply="550 5.1.1 no such user here") for a in unknown]
-        envelope = Envelope(new_queue_id(), entry.sender, failed, now, now, client=entry.submitter)
+        failed = [Recipient(address, state=FAILED, status=reply.status, last_reply=f"{reply.code} {reply.status} {reply.text}")
+                  for address, reply in refused]
+        envelope = Envelope(self.intake.shard.new_queue_id(), entry.sender, failed, now, now, client=entry.submitter)
         bounce = build_dsn(envelope, failed, entry.message, hostname=self.hostname, kind="failure", now=now)
-        bounce_id = await self.intake.inject("", [entry.sender], bounce)
-        log.info("{id}: to={rcpts} status=bounced (no such user) notification={bounce}",
-                 id=envelope.id, rcpts=",".join(f"<{r}>" for r in unknown), bounce=bounce_id)
-
-
-def _header_safe(text: str) -> str:
-    return "".join(c if c.isprintable() else " " for c in text)[:200]
+        bounce_id = await self.intake.notify(entry.sender, bounce)
+        for address, reply in refused:
+            log.info("{id}: to=<{rcpt}> status=bounced ({reply}) notification={bounce}", id=envelope.id, rcpt=address,
+                     reply=f"{reply.code} {reply.status} {reply.text}", bounce=bounce_id)

@@ -61,6 +61,7 @@ from email.message import EmailMessage, Message, MIMEPart
 from email.policy import default as _default_policy
 from email.utils import format_datetime, make_msgid
 
+from mailhost.message import original_headers
 from mailhost.queue.envelope import Envelope, Recipient
 
 __all__ = [
@@ -68,8 +69,6 @@ __all__ = [
     "FAILURE",
     "REPLY_LIMIT",
     "build_dsn",
-    "original_headers",
-    "received_count",
 ]
 
 FAILURE = "failure"
@@ -93,11 +92,6 @@ _SMTP_REPLY = re.compile(r"^([2-5])[0-9][0-9](?:[ -]|$)")
 _REPLY_STATUS = re.compile(r"^[2-5][0-9][0-9][ -]([245]\.[0-9]{1,3}\.[0-9]{1,3})(?:[ ]|$)")
 _STATUS = re.compile(r"^[245]\.[0-9]{1,3}\.[0-9]{1,3}$")
 _ADDRESS_TYPE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9-]*) ?; ?(.*)$")
-# A header field's first line, and a continuation line (RFC 5322 2.2, 3.6.8;
-# white space before the colon is the obsolete syntax of 4.5).
-_FIELD_START = re.compile(rb"^[\x21-\x39\x3b-\x7e]+[ \t]*:")
-_RECEIVED = re.compile(rb"^received[ \t]*:", re.IGNORECASE)
-
 # Unicode categories that must not reach a header or a line of text as they are.
 _SPACE_CATEGORIES = frozenset({"Cc", "Zl", "Zp", "Zs"})  # controls, separators: a space
 _BAD_CATEGORIES = frozenset({"Cf", "Cs", "Co", "Cn"})  # format, surrogate, private, unassigned: "?"
@@ -105,40 +99,6 @@ _BAD_CATEGORIES = frozenset({"Cf", "Cs", "Co", "Cn"})  # format, surrogate, priv
 
 # ---------------------------------------------------------------------------
 # Small helpers, tested on their own
-
-
-def original_headers(message: bytes) -> bytes:
-    """The header block of `message`: its lines up to (not including) the
-    empty line that ends it, line endings as they are.
-
-    The block also ends, as in `email`'s parser, at the first line that is
-    neither a field nor a continuation (a message without the empty line);
-    a message that is all headers is returned whole.
-    """
-    pos = 0
-    end = len(message)
-    while pos < end:
-        nl = message.find(b"\n", pos)
-        stop = end if nl < 0 else nl + 1
-        line = message[pos:stop]
-        bare = line.rstrip(b"\r\n")
-        if not bare:
-            break  # the empty line
-        if bare[:1] in (b" ", b"\t"):
-            if pos == 0:
-                break  # a continuation with nothing to continue
-        elif not _FIELD_START.match(bare):
-            break
-        pos = stop
-    return message[:pos]
-
-
-def received_count(message: bytes) -> int:
-    """How many Received: fields the header block of `message` has (for the
-    RFC 5321 6.3 loop rule), the field name compared without case."""
-    return sum(
-        1 for line in original_headers(message).split(b"\n") if _RECEIVED.match(line)
-    )
 
 
 # ---------------------------------------------------------------------------

@@ -75,6 +75,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from mailhost.feedback.classify import HARD, suppression_effect
 from mailhost.ops.durable import write_file_atomically
 
 __all__ = [
@@ -534,19 +535,21 @@ class SuppressionList:
             return self._suppressed.pop(key, None) is not None
 
     def record_bounce(self, report: BounceReport, now: float | None = None) -> bool:
-        """Count one bounce. A permanent failure suppresses at once; soft ones
-        (4.x.x, delayed, or no readable status) suppress when `soft_limit` of
-        them fall within `soft_window` seconds. True when the address is now
-        suppressed (also when it already was)."""
+        """Count one bounce, as feedback.classify says: a permanent failure suppresses
+        at once; soft ones (4.x.x, delayed, or no readable status) suppress when
+        `soft_limit` of them fall within `soft_window` seconds; a policy or content
+        refusal counts for nothing. True when the address is now suppressed (also
+        when it already was)."""
         now = time.time() if now is None else now
         key = address_key(report.recipient)
-        if not _is_address(key) or report.action not in _BOUNCE_ACTIONS:
+        effect = suppression_effect(report.status, report.action)
+        if not _is_address(key) or report.action not in _BOUNCE_ACTIONS or effect is None:
             return self.is_suppressed(key) is not None
         with self._changing(now) as changed:
             if key in self._suppressed:
                 changed.append(False)  # nothing to write
                 return True
-            if report.permanent:
+            if effect == HARD:
                 self._put(key, report.status, report.diagnostic or f"{report.action} {report.status}", "bounce", now)
                 return True
             recent = self._recent(self._soft.get(key, []), now) + [now]

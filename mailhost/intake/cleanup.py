@@ -1,8 +1,21 @@
-"""The one way a message enters mailhost: local copies into Maildir, remote
-recipients into the spool, all durable before the caller may say 250.
+"""The one intake path: every message enters mailhost by `Intake.receive(incoming, origin)`,
+whatever its door (SMTP on any role, `mailhost sendmail`, our own DSNs, the HTTP API).
 
-The SMTP server hands over what it resolved at RCPT time (`accept`); bounces
-and other messages mailhost writes itself come through `inject`.
+The steps, in order, each written once here (cf. Postfix's cleanup(8)):
+
+1. hop limit (RFC 5321 6.3): more than HOP_LIMIT Received: fields is a loop;
+2. fix-ups by origin: Message-ID: and Date: for our own senders (RFC 6409 8.3, 8.4),
+   never for mail from outside;
+3. sender ownership: an authenticated user's From: addresses in our domains are its own;
+4. inbound authentication for mail from outside: SPF, DKIM, DMARC into
+   Authentication-Results:, forged ones removed, DMARC p=reject honoured when configured;
+5. per-recipient policy and suppression (the SMTP door asked the same question at RCPT);
+6. bounce reports about our mail feed the suppression list;
+7. DKIM signing when the From: domain has a key, except for mail from outside;
+8. Received: (RFC 5321 4.4), split into local copies and a spool envelope, durable commit.
+
+A refusal comes back as a `Refused` failure carrying the SMTP reply; any other failure is
+an error the door answers with 451 4.3.0.
 """
 
 from __future__ import annotations
@@ -10,16 +23,31 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from email.utils import formatdate
+from functools import partial
+from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.logger import Logger
 
-from mailhost.feedback.dsn import received_count
+from mailhost.authn.dkim import Signer, sign
+from mailhost.authn.inbound import evaluate, strip_forged_results
+from mailhost.config import Config
+from mailhost.feedback.suppression import SuppressionList, parse_dsn
+from mailhost.intake.origin import DSN, SMTP, Origin
+from mailhost.intake.policy import RecipientVerdict, check_header_senders, recipient_verdict
+from mailhost.intake.submission import missing_headers
+from mailhost.local.mailbox import Copy, LocalDomains, Resolution, deliver_copies
+from mailhost.message import HOP_LIMIT, domain_of, from_addresses, from_domain, read_headers, too_many_hops
+from mailhost.multiproc.shard import Shard
 from mailhost.ops.durable import DiskWriter
 from mailhost.queue.envelope import Envelope, Recipient
-from mailhost.local.mailbox import Copy, LocalDomains, deliver_copies
-from mailhost.multiproc.shard import new_queue_id
 from mailhost.queue.spool import Spool
+from mailhost.smtp.wire import Address, Reply, SMTPError, parse_path
+
+log = Logger(namespace="mailhost.intake")
+
 
 def received_date() -> str:
     """The RFC 5322 date for a Received: line, made once a second (formatdate is slow)."""
@@ -31,72 +59,267 @@ def _date_of_second(second: int) -> str:
     return formatdate(second, localtime=True)
 
 
-HOP_LIMIT = 50  # Received: headers; more means a mail loop (RFC 5321 6.3)
-
-
-def too_many_hops(message: bytes) -> bool:
-    """More Received: fields than HOP_LIMIT (RFC 5321 6.3: a mail loop). The word's count up
-    to the first empty line is an upper bound that settles the usual case without parsing the
-    header block."""
-    ends = [at for at in (message.find(b"\n\n"), message.find(b"\n\r\n")) if at >= 0]
-    head = message[: min(ends) + 1] if ends else message
-    if head.lower().count(b"received") <= HOP_LIMIT:
-        return False
-    return received_count(message) > HOP_LIMIT
-
-
 def delivery_headers(sender: str, mailbox: str) -> bytes:
     """The header lines a local copy gets on top: who the envelope said, and for whom."""
     return f"Return-Path: <{sender}>\nDelivered-To: {mailbox}\n".encode("utf-8")
 
 
+class Refused(Exception):
+    """The intake will not take the message; `reply` says why, as SMTP would."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(f"{reply.code} {reply.status} {reply.text}")
+        self.reply = reply
+
+
+@dataclass
+class Incoming:
+    """A message at the door: the envelope as given, and the message with LF line endings.
+
+    `resolved` holds what a door already decided per recipient (SMTP at RCPT time), so
+    the question is not asked twice; other recipients are checked here."""
+
+    sender: str  # "" is the null sender <>
+    recipients: list[str]
+    message: bytes
+    body_8bit: bool = False
+    smtputf8: bool = False
+    resolved: dict[str, Resolution] = field(default_factory=dict)
+
+
+@dataclass
+class Receipt:
+    """What the intake did: the queue id, how many local copies and queued recipients,
+    and the recipients it refused (with the reply) when the door had not checked them."""
+
+    queue_id: str
+    local: int
+    queued: int
+    refused: list[tuple[str, Reply]] = field(default_factory=list)
+    suppressed: list[str] = field(default_factory=list)  # newly, from a bounce report
+
+
+@dataclass(frozen=True)
+class IntakeSettings:
+    """The part of the configuration the intake reads; replaced as a whole on reload."""
+
+    hostname: str
+    authenticate: bool  # [inbound] authenticate
+    dmarc_reject: bool  # [inbound] dmarc_reject
+    nameservers: tuple[tuple[str, int], ...]
+    hide_client: bool  # [submission] hide_client
+    verp: bool  # [relay] verp
+    consume_bounces: bool  # [bounces] consume
+
+    @classmethod
+    def of(cls, config: Config) -> IntakeSettings:
+        return cls(config.server.hostname, config.inbound.authenticate, config.inbound.dmarc_reject,
+                   config.relay.nameservers, config.submission.hide_client, config.relay.verp,
+                   config.bounces.consume)
+
+
 class Intake:
-    def __init__(self, writer: DiskWriter, spool: Spool, domains: LocalDomains, hostname: str,
-                 on_queued: Callable[[Envelope], None]) -> None:
+    def __init__(self, config: Config, writer: DiskWriter, spool: Spool, domains: LocalDomains, signer: Signer,
+                 suppression: SuppressionList, run_content: Callable[..., Deferred[Any]], shard: Shard,
+                 on_queued: Callable[[Envelope], None] = lambda envelope: None) -> None:
+        self.settings = IntakeSettings.of(config)
         self._writer = writer
         self._spool = spool
-        self._domains = domains
-        self._hostname = hostname
+        self.domains = domains
+        self.signer = signer
+        self.suppression = suppression
+        self._run = run_content  # the content thread pool: DNS and signing off the reactor
+        self.shard = shard
         self.on_queued = on_queued
 
-    def accept(self, copies: list[Copy], envelope: Envelope | None, outbound_headers: bytes, body: bytes) -> Deferred[None]:
-        """Deliver `copies` locally and queue `envelope` (None: nothing remote); every part or none.
+    def reconfigure(self, config: Config, signer: Signer | None = None) -> list[str]:
+        """Take the new settings (SIGHUP); returns the names of the sections that changed."""
+        settings = IntakeSettings.of(config)
+        changed = [] if settings == self.settings else ["inbound/submission/relay.verp/bounces"]
+        self.settings = settings
+        if signer is not None:
+            self.signer = signer
+        return changed
 
-        The queued message is `outbound_headers` (our Received:) followed by `body`.
-        """
-        deferred = self._writer.run(_commit, self._spool, copies, envelope, outbound_headers, body)
-        if envelope is not None:
-            deferred.addCallback(lambda _: self.on_queued(envelope))
+    # --- the one path ------------------------------------------------------------
+
+    def receive(self, incoming: Incoming, origin: Origin) -> Deferred[Receipt]:
+        """Take `incoming` in; fires with a Receipt once every part is durable, or fails
+        with Refused (say the reply) or any other error (say 451 4.3.0)."""
+        try:
+            message = self._prepare(incoming, origin)
+        except Exception:
+            return fail()
+        deferred = self._inbound_checks(message, incoming, origin)
+        deferred.addCallback(self._recipients_and_bounces, incoming, origin)
         return deferred
 
-    def inject(self, sender: str, recipients: list[str], message: bytes, received_from: str = "") -> Deferred[str]:
-        """A message from inside this host (a DSN, `mailhost sendmail`): resolve,
-        deliver or queue; fires with its id. Unknown local recipients are skipped
-        (the caller checks them first)."""
-        queue_id = new_queue_id()
-        origin = f"{received_from}\n\t" if received_from else ""
-        received = (
-            f"Received: {origin}by {self._hostname} (mailhost) id {queue_id}; {received_date()}\n"
-        ).encode("utf-8")
+    def recipient_verdict(self, address: Address, origin: Origin) -> RecipientVerdict:
+        """The RCPT decision (intake.policy.recipient_verdict) with this intake's lists."""
+        return recipient_verdict(address, origin, self.domains, self.suppression, self.settings.verp)
+
+    def notify(self, recipient: str, report: bytes) -> Deferred[str]:
+        """Send a report this host wrote (a DSN, a delay warning) from <> to `recipient`;
+        fires with its queue id."""
+        incoming = Incoming("", [recipient], report)
+        return self.receive(incoming, Origin(DSN)).addCallback(lambda receipt: receipt.queue_id)
+
+    # --- the steps -------------------------------------------------------------------
+
+    def _prepare(self, incoming: Incoming, origin: Origin) -> bytes:
+        """Hop limit, fix-ups and sender ownership: the steps that need no waiting."""
+        message = incoming.message
+        if too_many_hops(message):
+            raise Refused(Reply(554, "5.4.6", f"Too many hops (more than {HOP_LIMIT} Received: headers): mail loop?"))
+        if origin.from_outside:
+            return message
+        if origin.door == DSN:
+            return message  # built whole by feedback.dsn
+        headers = read_headers(message)
+        if origin.user is not None:
+            refusal = check_header_senders(origin.user, from_addresses(headers), self.domains)
+            if refusal is not None:
+                raise Refused(refusal)
+        return missing_headers(headers, self.settings.hostname) + message
+
+    def _inbound_checks(self, message: bytes, incoming: Incoming, origin: Origin) -> Deferred[bytes]:
+        """Authentication-Results: for mail from outside (or a DMARC refusal)."""
+        settings = self.settings
+        if not origin.from_outside or origin.role != "mx":
+            return succeed(message)
+        if not settings.authenticate:
+            return succeed(strip_forged_results(message, settings.hostname))
+        deferred = self._run(partial(
+            evaluate, hostname=settings.hostname, client_ip=origin.client_ip, helo=origin.helo,
+            mail_from=incoming.sender, message=message, nameservers=settings.nameservers,
+        ))
+
+        def judged(verdict: Any) -> bytes:
+            if settings.dmarc_reject and verdict.dmarc == "fail" and verdict.dmarc_policy == "reject":
+                domain = from_domain(message) or "the From: domain"
+                raise Refused(Reply(550, "5.7.1", f"Message refused: DMARC policy of {domain} is reject and it failed"))
+            header = f"Authentication-Results: {verdict.header}\n".encode("utf-8")
+            return header + strip_forged_results(message, settings.hostname)
+
+        return deferred.addCallback(judged)
+
+    def _recipients_and_bounces(self, message: bytes, incoming: Incoming, origin: Origin) -> Deferred[Receipt]:
+        accepted: list[tuple[str, Resolution]] = []
+        refused: list[tuple[str, Reply]] = []
+        for address in incoming.recipients:
+            resolution = incoming.resolved.get(address)
+            if resolution is None:
+                verdict = self._verdict_of_text(address, origin, incoming.smtputf8)
+                if not verdict.accepted:
+                    refused.append((address, verdict.reply))
+                    continue
+                resolution = verdict.resolution
+            accepted.append((address, resolution))
+        queue_id = self.shard.new_queue_id()
+        if not accepted:
+            return succeed(Receipt(queue_id, 0, 0, refused))
+        is_report = any(r.bounce_for for _, r in accepted) or (
+            not incoming.sender and b"delivery-status" in message)
+        recorded = self._run(self._record_bounces, message) if is_report else succeed([])
+
+        def record_done(suppressed: list[str]) -> Deferred[Receipt]:
+            return self._sign(message, origin).addCallback(
+                lambda signed: self._commit(queue_id, signed, incoming, origin, accepted, refused, suppressed))
+
+        return recorded.addCallback(record_done)
+
+    def _verdict_of_text(self, address: str, origin: Origin, utf8: bool) -> RecipientVerdict:
+        try:
+            parsed, _ = parse_path(f"<{address}>", utf8=True, null_ok=False, kind="recipient")
+        except SMTPError as e:
+            return RecipientVerdict(e.reply)
+        return self.recipient_verdict(parsed, origin)
+
+    def _sign(self, message: bytes, origin: Origin) -> Deferred[bytes]:
+        """A DKIM-Signature: when the From: domain has a key (not for mail from outside)."""
+        if origin.from_outside or not self.signer.has_keys():
+            return succeed(message)
+        key = self.signer.key_for(from_domain(message))
+        if key is None:
+            return succeed(message)
+        return self._run(sign, message, key).addCallback(lambda header: header + message)
+
+    def _record_bounces(self, message: bytes) -> list[str]:
+        """A report about our mail: its failures go to the suppression list (a content thread)."""
+        suppressed = []
+        for report in parse_dsn(message):
+            if self.suppression.is_suppressed(report.recipient) is None and self.suppression.record_bounce(report):
+                suppressed.append(report.recipient)
+                log.info("suppressed <{rcpt}>: {status} {diagnostic}", rcpt=report.recipient, status=report.status,
+                         diagnostic=report.diagnostic)
+        return suppressed
+
+    def _commit(self, queue_id: str, message: bytes, incoming: Incoming, origin: Origin,
+                accepted: list[tuple[str, Resolution]], refused: list[tuple[str, Reply]],
+                suppressed: list[str]) -> Deferred[Receipt]:
+        date = received_date()
         copies: list[Copy] = []
         remote: list[str] = []
-        for address in recipients:
-            local, _, domain = address.rpartition("@")
-            if self._domains.is_local(domain):
-                resolution = self._domains.resolve(local, domain)
-                for mailbox in resolution.mailboxes:
-                    if all(c.mailbox != mailbox for c in copies):
-                        copies.append(Copy(mailbox, delivery_headers(sender, mailbox.address) + received))
-                remote.extend(resolution.remote)
-            else:
-                remote.append(address)
+        seen: set[str] = set()
+        for address, resolution in accepted:
+            if resolution.bounce_for:
+                if self.settings.consume_bounces:
+                    continue  # the suppression update is the delivery
+                resolution = self.domains.resolve("postmaster", domain_of(address))
+            for mailbox in resolution.mailboxes:
+                if mailbox.address not in seen:
+                    seen.add(mailbox.address)
+                    headers = delivery_headers(incoming.sender, mailbox.address)
+                    copies.append(Copy(mailbox, headers + self.received(origin, queue_id, address, date, incoming)))
+            remote.extend(r for r in resolution.remote if r not in remote)
         envelope = None
         if remote:
             now = time.time()
-            envelope = Envelope(queue_id, sender, [Recipient(r) for r in dict.fromkeys(remote)], now, now,
-                                client=f"mailhost ({self._hostname})", body_8bit=not message.isascii(),
-                                smtputf8=not all(r.isascii() for r in remote))
-        return self.accept(copies, envelope, received, message).addCallback(lambda _: queue_id)
+            envelope = Envelope(id=queue_id, sender=incoming.sender, recipients=[Recipient(r) for r in remote],
+                                arrival=now, next_attempt=now, client=origin.client,
+                                body_8bit=incoming.body_8bit or not message.isascii(),
+                                smtputf8=incoming.smtputf8 or not all(r.isascii() for r in remote))
+        receipt = Receipt(queue_id, len(copies), len(remote), refused, suppressed)
+        if not copies and envelope is None:
+            return succeed(receipt)
+        only = remote[0] if len(remote) == 1 else None
+        outbound_headers = self.received(origin, queue_id, only, date, incoming)
+        deferred = self.store(copies, envelope, outbound_headers, message)
+        if envelope is not None:
+            deferred.addCallback(lambda _: self.on_queued(envelope))
+        return deferred.addCallback(lambda _: receipt)
+
+    def store(self, copies: list[Copy], envelope: Envelope | None, outbound_headers: bytes, body: bytes) -> Deferred[None]:
+        """Deliver `copies` locally and queue `envelope` (None: nothing remote); every part or none.
+
+        The queued message is `outbound_headers` (our Received:) followed by `body`."""
+        return self._writer.run(_commit, self._spool, copies, envelope, outbound_headers, body)
+
+    def received(self, origin: Origin, queue_id: str, recipient: str | None, date: str, incoming: Incoming) -> bytes:
+        """Our RFC 5321 4.4 trace header; `for` only when it names one recipient.
+
+        The protocol is named as RFC 3848 / RFC 6531 do (ESMTPSA: TLS and AUTH); an
+        authenticated user is named in a comment, and with [submission] hide_client
+        the "from" part (client address and HELO name) is left out."""
+        hostname = self.settings.hostname
+        for_clause = f"\n\tfor <{recipient}>" if recipient else ""
+        if origin.door != SMTP:
+            source = f"from {_header_safe(origin.submitter)}\n\t" if origin.submitter else ""
+            return f"Received: {source}by {hostname} (mailhost) id {queue_id}{for_clause}; {date}\n".encode("utf-8")
+        protocol = ("UTF8SMTP" if incoming.smtputf8 else "ESMTP" if origin.esmtp else "SMTP")
+        protocol += ("S" if origin.tls else "") + ("A" if origin.user is not None else "")
+        comments = f"\n\t(using {origin.tls})" if origin.tls else ""
+        if origin.user is not None:
+            comments += f"\n\t(authenticated as {origin.user})"
+        by = f"by {hostname} (mailhost) with {protocol} id {queue_id}"
+        if origin.user is not None and self.settings.hide_client:
+            return f"Received: {by}{comments}{for_clause}; {date}\n".encode("utf-8")
+        literal = f"IPv6:{origin.client_ip}" if ":" in origin.client_ip else origin.client_ip
+        return f"Received: from {origin.helo} ([{literal}]){comments}\n\t{by}{for_clause}; {date}\n".encode("utf-8")
+
+
+def _header_safe(text: str) -> str:
+    return "".join(c if c.isprintable() else " " for c in text)[:200]
 
 
 def _commit(spool: Spool, copies: list[Copy], envelope: Envelope | None, outbound_headers: bytes, body: bytes) -> None:

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mailhost.local.mailbox import LocalDomains, Resolution
-from mailhost.smtp.wire import Address, Reply
 from mailhost.feedback.suppression import SuppressionList, verp_recipient
+from mailhost.intake.origin import SMTP, Origin
+from mailhost.local.mailbox import LocalDomains, Resolution
+from mailhost.message import domain_of, split_address
+from mailhost.smtp.wire import Address, Reply
 
 SUBMISSION_ROLES = ("submission", "submissions")
 
@@ -77,6 +79,19 @@ def check_suppressed(resolution: Resolution, suppression: SuppressionList) -> Re
     return None
 
 
+def recipient_verdict(address: Address, origin: Origin, domains: LocalDomains, suppression: SuppressionList,
+                      verp: bool = False) -> RecipientVerdict:
+    """The whole RCPT decision for a message from `origin`: who it may reach, then the
+    suppression list for our own senders' mail (never for mail from outside or our DSNs)."""
+    relay = origin.user is not None or origin.relay_network or origin.door != SMTP
+    verdict = check_recipient(address, domains, relay, verp=verp)
+    if verdict.accepted and origin.own_client:
+        suppressed = check_suppressed(verdict.resolution, suppression)
+        if suppressed is not None:
+            return RecipientVerdict(suppressed)
+    return verdict
+
+
 def owns(user: str, address: str, domains: LocalDomains) -> bool:
     """Whether authenticated `user` may use `address` as its sender.
 
@@ -87,8 +102,8 @@ def owns(user: str, address: str, domains: LocalDomains) -> bool:
     user = user.lower()
     if address == user:
         return True
-    local, at, domain = address.rpartition("@")
-    if not at or not local:
+    local, domain = split_address(address)
+    if not domain or not local:
         return False
     if domains.is_local(domain):
         resolution = domains.resolve(local, domain, catch_all=False)
@@ -109,7 +124,6 @@ def check_sender(user: str, sender: Address, domains: LocalDomains) -> Reply | N
 def check_header_senders(user: str, addresses: list[str], domains: LocalDomains) -> Reply | None:
     """From: header addresses of an authenticated session: those in a local domain must be `user`'s."""
     for address in addresses:
-        domain = address.rpartition("@")[2]
-        if domains.is_local(domain) and not owns(user, address, domains):
+        if domains.is_local(domain_of(address)) and not owns(user, address, domains):
             return Reply(553, "5.7.1", f"From: <{address}> not owned by {user}")
     return None

@@ -25,14 +25,14 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger, globalLogBeginner, jsonFileLogObserver
 from twisted.protocols import amp
 
-from mailhost.multiproc import shard
+from mailhost.multiproc.shard import Shard
 from mailhost.config import ROLES, Config, ConfigError, load
 from mailhost.doors.control import apply_queue_action
 from mailhost.ops.logs import BatchedStream, text_lines
 from mailhost.ops.metrics import SNAPSHOT_SECONDS, Metrics, snapshots_folder, write_snapshot
 from mailhost.ops.reload import ReloadOnHangup
 from mailhost.queue.spool import SpoolError
-from mailhost.service import Outbound, build_inbound, build_outbound
+from mailhost.service import Outbound, build_inbound, build_outbound, reloader
 from mailhost.smtp.server import listener_factory
 from mailhost.ops.tls import ServerTLS, tls_pair_paths
 from mailhost.smtp.transport import send_eagerly
@@ -63,12 +63,11 @@ class Worker:
         self.tls = ServerTLS(*tls_pair_paths(self.config), pem=pem)
         # Its metrics are not served: /metrics is the main process's.
         metrics = Metrics()
-        inbound = build_inbound(self.config, self.tls, self.reactor, self.top, metrics)
         # Ids of our shard for what we accept, and our shard of the queue to deliver.
-        shard.claim(self.number, self.shards)
-        self.outbound = build_outbound(self.config, inbound, self.reactor, self.top, metrics, self.shards, main=False)
+        inbound = build_inbound(self.config, self.tls, self.reactor, self.top, metrics, Shard(self.number, self.shards))
+        self.outbound = build_outbound(self.config, inbound, self.reactor, self.top, metrics, main=False)
         # Not a service here: no SIGHUP handler, the main process says when.
-        self.reloader = ReloadOnHangup(self.tls, inbound.domains, self.reactor, inbound.signer, inbound.context)
+        self.reloader = reloader(self.tls, self.reactor, inbound, self.outbound)
         if self.config.metrics.endpoint is not None:
             # The main process serves /metrics: it adds up our snapshots (mailhost.ops.metrics).
             path = snapshots_folder(self.config.server.state_dir) / f"worker{self.number}.json"

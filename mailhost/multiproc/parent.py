@@ -52,7 +52,7 @@ from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred, 
 from twisted.logger import Logger, eventFromJSON, globalLogPublisher
 from twisted.protocols import amp
 
-from mailhost.multiproc import shard
+from mailhost.multiproc.shard import shard_of
 from mailhost.queue.spool import SpoolError
 from mailhost.ops.logs import worker_system
 from mailhost.delivery.throttle import merge_snapshots
@@ -303,7 +303,7 @@ class ShardedQueue:
         return [w.channel for w in self.pool.workers.values() if w.channel is not None and w.channel.transport is not None]
 
     def _on_owner(self, queue_id: str, action: str, here: Callable[[], Any]) -> Deferred:
-        owner = shard.shard_of(queue_id, shard.count())
+        owner = shard_of(queue_id, self.scheduler.shard.count)
         if owner == 0:
             return maybeDeferred(here)
         worker = self.pool.workers.get(owner)

@@ -1,13 +1,15 @@
-"""SIGHUP: read the configuration, the TLS pair, the users files and the DKIM
-keys again, without dropping a session.
+"""SIGHUP: read the configuration, the TLS pair, the users files and the DKIM keys again,
+without dropping a session.
 
-Domains, aliases, catch-alls, limits and the certificate paths take effect
-for new sessions; a configuration with an error is logged and the running
-one kept. Listeners, relay and queue settings need a restart (logged when
-they changed). New TLS connections get the new pair (tls.ServerTLS hands out
-its newest context); sessions already running keep theirs. Users files are
-re-read at once, so a new password or a removed user counts from the next
-AUTH or RCPT.
+Each component gets its own narrow settings and is rebuilt when they changed (the
+`apply` callable the daemon hands in does that, section by section: domains, limits,
+inbound, dkim, bounces, relay, throttles, queue); what can only change at a restart
+(listeners, server.workers, state_dir, metrics) is named in one log line. A
+configuration with an error (a bad key, an unreadable DKIM key file) is logged and the
+running one kept whole: nothing is half-applied. New TLS connections get the new pair
+(tls.ServerTLS hands out its newest context); sessions already running keep theirs.
+Users files are re-read at once, so a new password or a removed user counts from the
+next AUTH or RCPT.
 """
 
 from __future__ import annotations
@@ -19,21 +21,31 @@ from typing import Any
 from twisted.application import service
 from twisted.logger import Logger
 
-from mailhost.config import ConfigError, load
-from mailhost.local.mailbox import LocalDomains
-from mailhost.ops.tls import ServerTLS, TLSSetupError, tls_pair_paths
+from mailhost.config import Config, ConfigError, load
+from mailhost.ops.tls import ServerTLS, TLSSetupError
 
 log = Logger(namespace="mailhost.reload")
 
+# Sections a running daemon cannot take over: they wait for the next restart.
+RESTART_ONLY = ("listeners", "metrics")
+
+
+class ReloadError(Exception):
+    """A new configuration that cannot be applied (a DKIM key that cannot sign, ...)."""
+
 
 class ReloadOnHangup(service.Service):
-    def __init__(self, tls: ServerTLS, domains: LocalDomains, reactor: Any, signer: Any = None,
-                 context: Any = None) -> None:
+    """`apply(new_config)` rebuilds what changed and returns the names of the sections it
+    applied; it raises ReloadError (or ConfigError) without changing anything when the new
+    configuration cannot be used. `running()` is the configuration in force."""
+
+    def __init__(self, tls: ServerTLS, reactor: Any, running: Callable[[], Config],
+                 apply: Callable[[Config], list[str]], reload_users: Callable[[], None]) -> None:
         self._tls = tls
-        self._domains = domains
         self._reactor = reactor
-        self._signer = signer
-        self._context = context  # smtp.server.ServerContext: new sessions read its config
+        self._running = running
+        self._apply = apply
+        self._reload_users = reload_users
         self._previous: Any = None
         self.after: list[Callable[[], object]] = []  # called after each reload (the worker processes)
 
@@ -51,11 +63,8 @@ class ReloadOnHangup(service.Service):
 
     def reload(self, pem: tuple[bytes, bytes] | None = None) -> None:
         """`pem`: the TLS pair's bytes instead of the files (a worker gets them from the main process)."""
-        if self._context is not None:
-            self._reload_config()
-        self._domains.reload_users()
-        if self._signer is not None:
-            self._signer.reload()
+        self._reload_config()
+        self._reload_users()
         try:
             self._tls.reload(pem)
         except TLSSetupError as e:
@@ -66,20 +75,28 @@ class ReloadOnHangup(service.Service):
             hook()
 
     def _reload_config(self) -> None:
-        running = self._context.config
+        running = self._running()
         try:
             config = load(running.path)
-        except ConfigError as e:
+            applied = self._apply(config)
+        except (ConfigError, ReloadError) as e:
             log.error("reload: {error}; keeping the running configuration", error=str(e))
             return
-        self._domains.replace(config)
-        self._context.config = config
-        self._tls.cert_path, self._tls.key_path = tls_pair_paths(config)
-        changed = [name for name in ("listeners", "relay", "queue", "metrics", "throttles")
-                   if getattr(config, name) != getattr(running, name)]
+        waiting = [name for name in RESTART_ONLY if getattr(config, name) != getattr(running, name)]
         if config.server.workers != running.server.workers:
-            changed.append("server.workers")  # the queue's shards follow the count the daemon started with
-        if changed:
-            log.warn("reload: {names} changed; those take effect at the next restart", names=", ".join(changed))
-        log.info("reloaded {path}: domains {domains}", path=str(running.path),
-                 domains=",".join(d.name for d in config.domains))
+            waiting.append("server.workers")  # the queue's shards follow the count the daemon started with
+        if config.server.state_dir != running.server.state_dir:
+            waiting.append("server.state_dir")
+        if waiting:
+            log.warn("reload: {names} changed; those take effect at the next restart", names=", ".join(waiting))
+        log.info("reloaded {path}: {applied}", path=str(running.path),
+                 applied="changed " + ", ".join(applied) if applied else "no change")
+
+
+def changed_sections(old: Config, new: Config, names: tuple[str, ...]) -> list[str]:
+    """The names among `names` (Config attributes, or "server.x") whose values differ."""
+    def value(config: Config, name: str) -> Any:
+        section, _, key = name.partition(".")
+        found = getattr(config, section)
+        return getattr(found, key) if key else found
+    return [name for name in names if value(old, name) != value(new, name)]

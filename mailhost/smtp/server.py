@@ -15,7 +15,6 @@ TLS from the first byte (RFC 8314).
 from __future__ import annotations
 
 import ipaddress
-import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from typing import Any
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
-from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
@@ -32,26 +31,14 @@ from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from mailhost.local.auth import AuthSlowdown, IMailSubmitter, Submitter
 from mailhost.config import Config
-from mailhost.intake.content import ContentSteps
-from mailhost.queue.envelope import Envelope, Recipient
-from mailhost.intake.cleanup import HOP_LIMIT, Intake, delivery_headers, received_date, too_many_hops
-from mailhost.local.mailbox import Copy, LocalDomains
+from mailhost.intake.cleanup import Incoming, Intake, Receipt, Refused
+from mailhost.intake.origin import SMTP, Origin
+from mailhost.intake.policy import SUBMISSION_ROLES, auth_required, check_sender
+from mailhost.local.auth import AuthSlowdown, IMailSubmitter, Submitter
+from mailhost.local.mailbox import LocalDomains
 from mailhost.ops.metrics import Metrics
-from mailhost.intake.policy import (
-    SUBMISSION_ROLES,
-    RecipientVerdict,
-    auth_required,
-    check_header_senders,
-    check_recipient,
-    check_sender,
-    check_suppressed,
-    may_relay,
-)
 from mailhost.smtp import sasl
-from mailhost.multiproc.shard import new_queue_id
-from mailhost.feedback.suppression import SuppressionList
 from mailhost.smtp.wire import (
     COMMAND_LINE_MAX,
     Address,
@@ -64,7 +51,6 @@ from mailhost.smtp.wire import (
     split_command,
     unstuff_to_lf,
 )
-from mailhost.intake.submission import from_addresses, missing_headers, read_headers
 
 log = Logger(namespace="mailhost.smtp")
 
@@ -91,8 +77,6 @@ class ServerContext:
     tls_options: Any | None  # twisted IOpenSSLContextFactory (tls.ServerTLS), None when TLS is off
     portal: Portal  # AUTH: checks credentials, gives IMailSubmitter avatars
     slowdown: AuthSlowdown  # AUTH: shared by every listener, keyed by client address
-    content: ContentSteps  # inbound authentication, DKIM signing, bounce reports
-    suppression: SuppressionList  # relayed recipients not to send to
     metrics: Metrics
 
 
@@ -323,7 +307,13 @@ class SMTPServer(Protocol, TimeoutMixin):
         """A reply that is not ready yet: hold all later input until it is."""
         self._busy = True
         self._flush()
-        deferred.addCallback(self._resume)
+        deferred.addErrback(self._unexpected).addCallback(self._resume)
+
+    def _unexpected(self, failure: Any) -> Reply:
+        """Every wait answers (DESIGN.md): a bug, a broken key or a full disk is logged once,
+        with its traceback, and the client is told to try later."""
+        log.failure("unexpected error for client [{client}]; answered 451 4.3.0", failure, client=self.client_ip)
+        return Reply(451, "4.3.0", "Local error in processing; try again later")
 
     def _resume(self, reply: Reply) -> None:
         self._busy = False
@@ -389,6 +379,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         self.helo = argument
         self.esmtp = esmtp
         self.transaction = None
+        self._known_origin = None
         hostname = self.config.server.hostname
         if not esmtp:
             return Reply(250, "", hostname)
@@ -465,12 +456,7 @@ class SMTPServer(Protocol, TimeoutMixin):
             return Reply(555, "5.5.4", f"Unsupported RCPT parameter {rest.split('=')[0][:40]}")
         if len(self.transaction.recipients) >= self.config.limits.recipients:
             return Reply(452, "4.5.3", "Too many recipients")
-        relay = may_relay(self.factory.role, self.user is not None, self.in_relay_networks)
-        verdict = check_recipient(recipient, self.context.domains, relay, verp=self.config.relay.verp)
-        if verdict.accepted and (self.user is not None or self.in_relay_networks):
-            suppressed = check_suppressed(verdict.resolution, self.context.suppression)
-            if suppressed is not None:
-                verdict = RecipientVerdict(suppressed)
+        verdict = self.context.intake.recipient_verdict(recipient, self._origin())
         if not verdict.accepted:
             log.info(
                 "refused client=[{client}] from=<{sender}> to=<{rcpt}> reply={reply}",
@@ -535,6 +521,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         self.esmtp = False
         self.transaction = None
         self.user = None
+        self._known_origin = None
 
     # --- AUTH (RFC 4954) -----------------------------------------------------
 
@@ -611,6 +598,7 @@ class SMTPServer(Protocol, TimeoutMixin):
 
     def _auth_succeeded(self, login: tuple[Any, Submitter, Any], mechanism: str) -> Reply:
         self.user = login[1]
+        self._known_origin = None
         log.info("auth ok client=[{client}] user={user} mechanism={mechanism}",
                  client=self.client_ip, user=self.user.address, mechanism=mechanism)
         return Reply(235, "2.7.0", "Authentication successful")
@@ -643,43 +631,48 @@ class SMTPServer(Protocol, TimeoutMixin):
         if reader.oversized:
             self._refuse_message(transaction, reader.size, Reply(552, "5.3.4", f"Message size exceeds fixed limit of {self.config.limits.message_size} octets"))
             return
-        problem = check_body(reader.body) or _loop_check(reader.body)
+        problem = check_body(reader.body)
         if problem is not None:
             self._refuse_message(transaction, reader.size, problem)
             return
-        body = unstuff_to_lf(reader.body)
-        if self.user is not None:
-            submitted = self._submitted(self.user, body)
-            if isinstance(submitted, Reply):
-                self._refuse_message(transaction, reader.size, submitted)
-                return
-            body = submitted
+        resolved = {str(address): resolution for address, resolution in transaction.recipients}
+        incoming = Incoming(str(transaction.sender), list(resolved), unstuff_to_lf(reader.body),
+                            body_8bit=transaction.body_8bit, smtputf8=transaction.utf8, resolved=resolved)
         size = reader.size
+        deferred = self.context.intake.receive(incoming, self._origin())
+        self._wait_for(deferred.addCallbacks(self._accepted, self._not_accepted, callbackArgs=(transaction, size),
+                                             errbackArgs=(transaction, size)))
 
-        def checked(result: bytes | Reply) -> Reply | Deferred[Reply]:
-            if isinstance(result, Reply):
-                self._refuse_message(transaction, size, result, send=False)
-                return result
-            return self._accept(transaction, result, size)
+    _known_origin: Origin | None = None
 
-        self._wait_for(self._content(transaction, body).addCallback(checked))
+    def _origin(self) -> Origin:
+        """Who this session's mail is from, for the intake (kept until EHLO, STARTTLS or AUTH)."""
+        if self._known_origin is None:
+            self._known_origin = self._make_origin()
+        return self._known_origin
 
-    def _content(self, transaction: Transaction, body: bytes) -> Deferred[bytes | Reply]:
-        """Our own clients' mail is DKIM-signed; mail from outside gets Authentication-Results:."""
-        if self.user is not None or self.in_relay_networks:
-            return self.context.content.sign(body)
-        if self.factory.role == "mx":
-            return self.context.content.from_outside(self.client_ip, self.helo or "", str(transaction.sender), body)
-        return succeed(body)
+    def _make_origin(self) -> Origin:
+        return Origin(SMTP, role=self.factory.role, client_ip=self.client_ip, helo=self.helo or "",
+                      user=self.user.address if self.user is not None else None,
+                      relay_network=self.in_relay_networks, esmtp=self.esmtp, tls=self._tls_version())
 
-    def _submitted(self, user: Submitter, body: bytes) -> bytes | Reply:
-        """An authenticated user's message (RFC 6409 8): its From: must be the user's
-        where the domain is ours; Message-ID: and Date: are added when missing."""
-        headers = read_headers(body)
-        refusal = check_header_senders(user.address, from_addresses(headers), self.context.domains)
-        if refusal is not None:
-            return refusal
-        return missing_headers(headers, self.config.server.hostname) + body
+    def _accepted(self, receipt: Receipt, transaction: Transaction, size: int) -> Reply:
+        log.info(
+            "{id}: accepted client=[{client}] helo={helo} tls={tls} from=<{sender}> to={rcpts} size={size}"
+            " local={local} queued={queued}{user}",
+            id=receipt.queue_id, client=self.client_ip, helo=self.helo, tls=self._tls_version() or "no",
+            user=f" user={self.user.address}" if self.user is not None else "",
+            sender=str(transaction.sender), rcpts=",".join(f"<{r}>" for r, _ in transaction.recipients), size=size,
+            local=receipt.local, queued=receipt.queued,
+        )
+        self.context.metrics.received.labels(self.factory.role, "accepted").inc()
+        return Reply(250, "2.0.0", f"Ok: queued as {receipt.queue_id}")
+
+    def _not_accepted(self, failure: Any, transaction: Transaction, size: int) -> Reply | Any:
+        if failure.check(Refused):
+            self._refuse_message(transaction, size, failure.value.reply, send=False)
+            return failure.value.reply
+        return failure  # _unexpected answers it
 
     def _refuse_message(self, transaction: Transaction, size: int, reply: Reply, send: bool = True) -> None:
         kind = " smuggling-shape" if reply.status == "5.6.11" else ""
@@ -691,83 +684,6 @@ class SMTPServer(Protocol, TimeoutMixin):
         if send:
             self._reply(reply)
 
-    def _accept(self, transaction: Transaction, body: bytes, size: int) -> Deferred[Reply]:
-        queue_id = new_queue_id()
-        now = received_date()
-        copies: list[Copy] = []
-        remote: list[str] = []
-        seen: set[str] = set()
-        bounce_rcpts = [r for r, resolution in transaction.recipients if resolution.bounce_for]
-        recorded = None
-        if bounce_rcpts or (transaction.sender.is_null and b"delivery-status" in body):
-            # A report about our mail: its failures go to the suppression list.
-            recorded = self.context.content.record_bounces(body)
-        for recipient, resolution in transaction.recipients:
-            if resolution.bounce_for and not self.config.bounces.consume:
-                resolution = self.context.domains.resolve("postmaster", recipient.domain)
-            for mailbox in resolution.mailboxes:
-                if mailbox.address not in seen:
-                    seen.add(mailbox.address)
-                    received = self._received(transaction, queue_id, str(recipient), now)
-                    copies.append(Copy(mailbox, delivery_headers(str(transaction.sender), mailbox.address) + received))
-            remote.extend(r for r in resolution.remote if r not in remote)
-        envelope = None
-        if remote:
-            envelope = Envelope(
-                id=queue_id, sender=str(transaction.sender), recipients=[Recipient(r) for r in remote],
-                arrival=time.time(), next_attempt=time.time(), client=f"{self.helo} ([{self.client_ip}])",
-                body_8bit=transaction.body_8bit, smtputf8=transaction.utf8,
-            )
-        only = remote[0] if len(remote) == 1 else None
-        if copies or envelope is not None:
-            deferred = self.context.intake.accept(copies, envelope, self._received(transaction, queue_id, only, now), body)
-        else:
-            deferred = succeed(None)  # only consumed bounces: the suppression update is the delivery
-        if recorded is not None:
-            deferred = gatherResults([deferred, recorded], consumeErrors=True)
-
-        def accepted(_: object) -> Reply:
-            log.info(
-                "{id}: accepted client=[{client}] helo={helo} tls={tls} from=<{sender}> to={rcpts} size={size}"
-                " local={local} queued={queued}{user}",
-                id=queue_id, client=self.client_ip, helo=self.helo, tls=self._tls_version() or "no",
-                user=f" user={self.user.address}" if self.user is not None else "",
-                sender=str(transaction.sender), rcpts=",".join(f"<{r}>" for r, _ in transaction.recipients), size=size,
-                local=len(copies), queued=len(remote),
-            )
-            self.context.metrics.received.labels(self.factory.role, "accepted").inc()
-            return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
-
-        def failed(failure: Any) -> Reply:
-            log.error(
-                "{id}: not accepted client=[{client}] from=<{sender}> error={error} reply=451 4.3.0",
-                id=queue_id, client=self.client_ip, sender=str(transaction.sender), error=failure.getErrorMessage(),
-            )
-            return Reply(451, "4.3.0", "Local error in processing; try again later")
-
-        return deferred.addCallbacks(accepted, failed)
-
-    def _received(self, transaction: Transaction, queue_id: str, recipient: str | None, date: str) -> bytes:
-        """Our RFC 5321 4.4 trace header; `for` only when it names one recipient.
-
-        The protocol is named as RFC 3848 / RFC 6531 do (ESMTPSA: TLS and AUTH);
-        an authenticated user is named in a comment, and with [submission]
-        hide_client the "from" part (client address and HELO name) is left out.
-        """
-        protocol = ("UTF8SMTP" if transaction.utf8 else "ESMTP" if self.esmtp else "SMTP") + ("S" if self.tls else "")
-        if self.user is not None:
-            protocol += "A"
-        tls = self._tls_version()
-        comments = f"\n\t(using {tls})" if tls else ""
-        if self.user is not None:
-            comments += f"\n\t(authenticated as {self.user.address})"
-        for_clause = f"\n\tfor <{recipient}>" if recipient else ""
-        by = f"by {self.config.server.hostname} (mailhost) with {protocol} id {queue_id}"
-        if self.user is not None and self.config.submission.hide_client:
-            return f"Received: {by}{comments}{for_clause}; {date}\n".encode("utf-8")
-        literal = f"IPv6:{self.client_ip}" if ":" in self.client_ip else self.client_ip
-        return f"Received: from {self.helo} ([{literal}]){comments}\n\t{by}{for_clause}; {date}\n".encode("utf-8")
-
     def _tls_version(self) -> str | None:
         if not self.tls:
             return None
@@ -777,9 +693,3 @@ class SMTPServer(Protocol, TimeoutMixin):
         except Exception:
             return "TLS"
 
-
-def _loop_check(body: bytes) -> Reply | None:
-    """554 5.4.6 for a message that has been through more than HOP_LIMIT hosts."""
-    if too_many_hops(body[2:]):  # body starts with the reader's CRLF
-        return Reply(554, "5.4.6", f"Too many hops (more than {HOP_LIMIT} Received: headers): mail loop?")
-    return None

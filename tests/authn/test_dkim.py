@@ -6,7 +6,8 @@ import dkim
 import dns.resolver
 import pytest
 
-from mailhost.authn.dkim import ED25519, RSA, DkimKeyError, Signer, from_domain, generate, sign
+from mailhost.authn.dkim import ED25519, RSA, DkimKeyError, Signer, generate, sign
+from mailhost.message import from_domain
 from tests.support.dns import DNSServer
 
 MESSAGE = (

@@ -11,7 +11,8 @@ from email.message import EmailMessage
 
 import pytest
 
-from mailhost.feedback.dsn import REPLY_LIMIT, build_dsn, original_headers, received_count
+from mailhost.feedback.dsn import REPLY_LIMIT, build_dsn
+from mailhost.message import original_headers, received_count
 from mailhost.queue.envelope import DEFERRED, FAILED, Envelope, Recipient
 
 HOST = "mail.example.test"

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mailhost.intake.submission import from_addresses, missing_headers, read_headers
+from mailhost.intake.submission import missing_headers
+from mailhost.message import from_addresses, read_headers
 
 
 @pytest.mark.parametrize(

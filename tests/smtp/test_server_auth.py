@@ -23,7 +23,8 @@ from twisted.logger import globalLogPublisher
 
 from mailhost.local.auth import AuthSlowdown, SubmitterRealm, UsersFileChecker
 from mailhost.config import load
-from mailhost.intake.content import ContentSteps
+from mailhost.intake.cleanup import Intake
+from mailhost.multiproc.shard import EVERYTHING
 from mailhost.authn.dkim import Signer
 from mailhost.local.mailbox import LocalDomains
 from mailhost.ops.metrics import Metrics
@@ -85,13 +86,12 @@ class TLSStringTransport(StringTransport):
         self.tls_started = True
 
 
-class Intake:
-    """Stands in for mailhost.intake.cleanup.Intake: remembers what would be stored."""
+class RecordingIntake(Intake):
+    """The real intake, every step of it, but remembering what it would store instead of writing it."""
 
-    def __init__(self) -> None:
-        self.accepted: list[tuple[list, Any, bytes, bytes]] = []
+    accepted: list[tuple[list, Any, bytes, bytes]]
 
-    def accept(self, copies: list, envelope: Any, outbound_headers: bytes, body: bytes) -> defer.Deferred:
+    def store(self, copies: list, envelope: Any, outbound_headers: bytes, body: bytes) -> defer.Deferred:
         self.accepted.append((copies, envelope, outbound_headers, body))
         return defer.succeed(None)
 
@@ -157,13 +157,13 @@ class World:
         self.domains = LocalDomains(self.config)
         self.clock = Clock()
         self.runner = Runner()
-        self.intake = Intake()
         checker = UsersFileChecker(self.domains, self.runner, dummy_hash=hash_password("x", log_n=CHEAP))
         suppression = SuppressionList(root / "suppression.json")
-        content = ContentSteps(self.config, Signer(root), suppression, self.runner)
+        self.intake = RecordingIntake(self.config, None, None, self.domains, Signer(root), suppression, self.runner,
+                                      EVERYTHING)
+        self.intake.accepted = []
         self.context = ServerContext(self.config, self.domains, self.intake, object(), Portal(SubmitterRealm(), [checker]),
-                                     AuthSlowdown(self.clock, free=self.config.limits.auth_failures), content,
-                                     suppression, Metrics())
+                                     AuthSlowdown(self.clock, free=self.config.limits.auth_failures), Metrics())
         self.factories = {role: SMTPServerFactory(role, self.context, self.clock)
                           for role in ("mx", "submission", "submissions")}
 
