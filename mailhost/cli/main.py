@@ -180,6 +180,12 @@ def check_config(config: Config) -> int:
             raise UserError(str(e)) from None
     for domain in config.domains:
         read_users(domain.users)  # a malformed users file is a config error too
+    from mailhost.authn.dkim import DkimKeyError, configured_keys
+
+    try:
+        configured_keys(config.dkim)  # each [[dkim]] key signs a probe message, or says why not
+    except DkimKeyError as e:
+        raise UserError(str(e)) from None
     print(f"{config.path}: ok ({len(config.domains)} domains, {len(config.listeners)} listeners)")
     return 0
 
