@@ -10,7 +10,6 @@ stopping the rest.
 from __future__ import annotations
 
 import os
-import time
 from typing import Any
 
 from twisted.application import service
@@ -154,7 +153,7 @@ class Scheduler(service.Service):
 
     def flush(self, queue_id: str | None = None) -> int:
         """Make one message (or every one not held) due now; returns how many."""
-        now = time.time()
+        now = self.reactor.seconds()
         ids = [queue_id] if queue_id else self.index.all_due()
         count = 0
         for one in ids:
@@ -192,7 +191,7 @@ class Scheduler(service.Service):
     def _wake(self) -> None:
         if not self.running:
             return
-        now = time.time()
+        now = self.reactor.seconds()
         while len(self.in_flight) < self.max_in_flight:
             queue_id = self.index.pop_due(now)
             if queue_id is None:
@@ -209,7 +208,7 @@ class Scheduler(service.Service):
                 return
             self._timer.cancel()
         self._timer_at = when
-        self._timer = self.reactor.callLater(max(0.0, when - time.time()), self._wake)
+        self._timer = self.reactor.callLater(max(0.0, when - self.reactor.seconds()), self._wake)
 
     @inlineCallbacks
     def _attempt(self, queue_id: str):
@@ -238,7 +237,7 @@ class Scheduler(service.Service):
         except Exception:
             log.failure("{id}: delivery attempt failed; retrying later", id=queue_id)
             if queue_id in self.index or self.spool.envelope_path(queue_id).exists():
-                self.index.schedule(queue_id, time.time() + ERROR_RETRY_SECONDS)
+                self.index.schedule(queue_id, self.reactor.seconds() + ERROR_RETRY_SECONDS)
         finally:
             self.in_flight.discard(queue_id)
             if queue_id in self._deleted:
@@ -285,7 +284,7 @@ class Scheduler(service.Service):
 
     @inlineCallbacks
     def _record(self, envelope: Envelope, message: bytes, outcomes: dict[str, Outcome]):
-        now = time.time()
+        now = self.reactor.seconds()
         throttled_until: float | None = None
         for recipient in envelope.pending():
             outcome = outcomes.get(recipient.address)

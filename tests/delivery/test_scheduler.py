@@ -1,0 +1,462 @@
+"""The queue runner (mailhost.delivery.scheduler.Scheduler) on a fake clock.
+
+Retries, expiry, delay warnings and pace re-queues, checked where a user would
+look: the envelope in a real spool, whether the message is still queued, and
+the DSNs handed to the intake. Time is twisted's task.Clock (the scheduler
+reads the reactor's clock), disk work runs synchronously, and the deliverer is
+a script of outcomes: no sleeps, no threads, no network.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet import defer, task
+
+from mailhost.config import Config, load
+from mailhost.delivery.deliverer import Outcome
+from mailhost.delivery.scheduler import ERROR_RETRY_SECONDS, Scheduler
+from mailhost.ops.metrics import Metrics
+from mailhost.queue.envelope import DEFERRED, DELIVERED, FAILED, PENDING, Envelope, Recipient
+from mailhost.queue.spool import Spool, SpoolError, new_queue_id
+
+START = 1_700_000_000.0  # the clock's epoch time when a test begins
+SENDER = "alice@example.test"
+MESSAGE = b"From: alice@example.test\nTo: bob@remote.test\nSubject: hello\nMessage-ID: <1@example.test>\n\nhi\n"
+
+DEFER = Outcome("deferred", "451 4.7.1 try again later", "4.7.1", "mx.remote.test")
+BOUNCE = Outcome("failed", "550 5.1.1 no such user", "5.1.1", "mx.remote.test")
+SENT = Outcome("delivered", "250 2.0.0 ok", "2.0.0", "mx.remote.test")
+
+
+def throttled(seconds: float) -> Outcome:
+    return Outcome("throttled", "over the pace for remote.test", "4.7.0", retry_in=seconds)
+
+
+CONFIG = """
+[server]
+hostname = "mail.example.test"
+state_dir = "state"
+
+[[listener]]
+role = "mx"
+endpoint = "tcp:2525:interface=127.0.0.1"
+
+[[domain]]
+name = "example.test"
+maildir = "mail/example.test"
+users = "users"
+
+[queue]
+retry = [{retry}]
+lifetime = "{lifetime}"
+delay_warning = "{delay_warning}"
+"""
+
+
+# --- stand-ins ---------------------------------------------------------------------
+
+
+class SyncWriter:
+    """DiskWriter without threads: the work runs at once, its result in a fired Deferred."""
+
+    def run(self, f: Callable[..., Any], *a: Any, **kw: Any) -> defer.Deferred:
+        try:
+            return defer.succeed(f(*a, **kw))
+        except Exception:
+            return defer.fail()
+
+    run_together = run
+
+
+class FakePool:
+    def __init__(self) -> None:
+        self.closed = 0
+
+    def close_all(self) -> None:
+        self.closed += 1
+
+
+class FakeDeliverer:
+    """Answers each recipient with `respond(address)`: an Outcome, or an exception to raise
+    (`fail_with`: raised at once, or as a failed Deferred when `asynchronous`)."""
+
+    def __init__(self, clock: task.Clock) -> None:
+        self.clock = clock
+        self.pool = FakePool()
+        self.respond: Callable[[str], Outcome] = lambda address: DEFER
+        self.fail_with: Exception | None = None
+        self.asynchronous = False
+        self.calls: list[tuple[float, list[str]]] = []  # (when, pending recipients given)
+
+    def deliver(self, envelope: Envelope, message: bytes) -> defer.Deferred:
+        self.calls.append((self.clock.seconds(), [r.address for r in envelope.pending()]))
+        if self.fail_with is not None:
+            if self.asynchronous:
+                return defer.fail(self.fail_with)
+            raise self.fail_with
+        return defer.succeed({r.address: self.respond(r.address) for r in envelope.pending()})
+
+
+@dataclass
+class Notice:
+    """A message the scheduler asked the intake to send (a DSN)."""
+
+    sender: str
+    recipients: list[str]
+    message: bytes
+
+    @property
+    def kind(self) -> str:
+        action = re.search(rb"^Action: (\w+)", self.message, re.MULTILINE)
+        return {b"failed": "failure", b"delayed": "delay"}.get(action.group(1) if action else b"", "?")
+
+    @property
+    def statuses(self) -> list[str]:
+        return [s.decode() for s in re.findall(rb"^Status: (\S+)", self.message, re.MULTILINE)]
+
+
+class FakeIntake:
+    """Records what `inject` is given; tolerant of how it is called."""
+
+    def __init__(self) -> None:
+        self.notices: list[Notice] = []
+
+    def inject(self, *args: Any, **kwargs: Any) -> defer.Deferred:
+        names = ("sender", "recipients", "message")
+        values = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k in names}
+        self.notices.append(Notice(values.get("sender", ""), list(values.get("recipients", [])),
+                                   values.get("message", b"")))
+        return defer.succeed("BOUNCEID")
+
+    def kinds(self) -> list[str]:
+        return [n.kind for n in self.notices]
+
+
+@dataclass
+class Queue:
+    clock: task.Clock
+    config: Config
+    spool: Spool
+    deliverer: FakeDeliverer
+    intake: FakeIntake
+    scheduler: Scheduler
+
+    def enqueue(self, *recipients: str, sender: str = SENDER, due_in: float = 0.0) -> str:
+        """Commit a message and tell the scheduler, as the intake does; returns its queue id."""
+        now = self.clock.seconds()
+        envelope = Envelope(new_queue_id(), sender, [Recipient(r) for r in recipients], now, now + due_in,
+                            client="client.example (127.0.0.1)")
+        self.spool.store(envelope, [MESSAGE])
+        self.scheduler.queued(envelope)
+        return envelope.id
+
+    def load(self, queue_id: str) -> Envelope:
+        return self.spool.load(queue_id)
+
+    def is_queued(self, queue_id: str) -> bool:
+        try:
+            self.spool.load(queue_id)
+        except SpoolError:
+            assert not self.spool.message_path(queue_id).exists()
+            return False
+        return True
+
+    def advance_to(self, when: float) -> None:
+        self.clock.advance(when - self.clock.seconds())
+
+    def run_attempts(self, queue_id: str, count: int) -> None:
+        """Let `count` more attempts happen, each at the envelope's next_attempt."""
+        for _ in range(count):
+            before = len(self.deliverer.calls)
+            self.advance_to(self.load(queue_id).next_attempt)
+            assert len(self.deliverer.calls) == before + 1
+
+
+@pytest.fixture
+def make_queue(tmp_path: Path) -> Callable[..., Queue]:
+    made: list[Scheduler] = []
+
+    def make(retry: tuple[str, ...] = ("1m", "5m", "15m"), lifetime: str = "5d", delay_warning: str = "0") -> Queue:
+        (tmp_path / "mailhost.toml").write_text(CONFIG.format(
+            retry=", ".join(f'"{r}"' for r in retry), lifetime=lifetime, delay_warning=delay_warning))
+        config = load(tmp_path / "mailhost.toml")
+        clock = task.Clock()
+        clock.advance(START)
+        spool = Spool(tmp_path / "spool")
+        deliverer = FakeDeliverer(clock)
+        intake = FakeIntake()
+        scheduler = Scheduler(config, spool, SyncWriter(), deliverer, intake, clock, Metrics())
+        scheduler.startService()
+        assert scheduler.ready.called
+        made.append(scheduler)
+        return Queue(clock, config, spool, deliverer, intake, scheduler)
+
+    yield make
+    for scheduler in made:
+        if scheduler.running:
+            scheduler.stopService()
+
+
+# --- retries -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("failures, wait", [
+    (1, 60.0),  # retry[0]
+    (2, 300.0),  # retry[1]
+    (3, 900.0),  # retry[2], the last step
+    (4, 900.0),  # past the steps: the last one again
+    (6, 900.0),
+])
+def test_deferral_waits_the_retry_step_of_its_attempt_count(make_queue, failures, wait):
+    q = make_queue(retry=("1m", "5m", "15m"))
+    queue_id = q.enqueue("bob@remote.test")  # tried at once
+    q.run_attempts(queue_id, failures - 1)
+    envelope = q.load(queue_id)
+    [recipient] = envelope.recipients
+    assert (recipient.state, recipient.attempts) == (DEFERRED, failures)
+    assert (recipient.last_reply, recipient.status, recipient.remote_mta) == (DEFER.reply, "4.7.1", "mx.remote.test")
+    assert envelope.next_attempt == q.clock.seconds() + wait
+    assert q.intake.notices == []
+
+
+def test_only_pending_recipients_are_tried_again(make_queue):
+    q = make_queue()
+    q.deliverer.respond = lambda address: SENT if address == "bob@remote.test" else DEFER
+    queue_id = q.enqueue("bob@remote.test", "carol@remote.test")
+    states = {r.address: (r.state, r.attempts) for r in q.load(queue_id).recipients}
+    assert states == {"bob@remote.test": (DELIVERED, 1), "carol@remote.test": (DEFERRED, 1)}
+    q.run_attempts(queue_id, 1)
+    assert q.deliverer.calls[-1][1] == ["carol@remote.test"]
+
+
+# --- delivered and failed --------------------------------------------------------------
+
+
+def test_delivered_message_leaves_the_spool(make_queue):
+    q = make_queue()
+    q.deliverer.respond = lambda address: SENT
+    queue_id = q.enqueue("bob@remote.test", "carol@remote.test")
+    assert len(q.deliverer.calls) == 1
+    assert not q.is_queued(queue_id)
+    assert queue_id not in q.scheduler.index and queue_id not in q.scheduler.arrivals
+    assert q.intake.notices == []
+    q.clock.advance(7 * 86400)
+    assert len(q.deliverer.calls) == 1  # never tried again
+
+
+@pytest.mark.parametrize("sender, notices", [
+    (SENDER, [("failure", "", [SENDER])]),
+    ("", []),  # never a DSN about a DSN
+])
+def test_permanent_failure_is_bounced_once_to_the_sender(make_queue, sender, notices):
+    q = make_queue()
+    q.deliverer.respond = lambda address: BOUNCE if address == "bad@remote.test" else DEFER
+    queue_id = q.enqueue("bad@remote.test", "slow@remote.test", sender=sender)
+    recipients = {r.address: r for r in q.load(queue_id).recipients}
+    bad = recipients["bad@remote.test"]
+    assert (bad.state, bad.status, bad.last_reply, bad.bounced) == (FAILED, "5.1.1", BOUNCE.reply, True)
+    assert recipients["slow@remote.test"].state == DEFERRED
+    q.run_attempts(queue_id, 2)  # later attempts do not bounce it again
+    assert [(n.kind, n.sender, n.recipients) for n in q.intake.notices] == notices
+    assert [n.statuses for n in q.intake.notices] == [["5.1.1"]] * len(notices)
+
+
+@pytest.mark.parametrize("sender, bounces", [(SENDER, 1), ("", 0)])
+def test_message_whose_only_recipient_failed_is_bounced_and_removed(make_queue, sender, bounces):
+    q = make_queue()
+    q.deliverer.respond = lambda address: BOUNCE
+    queue_id = q.enqueue("bad@remote.test", sender=sender)
+    assert not q.is_queued(queue_id)
+    assert q.intake.kinds() == ["failure"] * bounces
+
+
+# --- lifetime ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sender, bounces", [(SENDER, 1), ("", 0)])
+def test_recipient_still_deferred_after_the_lifetime_expires_with_4_4_7(make_queue, sender, bounces):
+    # Attempts at 0, 10, 20 and 30 minutes; the lifetime ends at 30.
+    q = make_queue(retry=("10m",), lifetime="30m")
+    queue_id = q.enqueue("bob@remote.test", "carol@remote.test", sender=sender)
+    q.run_attempts(queue_id, 2)
+    envelope = q.load(queue_id)
+    assert [(r.state, r.attempts) for r in envelope.recipients] == [(DEFERRED, 3)] * 2
+    assert envelope.next_attempt == START + 1800
+    assert q.intake.notices == []
+
+    q.run_attempts(queue_id, 1)  # at arrival + lifetime exactly
+    assert not q.is_queued(queue_id)
+    assert [(n.kind, n.recipients) for n in q.intake.notices] == [("failure", [SENDER])] * bounces
+    for notice in q.intake.notices:
+        assert notice.statuses == ["4.4.7", "4.4.7"]
+        assert b"delivery time expired after 4 attempts" in notice.message
+
+
+def test_lifetime_does_not_expire_what_was_delivered_meanwhile(make_queue):
+    q = make_queue(retry=("10m",), lifetime="30m")
+    queue_id = q.enqueue("bob@remote.test")
+    q.run_attempts(queue_id, 2)
+    q.deliverer.respond = lambda address: SENT
+    q.run_attempts(queue_id, 1)  # succeeds on the attempt at the lifetime's end
+    assert not q.is_queued(queue_id)
+    assert q.intake.notices == []
+
+
+# --- delay warnings ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("delay_warning, sender, warned_at_attempt", [
+    ("30m", SENDER, 4),  # attempts at 0, 10, 20, 30, ... minutes: the 4th is the first at or past 30m
+    ("25m", SENDER, 4),
+    ("10m", SENDER, 2),
+    ("0", SENDER, None),  # "0": never warn
+    ("30m", "", None),  # no DSN to the null sender
+])
+def test_one_delay_warning_once_delay_warning_has_passed(make_queue, delay_warning, sender, warned_at_attempt):
+    q = make_queue(retry=("10m",), lifetime="5d", delay_warning=delay_warning)
+    queue_id = q.enqueue("bob@remote.test", sender=sender)
+    kinds = [q.intake.kinds()]
+    for _ in range(7):
+        q.run_attempts(queue_id, 1)
+        kinds.append(q.intake.kinds())
+    expected = [[] if warned_at_attempt is None or n < warned_at_attempt else ["delay"] for n in range(1, 9)]
+    assert kinds == expected
+    for notice in q.intake.notices:
+        assert (notice.sender, notice.recipients) == ("", [SENDER])
+    assert q.load(queue_id).delay_warned is (delay_warning != "0")
+    assert q.load(queue_id).recipients[0].state == DEFERRED
+
+
+def test_delay_warning_then_bounce_at_expiry(make_queue):
+    q = make_queue(retry=("10m",), lifetime="30m", delay_warning="15m")
+    queue_id = q.enqueue("bob@remote.test")
+    q.run_attempts(queue_id, 3)
+    assert not q.is_queued(queue_id)
+    assert q.intake.kinds() == ["delay", "failure"]
+
+
+# --- pace re-queues -------------------------------------------------------------------
+
+
+def test_throttled_is_not_an_attempt_and_is_due_again_after_retry_in(make_queue):
+    q = make_queue()
+    q.deliverer.respond = lambda address: throttled(7.5)
+    queue_id = q.enqueue("bob@remote.test")
+    envelope = q.load(queue_id)
+    [recipient] = envelope.recipients
+    assert (recipient.state, recipient.attempts, recipient.last_reply) == (PENDING, 0, "")
+    assert envelope.next_attempt == START + 7.5
+    q.clock.advance(7.4)
+    assert len(q.deliverer.calls) == 1
+    q.clock.advance(0.1)
+    assert len(q.deliverer.calls) == 2
+
+
+def test_throttled_after_a_deferral_keeps_the_attempt_count(make_queue):
+    q = make_queue(retry=("1m", "5m"))
+    queue_id = q.enqueue("bob@remote.test")  # deferred: attempt 1
+    q.deliverer.respond = lambda address: throttled(30)
+    q.run_attempts(queue_id, 3)
+    envelope = q.load(queue_id)
+    assert (envelope.recipients[0].state, envelope.recipients[0].attempts) == (DEFERRED, 1)
+    assert envelope.next_attempt == q.clock.seconds() + 30
+    q.deliverer.respond = lambda address: DEFER
+    q.run_attempts(queue_id, 1)  # attempt 2: the second step
+    envelope = q.load(queue_id)
+    assert envelope.recipients[0].attempts == 2
+    assert envelope.next_attempt == q.clock.seconds() + 300
+
+
+@pytest.mark.parametrize("retry_in, wait", [(7.0, 7.0), (600.0, 60.0)])
+def test_throttled_and_deferred_recipients_take_the_sooner_time(make_queue, retry_in, wait):
+    # One next_attempt per message: the deferred recipient is tried again with the paced one,
+    # before its own retry step when the pace's slot comes first.
+    q = make_queue(retry=("1m",))
+    q.deliverer.respond = lambda address: throttled(retry_in) if address == "paced@big.test" else DEFER
+    queue_id = q.enqueue("paced@big.test", "bob@remote.test")
+    envelope = q.load(queue_id)
+    assert {r.address: r.attempts for r in envelope.recipients} == {"paced@big.test": 0, "bob@remote.test": 1}
+    assert envelope.next_attempt == START + wait
+
+
+# --- a crashing delivery ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["raises", "failed-deferred"])
+def test_deliverer_exception_retries_later_without_losing_the_message(make_queue, asynchronous):
+    q = make_queue(delay_warning="0")
+    q.deliverer.fail_with = RuntimeError("boom")
+    q.deliverer.asynchronous = asynchronous
+    queue_id = q.enqueue("bob@remote.test")
+    assert len(q.deliverer.calls) == 1
+    envelope = q.load(queue_id)
+    assert (envelope.recipients[0].state, envelope.recipients[0].attempts) == (PENDING, 0)
+    assert queue_id not in q.scheduler.in_flight
+
+    q.deliverer.fail_with = None
+    q.deliverer.respond = lambda address: SENT
+    q.clock.advance(ERROR_RETRY_SECONDS - 1)
+    assert len(q.deliverer.calls) == 1
+    q.clock.advance(1)
+    assert q.deliverer.calls[1][0] == START + ERROR_RETRY_SECONDS
+    assert not q.is_queued(queue_id)
+
+
+def test_a_crashing_message_does_not_stop_the_others(make_queue):
+    q = make_queue()
+
+    def respond(address: str) -> Outcome:
+        if address == "bad@remote.test":
+            raise RuntimeError("boom")
+        return SENT
+
+    q.deliverer.respond = respond
+    bad = q.enqueue("bad@remote.test")
+    good = q.enqueue("bob@remote.test")
+    assert q.is_queued(bad) and not q.is_queued(good)
+
+
+# --- waking ------------------------------------------------------------------------
+
+
+def test_wakes_only_when_a_message_is_due(make_queue):
+    q = make_queue(retry=("1m",))
+    queue_id = q.enqueue("bob@remote.test", due_in=100)
+    assert q.deliverer.calls == []
+    [timer] = q.clock.getDelayedCalls()  # one timer at the due time, no polling
+    assert timer.getTime() == START + 100
+    q.clock.advance(99.9)
+    assert q.deliverer.calls == []
+    q.clock.advance(0.1)
+    assert [when for when, _ in q.deliverer.calls] == [START + 100]
+
+    # Deferred: due again a minute later, and not before.
+    assert q.load(queue_id).next_attempt == START + 160
+    q.clock.advance(59.9)
+    assert len(q.deliverer.calls) == 1
+    q.clock.advance(0.1)
+    assert [when for when, _ in q.deliverer.calls] == [START + 100, START + 160]
+
+
+def test_an_earlier_message_brings_the_wake_up_forward(make_queue):
+    q = make_queue()
+    later = q.enqueue("bob@remote.test", due_in=500)
+    sooner = q.enqueue("carol@remote.test", due_in=50)
+    assert [t.getTime() for t in q.clock.getDelayedCalls() if t.active()] == [START + 50]
+    q.clock.advance(50)
+    assert q.deliverer.calls == [(START + 50, ["carol@remote.test"])]
+    assert q.load(sooner).recipients[0].attempts == 1 and q.load(later).recipients[0].attempts == 0
+
+
+def test_flush_makes_a_deferred_message_due_now(make_queue):
+    q = make_queue(retry=("1h",))
+    queue_id = q.enqueue("bob@remote.test")
+    q.clock.advance(10)
+    assert q.scheduler.flush(queue_id) == 1
+    assert [when for when, _ in q.deliverer.calls] == [START, START + 10]
