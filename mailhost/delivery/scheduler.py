@@ -55,6 +55,7 @@ class Scheduler(service.Service):
         metrics.watch_queue(lambda: len(self.arrivals), lambda: min(self.arrivals.values(), default=None))
         self.in_flight: set[str] = set()
         self._deleted: set[str] = set()
+        self._held_meanwhile: dict[str, bool] = {}  # hold/release said during a running attempt
         self._timer: Any = None
         self._timer_at: float | None = None
         self.ready: Deferred[None] = Deferred()
@@ -157,7 +158,7 @@ class Scheduler(service.Service):
         ids = [queue_id] if queue_id else self.index.all_due()
         count = 0
         for one in ids:
-            if one in self.index and one not in self.in_flight:
+            if one in self.index and not self.index.is_held(one) and one not in self.in_flight:
                 self.index.schedule(one, now)
                 count += 1
         self._wake()
@@ -169,7 +170,8 @@ class Scheduler(service.Service):
         envelope.held = held
         yield self.writer.run(self.spool.update, envelope)
         if queue_id in self.in_flight:
-            return  # the running attempt re-reads `held` when it finishes
+            self._held_meanwhile[queue_id] = held  # the running attempt writes its envelope last: it applies this
+            return
         if held:
             self.index.hold(queue_id)
         else:
@@ -214,9 +216,13 @@ class Scheduler(service.Service):
     def _attempt(self, queue_id: str):
         try:
             envelope, message, suppressed = yield self.writer.run_together(self._load_attempt, queue_id)
-            if envelope.held or envelope.done:
+            if envelope.held:
+                self.index.hold(queue_id)
                 return
-            if too_many_hops(message):
+            if envelope.done:
+                # Every recipient is final but a report to the sender could not be sent last time.
+                outcomes = {}
+            elif too_many_hops(message):
                 text = f"too many hops: more than {HOP_LIMIT} Received: headers (mail loop)"
                 outcomes = {r.address: Outcome(FAILED, text, "5.4.6") for r in envelope.pending()}
             elif suppressed:
@@ -240,9 +246,13 @@ class Scheduler(service.Service):
                 self.index.schedule(queue_id, self.reactor.seconds() + ERROR_RETRY_SECONDS)
         finally:
             self.in_flight.discard(queue_id)
+            self._held_meanwhile.pop(queue_id, None)
             if queue_id in self._deleted:
                 self._deleted.discard(queue_id)
-                yield self.delete(queue_id)
+                try:
+                    yield self.delete(queue_id)
+                except SpoolError:
+                    pass  # the attempt finished it and removed it already
             self._wake()
 
     def _load_attempt(self, queue_id: str) -> tuple[Envelope, bytes, dict[str, str]]:
@@ -312,7 +322,7 @@ class Scheduler(service.Service):
                 self.metrics.deliveries.labels("expired").inc()
                 log.info("{id}: to=<{rcpt}> status=expired ({reply})", id=envelope.id, rcpt=recipient.address, reply=recipient.last_reply)
         yield self._send_dsns(envelope, message, now)
-        if envelope.done:
+        if envelope.done and not self._reports_owed(envelope):
             yield self.writer.run_together(self.spool.remove, envelope.id, False)
             self.arrivals.pop(envelope.id, None)
             log.info("{id}: removed (every recipient delivered or bounced)", id=envelope.id)
@@ -322,6 +332,7 @@ class Scheduler(service.Service):
         envelope.next_attempt = now + queue.retry[min(max(max(tried, default=1), 1), len(queue.retry)) - 1]
         if throttled_until is not None:
             envelope.next_attempt = min(envelope.next_attempt, throttled_until) if tried else throttled_until
+        envelope.held = self._held_meanwhile.pop(envelope.id, envelope.held)
         yield self.writer.run(self.spool.update, envelope)
         if envelope.held:
             self.index.hold(envelope.id)
@@ -336,22 +347,43 @@ class Scheduler(service.Service):
             return succeed(None)
         return self._notify(envelope, message, now)
 
+    @staticmethod
+    def _reports_owed(envelope: Envelope) -> bool:
+        """A failure the sender has not been told about yet (its report could not be sent)."""
+        return bool(envelope.sender) and any(r.state == FAILED and not r.bounced for r in envelope.recipients)
+
     @inlineCallbacks
     def _notify(self, envelope: Envelope, message: bytes, now: float):
+        """Send the reports; one that cannot be sent now (the intake failed) is tried again at
+        the next attempt, and the recipients' states are kept either way (never a second delivery)."""
         hostname = self.config.server.hostname
         failed = [r for r in envelope.recipients if r.state == FAILED and not r.bounced]
         if failed:
-            for recipient in failed:
-                recipient.bounced = True
             if envelope.sender:
                 bounce = build_dsn(envelope, failed, message, hostname=hostname, kind="failure", now=now)
-                bounce_id = yield self.intake.notify(envelope.sender, bounce)
-                log.info("{id}: sender non-delivery notification: {bounce}", id=envelope.id, bounce=bounce_id)
+                bounce_id = yield self._send_report(envelope, bounce, "non-delivery")
+                if bounce_id is None:
+                    failed = []
+            for recipient in failed:
+                recipient.bounced = True
         delay = self.config.queue.delay_warning
         if delay > 0 and not envelope.delay_warned and envelope.pending() and now - envelope.arrival >= delay:
-            envelope.delay_warned = True
             if envelope.sender:
                 warning = build_dsn(envelope, envelope.pending(), message, hostname=hostname, kind="delay", now=now,
                                     retry_until=envelope.arrival + self.config.queue.lifetime)
-                warning_id = yield self.intake.notify(envelope.sender, warning)
-                log.info("{id}: sender delay notification: {warning}", id=envelope.id, warning=warning_id)
+                if (yield self._send_report(envelope, warning, "delay")) is None:
+                    return
+            envelope.delay_warned = True
+
+    def _send_report(self, envelope: Envelope, report: bytes, kind: str) -> Deferred[str | None]:
+        """Hand a report to the intake; fires with its queue id, or None when it could not be sent."""
+        def sent(report_id: str) -> str:
+            log.info("{id}: sender {kind} notification: {report}", id=envelope.id, kind=kind, report=report_id)
+            return report_id
+
+        def not_sent(failure: Any) -> None:
+            log.failure("{id}: cannot send the {kind} notification; trying again at the next attempt", failure,
+                        id=envelope.id, kind=kind)
+            return None
+
+        return self.intake.notify(envelope.sender, report).addCallbacks(sent, not_sent)

@@ -302,6 +302,9 @@ class DueIndex:
         self._due.pop(queue_id, None)
         self._held.add(queue_id)
 
+    def is_held(self, queue_id: str) -> bool:
+        return queue_id in self._held
+
     def discard(self, queue_id: str) -> None:
         self._due.pop(queue_id, None)
         self._held.discard(queue_id)

@@ -9,6 +9,7 @@ a script of outcomes: no sleeps, no threads, no network.
 
 from __future__ import annotations
 
+import gc
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,10 +18,13 @@ from typing import Any
 
 import pytest
 from twisted.internet import defer, task
+from twisted.logger import globalLogPublisher
 
 from mailhost.config import Config, load
 from mailhost.delivery.deliverer import Outcome
 from mailhost.delivery.scheduler import ERROR_RETRY_SECONDS, Scheduler
+from mailhost.feedback.suppression import SuppressionList
+from mailhost.multiproc.shard import EVERYTHING
 from mailhost.ops.metrics import Metrics
 from mailhost.queue.envelope import DEFERRED, DELIVERED, FAILED, PENDING, Envelope, Recipient
 from mailhost.queue.spool import Spool, SpoolError, new_queue_id
@@ -94,13 +98,14 @@ class FakeDeliverer:
         self.asynchronous = False
         self.calls: list[tuple[float, list[str]]] = []  # (when, pending recipients given)
 
-    def deliver(self, envelope: Envelope, message: bytes) -> defer.Deferred:
-        self.calls.append((self.clock.seconds(), [r.address for r in envelope.pending()]))
+    def deliver(self, envelope: Envelope, message: bytes, recipients: list | None = None) -> defer.Deferred:
+        recipients = envelope.pending() if recipients is None else recipients
+        self.calls.append((self.clock.seconds(), [r.address for r in recipients]))
         if self.fail_with is not None:
             if self.asynchronous:
                 return defer.fail(self.fail_with)
             raise self.fail_with
-        return defer.succeed({r.address: self.respond(r.address) for r in envelope.pending()})
+        return defer.succeed({r.address: self.respond(r.address) for r in recipients})
 
 
 @dataclass
@@ -122,16 +127,16 @@ class Notice:
 
 
 class FakeIntake:
-    """Records what `inject` is given; tolerant of how it is called."""
+    """Records the reports the scheduler sends through the intake (Intake.notify)."""
 
     def __init__(self) -> None:
         self.notices: list[Notice] = []
+        self.fail_with: Exception | None = None
 
-    def inject(self, *args: Any, **kwargs: Any) -> defer.Deferred:
-        names = ("sender", "recipients", "message")
-        values = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k in names}
-        self.notices.append(Notice(values.get("sender", ""), list(values.get("recipients", [])),
-                                   values.get("message", b"")))
+    def notify(self, recipient: str, report: bytes) -> defer.Deferred:
+        if self.fail_with is not None:
+            return defer.fail(self.fail_with)
+        self.notices.append(Notice("", [recipient], report))
         return defer.succeed("BOUNCEID")
 
     def kinds(self) -> list[str]:
@@ -146,6 +151,10 @@ class Queue:
     deliverer: FakeDeliverer
     intake: FakeIntake
     scheduler: Scheduler
+
+    @property
+    def suppression(self) -> SuppressionList:
+        return self.scheduler.suppression
 
     def enqueue(self, *recipients: str, sender: str = SENDER, due_in: float = 0.0) -> str:
         """Commit a message and tell the scheduler, as the intake does; returns its queue id."""
@@ -191,7 +200,8 @@ def make_queue(tmp_path: Path) -> Callable[..., Queue]:
         spool = Spool(tmp_path / "spool")
         deliverer = FakeDeliverer(clock)
         intake = FakeIntake()
-        scheduler = Scheduler(config, spool, SyncWriter(), deliverer, intake, clock, Metrics())
+        suppression = SuppressionList(tmp_path / "suppression.json")
+        scheduler = Scheduler(config, spool, SyncWriter(), deliverer, intake, clock, Metrics(), EVERYTHING, suppression)
         scheduler.startService()
         assert scheduler.ready.called
         made.append(scheduler)
@@ -460,3 +470,118 @@ def test_flush_makes_a_deferred_message_due_now(make_queue):
     q.clock.advance(10)
     assert q.scheduler.flush(queue_id) == 1
     assert [when for when, _ in q.deliverer.calls] == [START, START + 10]
+
+
+# --- the suppression list --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reply, status, suppressed", [
+    ("550 5.1.1 The email account does not exist", "5.1.1", True),
+    ("550 5.2.1 mailbox disabled", "5.2.1", True),
+    ("550 5.7.26 Unauthenticated email is not accepted", "5.7.26", False),  # the sender is at fault
+    ("552 5.3.4 message too big", "5.3.4", False),
+    ("554 5.6.0 content refused", "5.6.0", False),
+])
+def test_a_synchronous_refusal_feeds_the_suppression_list_as_a_returned_dsn_would(make_queue, reply, status, suppressed):
+    q = make_queue()
+    q.deliverer.respond = lambda address: Outcome("failed", reply, status, "mx.remote.test")
+    q.enqueue("gone@remote.test")
+    assert (q.suppression.is_suppressed("gone@remote.test") is not None) == suppressed
+    assert q.intake.kinds() == ["failure"]  # the sender hears of it either way
+
+
+def test_our_own_failure_without_a_remote_reply_suppresses_nobody(make_queue):
+    q = make_queue()
+    q.deliverer.respond = lambda address: Outcome("failed", "no MX: null MX (RFC 7505)", "5.1.10")
+    q.enqueue("nobody@nullmx.test")
+    assert q.suppression.is_suppressed("nobody@nullmx.test") is None
+
+
+def test_a_deferral_suppresses_nobody(make_queue):
+    q = make_queue()
+    queue_id = q.enqueue("slow@remote.test")
+    q.run_attempts(queue_id, 3)
+    assert q.suppression.is_suppressed("slow@remote.test") is None
+
+
+def test_recipient_suppressed_after_queueing_is_not_sent_to_and_bounced(make_queue):
+    q = make_queue()
+    queue_id = q.enqueue("gone@remote.test", "bob@remote.test", due_in=60)
+    q.suppression.add("gone@remote.test", "5.1.1", "a bounce", source="bounce")
+    q.deliverer.respond = lambda address: SENT
+    q.advance_to(START + 60)
+    assert q.deliverer.calls == [(START + 60, ["bob@remote.test"])]
+    assert not q.is_queued(queue_id)
+    [notice] = q.intake.notices
+    assert notice.kind == "failure" and b"gone@remote.test" in notice.message and b"suppressed" in notice.message
+
+
+# --- what the operator and the intake may do meanwhile ------------------------------
+
+
+def test_a_report_that_cannot_be_sent_loses_no_state_and_is_sent_later(make_queue):
+    q = make_queue()
+    q.intake.fail_with = RuntimeError("DKIM key broken")
+    q.deliverer.respond = lambda address: BOUNCE if address == "bad@remote.test" else SENT
+    queue_id = q.enqueue("bad@remote.test", "bob@remote.test")
+    recipients = {r.address: r for r in q.load(queue_id).recipients}
+    assert recipients["bob@remote.test"].state == DELIVERED  # kept: bob is not sent to twice
+    assert recipients["bad@remote.test"].state == FAILED and not recipients["bad@remote.test"].bounced
+    assert q.intake.notices == []
+    q.intake.fail_with = None
+    q.advance_to(q.load(queue_id).next_attempt)
+    assert [calls for _, calls in q.deliverer.calls] == [["bad@remote.test", "bob@remote.test"]]
+    assert q.intake.kinds() == ["failure"] and not q.is_queued(queue_id)
+
+
+def test_a_hold_said_during_an_attempt_is_kept(make_queue):
+    q = make_queue()
+    held: list = []
+    original = q.deliverer.deliver
+
+    def deliver_and_hold(envelope, message, recipients=None):
+        held.append(q.scheduler.set_held(envelope.id, True))  # `mailhost queue hold` while it runs
+        return original(envelope, message, recipients)
+
+    q.deliverer.deliver = deliver_and_hold
+    queue_id = q.enqueue("slow@remote.test")
+    assert held and q.load(queue_id).held
+    q.advance_to(START + 3600)
+    assert len(q.deliverer.calls) == 1  # held: not tried again
+
+
+def test_flushing_a_held_message_keeps_it_held(make_queue):
+    q = make_queue()
+    queue_id = q.enqueue("slow@remote.test")
+    q.scheduler.set_held(queue_id, True)
+    assert q.scheduler.flush(queue_id) == 0
+    q.advance_to(START + 3600)
+    assert len(q.deliverer.calls) == 1
+    q.scheduler.set_held(queue_id, False)  # released: due at its next_attempt, long past
+    assert len(q.deliverer.calls) == 2
+
+
+def test_deleting_a_message_whose_attempt_delivers_it_is_quiet(make_queue):
+    q = make_queue()
+    q.deliverer.respond = lambda address: SENT
+    original = q.deliverer.deliver
+    deletions: list = []
+
+    def deliver_and_delete(envelope, message, recipients=None):
+        deletions.append(q.scheduler.delete(envelope.id))  # `mailhost queue delete` while it runs
+        return original(envelope, message, recipients)
+
+    q.deliverer.deliver = deliver_and_delete
+    errors: list = []
+    observer = lambda event: errors.append(event) if "log_failure" in event or "failure" in event else None  # noqa: E731
+    globalLogPublisher.addObserver(observer)
+    try:
+        queue_id = q.enqueue("bob@remote.test")
+        other = q.enqueue("carol@remote.test")  # the scheduler goes on with the next one
+        gc.collect()  # an unhandled error in a Deferred is reported when it is collected
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert not q.is_queued(queue_id) and not q.is_queued(other)
+    assert all(d.called for d in deletions)
+    assert queue_id not in q.scheduler.in_flight
+    assert errors == []
