@@ -275,11 +275,9 @@ def reloader(tls: ServerTLS, reactor: Any, inbound: Inbound, outbound: Outbound)
         inbound.suppression.soft_window = config.bounces.soft_window
         tls.cert_path, tls.key_path = tls_pair_paths(config)
         if outbound is not None:
-            if "relay" in changed or "domains" in changed or "server.hostname" in changed:
-                router = Router(config.relay, config.server.hostname, listening_addresses(config))
-                outbound.deliverer.reconfigure(config, router)
-            else:
-                outbound.deliverer.config = config
+            if "relay" in changed or "server.hostname" in changed:
+                outbound.deliverer.router.configure(config.relay, config.server.hostname, listening_addresses(config))
+            outbound.deliverer.reconfigure(config)
             if "throttles" in changed or running.queue.per_destination != config.queue.per_destination:
                 outbound.throttle.reconfigure(config.throttles, config.queue.per_destination)
             shard = outbound.scheduler.shard

@@ -135,10 +135,9 @@ class Deliverer:
         self._smarthost_secrets: dict[int, tuple[str, str] | None] = {}
         self._trust_roots: dict[int, Any] = {}
 
-    def reconfigure(self, config: Config, router: Router) -> None:
+    def reconfigure(self, config: Config) -> None:
         """New [relay] settings or domains (SIGHUP): the next attempt uses them."""
         self.config = config
-        self.router = router
         self._local_domains = {d.name for d in config.domains}
         self._smarthost_secrets.clear()
         self._trust_roots.clear()

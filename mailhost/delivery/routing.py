@@ -160,8 +160,21 @@ class Router:
         timeout: float = 10.0,
         reactor: Any = None,
     ) -> None:
-        self._relay = relay
         self._timeout = timeout
+        self.configure(relay, our_hostname, our_addresses, resolver)
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self._reactor = reactor
+        self._pool: ThreadPool | None = None
+        self._shutdown_trigger: Any = None
+
+    def configure(self, relay: RelayConfig, our_hostname: str, our_addresses: Iterable[tuple[str, int]] = frozenset(),
+                  resolver: dns.resolver.Resolver | None = None) -> None:
+        """Take (new) [relay] settings, host name and listening addresses; forget the routes
+        found so far. The DNS threads are kept (SIGHUP calls this; lookups under way finish)."""
+        self._relay = relay
         try:
             self._our_name: dns.name.Name | None = self._name(our_hostname)
         except ValueError:
@@ -188,14 +201,7 @@ class Router:
                     self._our_exact.add((resolved, port))
         # A resolver given is used as it is (its own timeout and lifetime).
         self._resolver = resolver if resolver is not None else self._make_resolver()
-        if reactor is None:
-            from twisted.internet import reactor as default_reactor
-
-            reactor = default_reactor
-        self._reactor = reactor
-        self._pool: ThreadPool | None = None
         self._routes: dict[str, tuple[float, Route]] = {}  # domain -> (expires, route)
-        self._shutdown_trigger: Any = None
 
     def _make_resolver(self) -> dns.resolver.Resolver:
         if self._relay.nameservers:
