@@ -60,6 +60,14 @@ def field_names(message: bytes) -> set[str]:
     }
 
 
+def has_fields(message: bytes, names: tuple[bytes, ...]) -> bool:
+    """Whether every field in `names` (lower case, e.g. b"date") starts a line of the header
+    block: a fast check for the hot path; "no" may be wrong for odd spellings (white space
+    before the colon), so callers then parse the block properly."""
+    block = header_block(message).lower()
+    return all(block.startswith(name + b":") or b"\n" + name + b":" in block for name in names)
+
+
 def from_addresses(headers: Message) -> list[str]:
     """Every address in every From: header.
 

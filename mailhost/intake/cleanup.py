@@ -39,7 +39,8 @@ from mailhost.intake.origin import DSN, SMTP, Origin
 from mailhost.intake.policy import RecipientVerdict, check_header_senders, recipient_verdict
 from mailhost.intake.submission import missing_headers
 from mailhost.local.mailbox import Copy, LocalDomains, Resolution, deliver_copies
-from mailhost.message import HOP_LIMIT, domain_of, from_addresses, from_domain, read_headers, too_many_hops
+from mailhost.message import (HOP_LIMIT, domain_of, from_addresses, from_domain, has_fields, read_headers,
+                              too_many_hops)
 from mailhost.multiproc.shard import Shard
 from mailhost.ops.durable import DiskWriter
 from mailhost.queue.envelope import Envelope, Recipient
@@ -175,6 +176,8 @@ class Intake:
             return message
         if origin.door == DSN:
             return message  # built whole by feedback.dsn
+        if origin.user is None and has_fields(message, (b"message-id", b"date")):
+            return message  # the common case for a campaign tool: nothing to parse
         headers = read_headers(message)
         if origin.user is not None:
             refusal = check_header_senders(origin.user, from_addresses(headers), self.domains)
