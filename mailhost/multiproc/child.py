@@ -26,6 +26,7 @@ from twisted.logger import Logger, globalLogBeginner, jsonFileLogObserver
 from twisted.protocols import amp
 
 from mailhost.multiproc import shard
+from mailhost.multiproc.commands import PaceCommand, QueueCommand, WorkerReload, WorkerStart
 from mailhost.config import ROLES, Config, ConfigError, load
 from mailhost.doors.control import apply_queue_action
 from mailhost.ops.logs import BatchedStream, text_lines
@@ -36,7 +37,6 @@ from mailhost.service import Outbound, build_inbound, build_outbound
 from mailhost.smtp.server import listener_factory
 from mailhost.ops.tls import ServerTLS, tls_pair_paths
 from mailhost.smtp.transport import send_eagerly
-from mailhost.multiproc.parent import WorkerPace, WorkerQueue, WorkerReload, WorkerStart
 
 log = Logger(namespace="mailhost.worker")
 
@@ -130,11 +130,11 @@ class WorkerChannel(amp.AMP):
             raise
         return {}
 
-    @WorkerQueue.responder
+    @QueueCommand.responder
     def queue_action(self, action: str, queue_id: str | None = None) -> Deferred[dict]:
         return Deferred.fromCoroutine(self.worker.queue_action(action, queue_id)).addCallback(lambda n: {"count": n})
 
-    @WorkerPace.responder
+    @PaceCommand.responder
     def pace(self) -> dict:
         return {"json": json.dumps(self.worker.paces())}
 
