@@ -29,6 +29,7 @@ from mailhost.delivery.routing import Router
 from mailhost.delivery.scheduler import Scheduler
 from mailhost.ops.reload import ReloadOnHangup
 from mailhost.smtp.server import ServerContext, listener_factory
+from mailhost.queue.operations import PaceReport, QueueOperations
 from mailhost.queue.spool import Spool
 from mailhost.feedback.suppression import SuppressionList
 from mailhost.delivery.throttle import Throttle, share_of
@@ -220,8 +221,8 @@ def build(config: Config, tls_options: ServerTLS, reactor: Any) -> MailhostDaemo
         factory = listener_factory(listener.role, inbound.context, reactor)
         listeners.append(ListenerService(listener.endpoint, factory, reactor))
     reload = ReloadOnHangup(tls_options, domains, reactor, inbound.signer, inbound.context)
-    queue: Any = scheduler
-    paces: Any = throttle
+    queue: QueueOperations = scheduler
+    paces: PaceReport = throttle
     if config.server.workers > 1:
         workers = WorkerPool(config, lambda: [(i, l.port()) for i, l in enumerate(listeners) if l.port() is not None],
                              tls_options, scheduler.ready, scheduler.adopt_strays, reactor,

@@ -16,22 +16,26 @@ from twisted.internet.protocol import Factory
 from twisted.protocols import amp
 
 from mailhost.multiproc.commands import PaceCommand, QueueCommand
+from mailhost.queue.operations import PaceReport, QueueOperations, apply_queue_action
 from mailhost.queue.spool import SpoolError
 
 SOCKET_NAME = "control.sock"
 
 
 class ControlProtocol(amp.AMP):
-    def __init__(self, scheduler: Any, pickup: Any, throttle: Any) -> None:
+    """The daemon's end of the control socket: `queue` is the Scheduler, or with workers the
+    main process's ShardedQueue; `paces` the Throttle, or the ShardedQueue again."""
+
+    def __init__(self, queue: QueueOperations, pickup: Any, paces: PaceReport) -> None:
         super().__init__()
-        self.scheduler = scheduler
+        self.queue = queue
         self.pickup = pickup
-        self.throttle = throttle
+        self.paces = paces
 
     @PaceCommand.responder
     def pace(self) -> Deferred[dict[str, str]]:
         # With server.workers, the snapshot gathers every process's paces (a Deferred).
-        return maybeDeferred(self.throttle.snapshot).addCallback(lambda paces: {"json": json.dumps(paces)})
+        return maybeDeferred(self.paces.snapshot).addCallback(lambda paces: {"json": json.dumps(paces)})
 
     @QueueCommand.responder
     def queue_command(self, action: str, queue_id: str | None = None) -> Deferred[dict[str, int]]:
@@ -41,28 +45,12 @@ class ControlProtocol(amp.AMP):
         if action == "pickup":
             self.pickup.collect()  # answered at once: sendmail need not wait for delivery
             return {"count": 1}
-        return {"count": await apply_queue_action(self.scheduler, action, queue_id)}
+        return {"count": await apply_queue_action(self.queue, action, queue_id)}
 
 
-async def apply_queue_action(queue: Any, action: str, queue_id: str | None) -> int:
-    """flush, delete, hold or release on `queue` (a Scheduler, or the main process's ShardedQueue);
-    how many messages it touched. A worker runs the same for the messages of its shard."""
-    if action == "flush":
-        return await maybeDeferred(queue.flush, queue_id)
-    if queue_id is None:
-        raise SpoolError(f"{action} needs a queue id")
-    if action == "delete":
-        await queue.delete(queue_id)
-    elif action in ("hold", "release"):
-        await queue.set_held(queue_id, action == "hold")
-    else:
-        raise SpoolError(f"unknown action {action}")
-    return 1
-
-
-def control_service(state_dir: Path, scheduler: Any, pickup: Any, throttle: Any) -> internet.UNIXServer:
+def control_service(state_dir: Path, queue: QueueOperations, pickup: Any, paces: PaceReport) -> internet.UNIXServer:
     path = state_dir / SOCKET_NAME
-    factory = Factory.forProtocol(lambda: ControlProtocol(scheduler, pickup, throttle))
+    factory = Factory.forProtocol(lambda: ControlProtocol(queue, pickup, paces))
     factory.noisy = False
     # mode 0600: only the daemon's user (and root) may steer the queue.
     return internet.UNIXServer(str(path), factory, mode=0o600, wantPID=True)

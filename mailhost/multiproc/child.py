@@ -28,10 +28,10 @@ from twisted.protocols import amp
 from mailhost.multiproc import shard
 from mailhost.multiproc.commands import PaceCommand, QueueCommand, WorkerReload, WorkerStart
 from mailhost.config import ROLES, Config, ConfigError, load
-from mailhost.doors.control import apply_queue_action
 from mailhost.ops.logs import BatchedStream, text_lines
 from mailhost.ops.metrics import SNAPSHOT_SECONDS, Metrics, snapshots_folder, write_snapshot
 from mailhost.ops.reload import ReloadOnHangup
+from mailhost.queue.operations import apply_queue_action
 from mailhost.queue.spool import SpoolError
 from mailhost.service import Outbound, build_inbound, build_outbound
 from mailhost.smtp.server import listener_factory

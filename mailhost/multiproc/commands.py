@@ -24,6 +24,7 @@ from twisted.protocols import amp
 
 from mailhost.queue.spool import SpoolError
 
+# A command without arguments or without an answer leaves out `arguments` or `response` (both default to []).
 # An error the responder raises as SpoolError reaches the caller as SpoolError, with its text.
 QUEUE_ERRORS: dict[type[Exception], bytes] = {SpoolError: b"NO_SUCH_MESSAGE"}
 
@@ -41,7 +42,6 @@ class PaceCommand(amp.Command):
     """Each paced destination group's current and configured rate, as JSON
     (mailhost.delivery.throttle.Throttle.snapshot)."""
 
-    arguments: list = []
     response = [(b"json", amp.Unicode())]
 
 
@@ -49,11 +49,9 @@ class WorkerStart(amp.Command):
     """Main -> worker: the TLS pair; the worker adopts the listening sockets and answers."""
 
     arguments = [(b"cert_pem", amp.String()), (b"key_pem", amp.String())]
-    response: list = []
 
 
 class WorkerReload(amp.Command):
     """Main -> worker, after SIGHUP: read the users files again and take this TLS pair."""
 
     arguments = [(b"cert_pem", amp.String()), (b"key_pem", amp.String())]
-    response: list = []

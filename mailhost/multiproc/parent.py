@@ -54,6 +54,7 @@ from twisted.protocols import amp
 
 from mailhost.multiproc import shard
 from mailhost.multiproc.commands import PaceCommand, QueueCommand, WorkerReload, WorkerStart
+from mailhost.queue.operations import PaceReport, QueueOperations
 from mailhost.queue.spool import SpoolError
 from mailhost.ops.logs import worker_system
 from mailhost.delivery.throttle import merge_snapshots
@@ -240,10 +241,12 @@ class WorkerPool(service.Service):
 class ShardedQueue:
     """The queue as `mailhost queue` and `queue list`'s paces see it when every
     process delivers its own shard: each command goes to the process holding
-    the message (a flush of everything to all of them), paces are added up."""
+    the message (a flush of everything to all of them), paces are added up.
+    QueueOperations and PaceReport (mailhost.queue.operations) over this
+    process's Scheduler and Throttle and the workers' channels."""
 
-    def __init__(self, scheduler: Any, throttle: Any, pool: WorkerPool) -> None:
-        self.scheduler = scheduler
+    def __init__(self, scheduler: QueueOperations, throttle: PaceReport, pool: WorkerPool) -> None:
+        self.scheduler = scheduler  # this process's shard
         self.throttle = throttle
         self.pool = pool
 
@@ -251,7 +254,7 @@ class ShardedQueue:
         if queue_id is not None:
             return self._on_owner(queue_id, "flush", lambda: self.scheduler.flush(queue_id))
         # A worker starting again loads its shard from the spool, due times and all; nothing to tell it.
-        calls = [succeed(self.scheduler.flush(None))] + [
+        calls = [maybeDeferred(self.scheduler.flush, None)] + [
             channel.callRemote(QueueCommand, action="flush").addCallback(lambda answer: answer["count"])
             for channel in self._channels()]
         return DeferredList(calls, consumeErrors=True).addCallback(
@@ -264,7 +267,7 @@ class ShardedQueue:
         return self._on_owner(queue_id, "delete", lambda: self.scheduler.delete(queue_id))
 
     def snapshot(self) -> Deferred[dict]:
-        calls = [succeed(self.throttle.snapshot())] + [
+        calls = [maybeDeferred(self.throttle.snapshot)] + [
             channel.callRemote(PaceCommand).addCallback(lambda answer: json.loads(answer["json"]))
             for channel in self._channels()]
         return DeferredList(calls, consumeErrors=True).addCallback(

@@ -21,6 +21,7 @@ from mailhost.multiproc import shard
 from mailhost.multiproc.child import WorkerChannel
 from mailhost.multiproc.commands import PaceCommand, QueueCommand
 from mailhost.multiproc.parent import ShardedQueue
+from mailhost.queue.operations import apply_queue_action
 from mailhost.queue.spool import SpoolError
 
 PACES = {"example.test": {"rate": 10.0, "max_rate": 60.0, "connections": 2}}
@@ -120,7 +121,7 @@ class FakeWorker:
         self.number = 1
 
     async def queue_action(self, action: str, queue_id: str | None) -> int:
-        return await control.apply_queue_action(self.queue, action, queue_id)
+        return await apply_queue_action(self.queue, action, queue_id)
 
     def paces(self) -> dict:
         return {"example.test": {"rate": 5.0, "max_rate": 30.0, "connections": 1}}
