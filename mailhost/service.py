@@ -7,10 +7,13 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.application import service, strports
+from twisted.application import service
 from twisted.application.internet import TimerService
+from twisted.internet import endpoints
 from twisted.internet import error as internet_error
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.logger import ILogObserver, Logger
+from twisted.python.failure import Failure
 
 from mailhost.multiproc import shard
 from mailhost.local.auth import AuthSlowdown, make_portal
@@ -58,36 +61,60 @@ class DiskWriterService(service.Service):
 
 
 class ListenerService(service.Service):
-    """One listening endpoint; a port that cannot be bound stops the daemon with one line."""
+    """One listening endpoint; a port that cannot be bound stops the daemon with one line.
+
+    It listens itself (rather than through Twisted's StreamServerEndpointService) so that
+    it holds the listening port, for the workers to share: the endpoints mailhost listens
+    on (tcp, tcp6, unix, ssl, systemd) bind at once, so listen()'s Deferred has fired by
+    the time privilegedStartService returns, before twistd drops privileges."""
 
     def __init__(self, description: str, factory: Any, reactor: Any) -> None:
         self.description = description
-        self.inner = strports.service(description, factory, reactor=reactor)
+        self.factory = factory
+        self.endpoint = endpoints.serverFromString(reactor, description)
+        self._listening: Deferred[Any] | None = None
+        self._port: Any = None
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
-        try:
-            self.inner.privilegedStartService()
-        except internet_error.CannotListenError as e:
-            sys.stderr.write(f"mailhost: cannot listen on {self.description}: {e.socketError}\n")
-            raise SystemExit(1) from None
-        send_eagerly(self.port())
+        self._listen()
 
     def startService(self) -> None:
         super().startService()
-        self.inner.startService()
+        if self._listening is None:  # not started by twistd, which calls privilegedStartService first
+            self._listen()
 
-    def stopService(self) -> Any:
+    def _listen(self) -> None:
+        self._listening = self.endpoint.listen(self.factory)
+        failed: list[Failure] = []
+        self._listening.addCallbacks(self._bound, failed.append)
+        if failed:
+            self._listening = None
+            if failed[0].check(internet_error.CannotListenError):
+                sys.stderr.write(f"mailhost: cannot listen on {self.description}: {failed[0].value.socketError}\n")
+                raise SystemExit(1) from None
+            failed[0].raiseException()
+        elif self._port is None:  # an endpoint that binds later: say so if it cannot
+            self._listening.addErrback(lambda failure: failure.check(CancelledError) or log.failure(
+                "cannot listen on {endpoint}", failure, endpoint=self.description))
+
+    def _bound(self, port: Any) -> None:
+        self._port = port
+        send_eagerly(port)
+
+    def stopService(self) -> Deferred[None] | None:
         super().stopService()
-        return self.inner.stopService()
+        port, listening = self._port, self._listening
+        self._port = self._listening = None
+        if port is not None:
+            return maybeDeferred(port.stopListening)
+        if listening is not None:
+            listening.cancel()
+        return None
 
     def port(self) -> Any:
-        """The listening port, once bound (None before)."""
-        found: list[Any] = []
-        waiting = getattr(self.inner, "_waitingForPort", None)  # StreamServerEndpointService keeps it there
-        if waiting is not None:
-            waiting.addCallback(lambda port: found.append(port) or port)
-        return found[0] if found else None
+        """The listening port, once bound (None before, and after stopService)."""
+        return self._port
 
 
 class MailhostDaemon(service.MultiService):
