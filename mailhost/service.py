@@ -85,18 +85,22 @@ class ListenerService(service.Service):
             self._listen()
 
     def _listen(self) -> None:
-        self._listening = self.endpoint.listen(self.factory)
+        listening = self.endpoint.listen(self.factory)
+        if not listening.called:  # an endpoint that binds later: say so then if it cannot
+            self._listening = listening.addCallbacks(self._bound, self._not_bound)
+            return
         failed: list[Failure] = []
-        self._listening.addCallbacks(self._bound, failed.append)
+        listening.addCallbacks(self._bound, failed.append)
         if failed:
-            self._listening = None
             if failed[0].check(internet_error.CannotListenError):
                 sys.stderr.write(f"mailhost: cannot listen on {self.description}: {failed[0].value.socketError}\n")
                 raise SystemExit(1) from None
             failed[0].raiseException()
-        elif self._port is None:  # an endpoint that binds later: say so if it cannot
-            self._listening.addErrback(lambda failure: failure.check(CancelledError) or log.failure(
-                "cannot listen on {endpoint}", failure, endpoint=self.description))
+        self._listening = listening
+
+    def _not_bound(self, failure: Failure) -> None:
+        if not failure.check(CancelledError):  # cancelled by stopService: nothing to say
+            log.failure("cannot listen on {endpoint}", failure, endpoint=self.description)
 
     def _bound(self, port: Any) -> None:
         self._port = port

@@ -4,14 +4,27 @@ workers share, says in one line when it cannot bind, and lets go of the port at 
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 from twisted.internet import error, tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock, RaisingMemoryReactor
+from twisted.logger import globalLogPublisher
 
 from mailhost.service import ListenerService
+
+
+@contextmanager
+def capture_log() -> Iterator[list[dict]]:
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        yield events
+    finally:
+        globalLogPublisher.removeObserver(events.append)
 
 
 class BindingReactor(MemoryReactorClock):
@@ -108,5 +121,15 @@ def test_an_endpoint_that_binds_later_gives_its_port_then_or_is_cancelled_at_sto
     listener = ListenerService("tcp:0", Factory.forProtocol(Protocol), MemoryReactorClock())
     listener.endpoint = endpoint = LaterEndpoint()
     listener.privilegedStartService()
-    listener.stopService()
-    assert endpoint.waiting.called and listener.port() is None  # cancelled, quietly
+    with capture_log() as events:
+        listener.stopService()
+    assert endpoint.waiting.called and listener.port() is None and events == []  # cancelled, quietly
+
+
+def test_an_endpoint_that_fails_later_says_so_in_the_log() -> None:
+    listener = ListenerService("tcp:0", Factory.forProtocol(Protocol), MemoryReactorClock())
+    listener.endpoint = endpoint = LaterEndpoint()
+    listener.privilegedStartService()
+    with capture_log() as events:
+        endpoint.waiting.errback(error.CannotListenError("", 0, OSError("no such socket")))
+    assert [e["log_format"] for e in events] == ["cannot listen on {endpoint}"] and listener.port() is None
