@@ -21,7 +21,7 @@ from mailhost.config import Config, ConfigError, load
 from mailhost.intake.content import ContentSteps
 from mailhost.doors.control import control_service
 from mailhost.authn.dkim import DkimKeyError, Signer, configured_keys
-from mailhost.ops.logs import default_observer
+from mailhost.ops.logs import default_observer, flush_pending
 from mailhost.ops.metrics import Metrics, metrics_site, snapshots_folder
 from mailhost.doors.pickup import PickupCollector
 from mailhost.ops.durable import DiskWriter
@@ -104,7 +104,8 @@ class ListenerService(service.Service):
 
     def _bound(self, port: Any) -> None:
         self._port = port
-        send_eagerly(port)
+        # The log has the line about a reply before the client has the reply (mailhost.ops.logs).
+        send_eagerly(port, before_write=flush_pending)
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()

@@ -28,7 +28,7 @@ from twisted.protocols import amp
 from mailhost.multiproc import shard
 from mailhost.multiproc.commands import PaceCommand, QueueCommand, WorkerReload, WorkerStart
 from mailhost.config import ROLES, Config, ConfigError, load
-from mailhost.ops.logs import BatchedStream, text_lines
+from mailhost.ops.logs import BatchedStream, flush_pending, text_lines
 from mailhost.ops.metrics import SNAPSHOT_SECONDS, Metrics, snapshots_folder, write_snapshot
 from mailhost.ops.reload import ReloadOnHangup
 from mailhost.queue.operations import apply_queue_action
@@ -78,7 +78,7 @@ class Worker:
         for role, fd in self.fds:
             factory = listener_factory(role, inbound.context, self.reactor)
             self.ports.append(self.reactor.adoptStreamPort(fd, _family(fd), factory))
-            send_eagerly(self.ports[-1])
+            send_eagerly(self.ports[-1], before_write=flush_pending)
             _close(fd)  # adoptStreamPort holds its own copy
         log.info("worker {number} listening: {listeners}", number=self.number,
                  listeners=" ".join(f"{role}={_where(port)}" for (role, _), port in zip(self.fds, self.ports)))
