@@ -7,17 +7,20 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.application import service, strports
+from twisted.application import service
 from twisted.application.internet import TimerService
+from twisted.internet import endpoints
 from twisted.internet import error as internet_error
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.logger import ILogObserver, Logger
+from twisted.python.failure import Failure
 
 from mailhost.multiproc.shard import EVERYTHING, Shard
 from mailhost.local.auth import AuthSlowdown, make_portal
 from mailhost.config import Config, ConfigError, load
 from mailhost.doors.control import control_service
 from mailhost.authn.dkim import DkimKeyError, Signer, configured_keys
-from mailhost.ops.logs import default_observer
+from mailhost.ops.logs import default_observer, flush_pending
 from mailhost.ops.metrics import Metrics, metrics_site, snapshots_folder
 from mailhost.doors.pickup import PickupCollector
 from mailhost.ops.durable import DiskWriter
@@ -28,6 +31,7 @@ from mailhost.delivery.routing import Router
 from mailhost.delivery.scheduler import Scheduler
 from mailhost.ops.reload import ReloadError, ReloadOnHangup, changed_sections
 from mailhost.smtp.server import ServerContext, listener_factory
+from mailhost.queue.operations import PaceReport, QueueOperations
 from mailhost.queue.spool import Spool
 from mailhost.feedback.suppression import SuppressionList
 from mailhost.delivery.throttle import Throttle, share_of
@@ -56,36 +60,65 @@ class DiskWriterService(service.Service):
 
 
 class ListenerService(service.Service):
-    """One listening endpoint; a port that cannot be bound stops the daemon with one line."""
+    """One listening endpoint; a port that cannot be bound stops the daemon with one line.
+
+    It listens itself (rather than through Twisted's StreamServerEndpointService) so that
+    it holds the listening port, for the workers to share: the endpoints mailhost listens
+    on (tcp, tcp6, unix, ssl, systemd) bind at once, so listen()'s Deferred has fired by
+    the time privilegedStartService returns, before twistd drops privileges."""
 
     def __init__(self, description: str, factory: Any, reactor: Any) -> None:
         self.description = description
-        self.inner = strports.service(description, factory, reactor=reactor)
+        self.factory = factory
+        self.endpoint = endpoints.serverFromString(reactor, description)
+        self._listening: Deferred[Any] | None = None
+        self._port: Any = None
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
-        try:
-            self.inner.privilegedStartService()
-        except internet_error.CannotListenError as e:
-            sys.stderr.write(f"mailhost: cannot listen on {self.description}: {e.socketError}\n")
-            raise SystemExit(1) from None
-        send_eagerly(self.port())
+        self._listen()
 
     def startService(self) -> None:
         super().startService()
-        self.inner.startService()
+        if self._listening is None:  # not started by twistd, which calls privilegedStartService first
+            self._listen()
 
-    def stopService(self) -> Any:
+    def _listen(self) -> None:
+        listening = self.endpoint.listen(self.factory)
+        if not listening.called:  # an endpoint that binds later: say so then if it cannot
+            self._listening = listening.addCallbacks(self._bound, self._not_bound)
+            return
+        failed: list[Failure] = []
+        listening.addCallbacks(self._bound, failed.append)
+        if failed:
+            if failed[0].check(internet_error.CannotListenError):
+                sys.stderr.write(f"mailhost: cannot listen on {self.description}: {failed[0].value.socketError}\n")
+                raise SystemExit(1) from None
+            failed[0].raiseException()
+        self._listening = listening
+
+    def _not_bound(self, failure: Failure) -> None:
+        if not failure.check(CancelledError):  # cancelled by stopService: nothing to say
+            log.failure("cannot listen on {endpoint}", failure, endpoint=self.description)
+
+    def _bound(self, port: Any) -> None:
+        self._port = port
+        # The log has the line about a reply before the client has the reply (mailhost.ops.logs).
+        send_eagerly(port, before_write=flush_pending)
+
+    def stopService(self) -> Deferred[None] | None:
         super().stopService()
-        return self.inner.stopService()
+        port, listening = self._port, self._listening
+        self._port = self._listening = None
+        if port is not None:
+            return maybeDeferred(port.stopListening)
+        if listening is not None:
+            listening.cancel()
+        return None
 
     def port(self) -> Any:
-        """The listening port, once bound (None before)."""
-        found: list[Any] = []
-        waiting = getattr(self.inner, "_waitingForPort", None)  # StreamServerEndpointService keeps it there
-        if waiting is not None:
-            waiting.addCallback(lambda port: found.append(port) or port)
-        return found[0] if found else None
+        """The listening port, once bound (None before, and after stopService)."""
+        return self._port
 
 
 class MailhostDaemon(service.MultiService):
@@ -219,14 +252,14 @@ def build(config: Config, tls_options: ServerTLS, reactor: Any) -> MailhostDaemo
         factory = listener_factory(listener.role, inbound.context, reactor)
         listeners.append(ListenerService(listener.endpoint, factory, reactor))
     reload = reloader(tls_options, reactor, inbound, outbound)
-    queue: Any = scheduler
-    paces: Any = throttle
+    queue: QueueOperations = scheduler
+    paces: PaceReport = throttle
     if config.server.workers > 1:
         workers = WorkerPool(config, lambda: [(i, l.port()) for i, l in enumerate(listeners) if l.port() is not None],
                              tls_options, scheduler.ready, scheduler.adopt_strays, reactor,
                              alone=lambda: _deliver_alone(outbound))
         # Queue commands and paces reach the process that holds the message.
-        queue = paces = ShardedQueue(scheduler, throttle, workers)
+        queue = paces = ShardedQueue(scheduler, throttle, workers, lambda: scheduler.shard)
     control_service(config.server.state_dir, queue, pickup, paces).setServiceParent(top)
     if config.metrics.endpoint is not None:
         folder = None

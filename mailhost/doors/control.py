@@ -15,35 +15,27 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.protocol import Factory
 from twisted.protocols import amp
 
+from mailhost.multiproc.commands import PaceCommand, QueueCommand
+from mailhost.queue.operations import PaceReport, QueueOperations, apply_queue_action
 from mailhost.queue.spool import SpoolError
 
 SOCKET_NAME = "control.sock"
 
 
-class QueueCommand(amp.Command):
-    arguments = [(b"action", amp.Unicode()), (b"queue_id", amp.Unicode(optional=True))]
-    response = [(b"count", amp.Integer())]
-    errors = {SpoolError: b"NO_SUCH_MESSAGE"}
-
-
-class PaceCommand(amp.Command):
-    """Each paced destination group's current and configured rate, as JSON."""
-
-    arguments: list = []
-    response = [(b"json", amp.Unicode())]
-
-
 class ControlProtocol(amp.AMP):
-    def __init__(self, scheduler: Any, pickup: Any, throttle: Any) -> None:
+    """The daemon's end of the control socket: `queue` is the Scheduler, or with workers the
+    main process's ShardedQueue; `paces` the Throttle, or the ShardedQueue again."""
+
+    def __init__(self, queue: QueueOperations, pickup: Any, paces: PaceReport) -> None:
         super().__init__()
-        self.scheduler = scheduler
+        self.queue = queue
         self.pickup = pickup
-        self.throttle = throttle
+        self.paces = paces
 
     @PaceCommand.responder
     def pace(self) -> Deferred[dict[str, str]]:
         # With server.workers, the snapshot gathers every process's paces (a Deferred).
-        return maybeDeferred(self.throttle.snapshot).addCallback(lambda paces: {"json": json.dumps(paces)})
+        return maybeDeferred(self.paces.snapshot).addCallback(lambda paces: {"json": json.dumps(paces)})
 
     @QueueCommand.responder
     def queue_command(self, action: str, queue_id: str | None = None) -> Deferred[dict[str, int]]:
@@ -53,28 +45,12 @@ class ControlProtocol(amp.AMP):
         if action == "pickup":
             self.pickup.collect()  # answered at once: sendmail need not wait for delivery
             return {"count": 1}
-        return {"count": await apply_queue_action(self.scheduler, action, queue_id)}
+        return {"count": await apply_queue_action(self.queue, action, queue_id)}
 
 
-async def apply_queue_action(queue: Any, action: str, queue_id: str | None) -> int:
-    """flush, delete, hold or release on `queue` (a Scheduler, or the main process's ShardedQueue);
-    how many messages it touched. A worker runs the same for the messages of its shard."""
-    if action == "flush":
-        return await maybeDeferred(queue.flush, queue_id)
-    if queue_id is None:
-        raise SpoolError(f"{action} needs a queue id")
-    if action == "delete":
-        await queue.delete(queue_id)
-    elif action in ("hold", "release"):
-        await queue.set_held(queue_id, action == "hold")
-    else:
-        raise SpoolError(f"unknown action {action}")
-    return 1
-
-
-def control_service(state_dir: Path, scheduler: Any, pickup: Any, throttle: Any) -> internet.UNIXServer:
+def control_service(state_dir: Path, queue: QueueOperations, pickup: Any, paces: PaceReport) -> internet.UNIXServer:
     path = state_dir / SOCKET_NAME
-    factory = Factory.forProtocol(lambda: ControlProtocol(scheduler, pickup, throttle))
+    factory = Factory.forProtocol(lambda: ControlProtocol(queue, pickup, paces))
     factory.noisy = False
     # mode 0600: only the daemon's user (and root) may steer the queue.
     return internet.UNIXServer(str(path), factory, mode=0o600, wantPID=True)
@@ -86,19 +62,17 @@ class DaemonNotRunning(Exception):
 
 def send_queue_command(state_dir: Path, action: str, queue_id: str | None, timeout: float = 30.0) -> int:
     """Ask the running daemon to act on the queue; DaemonNotRunning when nobody answers."""
-    arguments = {b"action": action.encode()}
-    if queue_id is not None:
-        arguments[b"queue_id"] = queue_id.encode()
-    return int(_call(state_dir, b"QueueCommand", arguments, timeout)[b"count"])
+    return _call(state_dir, QueueCommand, {"action": action, "queue_id": queue_id}, timeout)["count"]
 
 
 def current_pace(state_dir: Path, timeout: float = 10.0) -> dict[str, dict[str, float]]:
     """The running daemon's destination paces; DaemonNotRunning when nobody answers."""
-    return json.loads(_call(state_dir, b"PaceCommand", {}, timeout)[b"json"])
+    return json.loads(_call(state_dir, PaceCommand, {}, timeout)["json"])
 
 
-def _call(state_dir: Path, command: bytes, arguments: dict[bytes, bytes], timeout: float) -> dict[bytes, bytes]:
-    """One AMP call from a blocking socket (the CLI runs no reactor): one box out, one box back."""
+def _call(state_dir: Path, command: type[amp.Command], arguments: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """One AMP call from a blocking socket (the CLI runs no reactor): one box out, one box back.
+    The command's own schema (mailhost.multiproc.commands) encodes the arguments and decodes the answer."""
     path = state_dir / SOCKET_NAME
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
@@ -108,15 +82,26 @@ def _call(state_dir: Path, command: bytes, arguments: dict[bytes, bytes], timeou
         sock.close()
         raise DaemonNotRunning() from None
     try:
-        box = amp.AmpBox(_command=command, _ask=b"1")
-        box.update(arguments)
-        sock.sendall(box.serialize())
+        sock.sendall(request(command, arguments))
         reply = _read_box(sock)
     finally:
         sock.close()
+    return answer(command, reply)
+
+
+def request(command: type[amp.Command], arguments: dict[str, Any]) -> bytes:
+    """The bytes of one AMP request for `command` (arguments of None are left out, as AMP does)."""
+    box = command.makeArguments({name: value for name, value in arguments.items() if value is not None}, None)
+    box[b"_command"] = command.commandName
+    box[b"_ask"] = b"1"
+    return box.serialize()
+
+
+def answer(command: type[amp.Command], reply: dict[bytes, bytes]) -> dict[str, Any]:
+    """The decoded answer to `command`; an error answer as SpoolError (what the daemon raised), with its text."""
     if b"_error" in reply:
-        raise SpoolError(reply.get(b"_error_description", b"error").decode())
-    return reply
+        raise SpoolError(reply.get(b"_error_description", b"error").decode("utf-8", "replace"))
+    return command.parseResponse(reply, None)
 
 
 def _read_box(sock: socket.socket) -> dict[bytes, bytes]:

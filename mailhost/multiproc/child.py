@@ -26,17 +26,17 @@ from twisted.logger import Logger, globalLogBeginner, jsonFileLogObserver
 from twisted.protocols import amp
 
 from mailhost.multiproc.shard import Shard
+from mailhost.multiproc.commands import PaceCommand, QueueCommand, WorkerReload, WorkerStart
 from mailhost.config import ROLES, Config, ConfigError, load
-from mailhost.doors.control import apply_queue_action
-from mailhost.ops.logs import BatchedStream, text_lines
+from mailhost.ops.logs import BatchedStream, flush_pending, text_lines
 from mailhost.ops.metrics import SNAPSHOT_SECONDS, Metrics, snapshots_folder, write_snapshot
 from mailhost.ops.reload import ReloadOnHangup
+from mailhost.queue.operations import apply_queue_action
 from mailhost.queue.spool import SpoolError
 from mailhost.service import Outbound, build_inbound, build_outbound, reloader
 from mailhost.smtp.server import listener_factory
 from mailhost.ops.tls import ServerTLS, tls_pair_paths
 from mailhost.smtp.transport import send_eagerly
-from mailhost.multiproc.parent import WorkerPace, WorkerQueue, WorkerReload, WorkerStart
 
 log = Logger(namespace="mailhost.worker")
 
@@ -77,7 +77,7 @@ class Worker:
         for role, fd in self.fds:
             factory = listener_factory(role, inbound.context, self.reactor)
             self.ports.append(self.reactor.adoptStreamPort(fd, _family(fd), factory))
-            send_eagerly(self.ports[-1])
+            send_eagerly(self.ports[-1], before_write=flush_pending)
             _close(fd)  # adoptStreamPort holds its own copy
         log.info("worker {number} listening: {listeners}", number=self.number,
                  listeners=" ".join(f"{role}={_where(port)}" for (role, _), port in zip(self.fds, self.ports)))
@@ -129,11 +129,11 @@ class WorkerChannel(amp.AMP):
             raise
         return {}
 
-    @WorkerQueue.responder
+    @QueueCommand.responder
     def queue_action(self, action: str, queue_id: str | None = None) -> Deferred[dict]:
         return Deferred.fromCoroutine(self.worker.queue_action(action, queue_id)).addCallback(lambda n: {"count": n})
 
-    @WorkerPace.responder
+    @PaceCommand.responder
     def pace(self) -> dict:
         return {"json": json.dumps(self.worker.paces())}
 

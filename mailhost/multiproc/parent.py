@@ -12,12 +12,12 @@ queue (mailhost.multiproc.shard): the messages it accepted, whose ids it picks i
 shard, and those of its shard already in the spool, which it loads at start.
 Each process keeps 1/N of queue.concurrency and of every destination's pace.
 
-The socket pair speaks AMP:
+The socket pair speaks AMP, main -> worker, with the commands of mailhost.multiproc.commands:
 
-    main -> worker   WorkerStart   the TLS pair in use; the worker then starts listening
-                     WorkerReload  after SIGHUP: the users files and the (new) TLS pair
-                     WorkerQueue   `mailhost queue ...` for a message of its shard
-                     WorkerPace    its share of each paced group, for `queue list`
+    WorkerStart    the TLS pair in use; the worker then starts listening
+    WorkerReload   after SIGHUP: the users files and the (new) TLS pair
+    QueueCommand   `mailhost queue ...` for a message of its shard (the control socket's command)
+    PaceCommand    its share of each paced group, for `queue list` (the control socket's command)
 
 The TLS pair travels this way because a worker starts after twistd's --uid
 switch and may not read a key file only root can (the main process read it
@@ -52,7 +52,9 @@ from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred, 
 from twisted.logger import Logger, eventFromJSON, globalLogPublisher
 from twisted.protocols import amp
 
-from mailhost.multiproc.shard import shard_of
+from mailhost.multiproc.shard import Shard, shard_of
+from mailhost.multiproc.commands import PaceCommand, QueueCommand, WorkerReload, WorkerStart
+from mailhost.queue.operations import PaceReport, QueueOperations
 from mailhost.queue.spool import SpoolError
 from mailhost.ops.logs import worker_system
 from mailhost.delivery.throttle import merge_snapshots
@@ -67,36 +69,6 @@ RESTART_DELAY_MAX = 30.0
 STABLE_SECONDS = 10.0  # a worker that ran this long starts over with the shortest wait
 STOP_TIMEOUT = 10.0  # after SIGTERM, then SIGKILL
 AMP_VALUE_MAX = 0xFFFF
-
-
-class WorkerStart(amp.Command):
-    """Main -> worker: the TLS pair; the worker adopts the listening sockets and answers."""
-
-    arguments = [(b"cert_pem", amp.String()), (b"key_pem", amp.String())]
-    response: list = []
-
-
-class WorkerQueue(amp.Command):
-    """Main -> worker: `mailhost queue flush|delete|hold|release` for a message of the worker's shard
-    (flush with no id: every message of its shard); answers how many."""
-
-    arguments = [(b"action", amp.Unicode()), (b"queue_id", amp.Unicode(optional=True))]
-    response = [(b"count", amp.Integer())]
-    errors = {SpoolError: b"NO_SUCH_MESSAGE"}
-
-
-class WorkerPace(amp.Command):
-    """Main -> worker: the paces of the worker's share of each destination group, as JSON."""
-
-    arguments: list = []
-    response = [(b"json", amp.Unicode())]
-
-
-class WorkerReload(amp.Command):
-    """Main -> worker, after SIGHUP: read the users files again and take this TLS pair."""
-
-    arguments = [(b"cert_pem", amp.String()), (b"key_pem", amp.String())]
-    response: list = []
 
 
 def shareable(endpoint: str) -> bool:
@@ -211,7 +183,7 @@ class WorkerPool(service.Service):
             self.reactor.spawnProcess(worker, sys.executable, args, env=_environment(), childFDs=child_fds)
             worker.pid = worker.transport.pid
             worker.transport.closeChildFD(0)  # its stdin: nothing to read
-            worker.channel = amp.AMP()  # our end: we ask (WorkerStart, WorkerQueue, ...), the worker answers
+            worker.channel = amp.AMP()  # our end: we ask (WorkerStart, QueueCommand, ...), the worker answers
             factory = protocol.Factory.forProtocol(lambda: worker.channel)
             factory.noisy = False
             self.reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX, factory)
@@ -269,19 +241,23 @@ class WorkerPool(service.Service):
 class ShardedQueue:
     """The queue as `mailhost queue` and `queue list`'s paces see it when every
     process delivers its own shard: each command goes to the process holding
-    the message (a flush of everything to all of them), paces are added up."""
+    the message (a flush of everything to all of them), paces are added up.
+    QueueOperations and PaceReport (mailhost.queue.operations) over this
+    process's Scheduler and Throttle and the workers' channels."""
 
-    def __init__(self, scheduler: Any, throttle: Any, pool: WorkerPool) -> None:
-        self.scheduler = scheduler
+    def __init__(self, scheduler: QueueOperations, throttle: PaceReport, pool: WorkerPool,
+                 shard: Callable[[], Shard]) -> None:
+        self.scheduler = scheduler  # this process's shard
         self.throttle = throttle
         self.pool = pool
+        self._shard = shard  # this process's Shard now (all of them once no worker can run)
 
     def flush(self, queue_id: str | None = None) -> Deferred[int]:
         if queue_id is not None:
             return self._on_owner(queue_id, "flush", lambda: self.scheduler.flush(queue_id))
         # A worker starting again loads its shard from the spool, due times and all; nothing to tell it.
-        calls = [succeed(self.scheduler.flush(None))] + [
-            channel.callRemote(WorkerQueue, action="flush").addCallback(lambda answer: answer["count"])
+        calls = [maybeDeferred(self.scheduler.flush, None)] + [
+            channel.callRemote(QueueCommand, action="flush").addCallback(lambda answer: answer["count"])
             for channel in self._channels()]
         return DeferredList(calls, consumeErrors=True).addCallback(
             lambda results: sum(count for ok, count in results if ok))
@@ -293,8 +269,8 @@ class ShardedQueue:
         return self._on_owner(queue_id, "delete", lambda: self.scheduler.delete(queue_id))
 
     def snapshot(self) -> Deferred[dict]:
-        calls = [succeed(self.throttle.snapshot())] + [
-            channel.callRemote(WorkerPace).addCallback(lambda answer: json.loads(answer["json"]))
+        calls = [maybeDeferred(self.throttle.snapshot)] + [
+            channel.callRemote(PaceCommand).addCallback(lambda answer: json.loads(answer["json"]))
             for channel in self._channels()]
         return DeferredList(calls, consumeErrors=True).addCallback(
             lambda results: merge_snapshots([paces for ok, paces in results if ok]))
@@ -303,13 +279,13 @@ class ShardedQueue:
         return [w.channel for w in self.pool.workers.values() if w.channel is not None and w.channel.transport is not None]
 
     def _on_owner(self, queue_id: str, action: str, here: Callable[[], Any]) -> Deferred:
-        owner = shard_of(queue_id, self.scheduler.shard.count)
+        owner = shard_of(queue_id, self._shard().count)
         if owner == 0:
             return maybeDeferred(here)
         worker = self.pool.workers.get(owner)
         if worker is None or worker.channel is None or worker.channel.transport is None:
             return fail(SpoolError(f"{queue_id} belongs to worker {owner}, which is starting again; try again shortly"))
-        return worker.channel.callRemote(WorkerQueue, action=action, queue_id=queue_id).addCallback(
+        return worker.channel.callRemote(QueueCommand, action=action, queue_id=queue_id).addCallback(
             lambda answer: answer["count"])
 
 

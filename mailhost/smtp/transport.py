@@ -6,17 +6,73 @@ writability (an epoll_ctl), sends on the next reactor turn, and unregisters it
 room, so trying the send first saves two system calls and a reactor turn per
 reply; what does not fit (or any error) takes Twisted's usual path, in order.
 Measured in bench/README.md ("Where the time goes").
+
+This module is mailhost's one seam into Twisted's TCP internals: no other module
+reads a private attribute of a Twisted transport or port. What it relies on
+(twisted.internet.abstract.FileDescriptor and twisted.internet.tcp, checked with
+Twisted 24.3 to 26.x; `internals_present()` checks them at import):
+
+- `FileDescriptor.dataBuffer` and `.offset`: the bytes doWrite is sending and how
+  far it got. `offset == len(dataBuffer)` means nothing is half sent.
+- `FileDescriptor._tempDataBuffer`: writes buffered since the last doWrite. Empty,
+  with the above, means nothing waits, so a send now keeps the order.
+- `FileDescriptor._writeDisconnected`: loseWriteConnection() was called; the
+  bytes must not go out.
+- `tcp.Connection.socket`, `.TLS`, `.connected`, `.disconnecting`: the socket to
+  send on, and whether writes go through the TLS layer (then never straight to
+  the socket) or the connection is closing.
+- `tcp.Port.transport`: the class a listening port builds each accepted connection
+  with (tcp.Server); send_eagerly() sets it to EagerServer.
+- A tcp.Client's class: the connector builds a plain tcp.Client with no way to
+  choose the class, so make_eager() switches `__class__` on the instance once it
+  is connected (EagerClient adds no state of its own, only methods).
+
+The plain reference is Twisted's own tcp.Server and tcp.Client, unchanged: with
+MAILHOST_PLAIN_TCP=1 in the environment (read once, at import), after
+`use_plain_transport()`, or when `internals_present()` finds Twisted changed,
+send_eagerly() and make_eager() leave every port and transport as Twisted made
+it. tests/smtp/test_transport.py runs one exchange through both and checks
+they deliver the same bytes in the same order.
+
+The server's `before_write` hook (mailhost.service passes the log's
+flush_pending) runs before each eager write, so the log has the line about a
+reply before the client has the reply. Twisted's plain transport needs no hook:
+it sends on the next reactor turn, after the log's end-of-turn write. This module
+imports nothing of mailhost's.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+import os
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from twisted.internet import tcp
+from twisted.internet import abstract, tcp
 
-from mailhost.ops.logs import flush_pending
+
+def internals_present() -> bool:
+    """Whether the Twisted in use still has what EagerWrites reads (listed above)."""
+    probe = abstract.FileDescriptor(reactor=object())  # type: ignore[arg-type]
+    return (all(hasattr(abstract.FileDescriptor, name) for name in ("dataBuffer", "offset", "_writeDisconnected"))
+            and isinstance(getattr(probe, "_tempDataBuffer", None), list)
+            and all(hasattr(tcp.Connection, name) for name in ("TLS", "connected", "disconnecting"))
+            and getattr(tcp.Port, "transport", None) is tcp.Server)
+
+
+_plain = os.environ.get("MAILHOST_PLAIN_TCP", "") not in ("", "0") or not internals_present()
+
+
+def use_plain_transport(plain: bool = True) -> None:
+    """From now on, Twisted's own transports (True) or the eager ones (False) for new
+    ports and connections; ports switched already keep their class."""
+    global _plain
+    _plain = plain
+
+
+def plain_transport() -> bool:
+    return _plain
 
 
 class EagerWrites:
@@ -53,12 +109,31 @@ class EagerWrites:
             if sent == len(data):
                 return
             data = data[sent:]
-        super().write(data)
+        super().write(data)  # type: ignore[misc]
+
+    def writeSequence(self, iovec: Iterable[bytes]) -> None:
+        """Through write(), so that a sequence keeps its place among corked and eager writes."""
+        self.write(b"".join(iovec))
+
+    # What EagerWrites reads of the tcp.Connection it is mixed into (see the module's docstring).
+    connected: int
+    disconnecting: int
+    _writeDisconnected: bool
+    TLS: bool
+    offset: int
+    dataBuffer: bytes
+    _tempDataBuffer: list[bytes]
+    socket: Any
 
 
 class EagerServer(EagerWrites, tcp.Server):
+    """For inbound SMTP: each reply goes out at once when the socket has room."""
+
+    before_write: Callable[[], None] | None = None  # set on a subclass by server_class()
+
     def write(self, data: bytes) -> None:
-        flush_pending()  # the log has the line about a reply before the client has the reply
+        if self.before_write is not None:
+            self.before_write()
         super().write(data)
 
 
@@ -66,16 +141,23 @@ class EagerClient(EagerWrites, tcp.Client):
     """For outbound SMTP: each pipelined command group and each message body is one write."""
 
 
-def make_eager(transport: Any) -> None:
-    """Turn a plain outbound TCP transport into an EagerClient (TLS-wrapped or other ones are left alone).
+@functools.lru_cache(maxsize=None)
+def server_class(before_write: Callable[[], None] | None = None) -> type[EagerServer]:
+    """EagerServer, calling `before_write` (with no arguments) before each write."""
+    if before_write is None:
+        return EagerServer
+    return type("EagerServer", (EagerServer,), {"before_write": staticmethod(before_write)})
 
-    The connector builds the tcp.Client itself, so the class is switched on the
-    instance once connected; EagerClient adds no state of its own."""
-    if type(transport) is tcp.Client:
+
+def make_eager(transport: Any) -> None:
+    """Turn a plain outbound TCP transport into an EagerClient (TLS-wrapped or other ones are
+    left alone, and all of them with the plain transport). Called once connected."""
+    if not _plain and type(transport) is tcp.Client:
         transport.__class__ = EagerClient
 
 
-def send_eagerly(port: Any) -> None:
-    """Make a listening TCP port's new connections EagerServer ones (other ports are left alone)."""
-    if isinstance(port, tcp.Port) and port.transport is tcp.Server:
-        port.transport = EagerServer
+def send_eagerly(port: Any, before_write: Callable[[], None] | None = None) -> None:
+    """Make a listening TCP port's new connections EagerServer ones, calling `before_write` before
+    each write (other ports are left alone, and all of them with the plain transport)."""
+    if not _plain and isinstance(port, tcp.Port) and port.transport is tcp.Server:
+        port.transport = server_class(before_write)

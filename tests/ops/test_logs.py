@@ -151,16 +151,21 @@ def test_a_workers_text_lines_say_which_worker() -> None:
 def test_held_lines_are_written_before_a_reply_goes_to_a_client() -> None:
     import socket as socketlib
 
+    from twisted.internet import tcp
     from twisted.internet.protocol import Protocol
 
-    from mailhost.smtp.transport import EagerServer
-    from tests.smtp.test_transport import FakeReactor
+    from mailhost.ops.logs import flush_pending
+    from mailhost.smtp.transport import send_eagerly
+    from tests.smtp.test_transport import FakeReactor, transports
 
     out, reactor = CountingStream(), TurnReactor()
     log = Logger(namespace="mailhost.smtp", observer=text_lines(out, reactor))
+    port = tcp.Port(0, None)
+    with transports(plain=False):
+        send_eagerly(port, before_write=flush_pending)  # as the daemon's listeners do (mailhost.service)
     ours, peer = socketlib.socketpair()
     ours.setblocking(False)
-    server = EagerServer(ours, Protocol(), ("127.0.0.1", 2525), None, 1, FakeReactor())
+    server = port.transport(ours, Protocol(), ("127.0.0.1", 2525), None, 1, FakeReactor())
     try:
         log.info("{id}: accepted", id="QID")
         assert out.getvalue() == ""
