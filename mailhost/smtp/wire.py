@@ -42,10 +42,6 @@ class Reply:
         return ("\r\n".join(out) + "\r\n").encode("utf-8")
 
     @property
-    def is_success(self) -> bool:
-        return self.code < 400
-
-    @property
     def permanent(self) -> bool:
         return self.code >= 500
 
@@ -206,10 +202,6 @@ class Address:
     @property
     def is_null(self) -> bool:
         return not self.local and not self.domain
-
-    @property
-    def is_utf8(self) -> bool:
-        return not str(self).isascii()
 
     @property
     def bare_local(self) -> str:
