@@ -183,7 +183,7 @@ def _utf8_addr_xtext(address: str) -> str:
 
 
 def _typed_address(address: str) -> str:
-    """An address for Final-Recipient / Original-Recipient (already cleaned):
+    """An address for Final-Recipient (already cleaned):
     `rfc822; addr`, or `utf-8; xtext` when it is not ASCII (RFC 6533 3)."""
     if address.isascii():
         return f"rfc822; {address}"
