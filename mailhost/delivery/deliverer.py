@@ -17,7 +17,8 @@ from twisted.logger import Logger
 from mailhost.config import Config, SmartHostConfig
 from mailhost.queue.envelope import Envelope, Recipient
 from mailhost.delivery.routing import Hop, RouteError, Router
-from mailhost.smtp.client import ClientSession, SendResult, ServerReply, SessionError, open_session
+from mailhost.smtp.client import ClientSession, SendResult, SessionError, open_session
+from mailhost.smtp.wire import Reply
 from mailhost.feedback.suppression import verp_sender
 from mailhost.delivery.throttle import Pace, Throttle, is_slow_down_signal
 
@@ -234,7 +235,7 @@ class Deliverer:
                 delay = time.monotonic() - started
                 retry_here: list[str] = []
                 for rcpt in remaining:
-                    reply: ServerReply = result.replies[rcpt]
+                    reply: Reply = result.replies[rcpt]
                     outcome = _from_reply(reply, hop.host, relay)
                     if outcome.state == "deferred":
                         self._signal(pace, reply, False)
@@ -278,8 +279,8 @@ class Deliverer:
             replies.update(result.replies)
         return SendResult(replies)
 
-    def _signal(self, pace: Pace, reply: ServerReply | None, refused: bool) -> None:
-        code, status = (reply.code, reply.status) if reply is not None else (None, "")
+    def _signal(self, pace: Pace, reply: Reply | None, refused: bool) -> None:
+        code, status = (reply.code, reply.effective_status) if reply is not None else (None, "")
         if is_slow_down_signal(code, status, refused):
             before = pace.rate
             pace.slow_down()
@@ -292,7 +293,7 @@ class Deliverer:
         if reply is not None:
             # A 5xx greeting/EHLO/AUTH from a smart host is a configuration problem:
             # keep the mail queued. From an MX it is that domain's answer: try the next MX.
-            return Outcome("deferred", str(reply), reply.status if reply.transient else "4.4.2", hop.host, relay)
+            return Outcome("deferred", str(reply), reply.effective_status if reply.transient else "4.4.2", hop.host, relay)
         return Outcome("deferred", error.reason, "4.4.1", hop.host, relay)
 
     def _tls_for(self, hop: Hop) -> tuple[str, Any]:
@@ -324,8 +325,8 @@ class Deliverer:
         return self._smarthost_secrets[key]
 
 
-def _from_reply(reply: ServerReply, host: str, relay: str) -> Outcome:
+def _from_reply(reply: Reply, host: str, relay: str) -> Outcome:
     if reply.code < 400:
-        return Outcome("delivered", str(reply), reply.status, host, relay)
-    return Outcome("failed" if reply.permanent else "deferred", str(reply), reply.status, host, relay)
+        return Outcome("delivered", str(reply), reply.effective_status, host, relay)
+    return Outcome("failed" if reply.permanent else "deferred", str(reply), reply.effective_status, host, relay)
 

@@ -6,8 +6,7 @@ into a multipart/report message, built with the stdlib `email` package:
     multipart/report; report-type=delivery-status
       1. text/plain                 what happened, for a person (Postfix wording)
       2. message/delivery-status    the same, for a program (RFC 3464 fields)
-      3. text/rfc822-headers        the original header block (default, RET=HDRS)
-         or message/rfc822          the whole original message (RET=FULL)
+      3. text/rfc822-headers        the original header block
 
 Output format (chosen here, relied on by callers): bytes with LF line endings,
 the form our Maildir and spool files hold; `wire.stuff_from_lf` makes CRLF for
@@ -16,36 +15,36 @@ the wire. The policy is `email.policy.default` with `linesep="\\n"`,
 
 What it is safe to assume about the output:
 
-- The report itself (headers, parts 1 and 2) is 7-bit ASCII, with one
-  exception: when the sender's address is non-ASCII (an SMTPUTF8 sender), the
-  To: header carries it as raw UTF-8 (the bounce needs SMTPUTF8 to reach that
-  address anyway). Non-ASCII text for people goes in part 1 as quoted-printable.
-- Part 3 is 7-bit unless RET=FULL returns a message with 8-bit bytes: then that
-  part and the top level say `Content-Transfer-Encoding: 8bit` and the bounce
-  needs BODY=8BITMIME (check with `dsn.isascii()`). A header block with 8-bit
-  bytes is sent as quoted-printable (RFC 3462 allows it for text/rfc822-headers).
-- Text from outside (the remote server's reply, host names, addresses, ENVID,
-  ORCPT) never makes a header or a MIME part: control characters (C0, C1, DEL,
+- The report is 7-bit ASCII, with one exception: when the sender's address is
+  non-ASCII (an SMTPUTF8 sender), the To: header carries it as raw UTF-8 (the
+  bounce needs SMTPUTF8 to reach that address anyway). Non-ASCII text for
+  people goes in part 1 as quoted-printable, and a header block with 8-bit
+  bytes goes in part 3 as quoted-printable (RFC 3462 allows it for
+  text/rfc822-headers).
+- Text from outside (the remote server's reply, host names, addresses) never
+  makes a header or a MIME part: control characters (C0, C1, DEL,
   Unicode line/paragraph separators, format and unassigned characters) become
   spaces or "?", runs of white space collapse, length is capped (a reply at
   `REPLY_LIMIT` characters), and fields are folded by this module: at spaces
   to 78 columns, and a word too long for a 998-octet line is cut (RFC 5322
   2.1.1). Fields in part 2 are ASCII: other characters become "?", except in
   addresses, which use RFC 6533 `utf-8` address type with its xtext form.
-- Every line of the output is at most 998 octets, except lines of a returned
-  original message (RET=FULL) or header block, which are copied as they are
-  apart from line endings (CRLF and bare CR become LF). The MIME boundary is
-  picked by `email`'s generator so that no line of any part is a delimiter
-  line for it (returned text cannot end or open a part).
+- Every line of the output is at most 998 octets, except lines of the
+  returned header block, which are copied as they are apart from line endings
+  (CRLF and bare CR become LF). The MIME boundary is picked by `email`'s
+  generator so that no line of any part is a delimiter line for it (returned
+  text cannot end or open a part).
 
 Dates are UTC ("+0000"). Received-From-MTA (RFC 3464 2.2.4) carries
 `envelope.client` when it is set.
 
-Inputs taken as they are stored in `Envelope`: `envid` and `orcpt` already
-decoded from xtext (RFC 3461); `orcpt` is either "type;address" or a bare
-address (taken as rfc822). `Recipient` has no time of its last attempt, so
-Last-Attempt-Date is `now` for a recipient with `attempts > 0` (the report is
-built right after the attempt that ended it) and omitted otherwise.
+The SMTP server does not take RFC 3461's parameters (RET, ENVID, ORCPT,
+NOTIFY) yet, so a report always returns the header block and has no
+Original-Envelope-Id or Original-Recipient field.
+
+`Recipient` has no time of its last attempt, so Last-Attempt-Date is `now`
+for a recipient with `attempts > 0` (the report is built right after the
+attempt that ended it) and omitted otherwise.
 """
 
 from __future__ import annotations
@@ -76,7 +75,7 @@ DELAY = "delay"
 
 REPLY_LIMIT = 1000  # characters of a remote reply / local reason kept
 ADDRESS_LIMIT = 320  # characters of an address kept (RFC 5321 4.5.3.1: 64 + 1 + 255)
-ID_LIMIT = 200  # characters of an ENVID or queue id kept
+ID_LIMIT = 200  # characters of a queue id kept
 HOST_LIMIT = 255
 
 _SOFT_LINE = 78  # RFC 5322 2.1.1: SHOULD
@@ -91,7 +90,6 @@ _HOSTNAME = re.compile(r"^(?=.{1,253}\.?$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Z
 _SMTP_REPLY = re.compile(r"^([2-5])[0-9][0-9](?:[ -]|$)")
 _REPLY_STATUS = re.compile(r"^[2-5][0-9][0-9][ -]([245]\.[0-9]{1,3}\.[0-9]{1,3})(?:[ ]|$)")
 _STATUS = re.compile(r"^[245]\.[0-9]{1,3}\.[0-9]{1,3}$")
-_ADDRESS_TYPE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9-]*) ?; ?(.*)$")
 # Unicode categories that must not reach a header or a line of text as they are.
 _SPACE_CATEGORIES = frozenset({"Cc", "Zl", "Zp", "Zs"})  # controls, separators: a space
 _BAD_CATEGORIES = frozenset({"Cf", "Cs", "Co", "Cn"})  # format, surrogate, private, unassigned: "?"
@@ -145,27 +143,11 @@ def _utf8_addr_xtext(address: str) -> str:
 
 
 def _typed_address(address: str) -> str:
-    """An address for Final-Recipient / Original-Recipient (already cleaned):
+    """An address for Final-Recipient (already cleaned):
     `rfc822; addr`, or `utf-8; xtext` when it is not ASCII (RFC 6533 3)."""
     if address.isascii():
         return f"rfc822; {address}"
     return f"utf-8; {_utf8_addr_xtext(address)}"
-
-
-def _original_recipient(orcpt: str) -> str | None:
-    value = _clean(orcpt, ADDRESS_LIMIT + 20)
-    match = _ADDRESS_TYPE.match(value)
-    if match is None:
-        atype, address = "rfc822", value
-    else:
-        atype, address = match.group(1), match.group(2).strip(" ")
-    if not address:
-        return None
-    if address.isascii():
-        return f"{atype}; {address}"
-    if atype.lower() in ("rfc822", "utf-8"):
-        return _typed_address(address)
-    return f"{atype}; {_ascii(address)}"
 
 
 def _octets(text: str) -> int:
@@ -238,15 +220,6 @@ def _span(seconds: float) -> str:
 # The report
 
 
-class _Generator(BytesGenerator):
-    """BytesGenerator that can write a message/rfc822 part whose payload is
-    the original message as a str with surrogate escapes (bytes copied as they
-    are, 8-bit included), instead of re-serialising a parsed copy of it."""
-
-    def _encode(self, s: str) -> bytes:
-        return s.encode("ascii", "surrogateescape")
-
-
 def _status(recipient: Recipient, reply: str, kind: str) -> str:
     if _STATUS.match(recipient.status or ""):
         return recipient.status
@@ -265,16 +238,14 @@ def _human_text(
     *,
     hostname: str,
     kind: str,
-    full: bool,
     now: float,
     retry_until: float | None,
 ) -> str:
     out = [f"This is the mail system at host {hostname}.", ""]
     if kind == FAILURE:
-        attached = "It's attached below." if full else "Its headers are attached below."
         out += [
             "I'm sorry to have to inform you that your message could not",
-            f"be delivered to one or more recipients. {attached}",
+            "be delivered to one or more recipients. Its headers are attached below.",
         ]
     else:
         out += [
@@ -323,8 +294,8 @@ def build_dsn(
 
     `kind` is "failure" (a bounce, Action: failed) or "delay" (a warning,
     Action: delayed; `retry_until`, epoch seconds, adds Will-Retry-Until).
-    `original` is the queued message; its header block is returned, or all of
-    it when the sender asked for RET=FULL. `hostname` is this host's name
+    `original` is the queued message; its header block is returned.
+    `hostname` is this host's name
     (Reporting-MTA, MAILER-DAEMON@hostname, Message-ID). `now` defaults to the
     current time.
 
@@ -350,7 +321,6 @@ def build_dsn(
     if not sender:
         raise ValueError("no DSN for an empty sender address")
     policy = _POLICY if sender.isascii() else _POLICY_UTF8
-    full = (envelope.ret or "").upper() == "FULL"
     action = "failed" if kind == FAILURE else "delayed"
 
     # Part 2 first: it decides what part 1 says about each recipient.
@@ -360,10 +330,6 @@ def build_dsn(
     queue_id = _ascii(_clean(envelope.id, ID_LIMIT))
     if queue_id:
         _set(per_message, "X-Mailhost-Queue-ID", queue_id)
-    if envelope.envid:
-        envid = _ascii(_clean(envelope.envid, ID_LIMIT))
-        if envid:
-            _set(per_message, "Original-Envelope-Id", envid)
     client = _ascii(_clean(envelope.client or "", HOST_LIMIT))
     if client:
         _set(per_message, "Received-From-MTA", f"dns; {client}")
@@ -378,10 +344,6 @@ def build_dsn(
         is_smtp = bool(_SMTP_REPLY.match(reply))
 
         block = Message(policy=policy)
-        if recipient.orcpt:
-            original_recipient = _original_recipient(recipient.orcpt)
-            if original_recipient:
-                _set(block, "Original-Recipient", original_recipient)
         _set(block, "Final-Recipient", _typed_address(address))
         _set(block, "Action", action)
         _set(block, "Status", _status(recipient, reply, kind))
@@ -406,7 +368,7 @@ def build_dsn(
 
     # Part 1: for people.
     text = _human_text(
-        envelope, human_lines, hostname=hostname, kind=kind, full=full, now=now, retry_until=retry_until
+        envelope, human_lines, hostname=hostname, kind=kind, now=now, retry_until=retry_until
     )
     notification = MIMEPart(policy=policy)
     plain = text.isascii() and max(map(len, text.split("\n"))) <= _SOFT_LINE
@@ -425,29 +387,19 @@ def build_dsn(
 
     # Part 3: what was sent.
     returned = MIMEPart(policy=policy)
-    eight_bit = False
-    if full:
-        body = _lf(original)
-        eight_bit = not body.isascii()
-        returned["Content-Type"] = "message/rfc822"
-        returned["Content-Description"] = "Undelivered Message" if kind == FAILURE else "Delayed Message"
-        if eight_bit:
-            returned["Content-Transfer-Encoding"] = "8bit"
-        returned.set_payload(body.decode("ascii", "surrogateescape"))
+    headers = _lf(original_headers(original))
+    if headers.isascii():
+        returned.set_content(headers, "text", "rfc822-headers", cte="7bit")
     else:
-        headers = _lf(original_headers(original))
-        if headers.isascii():
-            returned.set_content(headers, "text", "rfc822-headers", cte="7bit")
-        else:
-            returned.set_content(
-                headers.decode("utf-8", "replace"),
-                subtype="rfc822-headers",
-                charset="utf-8",
-                cte="quoted-printable",
-            )
-        returned["Content-Description"] = (
-            "Undelivered Message Headers" if kind == FAILURE else "Delayed Message Headers"
+        returned.set_content(
+            headers.decode("utf-8", "replace"),
+            subtype="rfc822-headers",
+            charset="utf-8",
+            cte="quoted-printable",
         )
+    returned["Content-Description"] = (
+        "Undelivered Message Headers" if kind == FAILURE else "Delayed Message Headers"
+    )
 
     message = EmailMessage(policy=policy)
     message["From"] = f"Mail Delivery System <MAILER-DAEMON@{hostname}>"
@@ -460,12 +412,10 @@ def build_dsn(
     message["Auto-Submitted"] = "auto-replied"
     message["MIME-Version"] = "1.0"
     message["Content-Type"] = "multipart/report; report-type=delivery-status"
-    if eight_bit:
-        message["Content-Transfer-Encoding"] = "8bit"
     for part in (notification, report, returned):
         message.attach(part)
 
     out = io.BytesIO()
     # No boundary is set above: the generator picks one that no part contains.
-    _Generator(out, policy=policy).flatten(message)
+    BytesGenerator(out, policy=policy).flatten(message)
     return out.getvalue()

@@ -22,8 +22,6 @@ class Recipient:
     last_reply: str = ""  # e.g. "451 4.7.1 try later" or "connect to x[1.2.3.4]:25: refused"
     status: str = ""  # enhanced status of the last result, e.g. "4.4.1"
     remote_mta: str = ""  # host name of the last server that answered
-    notify: str | None = None  # DSN NOTIFY (RFC 3461), when given
-    orcpt: str | None = None  # DSN ORCPT (RFC 3461), when given
     bounced: bool = False  # a failure DSN already told the sender about it
 
     @property
@@ -41,8 +39,6 @@ class Envelope:
     client: str = ""  # who handed it to us, for logs and DSNs: "helo ([ip])"
     body_8bit: bool = False
     smtputf8: bool = False
-    ret: str | None = None  # DSN RET=FULL|HDRS
-    envid: str | None = None  # DSN ENVID
     delay_warned: bool = False
     held: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
@@ -60,5 +56,19 @@ class Envelope:
     @classmethod
     def from_json(cls, data: bytes) -> Envelope:
         raw = json.loads(data)
-        raw["recipients"] = [Recipient(**r) for r in raw["recipients"]]
+        for key in _RETIRED_ENVELOPE_KEYS:
+            raw.pop(key, None)
+        raw["recipients"] = [Recipient(**_without_retired(r)) for r in raw["recipients"]]
         return cls(**raw)
+
+
+# RFC 3461 fields that envelopes written before they were dropped carry (as null: nothing set
+# them); loading ignores them. The DSN extension brings them back as real fields.
+_RETIRED_ENVELOPE_KEYS = ("ret", "envid")
+_RETIRED_RECIPIENT_KEYS = ("notify", "orcpt")
+
+
+def _without_retired(recipient: dict[str, Any]) -> dict[str, Any]:
+    for key in _RETIRED_RECIPIENT_KEYS:
+        recipient.pop(key, None)
+    return recipient

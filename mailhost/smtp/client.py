@@ -5,8 +5,9 @@ EHLO is refused), negotiates TLS as asked and authenticates; the returned
 `ClientSession` then sends any number of messages, one transaction at a time,
 each with a reply per recipient.
 
-Replies are parsed from whole network buffers with bytes.find, and the body goes
-out as one dot-stuffed buffer (wire.stuff_from_lf), never stuffed per chunk.
+Reply lines are found in whole network buffers with bytes.find, and each reply
+becomes a wire.Reply (wire.parse_reply, the codec the server encodes with); the
+body goes out as one dot-stuffed buffer (wire.stuff_from_lf), never stuffed per chunk.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailhost.smtp.wire import stuff_from_lf
+from mailhost.smtp.wire import Reply, parse_reply, stuff_from_lf
 from mailhost.smtp.transport import make_eager
 
 TLS_MODES = ("none", "opportunistic", "required", "starttls-verify", "implicit-verify")
@@ -41,40 +42,10 @@ BODY_CHUNK = 256 * 1024  # bytes handed to the transport at a time while writing
 CLOSE_GRACE = 5.0  # seconds a closing connection may take before it is aborted
 QUIT_ON_ERROR_TIMEOUT = 10.0  # seconds for the reply to QUIT after opening the session failed
 
-_ENHANCED_STATUS = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 # --- results -----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ServerReply:
-    """A reply as the server sent it: the code, and the text of all lines joined with "\\n"."""
-
-    code: int
-    text: str
-
-    @property
-    def status(self) -> str:
-        """The enhanced status code (RFC 3463) the text starts with, else one derived from the code."""
-        match = _ENHANCED_STATUS.match(self.text)
-        # RFC 3463: the class digit must agree with the reply code; if not, trust the code.
-        if match and match.group(1) == str(self.code)[0]:
-            return match.group(0)
-        return f"{str(self.code)[0]}.0.0"
-
-    @property
-    def permanent(self) -> bool:
-        return self.code >= 500
-
-    @property
-    def transient(self) -> bool:
-        return 400 <= self.code < 500
-
-    def __str__(self) -> str:
-        lines = " / ".join(self.text.split("\n"))
-        return f"{self.code} {lines}".rstrip()
 
 
 class SessionError(Exception):
@@ -85,7 +56,7 @@ class SessionError(Exception):
     that means for the mail is the caller's decision.
     """
 
-    def __init__(self, reason: str, reply: ServerReply | None = None, permanent: bool = False,
+    def __init__(self, reason: str, reply: Reply | None = None, permanent: bool = False,
                  refused: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
@@ -98,7 +69,7 @@ class SessionError(Exception):
 class SendResult:
     """The final reply per recipient address, as the addresses were passed in."""
 
-    replies: dict[str, ServerReply]
+    replies: dict[str, Reply]
 
 
 # --- the protocol ------------------------------------------------------------
@@ -109,7 +80,7 @@ class _Waiter:
     """One reply the server owes us."""
 
     label: str  # what the reply answers, for error messages
-    deferred: Deferred[ServerReply] | _Replies
+    deferred: Deferred[Reply] | _Replies
     timeout: float
     tls_options: Any = None  # set for STARTTLS: switch to TLS the moment its 220 is read
 
@@ -119,11 +90,11 @@ class _Replies:
     `callback`/`errback` land here instead of in a Deferred per command."""
 
     def __init__(self, count: int) -> None:
-        self.deferred: Deferred[list[ServerReply]] = Deferred()
-        self._replies: list[ServerReply] = []
+        self.deferred: Deferred[list[Reply]] = Deferred()
+        self._replies: list[Reply] = []
         self._count = count
 
-    def callback(self, reply: ServerReply) -> None:
+    def callback(self, reply: Reply) -> None:
         if not self.deferred.called:
             self._replies.append(reply)
             if len(self._replies) == self._count:
@@ -140,17 +111,16 @@ class SMTPClientProtocol(Protocol):
     def __init__(self, reactor: Any, peer: str, greeting_timeout: float) -> None:
         self.reactor = reactor
         self.peer = peer
-        self.greeting: Deferred[ServerReply] = Deferred()
+        self.greeting: Deferred[Reply] = Deferred()
         self.error: SessionError | None = None  # set once the session is beyond saving
-        self.closing_reply: ServerReply | None = None  # a 421: the server is closing
+        self.closing_reply: Reply | None = None  # a 421: the server is closing
         self.connected_now = False
         self.encrypted = False
         self._closing = False  # we asked to close
         self._greeting_timeout = greeting_timeout
         self._tls_unconfirmed = False  # TLS started, no reply read through it yet
         self._buffer = bytearray()
-        self._lines: list[str] = []
-        self._code = 0
+        self._lines: list[bytes] = []  # the lines so far of a multi-line reply
         self._waiters: deque[_Waiter] = deque()
         self._timer: Any = None
         self._timeout, self._timeout_label = 0.0, ""
@@ -214,15 +184,15 @@ class SMTPClientProtocol(Protocol):
 
     # --- commands ------------------------------------------------------------
 
-    def commands(self, lines: list[str], labels: list[str], timeout: float) -> Deferred[list[ServerReply]]:
+    def commands(self, lines: list[str], labels: list[str], timeout: float) -> Deferred[list[Reply]]:
         """Write command lines in one go (a pipelined group) and return their replies, in
         order, through one Deferred: it fails with the session's error if any reply does not come."""
         group = _Replies(len(lines))
         self._write_commands(lines, [_Waiter(label, group, timeout) for label in labels])
         return group.deferred
 
-    def command(self, line: str, label: str, timeout: float, tls_options: Any = None) -> Deferred[ServerReply]:
-        deferred: Deferred[ServerReply] = Deferred()
+    def command(self, line: str, label: str, timeout: float, tls_options: Any = None) -> Deferred[Reply]:
+        deferred: Deferred[Reply] = Deferred()
         self._write_commands([line], [_Waiter(label, deferred, timeout, tls_options)])
         return deferred
 
@@ -238,13 +208,13 @@ class SMTPClientProtocol(Protocol):
         self.transport.write(b"".join(line.encode("utf-8") + b"\r\n" for line in lines))
 
     def write_body(self, wire: bytes, block_timeout: float, end_timeout: float,
-                   then: Callable[[], None] | None = None) -> Deferred[ServerReply]:
+                   then: Callable[[], None] | None = None) -> Deferred[Reply]:
         """Write the DATA body (dot-stuffed, with its terminating dot) and return the reply to it.
 
         `then` runs once the whole body is in the transport, before the reply:
         what it writes (the next transaction's commands) goes out in the same
         send as the body when the body is small enough to be held back that long."""
-        deferred: Deferred[ServerReply] = Deferred()
+        deferred: Deferred[Reply] = Deferred()
         problem = self.unusable_reason()
         if problem is not None:
             deferred.errback(self.error or SessionError(problem))
@@ -335,28 +305,26 @@ class SMTPClientProtocol(Protocol):
         finally:
             del buffer[:position]
 
-    def _reply_line(self, line: bytes) -> ServerReply | None:
-        """Add one line to the reply being read; the reply once its last line is in."""
-        separator = line[3:4]
-        if len(line) < 3 or not line[:3].isdigit() or line[:1] not in b"2345" or separator not in (b"", b" ", b"-"):
-            self.fail(SessionError(f"{self.peer} sent a malformed reply line: {line[:80]!r}"))
+    def _reply_line(self, line: bytes) -> Reply | None:
+        """Add one line to the reply being read; the reply (wire.parse_reply) once its last line is in."""
+        if line[3:4] == b"-":
+            self._lines.append(line)
+            if len(self._lines) >= REPLY_LINES_MAX:  # and its last line is still to come
+                self.fail(SessionError(f"{self.peer} sent a reply of more than {REPLY_LINES_MAX} lines"))
             return None
-        code = int(line[:3])
-        if self._lines and code != self._code:
-            self.fail(SessionError(f"{self.peer} changed the reply code within a reply ({self._code}, then {code})"))
+        if self._lines:
+            lines = self._lines
+            lines.append(line)
+            self._lines = []
+        else:
+            lines = [line]
+        try:
+            return parse_reply(lines)
+        except ValueError as e:
+            self.fail(SessionError(f"{self.peer} sent a bad reply: {e}"))
             return None
-        self._code = code
-        self._lines.append(line[4:].decode("utf-8", "replace"))
-        if len(self._lines) > REPLY_LINES_MAX:
-            self.fail(SessionError(f"{self.peer} sent a reply of more than {REPLY_LINES_MAX} lines"))
-            return None
-        if separator == b"-":
-            return None
-        reply = ServerReply(code, "\n".join(self._lines))
-        self._lines = []
-        return reply
 
-    def _reply_complete(self, reply: ServerReply) -> bool:
+    def _reply_complete(self, reply: Reply) -> bool:
         """Hand a reply to its waiter; True when the rest of the buffer must be dropped."""
         self._tls_unconfirmed = False
         if not self._waiters:
@@ -389,7 +357,7 @@ class SMTPClientProtocol(Protocol):
             self.fail(SessionError(f"{self.peer} replied before the end of the message: {reply}", reply))
         return starting_tls
 
-    def _server_closing(self, waiter: _Waiter, reply: ServerReply) -> None:
+    def _server_closing(self, waiter: _Waiter, reply: Reply) -> None:
         """A 421 answers this command and, since the server is going away, every one behind it."""
         self.closing_reply = reply
         waiters = [waiter, *self._waiters]
@@ -563,7 +531,7 @@ class ClientSession:
         if reply.code != 235:
             raise SessionError(f"{self.peer} refused authentication as {username}: {reply}", reply, permanent=reply.permanent)
 
-    async def _auth_plain(self, username: str, password: str) -> ServerReply:
+    async def _auth_plain(self, username: str, password: str) -> Reply:
         token = _b64(f"\0{username}\0{password}")
         reply = await self._command(f"AUTH PLAIN {token}", "AUTH")
         if reply.code == 334:
@@ -571,7 +539,7 @@ class ClientSession:
             reply = await self._command(token, "AUTH")
         return reply
 
-    async def _auth_login(self, username: str, password: str) -> ServerReply:
+    async def _auth_login(self, username: str, password: str) -> Reply:
         reply = await self._command("AUTH LOGIN", "AUTH")
         for secret in (username, password):
             if reply.code != 334:
@@ -581,7 +549,7 @@ class ClientSession:
             reply = await self._command("*", "AUTH")  # cancel a dialogue that will not end
         return reply
 
-    async def _command(self, line: str, label: str, tls_options: Any = None) -> ServerReply:
+    async def _command(self, line: str, label: str, tls_options: Any = None) -> Reply:
         return await self._protocol.command(line, label, self._command_timeout, tls_options)
 
     # --- mail ----------------------------------------------------------------
@@ -639,7 +607,7 @@ class ClientSession:
         size = message_size(wire)
         limit = self.extensions.get("SIZE", "")
         if limit.isdigit() and 0 < int(limit) < size:
-            refused = ServerReply(552, f"5.3.4 Message of {size} octets exceeds the limit of {limit} at {self.peer} (RFC 1870)")
+            refused = Reply(552, "5.3.4", f"Message of {size} octets exceeds the limit of {limit} at {self.peer} (RFC 1870)")
             return SendResult({recipient: refused for recipient in unique})
         lines = [self._mail_command(sender, size, body_8bit, smtputf8), *(f"RCPT TO:<{r}>" for r in unique), "DATA"]
         labels = ["MAIL", *("RCPT" for _ in unique), "DATA"]
@@ -649,13 +617,13 @@ class ClientSession:
             replies = await self._one_by_one(lines, labels)
         return await self._finish(unique, replies, wire, body_written if "PIPELINING" in self.extensions else None)
 
-    def _refuse_before_sending(self, sender: str, recipients: list[str], smtputf8: bool) -> ServerReply | None:
+    def _refuse_before_sending(self, sender: str, recipients: list[str], smtputf8: bool) -> Reply | None:
         """A permanent reply for a transaction that must not be attempted here, else None."""
         if smtputf8 and "SMTPUTF8" not in self.extensions:
-            return ServerReply(553, f"5.6.7 {self.peer} does not offer SMTPUTF8, which this message needs (RFC 6531)")
+            return Reply(553, "5.6.7", f"{self.peer} does not offer SMTPUTF8, which this message needs (RFC 6531)")
         if any(_CONTROL.search(address) for address in (sender, *recipients)):
             # A CR or LF here would end the command line and start another one.
-            return ServerReply(553, "5.1.3 Control character in an address; not sent")
+            return Reply(553, "5.1.3", "Control character in an address; not sent")
         return None
 
     def _mail_command(self, sender: str, size: int, body_8bit: bool, smtputf8: bool) -> str:
@@ -668,11 +636,11 @@ class ClientSession:
             params.append("SMTPUTF8")
         return " ".join([f"MAIL FROM:<{sender}>", *params])
 
-    async def _pipelined(self, lines: list[str], labels: list[str]) -> list[ServerReply]:
+    async def _pipelined(self, lines: list[str], labels: list[str]) -> list[Reply]:
         """RFC 2920: MAIL, every RCPT and DATA in one write, the replies read in order."""
         return await self._protocol.commands(lines, labels, self._command_timeout)
 
-    async def _one_by_one(self, lines: list[str], labels: list[str]) -> list[ServerReply]:
+    async def _one_by_one(self, lines: list[str], labels: list[str]) -> list[Reply]:
         """Without PIPELINING: wait for each reply; stop early when the transaction is lost.
         Commands not sent get the reply that made them pointless."""
         mail = await self._command(lines[0], labels[0])
@@ -688,7 +656,7 @@ class ClientSession:
         replies.append(await self._command(lines[-1], labels[-1]))
         return replies
 
-    async def _finish(self, recipients: list[str], replies: list[ServerReply], wire: bytes,
+    async def _finish(self, recipients: list[str], replies: list[Reply], wire: bytes,
                       body_written: Callable[[], None] | None = None) -> SendResult:
         mail, rcpts, data = replies[0], replies[1:-1], replies[-1]
         accepted = _positive(mail) and any(_positive(reply) for reply in rcpts)
@@ -702,7 +670,7 @@ class ClientSession:
                 final = end
         else:
             await self._reset_quietly(mail)
-        results: dict[str, ServerReply] = {}
+        results: dict[str, Reply] = {}
         for recipient, rcpt in zip(recipients, rcpts):
             results[recipient] = mail if not _positive(mail) else rcpt if not _positive(rcpt) else final
         return SendResult(results)
@@ -716,7 +684,7 @@ class ClientSession:
 
         return hand_over
 
-    async def _reset_quietly(self, mail: ServerReply) -> None:
+    async def _reset_quietly(self, mail: Reply) -> None:
         """End a transaction that did not reach the body. A failed RSET leaves the session unusable."""
         if not _positive(mail) and "PIPELINING" not in self.extensions:
             return  # nothing was started
@@ -746,7 +714,7 @@ class ClientSession:
         await protocol.when_lost()
 
 
-def parse_extensions(reply: ServerReply) -> dict[str, str]:
+def parse_extensions(reply: Reply) -> dict[str, str]:
     """EHLO keywords (upper-cased) -> the rest of their line; the first line is the greeting."""
     extensions: dict[str, str] = {}
     legacy_auth = None
@@ -769,7 +737,7 @@ def message_size(wire: bytes) -> int:
     return len(body) - (b"\r\n" + body).count(b"\r\n.")
 
 
-def _positive(reply: ServerReply) -> bool:
+def _positive(reply: Reply) -> bool:
     return 200 <= reply.code < 300
 
 

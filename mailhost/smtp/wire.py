@@ -22,7 +22,13 @@ END_OF_DATA = b"\r\n.\r\n"
 
 @dataclass(frozen=True)
 class Reply:
-    """One SMTP reply: a code, an enhanced status code (RFC 3463) and text."""
+    """One SMTP reply, either way: a code, an enhanced status code (RFC 3463;
+    "" when there is none) and its text, the lines joined with "\\n".
+
+    The server builds these and sends `encode()`; the client gets them from
+    `parse_reply`, so `parse_reply` of `encode()`'s lines gives the same Reply
+    back (unless a text line itself starts like a status code).
+    """
 
     code: int
     status: str
@@ -36,8 +42,97 @@ class Reply:
         return ("\r\n".join(out) + "\r\n").encode("utf-8")
 
     @property
-    def is_success(self) -> bool:
-        return self.code < 400
+    def permanent(self) -> bool:
+        return self.code >= 500
+
+    @property
+    def transient(self) -> bool:
+        return 400 <= self.code < 500
+
+    @property
+    def effective_status(self) -> str:
+        """The enhanced status code, else one derived from the reply code ("4.0.0" for a bare 451)."""
+        return self.status or f"{self.code // 100}.0.0"
+
+    def __str__(self) -> str:
+        """One line for logs and DSNs: "550 5.1.1 no such user", the lines of a multi-line reply joined by " / "."""
+        head = f"{self.code} {self.status}" if self.status else str(self.code)
+        text = self.text.replace("\n", " / ")
+        return f"{head} {text}".rstrip()
+
+
+# An enhanced status code at the start of a reply's text (RFC 3463 2, RFC 2034 3).
+_ENHANCED_STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}(?=\s|$)")
+
+
+def parse_reply(lines: list[bytes]) -> Reply:
+    """The Reply that `lines` make: the lines of one reply as read off the wire,
+    without their line endings (b"250-first", b"250 last"). ValueError when they
+    are not one well-formed reply: a bad code, a code that changes from line to
+    line, a continuation mark ("-") on the last line or missing on another.
+
+    The enhanced status code is taken from the start of the first line when its
+    class agrees with the reply code (RFC 3463 2; else the code is trusted and
+    the text kept whole), and split off every line that repeats it (RFC 2034 3
+    puts it on each line). Text is UTF-8, undecodable bytes replaced.
+    """
+    if len(lines) == 1:
+        line = lines[0]
+        reply = _seen.get(line)
+        if reply is None:
+            reply = _one_line(line)
+            if len(line) <= _SEEN_LINE_MAX:
+                if len(_seen) >= _SEEN_MAX:
+                    _seen.clear()
+                _seen[line] = reply
+        return reply
+    code = lines[0][:3]
+    if len(code) < 3 or not code.isdigit() or code[0] not in b"2345":
+        raise _malformed(lines[0])
+    for line in lines[1:]:
+        if line[:3] != code:
+            if len(line) < 3 or not line[:3].isdigit():
+                raise _malformed(line)
+            raise ValueError(f"reply code changed within a reply ({int(code)}, then {int(line[:3])})")
+    for line in lines[:-1]:
+        if line[3:4] != b"-":
+            raise _malformed(line)
+    if lines[-1][3:4] not in (b" ", b""):
+        raise _malformed(lines[-1])
+    texts = [line[4:].decode("utf-8", "replace") for line in lines]
+    match = _ENHANCED_STATUS.match(texts[0]) if texts[0][:1] == chr(code[0]) else None
+    if match is None:
+        return Reply(int(code), "", "\n".join(texts))
+    status = match.group()
+    size = len(status)
+    return Reply(int(code), status, "\n".join(
+        text[size + 1 :] if text[:size] == status and (len(text) == size or text[size].isspace()) else text
+        for text in texts
+    ))
+
+
+# Most replies a client reads repeat ("250 2.1.0 Ok" to every MAIL): a line seen
+# lately costs one dict lookup. Bounded: emptied when full, short lines only.
+_seen: dict[bytes, Reply] = {}
+_SEEN_MAX = 256
+_SEEN_LINE_MAX = 200  # octets
+
+
+def _one_line(line: bytes) -> Reply:
+    """A one-line reply (see parse_reply)."""
+    code = line[:3]
+    if len(code) < 3 or not code.isdigit() or code[0] not in b"2345" or line[3:4] not in (b" ", b""):
+        raise _malformed(line)
+    text = line[4:].decode("utf-8", "replace")
+    # The class digit first: a reply without a status mostly skips the regex.
+    match = _ENHANCED_STATUS.match(text) if text[:1] == chr(code[0]) else None
+    if match is None:
+        return Reply(int(code), "", text)
+    return Reply(int(code), match.group(), text[match.end() + 1 :])
+
+
+def _malformed(line: bytes) -> ValueError:
+    return ValueError(f"malformed reply line {line[:80]!r}")
 
 
 class SMTPError(Exception):
@@ -107,10 +202,6 @@ class Address:
     @property
     def is_null(self) -> bool:
         return not self.local and not self.domain
-
-    @property
-    def is_utf8(self) -> bool:
-        return not str(self).isascii()
 
     @property
     def bare_local(self) -> str:

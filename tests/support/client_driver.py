@@ -19,13 +19,14 @@ from typing import Any
 from twisted.internet import ssl
 from twisted.internet.task import react
 
-from mailhost.smtp.client import ServerReply, SessionError, open_session
+from mailhost.smtp.client import SessionError, open_session
+from mailhost.smtp.wire import Reply
 
 
-def reply_json(reply: ServerReply | None) -> dict[str, Any] | None:
+def reply_json(reply: Reply | None) -> dict[str, Any] | None:
     if reply is None:
         return None
-    return {"code": reply.code, "text": reply.text, "status": reply.status, "str": str(reply),
+    return {"code": reply.code, "text": reply.text, "status": reply.effective_status, "str": str(reply),
             "permanent": reply.permanent, "transient": reply.transient}
 
 
