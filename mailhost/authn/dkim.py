@@ -20,9 +20,12 @@ import dkim
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+from twisted.logger import Logger
 
 from mailhost.message import field_names
 from mailhost.ops.durable import write_file_atomically
+
+log = Logger(namespace="mailhost.dkim")
 
 RSA = "rsa-sha256"
 ED25519 = "ed25519-sha256"
@@ -163,15 +166,22 @@ def discover(state_dir: Path) -> dict[str, DkimKey | DkimKeyError]:
 
 
 def sign(message: bytes, key: DkimKey) -> bytes:
-    """The DKIM-Signature header line(s) for `message` (LF line endings), ending in LF."""
+    """The DKIM-Signature header line(s) for `message` (LF line endings), ending in LF; b""
+    (the message goes unsigned, with a warning) when dkimpy cannot read its header section."""
     present = field_names(message)
     headers = [h for h in SIGNED_HEADERS if h in present]
     headers.append("from")  # over-signed
-    signature = dkim.sign(
-        message, key.selector.encode(), key.domain.encode(), key.private,
-        canonicalize=(b"relaxed", b"relaxed"), include_headers=[h.encode() for h in headers],
-        signature_algorithm=key.algorithm.encode(), linesep=b"\n",
-    )
+    try:
+        signature = dkim.sign(
+            message, key.selector.encode(), key.domain.encode(), key.private,
+            canonicalize=(b"relaxed", b"relaxed"), include_headers=[h.encode() for h in headers],
+            signature_algorithm=key.algorithm.encode(), linesep=b"\n",
+        )
+    except dkim.MessageFormatError as e:
+        # dkimpy reads no obsolete syntax ("Received : x", RFC 5322 4.5) nor a non-ASCII field
+        # name; such a message is valid enough to send (the intake took it), so it goes unsigned.
+        log.warn("not DKIM-signed for {domain}: {error}", domain=key.domain, error=str(e)[:200])
+        return b""
     return signature if signature.endswith(b"\n") else signature + b"\n"
 
 

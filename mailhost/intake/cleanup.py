@@ -6,7 +6,9 @@ The steps, in order, each written once here (cf. Postfix's cleanup(8)):
 1. hop limit (RFC 5321 6.3): more than HOP_LIMIT Received: fields is a loop;
 2. fix-ups by origin: Message-ID: and Date: for our own senders (RFC 6409 8.3, 8.4),
    never for mail from outside;
-3. sender ownership: an authenticated user's From: addresses in our domains are its own;
+3. sender ownership: an authenticated user's originator fields (From:, Sender:, Resent-From:,
+   Resent-Sender:) name only its own addresses in our domains, and its header section reads
+   one way only (RFC 5322, obsolete syntax included);
 4. inbound authentication for mail from outside: SPF, DKIM, DMARC into
    Authentication-Results:, forged ones removed, DMARC p=reject honoured when configured;
 5. per-recipient policy and suppression (the SMTP door asked the same question at RCPT);
@@ -36,11 +38,10 @@ from mailhost.authn.inbound import evaluate, strip_forged_results
 from mailhost.config import Config
 from mailhost.feedback.suppression import SuppressionList, parse_dsn
 from mailhost.intake.origin import DSN, SMTP, Origin
-from mailhost.intake.policy import RecipientVerdict, check_header_senders, recipient_verdict
+from mailhost.intake.policy import RecipientVerdict, check_originators, recipient_verdict
 from mailhost.intake.submission import missing_headers
 from mailhost.local.mailbox import Copy, LocalDomains, Resolution, deliver_copies
-from mailhost.message import (HOP_LIMIT, domain_of, from_addresses, from_domain, has_fields, read_headers,
-                              too_many_hops)
+from mailhost.message import HOP_LIMIT, domain_of, from_domain, has_fields, read_headers, too_many_hops
 from mailhost.multiproc.shard import Shard
 from mailhost.ops.durable import DiskWriter
 from mailhost.queue.envelope import Envelope, Recipient
@@ -180,7 +181,7 @@ class Intake:
             return message  # the common case for a campaign tool: nothing to parse
         headers = read_headers(message)
         if origin.user is not None:
-            refusal = check_header_senders(origin.user, from_addresses(headers), self.domains)
+            refusal = check_originators(origin.user, headers, self.domains)
             if refusal is not None:
                 raise Refused(refusal)
         return missing_headers(headers, self.settings.hostname) + message

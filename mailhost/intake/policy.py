@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from mailhost.feedback.suppression import SuppressionList, verp_recipient
 from mailhost.intake.origin import SMTP, Origin
 from mailhost.local.mailbox import LocalDomains, Resolution
-from mailhost.message import domain_of, split_address
+from mailhost.message import (ORIGINATOR_FIELDS, HeaderField, HeaderSection, claimed_addresses, normalize_address,
+                              split_address)
 from mailhost.smtp.wire import Address, Reply
 
 SUBMISSION_ROLES = ("submission", "submissions")
@@ -98,7 +99,7 @@ def owns(user: str, address: str, domains: LocalDomains) -> bool:
     Its own address, its plus-addresses, the aliases that reach its mailbox
     (not a catch-all), and what its users-file entry lists in may_send_as.
     """
-    address = address.lower()
+    address = normalize_address(address).lower()
     user = user.lower()
     if address == user:
         return True
@@ -121,9 +122,44 @@ def check_sender(user: str, sender: Address, domains: LocalDomains) -> Reply | N
     return Reply(553, "5.7.1", f"<{sender}>: Sender address not owned by {user}")
 
 
-def check_header_senders(user: str, addresses: list[str], domains: LocalDomains) -> Reply | None:
-    """From: header addresses of an authenticated session: those in a local domain must be `user`'s."""
+def check_header_senders(user: str, addresses: list[str], domains: LocalDomains, field: str = "From") -> Reply | None:
+    """Addresses an authenticated session's message names in its `field:` header: those in a
+    local domain must be `user`'s. Compared normalised: "bob@Example.TEST." is bob@example.test."""
     for address in addresses:
-        if domains.is_local(domain_of(address)) and not owns(user, address, domains):
-            return Reply(553, "5.7.1", f"From: <{address}> not owned by {user}")
+        address = normalize_address(address)
+        if domains.is_local(split_address(address)[1]) and not owns(user, address, domains):
+            return Reply(553, "5.7.1", f"{field}: <{_printable(address)}> not owned by {user}")
     return None
+
+
+def check_originators(user: str, headers: HeaderSection, domains: LocalDomains) -> Reply | None:
+    """The header section of an authenticated user's message: every originator field (From:,
+    Sender:, Resent-From:, Resent-Sender:) names only addresses `user` owns (553 5.7.1), and
+    the section reads one way only (550 5.6.0): a reader must not see a sender we did not.
+
+    550 5.6.0 is what Postfix's cleanup answers for a header it will not take (its MIME
+    errors; RFC 3463: "other or undefined media error"). Mail from outside is never refused
+    for this: the check protects our users' addresses, and other hosts' mail is theirs.
+    """
+    unreadable: HeaderField | None = None
+    for field in headers.fields:
+        if field.name.lower() not in ORIGINATOR_FIELDS:
+            continue
+        addresses, readable = claimed_addresses(field.text)
+        refusal = check_header_senders(user, addresses, domains, field.name)
+        if refusal is not None:
+            return refusal  # the sharper reason first
+        if not readable and unreadable is None:
+            unreadable = field
+    if headers.malformed:
+        return Reply(550, "5.6.0", f"Malformed header section: {headers.malformed[0]} (RFC 5322 2.2)")
+    if unreadable is not None:
+        return Reply(550, "5.6.0", f"Malformed header section: the {unreadable.name}: field on line "
+                                   f"{unreadable.line} is not a list of addresses (RFC 5322 3.4)")
+    return None
+
+
+def _printable(text: str) -> str:
+    """`text` fit for a reply line, and not too long for one."""
+    shown = "".join(c if c.isprintable() else "?" for c in text)
+    return shown if len(shown) <= 200 else shown[:200] + "..."

@@ -3,11 +3,12 @@ client left them out. Which origins get them is the intake's decision (cleanup.p
 
 from __future__ import annotations
 
-from email.message import Message
 from email.utils import formatdate, make_msgid
 
+from mailhost.message import HeaderSection
 
-def missing_headers(headers: Message, hostname: str) -> bytes:
+
+def missing_headers(headers: HeaderSection, hostname: str) -> bytes:
     """Message-ID: and Date: lines for the ones the message lacks (LF line endings)."""
     lines = ""
     if headers.get("Message-ID") is None:

@@ -87,3 +87,11 @@ def test_a_new_key_is_used_within_a_second_without_a_stat_per_message(tmp_path, 
     assert signer.key_for("example.test") is None  # checked a moment ago
     now[0] += dkim_sign.KEYS_CHECK_SECONDS
     assert signer.key_for("example.test").selector == "s1"
+
+
+def test_a_header_section_dkimpy_cannot_read_goes_unsigned(tmp_path):
+    generate(tmp_path, "example.test", "s1")
+    message = b"Received : from laptop\nFrom: news@example.test\n\nbody\n"  # RFC 5322 4.5 obsolete syntax
+    key = Signer(tmp_path).key_for(from_domain(message))
+    assert key is not None  # it is mail from example.test ...
+    assert sign(message, key) == b""  # ... but dkimpy cannot read it: unsigned, not an error

@@ -243,6 +243,23 @@ def test_sending_as_someone_else_is_refused(daemon: Daemon) -> None:
     assert not [m for m in daemon.messages("bob") if m["Subject"] == "forged"]
 
 
+def test_obsolete_header_syntax_does_not_hide_someone_elses_from(daemon: Daemon) -> None:
+    # "From :" (RFC 5322 4.5) is a From: field to mail readers; the stdlib's compat32 parser did not see it.
+    raw = b"From : bob@example.test\r\nTo: bob@example.test\r\nSubject: obsolete forged\r\n\r\nHello.\r\n"
+    with smtplib.SMTP("127.0.0.1", daemon.submission_port, timeout=10) as client:
+        client.starttls(context=no_verify())
+        client.login("alice@example.test", PASSWORD)
+        with pytest.raises(smtplib.SMTPDataError) as caught:
+            client.sendmail("alice@example.test", ["bob@example.test"], raw)
+        assert (caught.value.smtp_code, caught.value.smtp_error[:5]) == (553, b"5.7.1")
+        assert b"From: <bob@example.test> not owned by alice@example.test" in caught.value.smtp_error
+        # Her own address in the same syntax goes through on the same session.
+        own = raw.replace(b"bob@example.test\r\nTo", b"alice@example.test\r\nTo").replace(b"forged", b"own")
+        assert client.sendmail("alice@example.test", ["bob@example.test"], own) == {}
+    subjects = [m["Subject"] for m in daemon.messages("bob")]
+    assert "obsolete own" in subjects and "obsolete forged" not in subjects
+
+
 def test_may_send_as_widens_a_campaign_account(daemon: Daemon, mx: Sink) -> None:
     with smtplib.SMTP_SSL("127.0.0.1", daemon.submissions_port, context=no_verify(), timeout=10) as client:
         client.login("news@example.test", PASSWORD)

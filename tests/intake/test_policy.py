@@ -14,7 +14,9 @@ import pytest
 
 from mailhost.config import Config, load
 from mailhost.local.mailbox import LocalDomains
-from mailhost.intake.policy import auth_required, check_header_senders, check_recipient, check_sender, may_relay
+from mailhost.intake.policy import (auth_required, check_header_senders, check_originators, check_recipient,
+                                    check_sender, may_relay)
+from mailhost.message import parse_header_section
 from mailhost.smtp.wire import Address, SMTPError, parse_path
 from mailhost.local.users import UserEntry, hash_password, write_users
 
@@ -385,6 +387,9 @@ HEADER_TABLE = [
     (["bob@example.test"], False),
     (["alice@example.test", "bob@example.test"], False),
     (["nobody@other.test"], False),
+    (["bob@example.test."], False),  # the root's dot names the same local domain
+    (["BOB@EXAMPLE.TEST."], False),
+    (["alice@Example.Test."], True),
 ]
 
 
@@ -394,3 +399,52 @@ def test_header_sender_ownership(domains: LocalDomains, addresses: list[str], al
     assert (reply is None) is allowed, reply
     if reply is not None:
         assert (reply.code, reply.status) == (553, "5.7.1")
+
+
+OWNED = None
+NOT_OWNED = (553, "5.7.1")
+UNREADABLE = (550, "5.6.0")
+
+ORIGINATOR_TABLE = [
+    # (header section of a message from alice, the reply: None when it is accepted)
+    (b"From: alice@example.test\nSubject: s\n\nbody", OWNED),
+    (b"From : alice@example.test\n\n", OWNED),  # RFC 5322 4.5 obsolete syntax, but hers
+    (b"From: Alice <alice@example.test.>\nSender: alice+x@EXAMPLE.test\n\n", OWNED),
+    (b"From: alice@example.test\nReply-To: bob@example.test\n\n", OWNED),  # Reply-To claims nothing
+    (b"From: Someone <someone@remote.test>\n\n", OWNED),  # not a local domain: not ours to police
+    (b"From: undisclosed-recipients:;\n\n", OWNED),
+    (b"Subject: no originator at all\n\n", OWNED),
+    (b"From: alice@example.test\n\nFrom: bob@example.test\nnot a field\n", OWNED),  # the body is not looked at
+    # Each way around the check the old (compat32) reading allowed:
+    (b"Received : x\nFrom: bob@example.test\n\n", NOT_OWNED),
+    (b"X-Caf\xc3\xa9: x\nFrom: bob@example.test\n\n", NOT_OWNED),
+    (b"From : bob@example.test\n\n", NOT_OWNED),
+    (b"From: bob@example.test.\n\n", NOT_OWNED),
+    (b"From: alice@example.test\nSender: bob@example.test\n\n", NOT_OWNED),
+    (b"From: alice@example.test\nResent-From: Bob <bob@example.test>\n\n", NOT_OWNED),
+    (b"From: alice@example.test\nresent-sender : bob@Example.Test.\n\n", NOT_OWNED),
+    (b"From: alice@example.test\nSender: nobody@other.test\n\n", NOT_OWNED),
+    (b"From: bob@example.test <\n\n", NOT_OWNED),  # unreadable, but it names a local address
+    # A header section that cannot be read unambiguously:
+    (b"X-Caf\xc3\xa9: x\nFrom: alice@example.test\n\n", UNREADABLE),
+    (b" continues nothing\nFrom: alice@example.test\n\n", UNREADABLE),
+    (b"From: alice@example.test\nthis line is no field\n\nbody", UNREADABLE),
+    (b"From: =?utf-8?q?bob=40example.test?=\n\n", UNREADABLE),  # shown as bob's address by readers
+    (b"From: alice@example.test <bob@remote.test>\n\n", UNREADABLE),
+    (b"From: alice@example.test\nSender: Alice\n\n", UNREADABLE),
+]
+
+
+@pytest.mark.parametrize("message, reply", ORIGINATOR_TABLE, ids=[repr(r[0][:40]) for r in ORIGINATOR_TABLE])
+def test_every_originator_field_must_be_owned(domains: LocalDomains, message: bytes,
+                                              reply: tuple[int, str] | None) -> None:
+    refusal = check_originators(A, parse_header_section(message), domains)
+    assert ((refusal.code, refusal.status) if refusal else None) == reply, refusal
+
+
+def test_originator_refusals_name_the_field_and_the_problem(domains: LocalDomains) -> None:
+    refusal = check_originators(A, parse_header_section(b"From: alice@example.test\nSender : bob@example.test.\n\n"),
+                                domains)
+    assert refusal is not None and refusal.text == "Sender: <bob@example.test> not owned by alice@example.test"
+    refusal = check_originators(A, parse_header_section(b"Subject: s\nno field\n\n"), domains)
+    assert refusal is not None and "line 2" in refusal.text and "header" in refusal.text.lower()

@@ -25,7 +25,7 @@ from mailhost.local.auth import AuthSlowdown, SubmitterRealm, UsersFileChecker
 from mailhost.config import load
 from mailhost.intake.cleanup import Intake
 from mailhost.multiproc.shard import EVERYTHING
-from mailhost.authn.dkim import Signer
+from mailhost.authn.dkim import Signer, generate
 from mailhost.local.mailbox import LocalDomains
 from mailhost.ops.metrics import Metrics
 from mailhost.smtp.server import ServerContext, SMTPServerFactory
@@ -370,6 +370,56 @@ def test_from_header_must_be_owned(world: World, from_header: str, accepted: boo
     reply = send_message(session, f"From: {from_header}\nSubject: x\n\nbody")
     assert reply.startswith("250 2.0.0" if accepted else "553 5.7.1"), reply
     assert len(world.intake.accepted) == (1 if accepted else 0)
+
+
+@pytest.mark.parametrize(
+    "headers, reply",
+    [
+        # Each got past the owner check when the header section was read with compat32.
+        ("Received : x\nFrom: bob@example.test", "553 5.7.1"),  # obsolete syntax, then bob's From:
+        ("X-Caf\u00e9: x\nFrom: bob@example.test", "553 5.7.1"),  # a non-ASCII field name first
+        ("From : bob@example.test", "553 5.7.1"),
+        ("From: bob@example.test.", "553 5.7.1"),
+        ("From: alice@example.test\nSender: bob@example.test", "553 5.7.1"),
+        ("From: alice@example.test\nResent-From: bob@example.test", "553 5.7.1"),
+        ("From: alice@example.test\nResent-Sender: Bob <bob@example.test>", "553 5.7.1"),
+        # What cannot be read unambiguously is refused, even when it names only her.
+        ("X-Caf\u00e9: x\nFrom: alice@example.test", "550 5.6.0"),
+        ("From: alice@example.test\nthis line is no field", "550 5.6.0"),
+        ("From: =?utf-8?q?bob=40example.test?=", "550 5.6.0"),
+        # Obsolete syntax, a final dot and other case are still her own address.
+        ("From : alice@example.test\nSender: Alice <Alice@Example.Test.>", "250 2.0.0"),
+    ],
+)
+def test_header_section_tricks_do_not_get_past_the_owner_check(world: World, headers: str, reply: str) -> None:
+    session = world.session("submissions")
+    session.login()
+    answer = send_message(session, f"{headers}\nSubject: x\n\nbody")
+    assert answer.startswith(reply), answer
+    assert len(world.intake.accepted) == (1 if reply.startswith("250") else 0)
+    # The session goes on: the next message is taken.
+    assert send_message(session, "From: alice@example.test\n\nbody").startswith("250 2.0.0")
+
+
+def test_obsolete_syntax_dkimpy_cannot_read_goes_unsigned_not_refused(tmp_path: Path) -> None:
+    generate(tmp_path, "example.test", "s1")
+    world = World(tmp_path)
+    session = world.session("submission")
+    session.login()
+    assert send_message(session, "From: alice@example.test\nSubject: plain\n\nbody").startswith("250 2.0.0")
+    answer = send_message(session, "Received : from laptop\nFrom: alice@example.test\nSubject: obsolete\n\nbody")
+    assert answer.startswith("250 2.0.0"), answer
+    [(_, _, _, plain), (_, _, _, obsolete)] = world.intake.accepted
+    assert plain.startswith(b"DKIM-Signature: ") and b"DKIM-Signature" not in obsolete
+
+
+def test_mail_from_outside_is_not_refused_for_its_header_section(world: World) -> None:
+    session = world.session("mx", source="192.0.2.50")  # not in relay.networks, not authenticated
+    session.send("EHLO client.test")
+    answer = send_message(session, "X-Caf\u00e9: x\nFrom: bob@example.test\nno field\n\nbody",
+                          sender="someone@remote.test")
+    assert answer.startswith("250 2.0.0"), answer
+    assert len(world.intake.accepted) == 1
 
 
 def test_missing_message_id_and_date_are_added_and_received_names_the_user(world: World) -> None:
