@@ -16,7 +16,15 @@ from typing import NoReturn
 from mailhost.config import Config, ConfigError, DomainConfig, load
 from mailhost.local.mailbox import create_maildir, is_safe_local_part
 from mailhost.queue.spool import SpoolError
-from mailhost.local.users import UserEntry, UsersFileError, hash_password, parse_send_as, read_users, write_users
+from mailhost.local.users import (
+    UserEntry,
+    UsersFileError,
+    hash_password,
+    parse_local_part,
+    parse_send_as,
+    read_users,
+    write_users,
+)
 
 
 class UserError(Exception):
@@ -198,9 +206,12 @@ def _split_address(config: Config, address: str) -> tuple[str, DomainConfig]:
     if domain is None:
         local_domains = ", ".join(d.name for d in config.domains)
         raise UserError(f"{domain_name} is not a local domain (local domains: {local_domains})")
-    local = local.lower()
-    if not is_safe_local_part(local) or "+" in local or not local.isprintable() or " " in local:
-        raise UserError(f"{local!r} cannot be a mailbox name (no /, +, spaces, or leading dot)")
+    try:
+        local = parse_local_part(local)
+    except ValueError as e:
+        raise UserError(f"{local!r} cannot be a mailbox name: it {e}") from None
+    if not is_safe_local_part(local):  # parse_local_part refuses these too; the folder name depends on it
+        raise UserError(f"{local!r} cannot be a mailbox name")
     return local, domain
 
 
