@@ -16,9 +16,19 @@ from pathlib import Path
 
 from mailhost.config import Config
 from mailhost.doors.control import DaemonNotRunning, current_pace, send_queue_command
-from mailhost.queue.spool import Spool
+from mailhost.queue.spool import Spool, SpoolError, is_queue_id
 
 _enc = json.encoder.encode_basestring  # what json.dumps(..., ensure_ascii=False) puts a str as
+
+
+def checked_queue_id(text: str) -> str:
+    """`text` as a queue id (ids may be typed in lower case); SpoolError for anything else, so
+    that an id never names a path outside the spool (`../x`) or one the system refuses."""
+    queue_id = text.upper()
+    if not is_queue_id(queue_id):
+        shown = repr(text[:40]) + ("..." if len(text) > 40 else "")
+        raise SpoolError(f"{shown} is not a queue id (16 letters and digits, as `mailhost queue list` shows them)")
+    return queue_id
 
 
 def run_queue_command(config: Config, args: argparse.Namespace) -> int:
@@ -26,9 +36,12 @@ def run_queue_command(config: Config, args: argparse.Namespace) -> int:
     command = args.queue_command
     if command == "list":
         return queue_list(spool, args.json, config.server.state_dir)
-    if command == "show":
-        return queue_show(spool, args.id)
     queue_id = getattr(args, "id", None)
+    if queue_id is not None:
+        queue_id = checked_queue_id(queue_id)
+    if command == "show":
+        assert queue_id is not None
+        return queue_show(spool, queue_id)
     if queue_id is not None:
         spool.load(queue_id)  # a clear "no such message" before anything else
     try:

@@ -17,7 +17,7 @@ from twisted.protocols import amp
 
 from mailhost.multiproc.commands import PaceCommand, QueueCommand
 from mailhost.queue.operations import PaceReport, QueueOperations, apply_queue_action
-from mailhost.queue.spool import SpoolError
+from mailhost.queue.spool import SpoolError, is_queue_id
 
 SOCKET_NAME = "control.sock"
 
@@ -42,6 +42,9 @@ class ControlProtocol(amp.AMP):
         return Deferred.fromCoroutine(self._queue_command(action, queue_id))
 
     async def _queue_command(self, action: str, queue_id: str | None) -> dict[str, int]:
+        if queue_id is not None and not is_queue_id(queue_id):
+            # Whatever is connected to the socket: an id only ever names a file in the spool.
+            raise SpoolError(f"{queue_id[:40]!r} is not a queue id")
         if action == "pickup":
             self.pickup.collect()  # answered at once: sendmail need not wait for delivery
             return {"count": 1}
