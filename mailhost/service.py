@@ -24,7 +24,7 @@ from mailhost.ops.logs import default_observer, flush_pending
 from mailhost.ops.metrics import Metrics, metrics_site, snapshots_folder
 from mailhost.doors.pickup import PickupCollector
 from mailhost.ops.durable import DiskWriter
-from mailhost.ops.ownership import owner_of
+from mailhost.ops.ownership import make_dirs, owner_of
 from mailhost.ops.statelock import AlreadyRunning, StateLock, lock_state_dir
 from mailhost.intake.cleanup import Intake
 from mailhost.local.mailbox import LocalDomains
@@ -278,7 +278,7 @@ def build(config: Config, tls_options: ServerTLS, reactor: Any) -> MailhostDaemo
         folder = None
         if config.server.workers > 1:
             folder = snapshots_folder(config.server.state_dir)
-            folder.mkdir(mode=0o700, exist_ok=True)
+            make_dirs(folder, 0o700, owner)  # made as root; the workers write it
             for old in folder.glob("worker*.json"):  # from an earlier run: not this one's workers
                 old.unlink(missing_ok=True)
         site = metrics_site(metrics, ready=lambda: scheduler.ready.called, workers_folder=folder)

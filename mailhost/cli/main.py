@@ -15,6 +15,7 @@ from typing import NoReturn
 
 from mailhost.config import Config, ConfigError, DomainConfig, load
 from mailhost.local.mailbox import create_maildir, is_safe_local_part
+from mailhost.ops.ownership import owner_of
 from mailhost.queue.spool import SpoolError
 from mailhost.local.users import (
     UserEntry,
@@ -234,8 +235,17 @@ def user_add(config: Config, args: argparse.Namespace) -> int:
     if address in entries:
         raise UserError(f"{address} already exists (use `mailhost user passwd {address}`)")
     entries[address] = UserEntry(address, hash_password(_read_password(args)))
-    create_maildir(domain.maildir / local)
-    write_users(domain.users, entries)
+    owner = owner_of(config.server.state_dir)  # run as root: the daemon's user must read both
+    created = create_maildir(domain.maildir / local, owner)
+    try:
+        write_users(domain.users, entries, owner)
+    except BaseException:
+        for folder in reversed(created):  # the user was not added: no Maildir of a user that is not there
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
+        raise
     print(f"added {address} (Maildir {domain.maildir / local})")
     return 0
 
@@ -247,7 +257,7 @@ def user_passwd(config: Config, args: argparse.Namespace) -> int:
     if address not in entries:
         raise UserError(f"{address} does not exist (use `mailhost user add {address}`)")
     entries[address] = dataclasses.replace(entries[address], password_hash=hash_password(_read_password(args)))
-    write_users(domain.users, entries)
+    write_users(domain.users, entries, owner_of(config.server.state_dir))
     print(f"password changed for {address}")
     return 0
 
@@ -258,7 +268,7 @@ def user_del(config: Config, args: argparse.Namespace) -> int:
     entries = read_users(domain.users)
     if entries.pop(address, None) is None:
         raise UserError(f"{address} does not exist")
-    write_users(domain.users, entries)
+    write_users(domain.users, entries, owner_of(config.server.state_dir))
     print(f"deleted {address} (its Maildir {domain.maildir / local} is kept)")
     return 0
 
@@ -278,7 +288,7 @@ def user_may_send_as(config: Config, args: argparse.Namespace) -> int:
         except ValueError as e:
             raise UserError(f"{e} is not an address or @domain (such as news@example.test or @example.test)") from None
         entries[address] = dataclasses.replace(entries[address], may_send_as=senders)
-        write_users(domain.users, entries)
+        write_users(domain.users, entries, owner_of(config.server.state_dir))
     senders = entries[address].may_send_as
     print(f"{address} may send as: {' '.join(senders) if senders else '(its own addresses only)'}")
     return 0

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from mailhost.config import Config
 from mailhost.doors.control import DaemonNotRunning, current_pace, send_queue_command
+from mailhost.ops.ownership import owner_of
 from mailhost.queue.spool import Spool, SpoolError, is_queue_id
 
 _enc = json.encoder.encode_basestring  # what json.dumps(..., ensure_ascii=False) puts a str as
@@ -32,7 +33,7 @@ def checked_queue_id(text: str) -> str:
 
 
 def run_queue_command(config: Config, args: argparse.Namespace) -> int:
-    spool = Spool(config.server.state_dir / "spool")
+    spool = Spool(config.server.state_dir / "spool", owner_of(config.server.state_dir))
     command = args.queue_command
     if command == "list":
         return queue_list(spool, args.json, config.server.state_dir)

@@ -25,6 +25,7 @@ from pathlib import Path
 from twisted.logger import Logger
 
 from mailhost.ops.durable import write_file_atomically
+from mailhost.ops.ownership import Owner, make_dirs
 
 _log = Logger(namespace="mailhost.users")
 
@@ -205,8 +206,9 @@ def read_users_leniently(path: Path) -> tuple[dict[str, UserEntry], list[UsersFi
     return entries, errors
 
 
-def write_users(path: Path, entries: dict[str, UserEntry]) -> None:
-    """Replace the users file atomically and durably, readable by its owner only.
+def write_users(path: Path, entries: dict[str, UserEntry], owner: Owner | None = None) -> None:
+    """Replace the users file atomically and durably, readable by its owner only (`owner`: the
+    daemon's user, when root writes it).
     An entry the file could not hold as one line is refused (UsersFileError) and nothing is written."""
     for entry in entries.values():
         problem = _address_problem(entry.address)
@@ -220,8 +222,8 @@ def write_users(path: Path, entries: dict[str, UserEntry]) -> None:
         if problem:
             raise UsersFileError(f"{path}: {entry.address!r} {problem}; nothing written")
     lines = [_format_line(e) for e in sorted(entries.values(), key=lambda e: e.address)]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_file_atomically(path, "".join(lines).encode("utf-8"), mode=0o600)
+    make_dirs(path.parent, 0o755, owner)
+    write_file_atomically(path, "".join(lines).encode("utf-8"), mode=0o600, owner=owner)
 
 
 class UsersFile:

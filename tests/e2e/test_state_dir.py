@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import stat
 import subprocess
+from pathlib import Path
+
+import pytest
 
 from tests.e2e.conftest import TWISTD, free_port
 
@@ -59,3 +64,56 @@ def test_a_second_daemon_on_the_same_state_dir_says_so_in_one_line(make_daemon):
     # The first one is untouched and still answers.
     assert daemon.process.poll() is None
     assert "by the running daemon" in daemon.cli("queue", "flush").stdout
+
+
+NOBODY = 65534
+
+
+def connects_as(uid: int, path: Path) -> bool:
+    """Whether a process of `uid` may connect to the UNIX socket at `path` (a forked child:
+    the daemon's user cannot run this machine's Python, which lives under /root). It starts in
+    the socket's folder, so the test's own folders above need not be open to that user."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.chdir(path.parent)
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.connect(path.name)
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give files away")
+def test_what_the_daemon_makes_as_root_is_the_state_dir_owners(make_daemon):
+    # twistd binds and makes these before --uid: the daemon's user must use them afterwards
+    # (`queue flush` as that user was a PermissionError traceback; SIGHUP could not read the key).
+    daemon = make_daemon(start=False)
+    state = daemon.root / "state"
+    state.mkdir(mode=0o700)
+    os.chown(state, NOBODY, NOBODY)
+    daemon.start()
+    made = {name: (state / name).lstat() for name in ("control.sock", "mailhost.lock", "tls", "tls/cert.pem",
+                                                     "tls/key.pem")}
+    assert {name: (st.st_uid, st.st_gid) for name, st in made.items()} == dict.fromkeys(made, (NOBODY, NOBODY))
+    assert stat.S_IMODE(made["tls/key.pem"].st_mode) == 0o600
+    assert stat.S_IMODE(made["control.sock"].st_mode) == 0o600
+    assert connects_as(NOBODY, state / "control.sock")
+    assert not connects_as(NOBODY + 1, state / "control.sock")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give files away")
+def test_a_generated_pair_an_earlier_version_left_to_root_is_given_at_start(make_daemon):
+    daemon = make_daemon()
+    daemon.stop()
+    state = daemon.root / "state"
+    os.chown(state, NOBODY, NOBODY)
+    daemon.start()
+    for name in ("tls", "tls/cert.pem", "tls/key.pem"):
+        assert ((state / name).stat().st_uid, (state / name).stat().st_gid) == (NOBODY, NOBODY), name
