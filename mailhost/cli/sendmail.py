@@ -122,6 +122,8 @@ def run(config: Config, argv: list[str], stdin=None) -> int:
     user = getpass.getuser()
     sender = args.sender if args.sender is not None else f"{user}@{hostname}"
     sender = sender.strip("<>")
+    if sender and "@" not in sender:
+        sender = f"{sender}@{hostname}"  # `-f root`: qualified with our hostname, as Postfix's sendmail does
     if sender:
         _check_address(sender, "sender")
     message = read_message(stdin or sys.stdin.buffer, args.dot_ends)
