@@ -116,6 +116,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, UserError, UsersFileError, SpoolError) as e:
         sys.stderr.write(f"mailhost: {e}\n")
         return 1
+    except OSError as e:  # no permission, a full disk, ...: what and where, not a traceback
+        sys.stderr.write(f"mailhost: {os_error_line(e)}\n")
+        return 1
     except KeyboardInterrupt:
         sys.stderr.write("mailhost: interrupted\n")
         return 1
@@ -126,9 +129,21 @@ def _sendmail(config_path: str, sendmail_argv: list[str]) -> int:
 
     try:
         return run(load(config_path), sendmail_argv)
-    except (ConfigError, SendmailError, UsersFileError, OSError) as e:
+    except (ConfigError, SendmailError, UsersFileError) as e:
         sys.stderr.write(f"mailhost sendmail: {e}\n")
         return 1
+    except OSError as e:
+        sys.stderr.write(f"mailhost sendmail: {os_error_line(e)}\n")
+        return 1
+
+
+def os_error_line(error: OSError) -> str:
+    """An OSError as one line: the file, what went wrong, and for a permission what to do."""
+    text = f"{error.filename}: {error.strerror}" if error.filename else (error.strerror or str(error))
+    if isinstance(error, PermissionError):
+        # State belongs to the daemon's user (DESIGN.md "One owner for state").
+        text += " (run this as root or as the owner of state_dir)"
+    return text
 
 
 def suppress_command(config: Config, args: argparse.Namespace) -> int:

@@ -268,6 +268,7 @@ def queue_list(spool: Spool, as_json: bool, state_dir: Path, processes: int | No
     # Raw JSON dicts, not Envelope objects, and several processes: `queue list` of 100,000
     # messages stays quick (bench/queue_scale.py). The spool is read directly even when the
     # daemon runs: it holds only ids and due times, not the recipients' states.
+    _check_readable(spool, state_dir)
     entries = listing_entries(spool, as_json, processes)
     try:
         paces = current_pace(state_dir)
@@ -289,6 +290,20 @@ def queue_list(spool: Spool, as_json: bool, state_dir: Path, processes: int | No
     out.write("\n")
     out.flush()
     return 0
+
+
+def _check_readable(spool: Spool, state_dir: Path) -> None:
+    """SpoolError when this user may not read the spool: the listing skips what it cannot read,
+    and "0 messages" would be a wrong answer."""
+    try:
+        with os.scandir(spool.root / "env"):
+            return
+    except FileNotFoundError:
+        return  # nothing was ever queued here
+    except PermissionError:
+        pass
+    raise SpoolError(f"cannot read the queue in {spool.root}: permission denied "
+                     f"(run this as root or as the owner of {state_dir})")
 
 
 def queue_show(spool: Spool, queue_id: str) -> int:

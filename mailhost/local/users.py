@@ -222,8 +222,11 @@ def write_users(path: Path, entries: dict[str, UserEntry], owner: Owner | None =
         if problem:
             raise UsersFileError(f"{path}: {entry.address!r} {problem}; nothing written")
     lines = [_format_line(e) for e in sorted(entries.values(), key=lambda e: e.address)]
-    make_dirs(path.parent, 0o755, owner)
-    write_file_atomically(path, "".join(lines).encode("utf-8"), mode=0o600, owner=owner)
+    try:
+        make_dirs(path.parent, 0o755, owner)
+        write_file_atomically(path, "".join(lines).encode("utf-8"), mode=0o600, owner=owner)
+    except OSError as e:  # a full disk, no permission: say which file
+        raise UsersFileError(f"{path}: cannot write the users file: {e.strerror or e}") from None
 
 
 class UsersFile:

@@ -70,7 +70,11 @@ def write_file_atomically(path: Path, data: bytes, mode: int = 0o600, owner: Own
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     _unlink_quietly(str(temporary))
     write_and_sync(str(temporary), [data], mode, owner)
-    os.replace(temporary, path)
+    try:
+        os.replace(temporary, path)
+    except BaseException:
+        _unlink_quietly(str(temporary))
+        raise
     fsync_directory(path.parent)
 
 
