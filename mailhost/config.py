@@ -538,9 +538,25 @@ def _is_local_target(name: str) -> bool:
 
 
 def _check_endpoint(reader: _Reader, key: str, description: str) -> None:
+    """What the daemon will listen on, checked now: twistd would only fail later, with a traceback.
+
+    Only the kinds mailhost's listeners take (they bind at once, before twistd drops root), and
+    for the TCP kinds a port from 1 to 65535 (Twisted's parser takes any integer; bind() does not)."""
     from twisted.internet import endpoints, reactor
 
+    example = 'a Twisted server endpoint such as "tcp:2525:interface=127.0.0.1"'
+    kinds = ("tcp", "tcp6", "unix", "systemd", "ssl")
+    kind, _, rest = description.partition(":")
+    if kind.strip().lower() not in kinds:
+        raise reader.fail(key, description, f"{example} (kinds: {', '.join(kinds)})")
     try:
         endpoints.serverFromString(reactor, description)
     except (ValueError, KeyError, TypeError, OSError) as e:
-        raise reader.fail(key, description, f'a Twisted server endpoint such as "tcp:2525:interface=127.0.0.1" ({e})') from None
+        raise reader.fail(key, description, f"{example} ({e})") from None
+    if kind.strip().lower() in ("tcp", "tcp6", "ssl"):
+        fields = re.split(r"(?<!\\):", rest)
+        named = dict(f.split("=", 1) for f in fields if "=" in f)
+        positional = [f for f in fields if "=" not in f]
+        port = named.get("port", positional[0] if positional else "")
+        if not (port.strip().isdigit() and 1 <= int(port) <= 65535):
+            raise reader.fail(key, description, f"{example}, with a port from 1 to 65535")

@@ -24,6 +24,8 @@ from mailhost.ops.logs import default_observer, flush_pending
 from mailhost.ops.metrics import Metrics, metrics_site, snapshots_folder
 from mailhost.doors.pickup import PickupCollector
 from mailhost.ops.durable import DiskWriter
+from mailhost.ops.ownership import make_dirs, owner_of
+from mailhost.ops.statelock import AlreadyRunning, StateLock, lock_state_dir
 from mailhost.intake.cleanup import Intake
 from mailhost.local.mailbox import LocalDomains
 from mailhost.delivery.deliverer import Deliverer, SessionPool
@@ -127,6 +129,12 @@ class MailhostDaemon(service.MultiService):
 
     log_observer: ILogObserver | None = None
     workers: WorkerPool | None = None
+    state_lock: StateLock | None = None  # held for the daemon's life
+
+    def startService(self) -> None:
+        if self.state_lock is not None:
+            self.state_lock.write_pid()  # twistd without -n forked after the lock was taken
+        super().startService()
 
     def setServiceParent(self, parent: Any) -> Any:
         if self.log_observer is not None and hasattr(parent, "setComponent"):
@@ -144,14 +152,18 @@ def make_service(config_path: str, reactor: Any = None, twistd_options: Any = No
     try:
         config = load(config_path)
         config.server.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Before anything touches the spool: a second daemon would take the first's writes in
+        # progress (spool/tmp) for debris.
+        state_lock = lock_state_dir(config.server.state_dir, owner_of(config.server.state_dir))
         check_permissions(config)
         tls_options = ServerTLS(*ensure_tls_pair(config))
         daemon = build(config, tls_options, reactor)
+        daemon.state_lock = state_lock
         daemon.log_observer = default_observer(twistd_options, reactor)
         if daemon.workers is not None and daemon.log_observer is not None:
             daemon.workers.share_stdout = True
         return daemon
-    except (ConfigError, TLSSetupError, DkimKeyError) as e:
+    except (ConfigError, TLSSetupError, DkimKeyError, AlreadyRunning) as e:
         sys.stderr.write(f"mailhost: {e}\n")
         raise SystemExit(1) from None
     except OSError as e:
@@ -260,12 +272,13 @@ def build(config: Config, tls_options: ServerTLS, reactor: Any) -> MailhostDaemo
                              alone=lambda: _deliver_alone(outbound))
         # Queue commands and paces reach the process that holds the message.
         queue = paces = ShardedQueue(scheduler, throttle, workers, lambda: scheduler.shard)
-    control_service(config.server.state_dir, queue, pickup, paces).setServiceParent(top)
+    owner = owner_of(config.server.state_dir)  # what is made before twistd's --uid is given to state_dir's owner
+    control_service(config.server.state_dir, queue, pickup, paces, owner).setServiceParent(top)
     if config.metrics.endpoint is not None:
         folder = None
         if config.server.workers > 1:
             folder = snapshots_folder(config.server.state_dir)
-            folder.mkdir(mode=0o700, exist_ok=True)
+            make_dirs(folder, 0o700, owner)  # made as root; the workers write it
             for old in folder.glob("worker*.json"):  # from an earlier run: not this one's workers
                 old.unlink(missing_ok=True)
         site = metrics_site(metrics, ready=lambda: scheduler.ready.called, workers_folder=folder)

@@ -254,6 +254,16 @@ MISTAKES = [
         '[[listener]]\nrole = "mx"\nendpoint = "ssl:4650:privateKey=nowhere/key.pem"\n' + DOMAIN,
         ["listener[0].endpoint"],
     ),
+    # Passed check-config before, then failed in twistd with a traceback (bind(): port must be 0-65535).
+    ("endpoint port too big", '[[listener]]\nrole = "mx"\nendpoint = "tcp:99999"\n' + DOMAIN,
+     ["listener[0].endpoint", "99999", "1 to 65535"]),
+    ("endpoint port as option too big", '[[listener]]\nrole = "mx"\nendpoint = "tcp:port=70000:interface=127.0.0.1"\n'
+     + DOMAIN, ["listener[0].endpoint", "70000", "1 to 65535"]),
+    ("endpoint port negative", '[[listener]]\nrole = "mx"\nendpoint = "tcp6:-25"\n' + DOMAIN, ["endpoint", "1 to 65535"]),
+    ("endpoint port zero", '[[listener]]\nrole = "mx"\nendpoint = "tcp:0"\n' + DOMAIN, ["endpoint", "1 to 65535"]),
+    ("endpoint kind mailhost does not listen on", '[[listener]]\nrole = "mx"\nendpoint = "stdio:"\n' + DOMAIN,
+     ["listener[0].endpoint", "tcp, tcp6, unix, systemd"]),
+    ("metrics endpoint port too big", MINIMAL + '[metrics]\nendpoint = "tcp:123456"\n', ["metrics.endpoint", "1 to 65535"]),
     (
         "second listener bad",
         LISTENER + '[[listener]]\nrole = "mx"\nendpoint = "tcp:x"\n' + DOMAIN,

@@ -24,6 +24,7 @@ from twisted.logger import Logger
 
 from mailhost.message import field_names
 from mailhost.ops.durable import write_file_atomically
+from mailhost.ops.ownership import make_dirs, owner_of
 
 log = Logger(namespace="mailhost.dkim")
 
@@ -84,7 +85,8 @@ def keys_folder(state_dir: Path) -> Path:
 def generate(state_dir: Path, domain: str, selector: str, algorithm: str = RSA) -> tuple[Path, str]:
     """Make a key pair, store the private key (0600); returns its path and the TXT record value to publish."""
     folder = keys_folder(state_dir) / domain.lower()
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    owner = owner_of(state_dir)  # the daemon's user signs with it
+    make_dirs(folder, 0o700, owner)
     path = folder / f"{selector}.key"
     if path.exists():
         raise DkimKeyError(f"{path} exists already; pick another selector (rotate by publishing a new one)")
@@ -102,7 +104,7 @@ def generate(state_dir: Path, domain: str, selector: str, algorithm: str = RSA) 
         record = f"v=DKIM1; k=ed25519; p={base64.b64encode(raw_public).decode()}"
     else:
         raise DkimKeyError(f"algorithm {algorithm!r}: expected one of {', '.join(ALGORITHMS)}")
-    write_file_atomically(path, private, mode=0o600)
+    write_file_atomically(path, private, mode=0o600, owner=owner)
     return path, record
 
 

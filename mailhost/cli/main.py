@@ -15,8 +15,17 @@ from typing import NoReturn
 
 from mailhost.config import Config, ConfigError, DomainConfig, load
 from mailhost.local.mailbox import create_maildir, is_safe_local_part
+from mailhost.ops.ownership import owner_of
 from mailhost.queue.spool import SpoolError
-from mailhost.local.users import UserEntry, UsersFileError, hash_password, parse_send_as, read_users, write_users
+from mailhost.local.users import (
+    UserEntry,
+    UsersFileError,
+    hash_password,
+    parse_local_part,
+    parse_send_as,
+    read_users,
+    write_users,
+)
 
 
 class UserError(Exception):
@@ -107,6 +116,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, UserError, UsersFileError, SpoolError) as e:
         sys.stderr.write(f"mailhost: {e}\n")
         return 1
+    except OSError as e:  # no permission, a full disk, ...: what and where, not a traceback
+        sys.stderr.write(f"mailhost: {os_error_line(e)}\n")
+        return 1
     except KeyboardInterrupt:
         sys.stderr.write("mailhost: interrupted\n")
         return 1
@@ -117,9 +129,21 @@ def _sendmail(config_path: str, sendmail_argv: list[str]) -> int:
 
     try:
         return run(load(config_path), sendmail_argv)
-    except (ConfigError, SendmailError, UsersFileError, OSError) as e:
+    except (ConfigError, SendmailError, UsersFileError) as e:
         sys.stderr.write(f"mailhost sendmail: {e}\n")
         return 1
+    except OSError as e:
+        sys.stderr.write(f"mailhost sendmail: {os_error_line(e)}\n")
+        return 1
+
+
+def os_error_line(error: OSError) -> str:
+    """An OSError as one line: the file, what went wrong, and for a permission what to do."""
+    text = f"{error.filename}: {error.strerror}" if error.filename else (error.strerror or str(error))
+    if isinstance(error, PermissionError):
+        # State belongs to the daemon's user (DESIGN.md "One owner for state").
+        text += " (run this as root or as the owner of state_dir)"
+    return text
 
 
 def suppress_command(config: Config, args: argparse.Namespace) -> int:
@@ -198,9 +222,12 @@ def _split_address(config: Config, address: str) -> tuple[str, DomainConfig]:
     if domain is None:
         local_domains = ", ".join(d.name for d in config.domains)
         raise UserError(f"{domain_name} is not a local domain (local domains: {local_domains})")
-    local = local.lower()
-    if not is_safe_local_part(local) or "+" in local or not local.isprintable() or " " in local:
-        raise UserError(f"{local!r} cannot be a mailbox name (no /, +, spaces, or leading dot)")
+    try:
+        local = parse_local_part(local)
+    except ValueError as e:
+        raise UserError(f"{local!r} cannot be a mailbox name: it {e}") from None
+    if not is_safe_local_part(local):  # parse_local_part refuses these too; the folder name depends on it
+        raise UserError(f"{local!r} cannot be a mailbox name")
     return local, domain
 
 
@@ -223,8 +250,17 @@ def user_add(config: Config, args: argparse.Namespace) -> int:
     if address in entries:
         raise UserError(f"{address} already exists (use `mailhost user passwd {address}`)")
     entries[address] = UserEntry(address, hash_password(_read_password(args)))
-    create_maildir(domain.maildir / local)
-    write_users(domain.users, entries)
+    owner = owner_of(config.server.state_dir)  # run as root: the daemon's user must read both
+    created = create_maildir(domain.maildir / local, owner)
+    try:
+        write_users(domain.users, entries, owner)
+    except BaseException:
+        for folder in reversed(created):  # the user was not added: no Maildir of a user that is not there
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
+        raise
     print(f"added {address} (Maildir {domain.maildir / local})")
     return 0
 
@@ -236,7 +272,7 @@ def user_passwd(config: Config, args: argparse.Namespace) -> int:
     if address not in entries:
         raise UserError(f"{address} does not exist (use `mailhost user add {address}`)")
     entries[address] = dataclasses.replace(entries[address], password_hash=hash_password(_read_password(args)))
-    write_users(domain.users, entries)
+    write_users(domain.users, entries, owner_of(config.server.state_dir))
     print(f"password changed for {address}")
     return 0
 
@@ -247,7 +283,7 @@ def user_del(config: Config, args: argparse.Namespace) -> int:
     entries = read_users(domain.users)
     if entries.pop(address, None) is None:
         raise UserError(f"{address} does not exist")
-    write_users(domain.users, entries)
+    write_users(domain.users, entries, owner_of(config.server.state_dir))
     print(f"deleted {address} (its Maildir {domain.maildir / local} is kept)")
     return 0
 
@@ -267,7 +303,7 @@ def user_may_send_as(config: Config, args: argparse.Namespace) -> int:
         except ValueError as e:
             raise UserError(f"{e} is not an address or @domain (such as news@example.test or @example.test)") from None
         entries[address] = dataclasses.replace(entries[address], may_send_as=senders)
-        write_users(domain.users, entries)
+        write_users(domain.users, entries, owner_of(config.server.state_dir))
     senders = entries[address].may_send_as
     print(f"{address} may send as: {' '.join(senders) if senders else '(its own addresses only)'}")
     return 0

@@ -16,19 +16,33 @@ from pathlib import Path
 
 from mailhost.config import Config
 from mailhost.doors.control import DaemonNotRunning, current_pace, send_queue_command
-from mailhost.queue.spool import Spool
+from mailhost.ops.ownership import owner_of
+from mailhost.queue.spool import Spool, SpoolError, is_queue_id
 
 _enc = json.encoder.encode_basestring  # what json.dumps(..., ensure_ascii=False) puts a str as
 
 
+def checked_queue_id(text: str) -> str:
+    """`text` as a queue id (ids may be typed in lower case); SpoolError for anything else, so
+    that an id never names a path outside the spool (`../x`) or one the system refuses."""
+    queue_id = text.upper()
+    if not is_queue_id(queue_id):
+        shown = repr(text[:40]) + ("..." if len(text) > 40 else "")
+        raise SpoolError(f"{shown} is not a queue id (16 letters and digits, as `mailhost queue list` shows them)")
+    return queue_id
+
+
 def run_queue_command(config: Config, args: argparse.Namespace) -> int:
-    spool = Spool(config.server.state_dir / "spool")
+    spool = Spool(config.server.state_dir / "spool", owner_of(config.server.state_dir))
     command = args.queue_command
     if command == "list":
         return queue_list(spool, args.json, config.server.state_dir)
-    if command == "show":
-        return queue_show(spool, args.id)
     queue_id = getattr(args, "id", None)
+    if queue_id is not None:
+        queue_id = checked_queue_id(queue_id)
+    if command == "show":
+        assert queue_id is not None
+        return queue_show(spool, queue_id)
     if queue_id is not None:
         spool.load(queue_id)  # a clear "no such message" before anything else
     try:
@@ -254,6 +268,7 @@ def queue_list(spool: Spool, as_json: bool, state_dir: Path, processes: int | No
     # Raw JSON dicts, not Envelope objects, and several processes: `queue list` of 100,000
     # messages stays quick (bench/queue_scale.py). The spool is read directly even when the
     # daemon runs: it holds only ids and due times, not the recipients' states.
+    _check_readable(spool, state_dir)
     entries = listing_entries(spool, as_json, processes)
     try:
         paces = current_pace(state_dir)
@@ -275,6 +290,20 @@ def queue_list(spool: Spool, as_json: bool, state_dir: Path, processes: int | No
     out.write("\n")
     out.flush()
     return 0
+
+
+def _check_readable(spool: Spool, state_dir: Path) -> None:
+    """SpoolError when this user may not read the spool: the listing skips what it cannot read,
+    and "0 messages" would be a wrong answer."""
+    try:
+        with os.scandir(spool.root / "env"):
+            return
+    except FileNotFoundError:
+        return  # nothing was ever queued here
+    except PermissionError:
+        pass
+    raise SpoolError(f"cannot read the queue in {spool.root}: permission denied "
+                     f"(run this as root or as the owner of {state_dir})")
 
 
 def queue_show(spool: Spool, queue_id: str) -> int:

@@ -25,6 +25,7 @@ from mailhost.feedback.suppression import SuppressionError, suppression_list
 from mailhost.intake.origin import SENDMAIL, Origin
 from mailhost.intake.policy import recipient_verdict
 from mailhost.local.mailbox import LocalDomains
+from mailhost.local.users import read_users_leniently
 from mailhost.message import drop_field
 from mailhost.smtp.wire import Address as ParsedAddress
 from mailhost.smtp.wire import SMTPError, parse_path
@@ -122,6 +123,8 @@ def run(config: Config, argv: list[str], stdin=None) -> int:
     user = getpass.getuser()
     sender = args.sender if args.sender is not None else f"{user}@{hostname}"
     sender = sender.strip("<>")
+    if sender and "@" not in sender:
+        sender = f"{sender}@{hostname}"  # `-f root`: qualified with our hostname, as Postfix's sendmail does
     if sender:
         _check_address(sender, "sender")
     message = read_message(stdin or sys.stdin.buffer, args.dot_ends)
@@ -135,6 +138,10 @@ def run(config: Config, argv: list[str], stdin=None) -> int:
     origin = Origin(SENDMAIL, submitter=submitter)
     for address in recipients:
         parsed = _check_address(address, "recipient")
+        domain = config.domain(parsed.domain)
+        if domain is not None:
+            # A users file this user may not read would make every local recipient "no such user".
+            read_users_leniently(domain.users)
         try:
             verdict = recipient_verdict(parsed, origin, domains, suppression)
         except SuppressionError as e:

@@ -6,7 +6,9 @@ daemon listening, the CLI edits the spool itself."""
 from __future__ import annotations
 
 import json
+import os
 import socket
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +18,9 @@ from twisted.internet.protocol import Factory
 from twisted.protocols import amp
 
 from mailhost.multiproc.commands import PaceCommand, QueueCommand
+from mailhost.ops.ownership import Owner, give
 from mailhost.queue.operations import PaceReport, QueueOperations, apply_queue_action
-from mailhost.queue.spool import SpoolError
+from mailhost.queue.spool import SpoolError, is_queue_id
 
 SOCKET_NAME = "control.sock"
 
@@ -42,18 +45,55 @@ class ControlProtocol(amp.AMP):
         return Deferred.fromCoroutine(self._queue_command(action, queue_id))
 
     async def _queue_command(self, action: str, queue_id: str | None) -> dict[str, int]:
+        if queue_id is not None and not is_queue_id(queue_id):
+            # Whatever is connected to the socket: an id only ever names a file in the spool.
+            raise SpoolError(f"{queue_id[:40]!r} is not a queue id")
         if action == "pickup":
             self.pickup.collect()  # answered at once: sendmail need not wait for delivery
             return {"count": 1}
         return {"count": await apply_queue_action(self.queue, action, queue_id)}
 
 
-def control_service(state_dir: Path, queue: QueueOperations, pickup: Any, paces: PaceReport) -> internet.UNIXServer:
+class ControlServer(internet.UNIXServer):
+    """The control socket's listener. The daemon binds it as root (before twistd's --uid), so
+    it is given to the owner of state_dir: `mailhost queue flush` run as the daemon's user may
+    connect (mode 0600: only that user and root may steer the queue)."""
+
+    def __init__(self, path: Path, factory: Factory, owner: Owner | None) -> None:
+        # No wantPID: its pid-naming lock file went stale (a reused pid kept the daemon from
+        # starting); the flock on state_dir (mailhost.ops.statelock) keeps one daemon per socket.
+        super().__init__(str(path), factory, mode=0o600)
+        self.path = path
+        self.owner = owner
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        give(self.path, self.owner)
+
+    def startService(self) -> None:
+        super().startService()
+        give(self.path, self.owner)
+
+
+def remove_stale_socket(state_dir: Path) -> None:
+    """What a daemon that ended without cleaning up left: its socket (bind fails while it
+    exists) and the PID lock of earlier versions. Call only while holding the state_dir lock:
+    then no other daemon can be listening on it."""
     path = state_dir / SOCKET_NAME
+    for stale in (path, path.with_name(path.name + ".lock")):
+        try:
+            if stat.S_ISSOCK(os.lstat(stale).st_mode) or stale.is_symlink():
+                os.unlink(stale)
+        except FileNotFoundError:
+            pass
+
+
+def control_service(state_dir: Path, queue: QueueOperations, pickup: Any, paces: PaceReport,
+                    owner: Owner | None = None) -> internet.UNIXServer:
     factory = Factory.forProtocol(lambda: ControlProtocol(queue, pickup, paces))
     factory.noisy = False
-    # mode 0600: only the daemon's user (and root) may steer the queue.
-    return internet.UNIXServer(str(path), factory, mode=0o600, wantPID=True)
+    remove_stale_socket(state_dir)
+    return ControlServer(state_dir / SOCKET_NAME, factory, owner)
 
 
 class DaemonNotRunning(Exception):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from mailhost.feedback.dsn import build_dsn
 from mailhost.intake.cleanup import Incoming, Intake, Receipt, Refused
 from mailhost.intake.origin import SENDMAIL, Origin
 from mailhost.ops.durable import DiskWriter, fsync_directory, write_and_sync
+from mailhost.ops.ownership import make_dirs, owner_of
 from mailhost.queue.envelope import FAILED, Envelope, Recipient
 from mailhost.queue.spool import new_queue_id
 from mailhost.smtp.wire import Reply
@@ -47,32 +47,79 @@ def pickup_dir(state_dir: Path) -> Path:
 def drop(state_dir: Path, sender: str, recipients: list[str], submitter: str, message: bytes) -> str:
     """Write a message into the pickup folder durably; returns its pickup id."""
     folder = pickup_dir(state_dir)
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    owner = owner_of(state_dir)  # sendmail run as root: the daemon's user must read what it drops
+    make_dirs(folder, 0o700, owner)
     pickup_id = new_queue_id()
     head = json.dumps({"sender": sender, "recipients": recipients, "submitter": submitter, "time": time.time()})
     temporary = folder / f".{pickup_id}.tmp"
-    write_and_sync(str(temporary), [head.encode("utf-8"), b"\n", message])
+    write_and_sync(str(temporary), [head.encode("utf-8"), b"\n", message], owner=owner)
     os.rename(temporary, folder / pickup_id)
     fsync_directory(folder)
     return pickup_id
 
 
-def waiting(state_dir: Path) -> Iterator[PickupEntry]:
-    """Complete pickup files, oldest first (blocking; run on a disk thread)."""
+@dataclass
+class Scan:
+    """What one look at the pickup folder found: complete messages, oldest first, and a log
+    line for each thing that could not be taken (a file that cannot be read is set aside)."""
+
+    entries: list[PickupEntry]
+    problems: list[str]
+
+
+def scan(state_dir: Path) -> Scan:
+    """Read the pickup folder (blocking; run on a disk thread). Nothing here is lost: a file
+    that cannot be read or parsed is moved aside as spool/pickup-bad-<name>, and said so."""
     folder = pickup_dir(state_dir)
-    if not folder.is_dir():
-        return
-    entries = [e for e in os.scandir(folder) if not e.name.startswith(".")]
-    for entry in sorted(entries, key=lambda e: e.stat().st_mtime):
+    try:
+        remove_stale_temporaries(state_dir)
+        entries = [e for e in os.scandir(folder) if not e.name.startswith(".")]
+    except FileNotFoundError:
+        return Scan([], [])
+    except OSError as e:
+        # A folder made by root (an older sendmail run as root): sendmail's mail waits in it.
+        return Scan([], [f"cannot read {folder}: {e.strerror}{_whose(folder)}; mail from sendmail waits there"])
+    found, problems = [], []
+    for entry in sorted(entries, key=_mtime):
         path = Path(entry.path)
         try:
             data = path.read_bytes()
             head, _, message = data.partition(b"\n")
             meta = json.loads(head)
-            yield PickupEntry(path, meta["sender"], list(meta["recipients"]), meta.get("submitter", ""), message)
-        except (OSError, ValueError, KeyError):
-            # Not ours to guess at: set it aside for the operator, keep collecting.
-            os.replace(path, folder.parent / f"pickup-bad-{entry.name}")
+            found.append(PickupEntry(path, meta["sender"], list(meta["recipients"]), meta.get("submitter", ""), message))
+            continue
+        except FileNotFoundError:
+            continue  # taken meanwhile
+        except OSError as e:
+            reason = f"cannot read it: {e.strerror}{_whose(path)}"
+        except (ValueError, KeyError, TypeError, AttributeError):
+            reason = "not a pickup file mailhost wrote"
+        # Not ours to guess at: set it aside for the operator, keep collecting.
+        aside = folder.parent / f"pickup-bad-{entry.name}"
+        try:
+            os.replace(path, aside)
+        except OSError as e:
+            problems.append(f"pickup {entry.name}: {reason}; cannot set it aside either ({e.strerror}): it stays in {folder}")
+            continue
+        problems.append(f"pickup {entry.name}: {reason}; nothing was sent, the file is kept as {aside} "
+                        f"(to send it, make it readable and move it back into {folder})")
+    return Scan(found, problems)
+
+
+def _mtime(entry: os.DirEntry) -> float:
+    try:
+        return entry.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _whose(path: Path) -> str:
+    """ " (owned by uid 0, this daemon runs as uid 998)" when that explains a permission error."""
+    try:
+        uid = os.stat(path).st_uid
+    except OSError:
+        return ""
+    return f" (owned by uid {uid}, this daemon runs as uid {os.geteuid()})" if uid != os.geteuid() else ""
 
 
 def remove_stale_temporaries(state_dir: Path, older_than: float = 3600.0) -> None:
@@ -96,6 +143,7 @@ class PickupCollector:
         self.hostname = hostname
         self._running: Deferred[None] | None = None
         self._again = False
+        self._reported: set[str] = set()  # the last scan's problems: each is logged once, not every few seconds
 
     def collect(self) -> Deferred[None]:
         """Collect everything waiting; a call during a run makes it run once more after."""
@@ -115,9 +163,12 @@ class PickupCollector:
         return self._running
 
     async def _collect_all(self) -> None:
-        await self.writer.run(remove_stale_temporaries, self.state_dir)
-        entries = await self.writer.run(lambda: list(waiting(self.state_dir)))
-        for entry in entries:
+        found = await self.writer.run(scan, self.state_dir)
+        for problem in found.problems:
+            if problem not in self._reported:
+                log.error("{problem}", problem=problem)
+        self._reported = set(found.problems)
+        for entry in found.entries:
             await self._take(entry)
 
     async def _take(self, entry: PickupEntry) -> None:

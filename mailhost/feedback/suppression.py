@@ -77,6 +77,7 @@ from typing import Any
 
 from mailhost.feedback.classify import HARD, suppression_effect
 from mailhost.ops.durable import write_file_atomically
+from mailhost.ops.ownership import Owner, give, make_dirs, owner_of
 
 __all__ = [
     "BounceReport",
@@ -475,7 +476,8 @@ class SuppressionList:
     """The addresses not to send to, kept in one JSON file (see the module
     docstring for how two processes share it)."""
 
-    def __init__(self, path: Path, soft_limit: int = 3, soft_window: float = 7 * 86400) -> None:
+    def __init__(self, path: Path, soft_limit: int = 3, soft_window: float = 7 * 86400,
+                 owner: Owner | None = None) -> None:
         if soft_limit < 1:
             raise ValueError(f"soft_limit must be at least 1, not {soft_limit}")
         if soft_window <= 0:
@@ -483,6 +485,7 @@ class SuppressionList:
         self.path = Path(path)
         self.soft_limit = soft_limit
         self.soft_window = float(soft_window)
+        self.owner = owner  # the CLI run as root: the files go to the daemon's user
         self._lock_path = self.path.with_name(self.path.name + ".lock")
         self._mutex = threading.RLock()
         self._identity: tuple[int, int, int, int] | None = None
@@ -578,9 +581,10 @@ class SuppressionList:
         now. The body may append False to the yielded list to skip the write;
         soft bounces older than the window before `now` are dropped."""
         with self._mutex:
-            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            make_dirs(self.path.parent, 0o700, self.owner)
             fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
+                give(self._lock_path, self.owner)
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 self._refresh()
                 changed: list[bool] = []
@@ -650,7 +654,7 @@ class SuppressionList:
             "soft": dict(sorted(soft.items())),
         }
         encoded = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-        write_file_atomically(self.path, encoded + b"\n", 0o600)
+        write_file_atomically(self.path, encoded + b"\n", 0o600, self.owner)
         # Still under the flock: no one else has written since, so what we hold is this file.
         st = os.stat(self.path)
         self._identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
@@ -658,4 +662,4 @@ class SuppressionList:
 
 def suppression_list(state_dir: Path) -> SuppressionList:
     """The daemon's and the CLI's shared list: state_dir/suppression.json."""
-    return SuppressionList(state_dir / "suppression.json")
+    return SuppressionList(state_dir / "suppression.json", owner=owner_of(state_dir))

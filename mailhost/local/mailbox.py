@@ -12,6 +12,7 @@ from pathlib import Path
 
 from mailhost.config import Config, DomainConfig
 from mailhost.ops.durable import fsync_directory, write_and_sync
+from mailhost.ops.ownership import Owner, make_dirs
 from mailhost.local.users import UserEntry, UsersFile
 
 PLUS_SEPARATOR = "+"
@@ -129,10 +130,13 @@ class LocalDomains:
             out.mailboxes.append(mailbox)
 
 
-def create_maildir(path: Path) -> None:
-    """Make `path`/{tmp,new,cur}, owner-only, if missing."""
+def create_maildir(path: Path, owner: Owner | None = None) -> list[Path]:
+    """Make `path`/{tmp,new,cur}, owner-only, if missing (each folder made given to `owner`);
+    returns the folders it made, outermost first."""
+    created = []
     for sub in _MAILDIR_SUBDIRS:
-        (path / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+        created += make_dirs(path / sub, 0o700, owner)
+    return created
 
 
 def _write_into_tmp(mailbox: Mailbox, name: str, chunks: tuple[bytes, bytes]) -> str:

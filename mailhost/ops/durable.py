@@ -21,6 +21,8 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from mailhost.ops.ownership import Owner
+
 T = TypeVar("T")
 
 
@@ -32,11 +34,14 @@ def fsync_directory(path: str | Path) -> None:
         os.close(fd)
 
 
-def write_and_sync(path: str, chunks: Iterable[bytes], mode: int = 0o600) -> None:
-    """Create `path` (which must not exist), write `chunks`, fsync. Removes it on failure."""
+def write_and_sync(path: str, chunks: Iterable[bytes], mode: int = 0o600, owner: Owner | None = None) -> None:
+    """Create `path` (which must not exist), write `chunks`, fsync. Removes it on failure.
+    With `owner` (we run as root), the file is given to the owner of state_dir first."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     try:
         try:
+            if owner is not None:
+                owner.give_fd(fd)
             _write_all(fd, list(chunks))
             os.fsync(fd)
         finally:
@@ -60,12 +65,16 @@ def _write_all(fd: int, chunks: list[bytes]) -> None:
             view = view[os.write(fd, view) :]
 
 
-def write_file_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Replace `path` with `data` durably (blocking; for the command line)."""
+def write_file_atomically(path: Path, data: bytes, mode: int = 0o600, owner: Owner | None = None) -> None:
+    """Replace `path` with `data` durably (blocking; for the command line), given to `owner`."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     _unlink_quietly(str(temporary))
-    write_and_sync(str(temporary), [data], mode)
-    os.replace(temporary, path)
+    write_and_sync(str(temporary), [data], mode, owner)
+    try:
+        os.replace(temporary, path)
+    except BaseException:
+        _unlink_quietly(str(temporary))
+        raise
     fsync_directory(path.parent)
 
 

@@ -16,6 +16,7 @@ from zope.interface import implementer
 
 from mailhost.config import Config
 from mailhost.ops.durable import write_file_atomically
+from mailhost.ops.ownership import give, make_dirs, owner_of
 
 
 class TLSSetupError(Exception):
@@ -31,13 +32,22 @@ def tls_pair_paths(config: Config) -> tuple[Path, Path]:
 
 
 def ensure_tls_pair(config: Config) -> tuple[Path, Path]:
-    """Generate the self-signed pair in state_dir/tls when no pair is configured and none exists yet."""
+    """Generate the self-signed pair in state_dir/tls when no pair is configured and none exists yet.
+
+    The daemon does this as root, before twistd's --uid: the generated pair is given to the owner
+    of state_dir, so that a SIGHUP afterwards can read it again (also a pair an earlier version
+    left root's). A configured pair is never touched."""
     cert_path, key_path = tls_pair_paths(config)
-    if config.server.tls_cert is None and not (cert_path.exists() and key_path.exists()):
+    if config.server.tls_cert is not None:
+        return cert_path, key_path
+    owner = owner_of(config.server.state_dir)
+    if not (cert_path.exists() and key_path.exists()):
         cert_pem, key_pem = self_signed_pair(config.server.hostname)
-        cert_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        write_file_atomically(key_path, key_pem, mode=0o600)
-        write_file_atomically(cert_path, cert_pem, mode=0o644)
+        make_dirs(cert_path.parent, 0o700, owner)
+        write_file_atomically(key_path, key_pem, mode=0o600, owner=owner)
+        write_file_atomically(cert_path, cert_pem, mode=0o644, owner=owner)
+    for path in (cert_path.parent, key_path, cert_path):
+        give(path, owner)
     return cert_path, key_path
 
 

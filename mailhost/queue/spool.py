@@ -27,6 +27,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from mailhost.ops.durable import fsync_directory, write_and_sync
+from mailhost.ops.ownership import Owner, make_dirs
 from mailhost.queue.envelope import Envelope
 
 
@@ -57,9 +58,10 @@ _BASE32 = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567")
 
 
 class Spool:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, owner: Owner | None = None) -> None:
         self.root = root
         self.tmp = root / "tmp"
+        self.owner = owner  # the CLI run as root: what it writes goes to the daemon's user
         self._known_dirs: set[Path] = set()
 
     # --- paths -----------------------------------------------------------------
@@ -72,7 +74,7 @@ class Spool:
 
     def _ensure_dir(self, path: Path) -> None:
         if path not in self._known_dirs:
-            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            make_dirs(path, 0o700, self.owner)
             self._known_dirs.add(path)
 
     # --- writing (blocking) ----------------------------------------------------
@@ -85,7 +87,7 @@ class Spool:
         self._ensure_dir(message_path.parent)
         self._ensure_dir(envelope_path.parent)
         message_tmp = self.tmp / f"{envelope.id}.msg"
-        write_and_sync(str(message_tmp), chunks)
+        write_and_sync(str(message_tmp), chunks, owner=self.owner)
         try:
             os.rename(message_tmp, message_path)
             fsync_directory(message_path.parent)
@@ -103,7 +105,7 @@ class Spool:
     def _write_envelope(self, envelope: Envelope) -> None:
         self._ensure_dir(self.tmp)
         tmp = self.tmp / f"{envelope.id}.{os.getpid()}.{time.monotonic_ns()}.env"
-        write_and_sync(str(tmp), [envelope.to_json()])
+        write_and_sync(str(tmp), [envelope.to_json()], owner=self.owner)
         os.replace(tmp, self.envelope_path(envelope.id))
 
     def remove(self, queue_id: str, sync: bool = True) -> None:

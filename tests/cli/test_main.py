@@ -252,7 +252,8 @@ def test_user_add_not_a_local_address(setup: Setup, address: str, names: list[st
 
 @pytest.mark.parametrize(
     "local",
-    ["../evil", "a/b", "..", ".", "../../evil", ".hidden", "a/../../evil", "a b", "alice+tag"],
+    ["../evil", "a/b", "..", ".", "../../evil", ".hidden", "a/../../evil", "a b", "alice+tag",
+     "x@example.test:may_send_as=", "a:b", '"a:b"', "a\nb", "#x", "a" * 65],
 )
 def test_user_add_unsafe_local_part(tmp_path: Path, setup: Setup, local: str) -> None:
     before = all_files(tmp_path)
@@ -260,6 +261,31 @@ def test_user_add_unsafe_local_part(tmp_path: Path, setup: Setup, local: str) ->
     assert_one_line_error(result, 1)
     assert all_files(tmp_path) == before  # nothing created anywhere, inside or outside the maildir
     assert not (tmp_path / "evil").exists() and not (setup.root / "mail" / "evil").exists()
+
+
+def test_user_add_with_what_the_users_file_format_uses_keeps_the_file_working(setup: Setup) -> None:
+    # Accepted before: the line it wrote broke every later `user` command and check-config.
+    assert setup.add("alice@example.test").returncode == 0
+    before = setup.users.read_bytes()
+    for address in ("x@example.test:may_send_as=@example.test", "a:b@example.test"):
+        assert_one_line_error(setup.add(address), 1, "cannot be a mailbox name")
+    assert setup.users.read_bytes() == before
+    assert setup.listed() == ["alice@example.test"]
+    assert setup.run("check-config").returncode == 0
+    assert sorted(p.name for p in setup.maildir.iterdir()) == ["alice"]
+
+
+def test_user_add_quoted_local_part_is_the_same_mailbox(setup: Setup) -> None:
+    assert setup.add('"alice"@example.test').returncode == 0
+    assert setup.listed() == ["alice@example.test"]
+    assert (setup.maildir / "alice" / "new").is_dir()
+
+
+def test_a_bad_line_already_in_the_users_file_is_named_by_every_command(setup: Setup) -> None:
+    setup.users.write_text("# users\nalice@example.test:$scrypt$x\nx@example.test:may_send_as=@example.test:$scrypt$y\n")
+    for result in (setup.run("user", "list"), setup.add("bob@example.test"), setup.run("check-config"),
+                   setup.run("user", "del", "alice@example.test")):
+        assert_one_line_error(result, 1, f"{setup.users}:3:")
 
 
 # --- the twistd plugin --------------------------------------------------------------

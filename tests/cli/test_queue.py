@@ -184,3 +184,55 @@ maildir = "{tmp_path}/mail"
                                 capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
         assert result.stdout == reference_listing(spool, as_json)
+
+
+def _site(tmp_path: Path) -> Path:
+    config = tmp_path / "mailhost.toml"
+    config.write_text(f"""
+[server]
+hostname = "mail.example.test"
+state_dir = "{tmp_path / "state"}"
+
+[[listener]]
+role = "mx"
+endpoint = "tcp:2525:interface=127.0.0.1"
+
+[[domain]]
+name = "example.test"
+maildir = "{tmp_path}/mail"
+""")
+    return config
+
+
+@pytest.mark.parametrize("command", ["show", "delete", "hold", "release", "flush"])
+@pytest.mark.parametrize("queue_id", ["../../victim", "../x", "AA/../../../victim", "A" * 5000, "",
+                                      "AAAAAAAAAAAAAAA\n"])
+def test_queue_ids_from_the_command_line_stay_in_the_spool(tmp_path, command, queue_id):
+    # Before: `queue delete ../../../tmp/victim` (daemon stopped) removed files outside the
+    # spool, `queue show ../x` read them, and a 5000-character id was a traceback.
+    config = _site(tmp_path)
+    spool = Spool(tmp_path / "state" / "spool")
+    [kept] = fill(spool, 1)
+    (tmp_path / "state" / "spool" / "env").mkdir(exist_ok=True)
+    victim = tmp_path / "victim"
+    victim.with_suffix(".json").write_bytes(kept.to_json())  # where ../../victim's envelope would be
+    victim.write_bytes(b"Subject: not in the spool\n\nx\n")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    result = subprocess.run([str(MAILHOST), "--config", str(config), "queue", command, queue_id],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr and len(result.stderr.splitlines()) == 1, result.stderr
+    assert "is not a queue id" in result.stderr and len(result.stderr) < 300
+    assert result.stdout == ""
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_a_queue_id_may_be_typed_in_lower_case(tmp_path):
+    config = _site(tmp_path)
+    spool = Spool(tmp_path / "state" / "spool")
+    [queued] = fill(spool, 1)
+    result = subprocess.run([str(MAILHOST), "--config", str(config), "queue", "hold", queued.id.lower()],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"{queued.id}: held")
+    assert spool.load(queued.id).held

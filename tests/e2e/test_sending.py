@@ -352,8 +352,10 @@ def test_queue_commands_reach_the_running_daemon(make_daemon, dns, sinks):
     daemon.cli("queue", "flush", steered)
     [got] = wait_for(mx1.messages, what="delivery after release and flush")
     assert "Subject: steered" in got["data"]
-    missing = daemon.cli("queue", "delete", "NOSUCHID", check=False)
+    missing = daemon.cli("queue", "delete", "NOSUCHIDNOSUCHID", check=False)
     assert missing.returncode == 1 and "no such message" in missing.stderr
+    not_an_id = daemon.cli("queue", "delete", "NOSUCHID", check=False)
+    assert not_an_id.returncode == 1 and "is not a queue id" in not_an_id.stderr
 
 
 def test_kill_9_under_load_loses_no_acknowledged_message(make_daemon, dns, sinks):

@@ -60,3 +60,11 @@ def test_sendmail_unknown_local_user_and_no_recipients_fail_with_one_line(daemon
         result = sendmail(daemon, args, b"Subject: x\n\nx\n", check=False)
         assert result.returncode == 1
         assert text in result.stderr and result.stderr.count(b"\n") == 1 and b"Traceback" not in result.stderr
+
+
+def test_an_unqualified_sender_is_qualified_with_the_hostname(daemon):
+    # As Postfix's sendmail does (append_at_myorigin); before: "'root' is not a valid sender address".
+    sendmail(daemon, ["-f", "root", "-i", "alice@example.test"], b"Subject: from cron\n\nx\n")
+    [msg] = wait_for(lambda: daemon.messages("alice"), what="delivery")
+    assert msg["Return-Path"] == "<root@mail.example.test>"
+    assert msg["From"] == "root@mail.example.test"

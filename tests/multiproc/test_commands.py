@@ -24,6 +24,8 @@ from mailhost.multiproc.parent import ShardedQueue
 from mailhost.queue.operations import apply_queue_action
 from mailhost.queue.spool import SpoolError
 
+ABC = "ABCDEFGHIJKLMNOP"  # queue ids have the shape new_queue_id gives
+GONE = "GONEGONEGONEGONE"
 PACES = {"example.test": {"rate": 10.0, "max_rate": 60.0, "connections": 2}}
 
 
@@ -44,8 +46,8 @@ class FakeQueue:
 
     def delete(self, queue_id: str):
         self.calls.append(("delete", queue_id))
-        if queue_id == "GONE":
-            return fail(SpoolError("GONE: no such message"))
+        if queue_id == GONE:
+            return fail(SpoolError(f"{GONE}: no such message"))
         return succeed(None)
 
 
@@ -77,9 +79,9 @@ def test_the_cli_request_is_answered_by_the_control_socket() -> None:
     queue, pickup = FakeQueue(), FakePickup()
     protocol = lambda: control.ControlProtocol(queue, pickup, FakePaces(PACES))  # noqa: E731
     assert ask_control_socket(protocol(), QueueCommand, action="flush", queue_id=None) == {"count": 3}
-    assert ask_control_socket(protocol(), QueueCommand, action="hold", queue_id="ABC") == {"count": 1}
-    assert ask_control_socket(protocol(), QueueCommand, action="delete", queue_id="ABC") == {"count": 1}
-    assert queue.calls == [("flush", None), ("set_held", "ABC", True), ("delete", "ABC")]
+    assert ask_control_socket(protocol(), QueueCommand, action="hold", queue_id=ABC) == {"count": 1}
+    assert ask_control_socket(protocol(), QueueCommand, action="delete", queue_id=ABC) == {"count": 1}
+    assert queue.calls == [("flush", None), ("set_held", ABC, True), ("delete", ABC)]
     assert ask_control_socket(protocol(), QueueCommand, action="pickup") == {"count": 1}
     assert pickup.collected == 1
     assert json.loads(ask_control_socket(protocol(), PaceCommand)["json"]) == PACES
@@ -87,11 +89,22 @@ def test_the_cli_request_is_answered_by_the_control_socket() -> None:
 
 def test_a_refusal_reaches_the_cli_as_spool_error_with_its_text() -> None:
     protocol = control.ControlProtocol(FakeQueue(), FakePickup(), FakePaces({}))
-    with pytest.raises(SpoolError, match="GONE: no such message"):
-        ask_control_socket(protocol, QueueCommand, action="delete", queue_id="GONE")
+    with pytest.raises(SpoolError, match=f"{GONE}: no such message"):
+        ask_control_socket(protocol, QueueCommand, action="delete", queue_id=GONE)
     with pytest.raises(SpoolError, match="needs a queue id"):
         ask_control_socket(control.ControlProtocol(FakeQueue(), FakePickup(), FakePaces({})), QueueCommand,
                            action="hold")
+
+
+@pytest.mark.parametrize("queue_id", ["../../../etc/passwd", "ABC", "A" * 5000, "abcdefghijklmnop", ""])
+@pytest.mark.parametrize("action", ["flush", "delete", "hold", "release"])
+def test_the_control_socket_refuses_what_is_not_a_queue_id(queue_id: str, action: str) -> None:
+    # Anything that can connect to the socket: an id must never name a path outside the spool.
+    queue = FakeQueue()
+    with pytest.raises(SpoolError, match="is not a queue id"):
+        ask_control_socket(control.ControlProtocol(queue, FakePickup(), FakePaces({})), QueueCommand,
+                           action=action, queue_id=queue_id)
+    assert queue.calls == []
 
 
 def test_the_cli_reads_a_whole_box_from_its_socket() -> None:
