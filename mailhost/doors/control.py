@@ -15,12 +15,15 @@ from typing import Any
 from twisted.application import internet
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.protocol import Factory
+from twisted.logger import Logger
 from twisted.protocols import amp
 
 from mailhost.multiproc.commands import PaceCommand, QueueCommand
 from mailhost.ops.ownership import Owner, give
 from mailhost.queue.operations import PaceReport, QueueOperations, apply_queue_action
 from mailhost.queue.spool import SpoolError, is_queue_id
+
+log = Logger(namespace="mailhost.control")
 
 SOCKET_NAME = "control.sock"
 
@@ -49,6 +52,7 @@ class ControlProtocol(amp.AMP):
             # Whatever is connected to the socket: an id only ever names a file in the spool.
             raise SpoolError(f"{queue_id[:40]!r} is not a queue id")
         if action == "pickup":
+            log.info("control: pickup (a poke from `mailhost sendmail`)")
             self.pickup.collect()  # answered at once: sendmail need not wait for delivery
             return {"count": 1}
         return {"count": await apply_queue_action(self.queue, action, queue_id)}
