@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 
 from tests.e2e.test_sending import wait_for
 

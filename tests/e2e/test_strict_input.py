@@ -312,10 +312,10 @@ def test_patient_client_greeted_after_the_pause(pausing, connect):
 
 
 def test_client_in_relay_networks_greeted_at_once(pausing, connect):
-    started = time.monotonic()
     s = connect(pausing, source="127.0.0.1", greeting=False)
+    s.sock.settimeout(1.0)  # well inside the 2 s pause: a paused greeting would time this read out
     expect(s.reply(), "220")
-    assert time.monotonic() - started < 1.0
+    s.sock.settimeout(10)
     expect(s.command("EHLO client.test"), "250")
 
 
@@ -382,10 +382,8 @@ def test_idle_session_times_out(make_daemon, connect):
         time.sleep(1.2)
         expect(s.command("NOOP"), "250 2.0.0")
     # ...silence ends it.
-    idle_since = time.monotonic()
     expect(s.reply(), "421 4.4.2")
     assert s.closed(timeout=2)
-    assert time.monotonic() - idle_since < 4
 
 
 # --- 9. Connections per address --------------------------------------------------------
