@@ -40,12 +40,14 @@ def domain_of(address: str) -> str:
 
 
 def split_message(message: bytes) -> tuple[bytes, bytes]:
-    """(header block, the rest: the empty line and the body)."""
-    if message.startswith(b"\n"):
+    """(header block, the rest: the empty line and the body). An empty line is LF or CRLF,
+    so a message still in its wire form splits the same way."""
+    if message.startswith((b"\n", b"\r\n")):
         return b"", message
-    end = message.find(b"\n\n")
-    if end < 0:
+    ends = [at for at in (message.find(b"\n\n"), message.find(b"\n\r\n")) if at >= 0]
+    if not ends:
         return message, b""
+    end = min(ends)
     return message[: end + 1], message[end + 1:]
 
 
