@@ -72,6 +72,7 @@ class LimitsConfig:
     connections_per_ip: int = 20
     auth_failures: int = 3
     greet_pause: float = 1.0
+    tls_handshake_timeout: float = 30.0  # implicit TLS and STARTTLS: then the connection is dropped
 
 
 @dataclass(frozen=True)
@@ -338,6 +339,7 @@ class _Reader:
             connections_per_ip=self.integer(table, "limits", "connections_per_ip", d.connections_per_ip, 1, 100000),
             auth_failures=self.integer(table, "limits", "auth_failures", d.auth_failures, 1, 1000),
             greet_pause=self.duration(table, "limits", "greet_pause", d.greet_pause),
+            tls_handshake_timeout=self.duration_or_seconds(table, "tls_handshake_timeout", d.tls_handshake_timeout),
         )
 
     def duration_or_seconds(self, table: dict, name: str, default: float) -> float:

@@ -61,6 +61,7 @@ def test_minimal_config_gets_the_documented_defaults(tmp_path: Path, monkeypatch
     assert limits.connections_per_ip == 20
     assert limits.auth_failures == 3
     assert limits.greet_pause == 1
+    assert limits.tls_handshake_timeout == 30
 
     (domain,) = config.domains
     assert domain.name == "example.test"
@@ -230,6 +231,9 @@ MISTAKES = [
     ("greet_pause negative", "[limits]\ngreet_pause = '-1s'\n" + MINIMAL, ["limits.greet_pause"]),
     ("greet_pause without unit", "[limits]\ngreet_pause = '5'\n" + MINIMAL, ["limits.greet_pause"]),
     ("data_timeout zero", "[limits]\ndata_timeout = '0s'\n" + MINIMAL, ["limits.data_timeout"]),
+    ("tls_handshake_timeout zero", "[limits]\ntls_handshake_timeout = 0\n" + MINIMAL, ["limits.tls_handshake_timeout"]),
+    ("tls_handshake_timeout in words", "[limits]\ntls_handshake_timeout = 'soon'\n" + MINIMAL,
+     ["limits.tls_handshake_timeout"]),
     ("lifetime unknown unit", MINIMAL + "[queue]\nlifetime = '5w'\n", ["queue.lifetime"]),
     ("lifetime zero", MINIMAL + "[queue]\nlifetime = '0'\n", ["queue.lifetime"]),
     ("delay_warning a number", MINIMAL + "[queue]\ndelay_warning = 4\n", ["queue.delay_warning"]),

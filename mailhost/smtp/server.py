@@ -24,12 +24,13 @@ from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.interfaces import IProtocolFactory
+from twisted.internet.interfaces import IHandshakeListener, IProtocolFactory
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from zope.interface import implementer
 
 from mailhost.config import Config
 from mailhost.intake.cleanup import Incoming, Intake, Receipt, Refused
@@ -61,6 +62,10 @@ HTTP_VERBS = frozenset({"GET", "POST", "HEAD", "PUT", "CONNECT", "OPTIONS", "DEL
 PROTOCOL_ERRORS = frozenset({500, 501, 502, 503, 504, 555})
 # While a reply waits on the disk, stop reading once this much input is buffered.
 PAUSE_BUFFER = 256 * 1024
+# After a closing reply, how long the client has to read it before the connection is
+# dropped: a client that does not read (or a TLS handshake that never comes) cannot
+# hold the connection open by leaving our last reply unsent.
+CLOSE_GRACE = 10.0
 # Commands that start or belong to a transaction: 530 before AUTH on the submission roles (RFC 4954 6).
 NEEDS_AUTH = frozenset({"MAIL", "RCPT", "DATA", "VRFY", "EXPN"})
 
@@ -116,6 +121,7 @@ def listener_factory(role: str, context: ServerContext, reactor: Any) -> IProtoc
     return TLSMemoryBIOFactory(context.tls_options, False, factory)
 
 
+@implementer(IHandshakeListener)
 class SMTPServer(Protocol, TimeoutMixin):
     def __init__(self, factory: SMTPServerFactory) -> None:
         self.factory = factory
@@ -130,6 +136,13 @@ class SMTPServer(Protocol, TimeoutMixin):
         self._closing = False
         self._skipping_long_line = False
         self._pending_greeting: Any = None
+        # A TLS handshake under way (implicit TLS from the first byte, or after STARTTLS):
+        # until it ends nothing we write can reach the client.
+        self._handshaking = False
+        self._handshake_timer: Any = None
+        self._abort_timer: Any = None
+        self._shut = False  # loseConnection() or abortConnection() called
+        self._aborted = False
         self._out: list[bytes] = []
         self.errors = 0
         self.helo: str | None = None
@@ -163,6 +176,8 @@ class SMTPServer(Protocol, TimeoutMixin):
         if self.factory.implicit_tls:
             self.context.metrics.tls_sessions.labels(self.factory.role).inc()
         limits = self.config.limits
+        if self.factory.implicit_tls:
+            self._expect_handshake()
         if self.factory.per_ip[self.client_ip] > limits.connections_per_ip:
             self._refuse_connection(Reply(421, "4.7.0", f"{self.config.server.hostname} Too many connections from your address"))
             return
@@ -179,20 +194,51 @@ class SMTPServer(Protocol, TimeoutMixin):
 
     def _refuse_connection(self, reply: Reply) -> None:
         log.info("refused client=[{client}] reply={reply}", client=self.client_ip, reply=f"{reply.code} {reply.status} {reply.text}")
-        self._closing = True
-        self.transport.write(reply.encode())
-        self.transport.loseConnection()
+        self._out.append(reply.encode())
+        self._close()
 
     def connectionLost(self, reason: Any = None) -> None:
         self.setTimeout(None)
-        if self._pending_greeting is not None and self._pending_greeting.active():
-            self._pending_greeting.cancel()
+        for timer in (self._pending_greeting, self._handshake_timer, self._abort_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
         self.factory.per_ip[self.client_ip] -= 1
         if self.factory.per_ip[self.client_ip] <= 0:
             del self.factory.per_ip[self.client_ip]
 
     def timeoutConnection(self) -> None:
+        if self._handshaking:
+            # Our 421 would wait in the TLS layer for a handshake that is not coming.
+            self._abort("idle during the TLS handshake")
+            return
         self._refuse_connection(Reply(421, "4.4.2", f"{self.config.server.hostname} Timeout, closing connection"))
+
+    # --- TLS handshakes --------------------------------------------------------
+
+    def _expect_handshake(self) -> None:
+        """A TLS handshake starts: it must end within limits.tls_handshake_timeout."""
+        self._handshaking = True
+        self._handshake_timer = self.reactor.callLater(self.config.limits.tls_handshake_timeout,
+                                                       self._abort, "TLS handshake timeout")
+
+    def handshakeCompleted(self) -> None:
+        """IHandshakeListener: the TLS layer finished its handshake."""
+        self._handshaking = False
+        if self._handshake_timer is not None and self._handshake_timer.active():
+            self._handshake_timer.cancel()
+        self._handshake_timer = None
+
+    def _abort(self, why: str) -> None:
+        """Drop the connection at once, with whatever is still unsent."""
+        if self._aborted:
+            return
+        self._aborted = True
+        if self._abort_timer is not None and self._abort_timer.active():
+            self._abort_timer.cancel()
+        log.info("aborted client=[{client}] {why}", client=self.client_ip, why=why)
+        self._closing = self._shut = True
+        self.setTimeout(None)
+        self.transport.abortConnection()
 
     # --- input ---------------------------------------------------------------
 
@@ -301,7 +347,19 @@ class SMTPServer(Protocol, TimeoutMixin):
     def _close(self) -> None:
         self._closing = True
         self._flush()
+        if self._shut:
+            return
+        self._shut = True
+        self.setTimeout(None)
+        if self._handshaking:
+            # Nothing written can reach the client before the handshake ends, and
+            # loseConnection() would wait for that: drop the connection now.
+            self._abort("closed during the TLS handshake")
+            return
         self.transport.loseConnection()
+        # loseConnection() waits until everything written is sent; a client that does
+        # not read would keep the connection (and its buffers) for ever.
+        self._abort_timer = self.reactor.callLater(CLOSE_GRACE, self._abort, "did not read its last reply")
 
     def _wait_for(self, deferred: Deferred[Reply]) -> None:
         """A reply that is not ready yet: hold all later input until it is."""
@@ -514,6 +572,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         self._starting_tls = False
         self._flush()
         self.transport.startTLS(self.context.tls_options)
+        self._expect_handshake()
         self.tls = True
         self.context.metrics.tls_sessions.labels(self.factory.role).inc()
         # RFC 3207 4.2: forget everything learnt before TLS.
