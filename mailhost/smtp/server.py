@@ -24,7 +24,7 @@ from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.interfaces import IHandshakeListener, IProtocolFactory
+from twisted.internet.interfaces import IHandshakeListener, IProtocolFactory, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -62,6 +62,9 @@ HTTP_VERBS = frozenset({"GET", "POST", "HEAD", "PUT", "CONNECT", "OPTIONS", "DEL
 PROTOCOL_ERRORS = frozenset({500, 501, 502, 503, 504, 555})
 # While a reply waits on the disk, stop reading once this much input is buffered.
 PAUSE_BUFFER = 256 * 1024
+# Replies to pipelined commands are written in pieces of about this size, so that a
+# peer that does not read stops us (pauseProducing) within one piece.
+FLUSH_AT = 64 * 1024
 # After a closing reply, how long the client has to read it before the connection is
 # dropped: a client that does not read (or a TLS handshake that never comes) cannot
 # hold the connection open by leaving our last reply unsent.
@@ -121,8 +124,17 @@ def listener_factory(role: str, context: ServerContext, reactor: Any) -> IProtoc
     return TLSMemoryBIOFactory(context.tls_options, False, factory)
 
 
-@implementer(IHandshakeListener)
+@implementer(IHandshakeListener, IPushProducer)
 class SMTPServer(Protocol, TimeoutMixin):
+    """One SMTP session.
+
+    It is its transport's streaming producer (of replies): when the client does
+    not read and the transport's write buffer passes its limit, the transport
+    calls pauseProducing(), and the session stops reading the client and stops
+    running its buffered commands until resumeProducing() (DESIGN.md,
+    "Backpressure everywhere").
+    """
+
     def __init__(self, factory: SMTPServerFactory) -> None:
         self.factory = factory
         self.context = factory.context
@@ -131,7 +143,11 @@ class SMTPServer(Protocol, TimeoutMixin):
         self._buffer = bytearray()
         self._reader: MessageReader | None = None
         self._busy = False
-        self._paused = False
+        self._paused = False  # we paused the transport: it does not read the client
+        self._write_blocked = False  # the transport paused us: the client does not read
+        self._producing = False  # registered as the transport's producer
+        self._again = False
+        self._out_size = 0
         self._greeted = False
         self._closing = False
         self._skipping_long_line = False
@@ -176,6 +192,8 @@ class SMTPServer(Protocol, TimeoutMixin):
         if self.factory.implicit_tls:
             self.context.metrics.tls_sessions.labels(self.factory.role).inc()
         limits = self.config.limits
+        self.transport.registerProducer(self, True)
+        self._producing = True
         if self.factory.implicit_tls:
             self._expect_handshake()
         if self.factory.per_ip[self.client_ip] > limits.connections_per_ip:
@@ -227,6 +245,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         if self._handshake_timer is not None and self._handshake_timer.active():
             self._handshake_timer.cancel()
         self._handshake_timer = None
+        self._update_reading()
 
     def _abort(self, why: str) -> None:
         """Drop the connection at once, with whatever is still unsent."""
@@ -249,7 +268,7 @@ class SMTPServer(Protocol, TimeoutMixin):
             self._refuse_connection(Reply(554, "5.5.1", "Protocol error: you talked before my greeting"))
             return
         self.resetTimeout()
-        if self._reader is not None and not self._busy and not self._buffer:
+        if self._reader is not None and not self._busy and not self._buffer and not self._write_blocked:
             # The common case in DATA: hand the buffer over without copying it.
             used = self._reader.feed(data)
             if self._reader.body is None:
@@ -259,27 +278,61 @@ class SMTPServer(Protocol, TimeoutMixin):
         else:
             self._buffer += data
         self._process()
-        if self._busy and not self._paused and len(self._buffer) > PAUSE_BUFFER:
-            self._paused = True
+        self._update_reading()
+
+    # --- backpressure (IPushProducer) --------------------------------------------
+
+    def pauseProducing(self) -> None:
+        """The transport's write buffer is full: the client is not reading our replies."""
+        self._write_blocked = True
+        self._update_reading()
+
+    def resumeProducing(self) -> None:
+        """The transport's write buffer has drained: go on with buffered commands."""
+        self._write_blocked = False
+        self._update_reading()
+        self._process()
+
+    def stopProducing(self) -> None:
+        """The connection is going away (connectionLost follows)."""
+        self._closing = True
+
+    def _update_reading(self) -> None:
+        """Read the client only while its replies can be written and input is not piling
+        up behind a reply that waits. Never during a TLS handshake: the handshake's own
+        bytes must be read, and the greeting waits in the TLS layer until it ends."""
+        pause = not self._handshaking and (
+            self._write_blocked or (self._busy and len(self._buffer) > PAUSE_BUFFER))
+        if pause == self._paused or self._shut:
+            return
+        self._paused = pause
+        if pause:
             self.transport.pauseProducing()
+        else:
+            self.transport.resumeProducing()
 
     _processing = False
 
     def _process(self) -> None:
-        """Run whatever complete input is buffered, until it is used up or a reply must wait."""
+        """Run whatever complete input is buffered, until it is used up, a reply must wait,
+        or the client must read first."""
         if self._processing:
-            # A reply that came at once (its Deferred had already fired) from
-            # inside the loop below: that loop goes on with the next command.
+            # A reply that came at once (its Deferred had already fired), or the transport
+            # resuming us from inside a write: the loop below goes round again.
+            self._again = True
             return
         self._processing = True
         try:
-            self._process_buffer()
+            self._again = True
+            while self._again:
+                self._again = False
+                self._process_buffer()
+                self._flush()
         finally:
             self._processing = False
-        self._flush()
 
     def _process_buffer(self) -> None:
-        while self._buffer and not self._busy and not self._closing:
+        while self._buffer and not self._busy and not self._closing and not self._write_blocked:
             if self._reader is not None:
                 data = bytes(self._buffer)
                 self._buffer.clear()
@@ -297,7 +350,10 @@ class SMTPServer(Protocol, TimeoutMixin):
         buffer = self._buffer
         position = 0
         try:
-            while not self._busy and not self._closing and self._reader is None:
+            while not self._busy and not self._closing and self._reader is None and not self._write_blocked:
+                if self._out_size >= FLUSH_AT:
+                    self._flush()  # may pause us (pauseProducing): then the rest waits
+                    continue
                 end = buffer.find(b"\n", position)
                 if end < 0:
                     if len(buffer) - position > COMMAND_LINE_MAX:
@@ -329,11 +385,15 @@ class SMTPServer(Protocol, TimeoutMixin):
 
     def _flush(self) -> None:
         if self._out:
-            self.transport.write(b"".join(self._out))
+            data = b"".join(self._out)
             self._out.clear()
+            self._out_size = 0
+            self.transport.write(data)
 
     def _reply(self, reply: Reply) -> None:
-        self._out.append(reply.encode())
+        encoded = reply.encode()
+        self._out.append(encoded)
+        self._out_size += len(encoded)
         if reply.code == 421:
             # RFC 5321 3.8: a 421 means this side is closing the channel.
             self._close()
@@ -356,6 +416,10 @@ class SMTPServer(Protocol, TimeoutMixin):
             # loseConnection() would wait for that: drop the connection now.
             self._abort("closed during the TLS handshake")
             return
+        if self._producing:
+            # A registered producer holds the connection open (loseConnection waits for it).
+            self._producing = False
+            self.transport.unregisterProducer()
         self.transport.loseConnection()
         # loseConnection() waits until everything written is sent; a client that does
         # not read would keep the connection (and its buffers) for ever.
@@ -378,9 +442,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         if self._closing:
             return
         self._reply(reply)
-        if self._paused:
-            self._paused = False
-            self.transport.resumeProducing()
+        self._update_reading()
         self._process()
 
     # --- commands ------------------------------------------------------------
@@ -572,6 +634,9 @@ class SMTPServer(Protocol, TimeoutMixin):
         self._starting_tls = False
         self._flush()
         self.transport.startTLS(self.context.tls_options)
+        # startTLS() hands us to the TLS layer as a new producer, which will not resume
+        # a pause the plain transport gave us; the next write that does not fit pauses us again.
+        self._write_blocked = False
         self._expect_handshake()
         self.tls = True
         self.context.metrics.tls_sessions.labels(self.factory.role).inc()

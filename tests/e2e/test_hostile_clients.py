@@ -12,6 +12,8 @@ from __future__ import annotations
 import select
 import socket
 import time
+from pathlib import Path
+
 import pytest
 
 from tests.e2e.conftest import Daemon, RawSession
@@ -92,3 +94,51 @@ def assert_daemon_answers(daemon: Daemon) -> None:
         assert session.command("EHLO client.test").startswith("250")
     finally:
         session.close()
+
+
+# --- a peer that writes and never reads -------------------------------------------------
+
+FLOOD = 16 * 2**20  # octets of pipelined EHLO: replies to all of it would take ~300 MB
+MEMORY_BOUND = 100 * 2**20  # what one such client may add to the daemon's resident memory
+
+
+def resident(pid: int) -> int:
+    """The process's resident memory in octets (VmRSS in /proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def flood(sock: socket.socket, line: bytes, total: int, stall: float = 3.0) -> int:
+    """Write `line` over and over, never reading, until `total` octets are sent or the
+    server has taken nothing for `stall` seconds; how many octets it took."""
+    chunk = line * (65536 // len(line))
+    sent = 0
+    sock.setblocking(False)
+    while sent < total:
+        _, writable, _ = select.select([], [sock], [], stall)
+        if not writable:
+            break
+        try:
+            sent += sock.send(chunk)
+        except BlockingIOError:
+            continue
+        except (ConnectionResetError, BrokenPipeError):
+            break
+    return sent
+
+
+def test_pipelining_flood_without_reading_does_not_grow_memory(make_daemon) -> None:
+    daemon: Daemon = make_daemon()
+    pid = daemon.process.pid
+    before = resident(pid)
+    session = RawSession(daemon.port)
+    try:
+        sent = flood(session.sock, b"EHLO x\r\n", FLOOD)
+        # Whatever the daemon took, it has had time to answer (or to hold back) by now.
+        peak = max(resident(pid) for _ in range(10) if time.sleep(0.2) is None)
+        assert peak - before < MEMORY_BOUND, f"resident memory grew by {(peak - before) >> 20} MiB after {sent >> 20} MiB"
+    finally:
+        session.close()
+    assert_daemon_answers(daemon)

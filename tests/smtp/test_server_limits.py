@@ -84,3 +84,71 @@ def test_quit_closes_without_aborting(tmp_path: Path, role: str) -> None:
     session = world.session(role)
     assert session.send("QUIT").startswith("221 2.0.0")
     assert session.closed and not session.transport.disconnected
+
+
+# --- a peer that does not read ---------------------------------------------------------
+
+
+class SlowReaderTransport(TLSStringTransport):
+    """Like a TCP transport to a client that reads nothing: past `limit` unsent octets it
+    pauses its producer (as twisted.internet.abstract.FileDescriptor does); drain()
+    is the client reading everything, which resumes it."""
+
+    limit = 64 * 1024
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        if self.producer is not None and len(self.value()) > self.limit:
+            self.producer.pauseProducing()
+
+    def drain(self) -> bytes:
+        data = self.value()
+        self.clear()
+        if self.producer is not None:
+            self.producer.resumeProducing()
+        return data
+
+
+def slow_reader_session(world: World) -> tuple[SlowReaderTransport, object]:
+    transport = SlowReaderTransport(peerAddress=IPv4Address("TCP", "192.0.2.1", 40000))
+    protocol = world.factories["mx"].buildProtocol(None)
+    protocol.callLater = world.clock.callLater
+    protocol.makeConnection(transport)
+    assert transport.producer is protocol  # the session is its transport's producer
+    return transport, protocol
+
+
+def test_peer_that_does_not_read_stops_being_read(tmp_path: Path) -> None:
+    world = world_with(tmp_path)
+    transport, protocol = slow_reader_session(world)
+    transport.drain()
+    flood = b"EHLO x\r\n" * 20_000  # 160 KB in, about 3 MB of replies if all were answered
+    protocol.dataReceived(flood)
+    # Replies stop within about one piece past the transport's limit, and so does reading.
+    assert len(transport.value()) < 4 * transport.limit
+    assert transport.producerState == "paused"
+    answered = transport.value().count(b"250 HELP\r\n")
+    # The client reads: the session goes on where it stopped, and stops again.
+    transport.drain()
+    assert 0 < transport.value().count(b"250 HELP\r\n") < 20_000 - answered
+    # Reading everything, the client gets every reply, in order, and the session reads again.
+    total = answered
+    while transport.producerState == "paused":
+        total += transport.drain().count(b"250 HELP\r\n")
+    total += transport.drain().count(b"250 HELP\r\n")
+    assert total == 20_000
+    assert transport.producerState == "producing"
+
+
+def test_paused_session_runs_no_buffered_command(tmp_path: Path) -> None:
+    world = world_with(tmp_path)
+    transport, protocol = slow_reader_session(world)
+    transport.drain()
+    protocol.pauseProducing()  # the transport's buffer is full
+    assert transport.producerState == "paused"
+    protocol.dataReceived(b"EHLO client.test\r\nQUIT\r\n")
+    assert transport.value() == b"" and not transport.disconnecting
+    protocol.resumeProducing()
+    replies = transport.value().decode()
+    assert "250 HELP\r\n" in replies and replies.endswith("221 2.0.0 Bye\r\n")
+    assert transport.disconnecting
