@@ -69,6 +69,13 @@ FLUSH_AT = 64 * 1024
 # dropped: a client that does not read (or a TLS handshake that never comes) cannot
 # hold the connection open by leaving our last reply unsent.
 CLOSE_GRACE = 10.0
+# Commands that move no mail (Postfix's smtpd_junk_command_limit counts NOOP, VRFY, RSET
+# and ETRN): more than limits.junk_commands of them since the last accepted message end
+# the session, so that a loop of them cannot hold it for ever.
+JUNK = frozenset({"NOOP", "RSET", "VRFY", "HELP", "HELO", "EHLO"})
+# An oversized message is read to its end (to answer 552 5.3.4 and go on, as Postfix
+# does) up to this many times limits.message_size; past that it is refused and closed.
+DATA_CAP = 2
 # Commands that start or belong to a transaction: 530 before AUTH on the submission roles (RFC 4954 6).
 NEEDS_AUTH = frozenset({"MAIL", "RCPT", "DATA", "VRFY", "EXPN"})
 
@@ -86,6 +93,7 @@ class ServerContext:
     portal: Portal  # AUTH: checks credentials, gives IMailSubmitter avatars
     slowdown: AuthSlowdown  # AUTH: shared by every listener, keyed by client address
     metrics: Metrics
+    open_sessions: int = 0  # over every listener of this process, for limits.connections
 
 
 @dataclass
@@ -161,6 +169,10 @@ class SMTPServer(Protocol, TimeoutMixin):
         self._aborted = False
         self._out: list[bytes] = []
         self.errors = 0
+        self.junk = 0  # JUNK commands since the session began or the last accepted message
+        self._counted = False  # in context.open_sessions
+        self._deadline: Any = None
+        self._deadline_passed = False
         self.helo: str | None = None
         self.esmtp = False
         self.tls = factory.implicit_tls
@@ -188,6 +200,8 @@ class SMTPServer(Protocol, TimeoutMixin):
         except ValueError:
             self.in_relay_networks = False
         self.factory.per_ip[self.client_ip] += 1
+        self.context.open_sessions += 1
+        self._counted = True
         self.context.metrics.sessions.labels(self.factory.role).inc()
         if self.factory.implicit_tls:
             self.context.metrics.tls_sessions.labels(self.factory.role).inc()
@@ -196,10 +210,15 @@ class SMTPServer(Protocol, TimeoutMixin):
         self._producing = True
         if self.factory.implicit_tls:
             self._expect_handshake()
+        if self.context.open_sessions > limits.connections:
+            self._refuse_connection(Reply(421, "4.7.0", f"{self.config.server.hostname} Too many connections, try again later"))
+            return
         if self.factory.per_ip[self.client_ip] > limits.connections_per_ip:
             self._refuse_connection(Reply(421, "4.7.0", f"{self.config.server.hostname} Too many connections from your address"))
             return
         self.setTimeout(limits.command_timeout)
+        # The idle timer restarts with every byte; this does not.
+        self._deadline = self.reactor.callLater(limits.session_timeout, self._session_deadline)
         if self.factory.role == "mx" and limits.greet_pause > 0 and not self.in_relay_networks:
             self._pending_greeting = self.reactor.callLater(limits.greet_pause, self._greet)
         else:
@@ -217,9 +236,12 @@ class SMTPServer(Protocol, TimeoutMixin):
 
     def connectionLost(self, reason: Any = None) -> None:
         self.setTimeout(None)
-        for timer in (self._pending_greeting, self._handshake_timer, self._abort_timer):
+        for timer in (self._pending_greeting, self._handshake_timer, self._abort_timer, self._deadline):
             if timer is not None and timer.active():
                 timer.cancel()
+        if self._counted:
+            self._counted = False
+            self.context.open_sessions -= 1
         self.factory.per_ip[self.client_ip] -= 1
         if self.factory.per_ip[self.client_ip] <= 0:
             del self.factory.per_ip[self.client_ip]
@@ -230,6 +252,18 @@ class SMTPServer(Protocol, TimeoutMixin):
             self._abort("idle during the TLS handshake")
             return
         self._refuse_connection(Reply(421, "4.4.2", f"{self.config.server.hostname} Timeout, closing connection"))
+
+    def _session_deadline(self) -> None:
+        if self._handshaking:
+            self._abort("session deadline during the TLS handshake")
+        elif self._busy:
+            # A reply is owed (the 250 after DATA is a promise): it goes out first (_resume).
+            self._deadline_passed = True
+        else:
+            self._session_too_long()
+
+    def _session_too_long(self) -> None:
+        self._refuse_connection(Reply(421, "4.4.2", f"{self.config.server.hostname} Session too long, closing connection"))
 
     # --- TLS handshakes --------------------------------------------------------
 
@@ -272,6 +306,8 @@ class SMTPServer(Protocol, TimeoutMixin):
             # The common case in DATA: hand the buffer over without copying it.
             used = self._reader.feed(data)
             if self._reader.body is None:
+                if self._reader.overflowed:
+                    self._data_overflowed()
                 return
             self._buffer += data[used:]
             self._end_of_data()
@@ -338,6 +374,8 @@ class SMTPServer(Protocol, TimeoutMixin):
                 self._buffer.clear()
                 used = self._reader.feed(data)
                 if self._reader.body is None:
+                    if self._reader.overflowed:
+                        self._data_overflowed()
                     break
                 self._buffer += data[used:]
                 self._end_of_data()
@@ -442,6 +480,9 @@ class SMTPServer(Protocol, TimeoutMixin):
         if self._closing:
             return
         self._reply(reply)
+        if self._deadline_passed:
+            self._session_too_long()
+            return
         self._update_reading()
         self._process()
 
@@ -465,12 +506,24 @@ class SMTPServer(Protocol, TimeoutMixin):
         if handler is None or not verb_text.isalpha():
             self._reply(Reply(500, "5.5.1", "Unknown command"))
             return
+        if verb_text in JUNK and self._junk():
+            return
         if verb_text in NEEDS_AUTH:
             refusal = auth_required(self.factory.role, self.user is not None, self.tls)
             if refusal is not None:
                 self._reply(refusal)
                 return
         self._run(verb_text, handler, argument)
+
+    def _junk(self) -> bool:
+        """Count a command that moves no mail; True when that was one too many (and the
+        session is closing)."""
+        self.junk += 1
+        if self.junk <= self.config.limits.junk_commands:
+            return False
+        log.info("refused client=[{client}] junk_commands={count}", client=self.client_ip, count=self.junk)
+        self._reply(Reply(421, "4.7.0", f"{self.config.server.hostname} Too many junk commands, closing connection"))
+        return True
 
     def _run(self, verb: str, handler: Callable[[str], Reply | Deferred[Reply] | None], argument: str) -> None:
         """Call a command (or AUTH step) handler and send, or wait for, its reply."""
@@ -561,7 +614,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         self.transaction = Transaction(sender, utf8, body_8bit)
         return Reply(250, "2.1.0", "Sender ok")
 
-    def smtp_RCPT(self, argument: str) -> Reply:
+    def smtp_RCPT(self, argument: str) -> Reply | None:
         if self.transaction is None:
             return Reply(503, "5.5.1", "Error: need MAIL command first")
         if argument[:3].upper() != "TO:":
@@ -575,6 +628,9 @@ class SMTPServer(Protocol, TimeoutMixin):
         if rest:
             return Reply(555, "5.5.4", f"Unsupported RCPT parameter {rest.split('=')[0][:40]}")
         if len(self.transaction.recipients) >= self.config.limits.recipients:
+            # As Postfix's smtpd_recipient_overshoot_limit: a loop of these moves no mail.
+            if self._junk():
+                return None
             return Reply(452, "4.5.3", "Too many recipients")
         verdict = self.context.intake.recipient_verdict(recipient, self._origin())
         if not verdict.accepted:
@@ -594,7 +650,8 @@ class SMTPServer(Protocol, TimeoutMixin):
             return Reply(503, "5.5.1", "Error: need MAIL command first")
         if not self.transaction.recipients:
             return Reply(554, "5.5.1", "Error: no valid recipients")
-        self._reader = MessageReader(self.config.limits.message_size)
+        size = self.config.limits.message_size
+        self._reader = MessageReader(size, cap=DATA_CAP * size)
         self.setTimeout(self.config.limits.data_timeout)
         return Reply(354, "", "End data with <CR><LF>.<CR><LF>")
 
@@ -747,6 +804,16 @@ class SMTPServer(Protocol, TimeoutMixin):
 
     # --- end of DATA ---------------------------------------------------------
 
+    def _data_overflowed(self) -> None:
+        """More than DATA_CAP times the size limit and still no end: refuse and stop reading."""
+        reader, self._reader = self._reader, None
+        transaction, self.transaction = self.transaction, None
+        assert reader is not None and transaction is not None
+        self._buffer.clear()
+        self._refuse_message(transaction, reader.size, Reply(
+            552, "5.3.4", f"Message size exceeds fixed limit of {self.config.limits.message_size} octets; closing connection"))
+        self._close()
+
     def _end_of_data(self) -> None:
         reader, self._reader = self._reader, None
         transaction, self.transaction = self.transaction, None
@@ -790,6 +857,7 @@ class SMTPServer(Protocol, TimeoutMixin):
             local=receipt.local, queued=receipt.queued,
         )
         self.context.metrics.received.labels(self.factory.role, "accepted").inc()
+        self.junk = 0  # a session that moves mail may go on (RSET, NOOP between messages)
         return Reply(250, "2.0.0", f"Ok: queued as {receipt.queue_id}")
 
     def _not_accepted(self, failure: Any, transaction: Transaction, size: int) -> Reply | Any:

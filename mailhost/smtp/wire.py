@@ -279,13 +279,15 @@ class MessageReader:
     Only CRLF.CRLF ends the data: `\\n.\\n`, `\\r.\\r` and the other smuggling
     shapes are just bytes of the message (refused later by `check_body`). Past
     `limit` octets the bytes are counted and dropped, so an oversized message
-    is read to its real end and the session goes on.
+    is read to its real end and the session goes on; past `cap` octets (if
+    given) the reader says `overflowed`, for the caller to stop reading.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, cap: int | None = None) -> None:
         # A CRLF in front makes a "." on the first line match END_OF_DATA too.
         self._buffer = bytearray(b"\r\n")
         self._limit = limit
+        self._cap = cap
         self._dropped = 0
         self.body: bytes | None = None
 
@@ -296,6 +298,11 @@ class MessageReader:
     @property
     def oversized(self) -> bool:
         return self.size > self._limit
+
+    @property
+    def overflowed(self) -> bool:
+        """More than `cap` octets and no end in sight: not worth reading on."""
+        return self._cap is not None and self.body is None and self.size > self._cap
 
     def feed(self, data: bytes) -> int:
         """Take a buffer; return how many of its bytes belong to the message

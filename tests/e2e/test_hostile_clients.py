@@ -130,7 +130,9 @@ def flood(sock: socket.socket, line: bytes, total: int, stall: float = 3.0) -> i
 
 
 def test_pipelining_flood_without_reading_does_not_grow_memory(make_daemon) -> None:
-    daemon: Daemon = make_daemon()
+    # EHLO is a junk command: without this the session ends at the 101st, and the
+    # flood would test that limit instead of the backpressure.
+    daemon: Daemon = make_daemon(limits="junk_commands = 1000000000")
     pid = daemon.process.pid
     before = resident(pid)
     session = RawSession(daemon.port)
@@ -142,3 +144,27 @@ def test_pipelining_flood_without_reading_does_not_grow_memory(make_daemon) -> N
     finally:
         session.close()
     assert_daemon_answers(daemon)
+
+
+# --- the connection cap ---------------------------------------------------------------------
+
+
+def test_connection_cap_counts_every_listener_and_address(make_daemon) -> None:
+    daemon: Daemon = make_daemon(submission=True, limits="connections = 3")
+    sessions = [RawSession(daemon.port, source="127.0.0.1"), RawSession(daemon.port, source="127.0.0.2"),
+                RawSession(daemon.submission_port, source="127.0.0.3")]
+    try:
+        refused = RawSession(daemon.submission_port, source="127.0.0.4", greeting=False)
+        reply = refused.reply()
+        assert reply.startswith("421 4.7.0 ") and "Too many connections" in reply
+        assert refused.closed()
+        refused.close()
+        assert sessions[0].command("QUIT").startswith("221 2.0.0")
+        assert sessions[0].closed()
+        # The server has forgotten the session that ended: there is room for one more.
+        again = RawSession(daemon.port, source="127.0.0.4")
+        sessions.append(again)
+        assert again.command("EHLO client.test").startswith("250")
+    finally:
+        for session in sessions:
+            session.close()

@@ -119,7 +119,7 @@ def slow_reader_session(world: World) -> tuple[SlowReaderTransport, object]:
 
 
 def test_peer_that_does_not_read_stops_being_read(tmp_path: Path) -> None:
-    world = world_with(tmp_path)
+    world = world_with(tmp_path, "junk_commands = 1000000")  # EHLO is junk: not the limit tested here
     transport, protocol = slow_reader_session(world)
     transport.drain()
     flood = b"EHLO x\r\n" * 20_000  # 160 KB in, about 3 MB of replies if all were answered
@@ -152,3 +152,194 @@ def test_paused_session_runs_no_buffered_command(tmp_path: Path) -> None:
     replies = transport.value().decode()
     assert "250 HELP\r\n" in replies and replies.endswith("221 2.0.0 Bye\r\n")
     assert transport.disconnecting
+
+
+# --- the session deadline -----------------------------------------------------------------
+
+MINUTE = 60.0
+
+
+def test_a_byte_every_few_seconds_does_not_keep_a_session_past_its_deadline(tmp_path: Path) -> None:
+    """The idle timer never fires for a client that trickles (slowloris); the deadline does."""
+    world = world_with(tmp_path)  # the defaults: 300 s idle, a 30 min session
+    session = world.session("mx")
+    elapsed = 0.0
+    while elapsed < 30 * MINUTE - 5:
+        session.protocol.dataReceived(b"N")
+        world.clock.advance(5)
+        elapsed += 5
+    assert session.read() == "" and not session.closed
+    world.clock.advance(5)
+    reply = session.read()
+    assert reply.startswith("421 4.4.2 ") and "Session too long" in reply
+    assert session.closed
+
+
+def test_deadline_during_data(tmp_path: Path) -> None:
+    world = world_with(tmp_path, 'session_timeout = "10m"')
+    session = world.session("mx")
+    session.send("EHLO client.test")
+    session.send("MAIL FROM:<someone@remote.test>")
+    session.send("RCPT TO:<alice@example.test>")
+    assert session.send("DATA").startswith("354")
+    for _ in range(100):
+        session.protocol.dataReceived(b"x" * 70 + b"\r\n")
+        world.clock.advance(6)
+    assert session.read().startswith("421 4.4.2 ")
+    assert session.closed
+    assert world.intake.accepted == []
+
+
+def test_deadline_waits_for_a_reply_the_disk_owes(tmp_path: Path) -> None:
+    """A 250 after DATA is a promise: a deadline that passes while the message is being
+    stored lets the reply go out first, then closes."""
+    world = world_with(tmp_path, 'session_timeout = "10m"')
+    session = world.session("mx")
+    session.send("EHLO client.test")
+    session.send("MAIL FROM:<someone@remote.test>")
+    session.send("RCPT TO:<alice@example.test>")
+    session.send("DATA")
+    world.clock.advance(10 * MINUTE - 1)
+    held = defer_stores(world)
+    assert session.send("Subject: x\r\n\r\nbody\r\n.") == ""
+    world.clock.advance(1)
+    assert session.read() == "" and not session.closed
+    held.pop().callback(None)
+    replies = session.read()
+    assert replies.startswith("250 2.0.0 Ok: queued as ") and "\r\n421 4.4.2 " in replies
+    assert session.closed
+
+
+def defer_stores(world: World) -> list:
+    """Make the intake's store wait until the test fires the Deferreds it returns."""
+    from twisted.internet import defer
+
+    held: list = []
+
+    def store(copies, envelope, outbound_headers, body):
+        world.intake.accepted.append((copies, envelope, outbound_headers, body))
+        deferred: defer.Deferred = defer.Deferred()
+        held.append(deferred)
+        return deferred
+
+    world.intake.store = store
+    return held
+
+
+def test_deadline_in_the_tls_handshake_aborts(tmp_path: Path) -> None:
+    world = world_with(tmp_path, 'session_timeout = "1m"\ntls_handshake_timeout = "5m"')
+    session = Unshaken(world, "submissions")
+    world.clock.advance(MINUTE)
+    assert session.transport.disconnected
+
+
+# --- junk commands ------------------------------------------------------------------------------
+
+JUNK = ["NOOP", "RSET", "VRFY alice", "HELP", "EHLO client.test", "HELO client.test"]
+
+
+@pytest.mark.parametrize("command", JUNK)
+def test_junk_commands_beyond_the_limit_close_the_session(tmp_path: Path, command: str) -> None:
+    world = world_with(tmp_path)  # the default: 100
+    session = world.session("mx")
+    for n in range(100):
+        reply = session.send(command)
+        assert reply[:1] == "2", (n, reply)
+    reply = session.send(command)
+    assert reply.startswith("421 4.7.0 ") and "Too many junk commands" in reply
+    assert session.closed
+
+
+def test_junk_commands_mixed_count_together(tmp_path: Path) -> None:
+    world = world_with(tmp_path, "junk_commands = 5")
+    session = world.session("mx")
+    for command in JUNK[:5]:
+        assert session.send(command)[:1] == "2"
+    assert session.send("NOOP").startswith("421 4.7.0 ")
+
+
+def test_recipients_beyond_the_limit_are_junk_too(tmp_path: Path) -> None:
+    world = world_with(tmp_path, "junk_commands = 3\nrecipients = 1")
+    session = world.session("mx")
+    session.send("EHLO client.test")
+    session.send("MAIL FROM:<someone@remote.test>")
+    assert session.send("RCPT TO:<alice@example.test>").startswith("250")
+    for _ in range(2):
+        assert session.send("RCPT TO:<bob@example.test>").startswith("452 4.5.3")
+    assert session.send("RCPT TO:<bob@example.test>").startswith("421 4.7.0 ")
+
+
+def test_an_accepted_message_starts_the_count_again(tmp_path: Path) -> None:
+    """A client that sends many messages over one session (with RSET or NOOP between
+    them, as MTAs do) is not cut off: only commands since the last message count."""
+    world = world_with(tmp_path, "junk_commands = 3")
+    session = world.session("mx")
+    session.send("EHLO client.test")
+    for n in range(5):
+        assert session.send("RSET").startswith("250")
+        assert session.send("NOOP").startswith("250")
+        session.send("MAIL FROM:<someone@remote.test>")
+        session.send("RCPT TO:<alice@example.test>")
+        session.send("DATA")
+        assert session.send(f"Subject: {n}\r\n\r\nbody\r\n.").startswith("250 2.0.0")
+    assert len(world.intake.accepted) == 5
+
+
+# --- DATA past the size limit ---------------------------------------------------------------
+
+
+def start_data(session: Session) -> None:
+    session.send("EHLO client.test")
+    assert session.send("MAIL FROM:<someone@remote.test>").startswith("250")
+    assert session.send("RCPT TO:<alice@example.test>").startswith("250")
+    assert session.send("DATA").startswith("354")
+
+
+@pytest.mark.parametrize("factor", [1.5, 1.99])
+def test_oversized_message_is_read_to_its_end_within_twice_the_limit(tmp_path: Path, factor: float) -> None:
+    world = world_with(tmp_path, "message_size = 10240")
+    session = world.session("mx")
+    start_data(session)
+    line = b"x" * 78 + b"\r\n"
+    session.protocol.dataReceived(line * int(10240 * factor / len(line)))
+    assert session.read() == ""
+    assert session.send(".").startswith("552 5.3.4")
+    assert session.send("NOOP").startswith("250")  # the session goes on
+    assert world.intake.accepted == []
+
+
+def test_data_past_twice_the_limit_is_refused_and_closed(tmp_path: Path) -> None:
+    world = world_with(tmp_path, "message_size = 10240")
+    session = world.session("mx")
+    start_data(session)
+    line = b"x" * 78 + b"\r\n"
+    for _ in range(2 * 10240 // len(line)):
+        session.protocol.dataReceived(line)
+    assert session.read() == ""
+    session.protocol.dataReceived(line * 2)
+    assert session.read().startswith("552 5.3.4 ")
+    assert session.closed
+    session.protocol.dataReceived(line * 1000 + b".\r\nNOOP\r\n")  # no longer read
+    assert session.read() == ""
+    assert world.intake.accepted == []
+
+
+# --- the connection cap ------------------------------------------------------------------------
+
+
+def test_connections_over_all_listeners_and_addresses_are_capped(tmp_path: Path) -> None:
+    world = world_with(tmp_path, "connections = 3")
+    first = Session(world.factories["mx"], world.clock, source="192.0.2.1")
+    world.session("submission", source="192.0.2.2")
+    world.session("submissions", source="198.51.100.3")
+    refused = TLSStringTransport(peerAddress=IPv4Address("TCP", "203.0.113.4", 40000))
+    protocol = world.factories["mx"].buildProtocol(None)
+    protocol.makeConnection(refused)
+    reply = refused.value().decode()
+    assert reply.startswith("421 4.7.0 ") and "Too many connections" in reply
+    assert refused.disconnecting
+    # One session ends (and the refused one): there is room again.
+    protocol.connectionLost(None)
+    first.protocol.connectionLost(None)
+    again = Session(world.factories["mx"], world.clock, source="203.0.113.4")
+    assert again.send("EHLO client.test").startswith("250")
