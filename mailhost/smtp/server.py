@@ -41,6 +41,7 @@ from mailhost.local.mailbox import LocalDomains
 from mailhost.ops.metrics import Metrics
 from mailhost.smtp import sasl
 from mailhost.smtp.wire import (
+    AUTH_LINE_MAX,
     COMMAND_LINE_MAX,
     Address,
     MessageReader,
@@ -158,7 +159,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         self._out_size = 0
         self._greeted = False
         self._closing = False
-        self._skipping_long_line = False
+        self._skipping_long_line = 0  # mid-way through dropping a line longer than this
         self._pending_greeting: Any = None
         # A TLS handshake under way (implicit TLS from the first byte, or after STARTTLS):
         # until it ends nothing we write can reach the client.
@@ -392,18 +393,19 @@ class SMTPServer(Protocol, TimeoutMixin):
                 if self._out_size >= FLUSH_AT:
                     self._flush()  # may pause us (pauseProducing): then the rest waits
                     continue
+                limit = self._skipping_long_line or self._line_limit(buffer, position)
                 end = buffer.find(b"\n", position)
                 if end < 0:
-                    if len(buffer) - position > COMMAND_LINE_MAX:
+                    if self._skipping_long_line or len(buffer) - position > limit:
                         # Drop the overlong line as it arrives; answer at its end.
-                        self._skipping_long_line = True
+                        self._skipping_long_line = limit
                         position = len(buffer)
                     return False
                 line = bytes(buffer[position:end])
                 position = end + 1
-                if self._skipping_long_line or len(line) + 1 > COMMAND_LINE_MAX:
-                    self._skipping_long_line = False
-                    self._reply(Reply(500, "5.5.6", f"Line too long (at most {COMMAND_LINE_MAX} octets)"))
+                if self._skipping_long_line or len(line) + 1 > limit:
+                    self._skipping_long_line = 0
+                    self._line_too_long(limit)
                     continue
                 if line.endswith(b"\r"):
                     line = line[:-1]
@@ -420,6 +422,21 @@ class SMTPServer(Protocol, TimeoutMixin):
             del buffer[:position]
 
     _starting_tls = False
+
+    def _line_limit(self, buffer: bytearray, position: int) -> int:
+        """How long the line starting at `position` may be, with its CRLF."""
+        if self._auth_step is not None or buffer[position : position + 5].upper() == b"AUTH ":
+            return AUTH_LINE_MAX
+        return COMMAND_LINE_MAX
+
+    def _line_too_long(self, limit: int) -> None:
+        if self._auth_step is not None:
+            # RFC 4954 4: an error ends the exchange, or the next command would be taken
+            # for the SASL response.
+            self._auth_step = None
+            self._reply(Reply(500, "5.5.6", f"Authentication exchange line is too long (at most {limit} octets)"))
+            return
+        self._reply(Reply(500, "5.5.6", f"Line too long (at most {limit} octets)"))
 
     def _flush(self) -> None:
         if self._out:

@@ -12,6 +12,10 @@ import re
 from dataclasses import dataclass
 
 COMMAND_LINE_MAX = 512  # octets including CRLF (RFC 5321 4.5.3.1.4)
+# SASL responses (RFC 4954 4: "12288 octets is considered to be a sufficient line length
+# limit"); also taken for an AUTH command with its initial response, which RFC 4954 wants
+# within the 512 but clients with long tokens (XOAUTH2) send all the same.
+AUTH_LINE_MAX = 12288  # octets including CRLF
 TEXT_LINE_MAX = 1000  # octets including CRLF (RFC 5321 4.5.3.1.6)
 LOCAL_PART_MAX = 64
 DOMAIN_MAX = 255

@@ -343,3 +343,74 @@ def test_connections_over_all_listeners_and_addresses_are_capped(tmp_path: Path)
     first.protocol.connectionLost(None)
     again = Session(world.factories["mx"], world.clock, source="203.0.113.4")
     assert again.send("EHLO client.test").startswith("250")
+
+
+# --- AUTH lines ---------------------------------------------------------------------------------
+
+AUTH_LINE_MAX = 12288  # octets with CRLF (RFC 4954 4)
+
+
+def b64_of_length(octets: int) -> str:
+    """Exactly `octets` characters: a valid base64 PLAIN message nobody has, padded with
+    spaces (which the server strips) to the length."""
+    import base64
+
+    text = base64.b64encode(b"\0nobody@example.test\0" + b"p" * (octets * 3 // 4)).decode()
+    text = text[: octets - octets % 4]
+    return text + " " * (octets - len(text))
+
+
+def authing(world: World) -> Session:
+    session = world.session("submission")
+    session.send("EHLO client.test")
+    assert session.send("AUTH PLAIN").startswith("334")
+    return session
+
+
+def test_a_long_sasl_response_is_read_as_one(tmp_path: Path) -> None:
+    """A 600-octet response used to get 500 and leave the exchange open: the next command
+    was then taken for the SASL response."""
+    world = world_with(tmp_path)
+    session = authing(world)
+    assert session.send(b64_of_length(600)).startswith("535 5.7.8")
+    assert session.send("NOOP").startswith("250 2.0.0")
+
+
+@pytest.mark.parametrize("octets, reply", [(AUTH_LINE_MAX, "535 5.7.8"), (AUTH_LINE_MAX + 4, "500 5.5.6")])
+def test_sasl_response_up_to_12288_octets(tmp_path: Path, octets: int, reply: str) -> None:
+    world = world_with(tmp_path)
+    session = authing(world)
+    response = b64_of_length(octets - 2)  # with CRLF: `octets`
+    assert session.send(response).startswith(reply)
+    assert session.send("NOOP").startswith("250 2.0.0")  # the exchange is over either way
+    assert session.protocol.user is None
+
+
+def test_sasl_response_arriving_in_pieces_past_the_limit_ends_the_exchange(tmp_path: Path) -> None:
+    world = world_with(tmp_path)
+    session = authing(world)
+    for _ in range(4):
+        session.protocol.dataReceived(b"A" * 4096)
+    assert session.read() == ""
+    assert session.send("AAAA").startswith("500 5.5.6")
+    assert session.send("NOOP").startswith("250 2.0.0")
+
+
+@pytest.mark.parametrize("octets, reply", [(600, "535 5.7.8"), (AUTH_LINE_MAX, "535 5.7.8"),
+                                           (AUTH_LINE_MAX + 4, "500 5.5.6")])
+def test_auth_command_with_initial_response_up_to_12288_octets(tmp_path: Path, octets: int, reply: str) -> None:
+    world = world_with(tmp_path)
+    session = world.session("submission")
+    session.send("EHLO client.test")
+    line = "AUTH PLAIN " + b64_of_length(octets - len("AUTH PLAIN ") - 2)
+    assert len(line) + 2 == octets
+    assert session.send(line).startswith(reply)
+    assert session.send("NOOP").startswith("250 2.0.0")
+
+
+def test_other_commands_keep_the_512_octet_limit(tmp_path: Path) -> None:
+    world = world_with(tmp_path)
+    session = world.session("submission")
+    session.send("EHLO client.test")
+    assert session.send("NOOP " + "x" * 600).startswith("500 5.5.6")
+    assert session.send("AUTHX " + "x" * 600).startswith("500 5.5.6")
