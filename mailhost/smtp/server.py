@@ -255,6 +255,8 @@ class SMTPServer(Protocol, TimeoutMixin):
         self._refuse_connection(Reply(421, "4.4.2", f"{self.config.server.hostname} Timeout, closing connection"))
 
     def _session_deadline(self) -> None:
+        if self._shut:
+            return
         if self._handshaking:
             self._abort("session deadline during the TLS handshake")
         elif self._busy:
@@ -273,6 +275,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         self._handshaking = True
         self._handshake_timer = self.reactor.callLater(self.config.limits.tls_handshake_timeout,
                                                        self._abort, "TLS handshake timeout")
+        self._update_reading()  # the handshake must be read, whatever paused us before
 
     def handshakeCompleted(self) -> None:
         """IHandshakeListener: the TLS layer finished its handshake."""
@@ -466,18 +469,14 @@ class SMTPServer(Protocol, TimeoutMixin):
             return
         self._shut = True
         self.setTimeout(None)
-        if self._handshaking:
-            # Nothing written can reach the client before the handshake ends, and
-            # loseConnection() would wait for that: drop the connection now.
-            self._abort("closed during the TLS handshake")
-            return
         if self._producing:
             # A registered producer holds the connection open (loseConnection waits for it).
             self._producing = False
             self.transport.unregisterProducer()
         self.transport.loseConnection()
-        # loseConnection() waits until everything written is sent; a client that does
-        # not read would keep the connection (and its buffers) for ever.
+        # loseConnection() waits until everything written is sent (in TLS, until the
+        # handshake has ended): a client that does not read, or never finishes its
+        # handshake, would keep the connection (and its buffers) for ever.
         self._abort_timer = self.reactor.callLater(CLOSE_GRACE, self._abort, "did not read its last reply")
 
     def _wait_for(self, deferred: Deferred[Reply]) -> None:
@@ -497,7 +496,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         if self._closing:
             return
         self._reply(reply)
-        if self._deadline_passed:
+        if self._deadline_passed and not self._closing:
             self._session_too_long()
             return
         self._update_reading()

@@ -67,6 +67,18 @@ def test_idle_timeout_during_the_handshake_aborts_at_once(tmp_path: Path) -> Non
     assert session.transport.disconnected
 
 
+def test_refusal_on_the_implicit_tls_port_waits_for_the_handshake_within_a_grace(tmp_path: Path) -> None:
+    world = world_with(tmp_path, "connections = 1")
+    Unshaken(world, "submissions")
+    refused = Unshaken(world, "submissions")
+    # The 421 is handed to the TLS layer, which sends it once the handshake is done...
+    assert refused.transport.value().startswith(b"421 4.7.0 ")
+    assert refused.transport.disconnecting and not refused.transport.disconnected
+    # ...and a handshake that does not come within the grace does not keep the connection.
+    world.clock.advance(CLOSE_GRACE)
+    assert refused.transport.disconnected
+
+
 def test_closing_reply_nobody_reads_does_not_hold_the_connection(tmp_path: Path) -> None:
     world = world_with(tmp_path, "command_timeout = 5")
     session = world.session("mx")
@@ -138,6 +150,18 @@ def test_peer_that_does_not_read_stops_being_read(tmp_path: Path) -> None:
     total += transport.drain().count(b"250 HELP\r\n")
     assert total == 20_000
     assert transport.producerState == "producing"
+
+
+def test_starttls_handshake_is_read_even_if_the_220_filled_the_buffer(tmp_path: Path) -> None:
+    world = world_with(tmp_path)
+    transport, protocol = slow_reader_session(world)
+    transport.limit = 0  # every write fills it: the EHLO reply and the 220 pause the session
+    transport.drain()
+    protocol.pauseProducing()
+    protocol.dataReceived(b"EHLO client.test\r\nSTARTTLS\r\n")  # waits for the client to read
+    transport.drain()  # it reads: the session resumes, answers both, and starts TLS
+    assert transport.tls_started and transport.value().endswith(b"220 2.0.0 Ready to start TLS\r\n")
+    assert transport.producerState == "producing"  # the client's handshake must be read
 
 
 def test_paused_session_runs_no_buffered_command(tmp_path: Path) -> None:
