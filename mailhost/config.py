@@ -72,6 +72,10 @@ class LimitsConfig:
     connections_per_ip: int = 20
     auth_failures: int = 3
     greet_pause: float = 1.0
+    tls_handshake_timeout: float = 30.0  # implicit TLS and STARTTLS: then the connection is dropped
+    session_timeout: float = 1800.0  # a deadline for the whole session, however busy: then 421 4.4.2
+    junk_commands: int = 100  # NOOP, RSET, VRFY, HELP, HELO/EHLO, RCPT past the limit: then 421 4.7.0
+    connections: int = 1000  # sessions at once over every listener and address: 421 4.7.0 beyond
 
 
 @dataclass(frozen=True)
@@ -338,6 +342,10 @@ class _Reader:
             connections_per_ip=self.integer(table, "limits", "connections_per_ip", d.connections_per_ip, 1, 100000),
             auth_failures=self.integer(table, "limits", "auth_failures", d.auth_failures, 1, 1000),
             greet_pause=self.duration(table, "limits", "greet_pause", d.greet_pause),
+            tls_handshake_timeout=self.duration_or_seconds(table, "tls_handshake_timeout", d.tls_handshake_timeout),
+            session_timeout=self.duration_or_seconds(table, "session_timeout", d.session_timeout),
+            junk_commands=self.integer(table, "limits", "junk_commands", d.junk_commands, 1, 10**9),
+            connections=self.integer(table, "limits", "connections", d.connections, 1, 10**6),
         )
 
     def duration_or_seconds(self, table: dict, name: str, default: float) -> float:

@@ -61,6 +61,10 @@ def test_minimal_config_gets_the_documented_defaults(tmp_path: Path, monkeypatch
     assert limits.connections_per_ip == 20
     assert limits.auth_failures == 3
     assert limits.greet_pause == 1
+    assert limits.tls_handshake_timeout == 30
+    assert limits.session_timeout == 1800
+    assert limits.junk_commands == 100
+    assert limits.connections == 1000
 
     (domain,) = config.domains
     assert domain.name == "example.test"
@@ -230,6 +234,15 @@ MISTAKES = [
     ("greet_pause negative", "[limits]\ngreet_pause = '-1s'\n" + MINIMAL, ["limits.greet_pause"]),
     ("greet_pause without unit", "[limits]\ngreet_pause = '5'\n" + MINIMAL, ["limits.greet_pause"]),
     ("data_timeout zero", "[limits]\ndata_timeout = '0s'\n" + MINIMAL, ["limits.data_timeout"]),
+    ("tls_handshake_timeout zero", "[limits]\ntls_handshake_timeout = 0\n" + MINIMAL, ["limits.tls_handshake_timeout"]),
+    ("tls_handshake_timeout in words", "[limits]\ntls_handshake_timeout = 'soon'\n" + MINIMAL,
+     ["limits.tls_handshake_timeout"]),
+    ("session_timeout zero", "[limits]\nsession_timeout = '0s'\n" + MINIMAL, ["limits.session_timeout"]),
+    ("session_timeout a float", "[limits]\nsession_timeout = 1.5\n" + MINIMAL, ["limits.session_timeout"]),
+    ("junk_commands zero", "[limits]\njunk_commands = 0\n" + MINIMAL, ["limits.junk_commands"]),
+    ("junk_commands a string", "[limits]\njunk_commands = '100'\n" + MINIMAL, ["limits.junk_commands"]),
+    ("connections zero", "[limits]\nconnections = 0\n" + MINIMAL, ["limits.connections"]),
+    ("connections negative", "[limits]\nconnections = -5\n" + MINIMAL, ["limits.connections"]),
     ("lifetime unknown unit", MINIMAL + "[queue]\nlifetime = '5w'\n", ["queue.lifetime"]),
     ("lifetime zero", MINIMAL + "[queue]\nlifetime = '0'\n", ["queue.lifetime"]),
     ("delay_warning a number", MINIMAL + "[queue]\ndelay_warning = 4\n", ["queue.delay_warning"]),

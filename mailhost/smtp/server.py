@@ -24,12 +24,13 @@ from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.interfaces import IProtocolFactory
+from twisted.internet.interfaces import IHandshakeListener, IProtocolFactory, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from zope.interface import implementer
 
 from mailhost.config import Config
 from mailhost.intake.cleanup import Incoming, Intake, Receipt, Refused
@@ -40,6 +41,7 @@ from mailhost.local.mailbox import LocalDomains
 from mailhost.ops.metrics import Metrics
 from mailhost.smtp import sasl
 from mailhost.smtp.wire import (
+    AUTH_LINE_MAX,
     COMMAND_LINE_MAX,
     Address,
     MessageReader,
@@ -61,6 +63,20 @@ HTTP_VERBS = frozenset({"GET", "POST", "HEAD", "PUT", "CONNECT", "OPTIONS", "DEL
 PROTOCOL_ERRORS = frozenset({500, 501, 502, 503, 504, 555})
 # While a reply waits on the disk, stop reading once this much input is buffered.
 PAUSE_BUFFER = 256 * 1024
+# Replies to pipelined commands are written in pieces of about this size, so that a
+# peer that does not read stops us (pauseProducing) within one piece.
+FLUSH_AT = 64 * 1024
+# After a closing reply, how long the client has to read it before the connection is
+# dropped: a client that does not read (or a TLS handshake that never comes) cannot
+# hold the connection open by leaving our last reply unsent.
+CLOSE_GRACE = 10.0
+# Commands that move no mail (Postfix's smtpd_junk_command_limit counts NOOP, VRFY, RSET
+# and ETRN): more than limits.junk_commands of them since the last accepted message end
+# the session, so that a loop of them cannot hold it for ever.
+JUNK = frozenset({"NOOP", "RSET", "VRFY", "HELP", "HELO", "EHLO"})
+# An oversized message is read to its end (to answer 552 5.3.4 and go on, as Postfix
+# does) up to this many times limits.message_size; past that it is refused and closed.
+DATA_CAP = 2
 # Commands that start or belong to a transaction: 530 before AUTH on the submission roles (RFC 4954 6).
 NEEDS_AUTH = frozenset({"MAIL", "RCPT", "DATA", "VRFY", "EXPN"})
 
@@ -78,6 +94,7 @@ class ServerContext:
     portal: Portal  # AUTH: checks credentials, gives IMailSubmitter avatars
     slowdown: AuthSlowdown  # AUTH: shared by every listener, keyed by client address
     metrics: Metrics
+    open_sessions: int = 0  # over every listener of this process, for limits.connections
 
 
 @dataclass
@@ -116,7 +133,17 @@ def listener_factory(role: str, context: ServerContext, reactor: Any) -> IProtoc
     return TLSMemoryBIOFactory(context.tls_options, False, factory)
 
 
+@implementer(IHandshakeListener, IPushProducer)
 class SMTPServer(Protocol, TimeoutMixin):
+    """One SMTP session.
+
+    It is its transport's streaming producer (of replies): when the client does
+    not read and the transport's write buffer passes its limit, the transport
+    calls pauseProducing(), and the session stops reading the client and stops
+    running its buffered commands until resumeProducing() (DESIGN.md,
+    "Backpressure everywhere").
+    """
+
     def __init__(self, factory: SMTPServerFactory) -> None:
         self.factory = factory
         self.context = factory.context
@@ -125,13 +152,28 @@ class SMTPServer(Protocol, TimeoutMixin):
         self._buffer = bytearray()
         self._reader: MessageReader | None = None
         self._busy = False
-        self._paused = False
+        self._paused = False  # we paused the transport: it does not read the client
+        self._write_blocked = False  # the transport paused us: the client does not read
+        self._producing = False  # registered as the transport's producer
+        self._again = False
+        self._out_size = 0
         self._greeted = False
         self._closing = False
-        self._skipping_long_line = False
+        self._skipping_long_line = 0  # mid-way through dropping a line longer than this
         self._pending_greeting: Any = None
+        # A TLS handshake under way (implicit TLS from the first byte, or after STARTTLS):
+        # until it ends nothing we write can reach the client.
+        self._handshaking = False
+        self._handshake_timer: Any = None
+        self._abort_timer: Any = None
+        self._shut = False  # loseConnection() or abortConnection() called
+        self._aborted = False
         self._out: list[bytes] = []
         self.errors = 0
+        self.junk = 0  # JUNK commands since the session began or the last accepted message
+        self._counted = False  # in context.open_sessions
+        self._deadline: Any = None
+        self._deadline_passed = False
         self.helo: str | None = None
         self.esmtp = False
         self.tls = factory.implicit_tls
@@ -159,14 +201,25 @@ class SMTPServer(Protocol, TimeoutMixin):
         except ValueError:
             self.in_relay_networks = False
         self.factory.per_ip[self.client_ip] += 1
+        self.context.open_sessions += 1
+        self._counted = True
         self.context.metrics.sessions.labels(self.factory.role).inc()
         if self.factory.implicit_tls:
             self.context.metrics.tls_sessions.labels(self.factory.role).inc()
         limits = self.config.limits
+        self.transport.registerProducer(self, True)
+        self._producing = True
+        if self.factory.implicit_tls:
+            self._expect_handshake()
+        if self.context.open_sessions > limits.connections:
+            self._refuse_connection(Reply(421, "4.7.0", f"{self.config.server.hostname} Too many connections, try again later"))
+            return
         if self.factory.per_ip[self.client_ip] > limits.connections_per_ip:
             self._refuse_connection(Reply(421, "4.7.0", f"{self.config.server.hostname} Too many connections from your address"))
             return
         self.setTimeout(limits.command_timeout)
+        # The idle timer restarts with every byte; this does not.
+        self._deadline = self.reactor.callLater(limits.session_timeout, self._session_deadline)
         if self.factory.role == "mx" and limits.greet_pause > 0 and not self.in_relay_networks:
             self._pending_greeting = self.reactor.callLater(limits.greet_pause, self._greet)
         else:
@@ -179,20 +232,70 @@ class SMTPServer(Protocol, TimeoutMixin):
 
     def _refuse_connection(self, reply: Reply) -> None:
         log.info("refused client=[{client}] reply={reply}", client=self.client_ip, reply=f"{reply.code} {reply.status} {reply.text}")
-        self._closing = True
-        self.transport.write(reply.encode())
-        self.transport.loseConnection()
+        self._out.append(reply.encode())
+        self._close()
 
     def connectionLost(self, reason: Any = None) -> None:
         self.setTimeout(None)
-        if self._pending_greeting is not None and self._pending_greeting.active():
-            self._pending_greeting.cancel()
+        for timer in (self._pending_greeting, self._handshake_timer, self._abort_timer, self._deadline):
+            if timer is not None and timer.active():
+                timer.cancel()
+        if self._counted:
+            self._counted = False
+            self.context.open_sessions -= 1
         self.factory.per_ip[self.client_ip] -= 1
         if self.factory.per_ip[self.client_ip] <= 0:
             del self.factory.per_ip[self.client_ip]
 
     def timeoutConnection(self) -> None:
+        if self._handshaking:
+            # Our 421 would wait in the TLS layer for a handshake that is not coming.
+            self._abort("idle during the TLS handshake")
+            return
         self._refuse_connection(Reply(421, "4.4.2", f"{self.config.server.hostname} Timeout, closing connection"))
+
+    def _session_deadline(self) -> None:
+        if self._shut:
+            return
+        if self._handshaking:
+            self._abort("session deadline during the TLS handshake")
+        elif self._busy:
+            # A reply is owed (the 250 after DATA is a promise): it goes out first (_resume).
+            self._deadline_passed = True
+        else:
+            self._session_too_long()
+
+    def _session_too_long(self) -> None:
+        self._refuse_connection(Reply(421, "4.4.2", f"{self.config.server.hostname} Session too long, closing connection"))
+
+    # --- TLS handshakes --------------------------------------------------------
+
+    def _expect_handshake(self) -> None:
+        """A TLS handshake starts: it must end within limits.tls_handshake_timeout."""
+        self._handshaking = True
+        self._handshake_timer = self.reactor.callLater(self.config.limits.tls_handshake_timeout,
+                                                       self._abort, "TLS handshake timeout")
+        self._update_reading()  # the handshake must be read, whatever paused us before
+
+    def handshakeCompleted(self) -> None:
+        """IHandshakeListener: the TLS layer finished its handshake."""
+        self._handshaking = False
+        if self._handshake_timer is not None and self._handshake_timer.active():
+            self._handshake_timer.cancel()
+        self._handshake_timer = None
+        self._update_reading()
+
+    def _abort(self, why: str) -> None:
+        """Drop the connection at once, with whatever is still unsent."""
+        if self._aborted:
+            return
+        self._aborted = True
+        if self._abort_timer is not None and self._abort_timer.active():
+            self._abort_timer.cancel()
+        log.info("aborted client=[{client}] {why}", client=self.client_ip, why=why)
+        self._closing = self._shut = True
+        self.setTimeout(None)
+        self.transport.abortConnection()
 
     # --- input ---------------------------------------------------------------
 
@@ -203,42 +306,80 @@ class SMTPServer(Protocol, TimeoutMixin):
             self._refuse_connection(Reply(554, "5.5.1", "Protocol error: you talked before my greeting"))
             return
         self.resetTimeout()
-        if self._reader is not None and not self._busy and not self._buffer:
+        if self._reader is not None and not self._busy and not self._buffer and not self._write_blocked:
             # The common case in DATA: hand the buffer over without copying it.
             used = self._reader.feed(data)
             if self._reader.body is None:
+                if self._reader.overflowed:
+                    self._data_overflowed()
                 return
             self._buffer += data[used:]
             self._end_of_data()
         else:
             self._buffer += data
         self._process()
-        if self._busy and not self._paused and len(self._buffer) > PAUSE_BUFFER:
-            self._paused = True
+        self._update_reading()
+
+    # --- backpressure (IPushProducer) --------------------------------------------
+
+    def pauseProducing(self) -> None:
+        """The transport's write buffer is full: the client is not reading our replies."""
+        self._write_blocked = True
+        self._update_reading()
+
+    def resumeProducing(self) -> None:
+        """The transport's write buffer has drained: go on with buffered commands."""
+        self._write_blocked = False
+        self._update_reading()
+        self._process()
+
+    def stopProducing(self) -> None:
+        """The connection is going away (connectionLost follows)."""
+        self._closing = True
+
+    def _update_reading(self) -> None:
+        """Read the client only while its replies can be written and input is not piling
+        up behind a reply that waits. Never during a TLS handshake: the handshake's own
+        bytes must be read, and the greeting waits in the TLS layer until it ends."""
+        pause = not self._handshaking and (
+            self._write_blocked or (self._busy and len(self._buffer) > PAUSE_BUFFER))
+        if pause == self._paused or self._shut:
+            return
+        self._paused = pause
+        if pause:
             self.transport.pauseProducing()
+        else:
+            self.transport.resumeProducing()
 
     _processing = False
 
     def _process(self) -> None:
-        """Run whatever complete input is buffered, until it is used up or a reply must wait."""
+        """Run whatever complete input is buffered, until it is used up, a reply must wait,
+        or the client must read first."""
         if self._processing:
-            # A reply that came at once (its Deferred had already fired) from
-            # inside the loop below: that loop goes on with the next command.
+            # A reply that came at once (its Deferred had already fired), or the transport
+            # resuming us from inside a write: the loop below goes round again.
+            self._again = True
             return
         self._processing = True
         try:
-            self._process_buffer()
+            self._again = True
+            while self._again:
+                self._again = False
+                self._process_buffer()
+                self._flush()
         finally:
             self._processing = False
-        self._flush()
 
     def _process_buffer(self) -> None:
-        while self._buffer and not self._busy and not self._closing:
+        while self._buffer and not self._busy and not self._closing and not self._write_blocked:
             if self._reader is not None:
                 data = bytes(self._buffer)
                 self._buffer.clear()
                 used = self._reader.feed(data)
                 if self._reader.body is None:
+                    if self._reader.overflowed:
+                        self._data_overflowed()
                     break
                 self._buffer += data[used:]
                 self._end_of_data()
@@ -251,19 +392,23 @@ class SMTPServer(Protocol, TimeoutMixin):
         buffer = self._buffer
         position = 0
         try:
-            while not self._busy and not self._closing and self._reader is None:
+            while not self._busy and not self._closing and self._reader is None and not self._write_blocked:
+                if self._out_size >= FLUSH_AT:
+                    self._flush()  # may pause us (pauseProducing): then the rest waits
+                    continue
+                limit = self._skipping_long_line or self._line_limit(buffer, position)
                 end = buffer.find(b"\n", position)
                 if end < 0:
-                    if len(buffer) - position > COMMAND_LINE_MAX:
+                    if self._skipping_long_line or len(buffer) - position > limit:
                         # Drop the overlong line as it arrives; answer at its end.
-                        self._skipping_long_line = True
+                        self._skipping_long_line = limit
                         position = len(buffer)
                     return False
                 line = bytes(buffer[position:end])
                 position = end + 1
-                if self._skipping_long_line or len(line) + 1 > COMMAND_LINE_MAX:
-                    self._skipping_long_line = False
-                    self._reply(Reply(500, "5.5.6", f"Line too long (at most {COMMAND_LINE_MAX} octets)"))
+                if self._skipping_long_line or len(line) + 1 > limit:
+                    self._skipping_long_line = 0
+                    self._line_too_long(limit)
                     continue
                 if line.endswith(b"\r"):
                     line = line[:-1]
@@ -281,13 +426,32 @@ class SMTPServer(Protocol, TimeoutMixin):
 
     _starting_tls = False
 
+    def _line_limit(self, buffer: bytearray, position: int) -> int:
+        """How long the line starting at `position` may be, with its CRLF."""
+        if self._auth_step is not None or buffer[position : position + 5].upper() == b"AUTH ":
+            return AUTH_LINE_MAX
+        return COMMAND_LINE_MAX
+
+    def _line_too_long(self, limit: int) -> None:
+        if self._auth_step is not None:
+            # RFC 4954 4: an error ends the exchange, or the next command would be taken
+            # for the SASL response.
+            self._auth_step = None
+            self._reply(Reply(500, "5.5.6", f"Authentication exchange line is too long (at most {limit} octets)"))
+            return
+        self._reply(Reply(500, "5.5.6", f"Line too long (at most {limit} octets)"))
+
     def _flush(self) -> None:
         if self._out:
-            self.transport.write(b"".join(self._out))
+            data = b"".join(self._out)
             self._out.clear()
+            self._out_size = 0
+            self.transport.write(data)
 
     def _reply(self, reply: Reply) -> None:
-        self._out.append(reply.encode())
+        encoded = reply.encode()
+        self._out.append(encoded)
+        self._out_size += len(encoded)
         if reply.code == 421:
             # RFC 5321 3.8: a 421 means this side is closing the channel.
             self._close()
@@ -301,7 +465,19 @@ class SMTPServer(Protocol, TimeoutMixin):
     def _close(self) -> None:
         self._closing = True
         self._flush()
+        if self._shut:
+            return
+        self._shut = True
+        self.setTimeout(None)
+        if self._producing:
+            # A registered producer holds the connection open (loseConnection waits for it).
+            self._producing = False
+            self.transport.unregisterProducer()
         self.transport.loseConnection()
+        # loseConnection() waits until everything written is sent (in TLS, until the
+        # handshake has ended): a client that does not read, or never finishes its
+        # handshake, would keep the connection (and its buffers) for ever.
+        self._abort_timer = self.reactor.callLater(CLOSE_GRACE, self._abort, "did not read its last reply")
 
     def _wait_for(self, deferred: Deferred[Reply]) -> None:
         """A reply that is not ready yet: hold all later input until it is."""
@@ -320,9 +496,10 @@ class SMTPServer(Protocol, TimeoutMixin):
         if self._closing:
             return
         self._reply(reply)
-        if self._paused:
-            self._paused = False
-            self.transport.resumeProducing()
+        if self._deadline_passed and not self._closing:
+            self._session_too_long()
+            return
+        self._update_reading()
         self._process()
 
     # --- commands ------------------------------------------------------------
@@ -345,12 +522,24 @@ class SMTPServer(Protocol, TimeoutMixin):
         if handler is None or not verb_text.isalpha():
             self._reply(Reply(500, "5.5.1", "Unknown command"))
             return
+        if verb_text in JUNK and self._junk():
+            return
         if verb_text in NEEDS_AUTH:
             refusal = auth_required(self.factory.role, self.user is not None, self.tls)
             if refusal is not None:
                 self._reply(refusal)
                 return
         self._run(verb_text, handler, argument)
+
+    def _junk(self) -> bool:
+        """Count a command that moves no mail; True when that was one too many (and the
+        session is closing)."""
+        self.junk += 1
+        if self.junk <= self.config.limits.junk_commands:
+            return False
+        log.info("refused client=[{client}] junk_commands={count}", client=self.client_ip, count=self.junk)
+        self._reply(Reply(421, "4.7.0", f"{self.config.server.hostname} Too many junk commands, closing connection"))
+        return True
 
     def _run(self, verb: str, handler: Callable[[str], Reply | Deferred[Reply] | None], argument: str) -> None:
         """Call a command (or AUTH step) handler and send, or wait for, its reply."""
@@ -441,7 +630,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         self.transaction = Transaction(sender, utf8, body_8bit)
         return Reply(250, "2.1.0", "Sender ok")
 
-    def smtp_RCPT(self, argument: str) -> Reply:
+    def smtp_RCPT(self, argument: str) -> Reply | None:
         if self.transaction is None:
             return Reply(503, "5.5.1", "Error: need MAIL command first")
         if argument[:3].upper() != "TO:":
@@ -455,6 +644,9 @@ class SMTPServer(Protocol, TimeoutMixin):
         if rest:
             return Reply(555, "5.5.4", f"Unsupported RCPT parameter {rest.split('=')[0][:40]}")
         if len(self.transaction.recipients) >= self.config.limits.recipients:
+            # As Postfix's smtpd_recipient_overshoot_limit: a loop of these moves no mail.
+            if self._junk():
+                return None
             return Reply(452, "4.5.3", "Too many recipients")
         verdict = self.context.intake.recipient_verdict(recipient, self._origin())
         if not verdict.accepted:
@@ -474,7 +666,8 @@ class SMTPServer(Protocol, TimeoutMixin):
             return Reply(503, "5.5.1", "Error: need MAIL command first")
         if not self.transaction.recipients:
             return Reply(554, "5.5.1", "Error: no valid recipients")
-        self._reader = MessageReader(self.config.limits.message_size)
+        size = self.config.limits.message_size
+        self._reader = MessageReader(size, cap=DATA_CAP * size)
         self.setTimeout(self.config.limits.data_timeout)
         return Reply(354, "", "End data with <CR><LF>.<CR><LF>")
 
@@ -514,6 +707,10 @@ class SMTPServer(Protocol, TimeoutMixin):
         self._starting_tls = False
         self._flush()
         self.transport.startTLS(self.context.tls_options)
+        # startTLS() hands us to the TLS layer as a new producer, which will not resume
+        # a pause the plain transport gave us; the next write that does not fit pauses us again.
+        self._write_blocked = False
+        self._expect_handshake()
         self.tls = True
         self.context.metrics.tls_sessions.labels(self.factory.role).inc()
         # RFC 3207 4.2: forget everything learnt before TLS.
@@ -623,6 +820,16 @@ class SMTPServer(Protocol, TimeoutMixin):
 
     # --- end of DATA ---------------------------------------------------------
 
+    def _data_overflowed(self) -> None:
+        """More than DATA_CAP times the size limit and still no end: refuse and stop reading."""
+        reader, self._reader = self._reader, None
+        transaction, self.transaction = self.transaction, None
+        assert reader is not None and transaction is not None
+        self._buffer.clear()
+        self._refuse_message(transaction, reader.size, Reply(
+            552, "5.3.4", f"Message size exceeds fixed limit of {self.config.limits.message_size} octets; closing connection"))
+        self._close()
+
     def _end_of_data(self) -> None:
         reader, self._reader = self._reader, None
         transaction, self.transaction = self.transaction, None
@@ -666,6 +873,7 @@ class SMTPServer(Protocol, TimeoutMixin):
             local=receipt.local, queued=receipt.queued,
         )
         self.context.metrics.received.labels(self.factory.role, "accepted").inc()
+        self.junk = 0  # a session that moves mail may go on (RSET, NOOP between messages)
         return Reply(250, "2.0.0", f"Ok: queued as {receipt.queue_id}")
 
     def _not_accepted(self, failure: Any, transaction: Transaction, size: int) -> Reply | Any:

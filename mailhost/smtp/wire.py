@@ -12,6 +12,10 @@ import re
 from dataclasses import dataclass
 
 COMMAND_LINE_MAX = 512  # octets including CRLF (RFC 5321 4.5.3.1.4)
+# SASL responses (RFC 4954 4: "12288 octets is considered to be a sufficient line length
+# limit"); also taken for an AUTH command with its initial response, which RFC 4954 wants
+# within the 512 but clients with long tokens (XOAUTH2) send all the same.
+AUTH_LINE_MAX = 12288  # octets including CRLF
 TEXT_LINE_MAX = 1000  # octets including CRLF (RFC 5321 4.5.3.1.6)
 LOCAL_PART_MAX = 64
 DOMAIN_MAX = 255
@@ -279,13 +283,15 @@ class MessageReader:
     Only CRLF.CRLF ends the data: `\\n.\\n`, `\\r.\\r` and the other smuggling
     shapes are just bytes of the message (refused later by `check_body`). Past
     `limit` octets the bytes are counted and dropped, so an oversized message
-    is read to its real end and the session goes on.
+    is read to its real end and the session goes on; past `cap` octets (if
+    given) the reader says `overflowed`, for the caller to stop reading.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, cap: int | None = None) -> None:
         # A CRLF in front makes a "." on the first line match END_OF_DATA too.
         self._buffer = bytearray(b"\r\n")
         self._limit = limit
+        self._cap = cap
         self._dropped = 0
         self.body: bytes | None = None
 
@@ -296,6 +302,11 @@ class MessageReader:
     @property
     def oversized(self) -> bool:
         return self.size > self._limit
+
+    @property
+    def overflowed(self) -> bool:
+        """More than `cap` octets and no end in sight: not worth reading on."""
+        return self._cap is not None and self.body is None and self.size > self._cap
 
     def feed(self, data: bytes) -> int:
         """Take a buffer; return how many of its bytes belong to the message

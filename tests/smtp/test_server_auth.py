@@ -44,6 +44,7 @@ endpoint = "tcp:2525:interface=127.0.0.1"
 [limits]
 auth_failures = 3
 greet_pause = "0s"
+{limits}
 
 [submission]
 hide_client = {hide}
@@ -122,6 +123,8 @@ class Session:
         self.protocol = factory.buildProtocol(None)
         self.protocol.callLater = clock.callLater  # the idle timeout runs on the fake clock too
         self.protocol.makeConnection(self.transport)
+        if factory.implicit_tls:
+            self.protocol.handshakeCompleted()  # what the TLS layer says once the client's handshake is done
         assert self.read().startswith("220 ")
 
     def read(self) -> str:
@@ -136,6 +139,7 @@ class Session:
     def starttls(self) -> None:
         assert self.send("STARTTLS").startswith("220 2.0.0")
         assert self.transport.tls_started
+        self.protocol.handshakeCompleted()
 
     def login(self) -> None:
         assert "AUTH PLAIN LOGIN" in self.send("EHLO client.test")
@@ -147,8 +151,8 @@ class Session:
 
 
 class World:
-    def __init__(self, root: Path, hide_client: bool = False) -> None:
-        (root / "mailhost.toml").write_text(CONFIG.format(hide="true" if hide_client else "false"))
+    def __init__(self, root: Path, hide_client: bool = False, limits: str = "") -> None:
+        (root / "mailhost.toml").write_text(CONFIG.format(hide="true" if hide_client else "false", limits=limits))
         password_hash = hash_password(PASSWORD, log_n=CHEAP)
         write_users(root / "users", {
             a: UserEntry(a, password_hash) for a in ("alice@example.test", "bob@example.test")

@@ -661,6 +661,27 @@ def test_oversized_message_smuggling_shapes_do_not_end_it(shape: bytes) -> None:
         assert reader.size == len(wire) - 3
 
 
+@pytest.mark.parametrize("piece", [1, 7, 1000, 16384])
+def test_reader_overflows_past_its_cap(piece: int) -> None:
+    limit, cap = 1024, 2048
+    reader = MessageReader(limit, cap=cap)
+    data = _oversized_message(4 * limit)[:-3]  # no end in sight
+    fed = 0
+    while not reader.overflowed:
+        reader.feed(data[fed : fed + piece])
+        fed += piece
+        assert fed <= cap + piece + 4
+    assert reader.body is None and reader.size > cap
+
+
+def test_reader_under_its_cap_reads_to_the_end() -> None:
+    reader, rest = read_in_pieces(_oversized_message(1900), 100, limit=1024)
+    assert reader.oversized and not reader.overflowed and rest == b""
+    capped = MessageReader(1024, cap=2048)
+    assert capped.feed(_oversized_message(1900) + AFTER) == len(_oversized_message(1900))
+    assert capped.oversized and not capped.overflowed
+
+
 @pytest.mark.parametrize("extra, oversized", [(-1, False), (0, False), (1, True)])
 def test_oversized_boundary(extra: int, oversized: bool) -> None:
     limit = 1024
