@@ -25,7 +25,7 @@ from mailhost.feedback.suppression import BounceReport, SuppressionList
 from mailhost.intake.cleanup import Intake
 from mailhost.message import HOP_LIMIT, too_many_hops
 from mailhost.ops.metrics import Metrics
-from mailhost.delivery.deliverer import Deliverer, Outcome
+from mailhost.delivery.deliverer import Deliverer, Outcome, log_outcome
 from mailhost.queue.spool import (CorruptEnvelope, DueIndex, MessageMissing, Spool, SpoolError, is_queue_id,
                                   raw_envelope_problem)
 
@@ -209,6 +209,7 @@ class Scheduler(service.Service):
         envelope = yield self.writer.run(self.spool.load, queue_id)
         envelope.held = held
         yield self.writer.run(self.spool.update, envelope)
+        log.info("{id}: {what} by the operator", id=queue_id, what="held" if held else "released")
         if queue_id in self.in_flight:
             self._held_meanwhile[queue_id] = held  # the running attempt writes its envelope last: it applies this
             return
@@ -265,6 +266,8 @@ class Scheduler(service.Service):
             elif too_many_hops(message):
                 text = f"too many hops: more than {HOP_LIMIT} Received: headers (mail loop)"
                 outcomes = {r.address: Outcome(FAILED, text, "5.4.6") for r in envelope.pending()}
+                for address, outcome in outcomes.items():
+                    log_outcome(envelope.id, address, outcome, 0.0)
             elif suppressed:
                 # Suppressed since it was queued (a bounce, a complaint, the operator): not sent.
                 outcomes = yield self._deliver_except(envelope, message, suppressed)
@@ -311,6 +314,8 @@ class Scheduler(service.Service):
     @inlineCallbacks
     def _deliver_except(self, envelope: Envelope, message: bytes, suppressed: dict[str, str]):
         outcomes = {address: Outcome(FAILED, reason, "5.7.1") for address, reason in suppressed.items()}
+        for address, outcome in outcomes.items():
+            log_outcome(envelope.id, address, outcome, 0.0)
         rest = [r for r in envelope.pending() if r.address not in suppressed]
         if rest:
             outcomes.update((yield self.deliverer.deliver(envelope, message, rest)))

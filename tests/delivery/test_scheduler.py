@@ -664,3 +664,26 @@ def test_an_envelope_that_turns_corrupt_in_the_queue_is_set_aside_when_due(make_
     assert (q.spool.root / "corrupt" / queue_id).read_bytes() == MESSAGE
     [line] = errors(events)
     assert line.startswith(f"{queue_id}: corrupt envelope (") and queue_id not in q.scheduler.index
+
+
+def test_hold_and_release_are_logged(make_queue):
+    from twisted.logger import capturedLogs, formatEvent
+
+    q = make_queue()
+    queue_id = q.enqueue("bob@remote.test", due_in=3600)
+    with capturedLogs() as events:
+        q.scheduler.set_held(queue_id, True)
+        q.scheduler.set_held(queue_id, False)
+    assert [formatEvent(e) for e in events] == [f"{queue_id}: held by the operator", f"{queue_id}: released by the operator"]
+
+
+def test_outcomes_decided_here_are_logged_as_the_deliverer_logs_its_own(make_queue):
+    from twisted.logger import capturedLogs, formatEvent
+
+    q = make_queue()
+    q.suppression.add("bob@remote.test", "5.1.1", "a bounce", source="bounce")
+    with capturedLogs() as events:
+        queue_id = q.enqueue("bob@remote.test")
+    lines = [formatEvent(e) for e in events if "to=<" in formatEvent(e)]
+    assert len(lines) == 1 and lines[0].startswith(f"{queue_id}: to=<bob@remote.test> relay=none tls=none delay=0.00 "
+                                                   "dsn=5.7.1 status=failed (recipient suppressed since ")
