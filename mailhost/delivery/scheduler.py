@@ -85,7 +85,8 @@ class Scheduler(service.Service):
             part = paths[start:start + LOAD_SLICE]
             bad: list[tuple[int, str]] = []
             for index, envelope in self.spool.read_raw_envelopes(part, bad):
-                problem = raw_envelope_problem(envelope, os.path.basename(part[index])[:-5])
+                folder, name = os.path.split(part[index])
+                problem = raw_envelope_problem(envelope, name[:-5], os.path.basename(folder))
                 if problem is not None:
                     bad.append((index, problem))
                     continue
@@ -93,13 +94,14 @@ class Scheduler(service.Service):
                                 bool(envelope.get("held", False)), float(envelope["arrival"])))
             # One bad file must not keep the rest of the queue from loading, nor vanish unseen.
             for index, reason in bad:
-                corrupt.append(self._set_aside(os.path.basename(part[index])[:-5], reason))
+                corrupt.append(self._set_aside(part[index], reason))
         return entries, corrupt
 
-    def _set_aside(self, name: str, reason: str) -> tuple[str, str, str | None, str]:
-        """Move a corrupt envelope and its message to spool/corrupt/ (disk thread)."""
+    def _set_aside(self, path: str, reason: str) -> tuple[str, str, str | None, str]:
+        """Move a corrupt envelope file and its message to spool/corrupt/ (disk thread)."""
+        name = os.path.basename(path)[:-5]
         try:
-            return name, reason, self.spool.quarantine(name), ""
+            return name, reason, self.spool.quarantine(path), ""
         except OSError as e:
             return name, reason, None, f"{e.strerror}: {e.filename}"
 
@@ -115,7 +117,7 @@ class Scheduler(service.Service):
         """An envelope found corrupt when it was due (or adopted): set it aside as at start."""
         self.index.discard(error.queue_id)
         self.arrivals.pop(error.queue_id, None)
-        return self.writer.run(self._set_aside, error.queue_id, error.reason).addCallback(
+        return self.writer.run(self._set_aside, str(self.spool.envelope_path(error.queue_id)), error.reason).addCallback(
             lambda found: self._report_corrupt(*found))
 
     def _loaded(self, loaded: tuple[list[tuple[str, float, bool, float]], list[tuple[str, str, str | None, str]]],

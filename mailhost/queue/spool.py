@@ -55,9 +55,12 @@ _REQUIRED = (("id", (str,)), ("sender", (str,)), ("recipients", (list,)), ("arri
              ("next_attempt", _NUMBER))
 
 
-def raw_envelope_problem(envelope: object, name: str) -> str | None:
-    """Why a decoded envelope file named `name` (the id, without .json) cannot be scheduled;
-    None when it can. Cheap (no Envelope object): the daemon asks it of every envelope at start."""
+def raw_envelope_problem(envelope: object, name: str, folder: str | None = None) -> str | None:
+    """Why a decoded envelope file named `name` (the id, without .json) in env/`folder`/ cannot
+    be scheduled; None when it can. Cheap (no Envelope object): the daemon asks it of every
+    envelope at start."""
+    if folder is not None and folder != name[:2]:
+        return f"not in its folder env/{name[:2]}/"
     if type(envelope) is not dict:
         return f"not an envelope: a JSON {type(envelope).__name__}, not an object"
     for key, kinds in _REQUIRED:
@@ -324,24 +327,29 @@ class Spool:
             except SpoolError:
                 continue
 
-    def quarantine(self, name: str) -> str:
-        """Move the envelope file env/<hh>/<name>.json and its message file, if any, into
-        corrupt/, durably; returns where the envelope now is. The message goes first: a crash
-        in between leaves the envelope in env/ (set aside again at the next start), never a
-        message file without an envelope, which `recover` would remove."""
+    def quarantine(self, envelope_file: str | Path) -> str:
+        """Move an envelope file of env/ (its path, as envelope_files gives it) and its message
+        file, if any, into corrupt/, durably; returns where the envelope now is. The message goes
+        first: a crash in between leaves the envelope in env/ (set aside again at the next start),
+        never a message file without an envelope, which `recover` would remove."""
+        source = Path(envelope_file)
+        if source.parent.parent != self.root / "env" or not source.name.endswith(".json"):
+            raise ValueError(f"{source} is not an envelope file of {self.root}")
+        name = source.name[:-5]
         self._ensure_dir(self.corrupt)
-        message = self.message_path(name)
-        try:
-            os.rename(message, self.corrupt / name)
-        except FileNotFoundError:
-            pass
-        else:
-            fsync_directory(self.corrupt)
-            fsync_directory(message.parent)
-        target = self.corrupt / f"{name}.json"
-        os.rename(self.envelope_path(name), target)
+        if is_queue_id(name):  # any other name has no message file (and is no safe path part)
+            message = self.message_path(name)
+            try:
+                os.rename(message, self.corrupt / name)
+            except FileNotFoundError:
+                pass
+            else:
+                fsync_directory(self.corrupt)
+                fsync_directory(message.parent)
+        target = self.corrupt / source.name
+        os.rename(source, target)
         fsync_directory(self.corrupt)
-        fsync_directory(self.envelope_path(name).parent)
+        fsync_directory(source.parent)
         return str(target)
 
     def corrupt_count(self) -> int:

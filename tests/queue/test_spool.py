@@ -229,7 +229,7 @@ def test_a_corrupt_envelope_says_why_and_is_set_aside_with_its_message(tmp_path,
     assert reason.startswith({"empty": "empty file", "truncated": "cut short after ", "garbage": "not JSON: "}[kind])
     assert str(raised.value) == f"{queue_id}: unreadable envelope ({reason})"
 
-    where = spool.quarantine(queue_id)
+    where = spool.quarantine(spool.envelope_path(queue_id))
     assert where == str(tmp_path / "corrupt" / f"{queue_id}.json")
     assert (tmp_path / "corrupt" / f"{queue_id}.json").read_bytes() == spool_text(CORRUPT[kind], queue_id)
     assert (tmp_path / "corrupt" / queue_id).read_bytes() == b"Subject: x\n\nbody\n"
@@ -252,7 +252,7 @@ def test_setting_aside_syncs_both_folders_and_moves_the_message_first(tmp_path, 
     rename = os.rename
     monkeypatch.setattr(spool_module.os, "rename", lambda a, b: (events.append(("rename", str(a))), rename(a, b)))
     monkeypatch.setattr(spool_module, "fsync_directory", lambda path: events.append(("sync", str(path))))
-    spool.quarantine(queue_id)
+    spool.quarantine(str(spool.envelope_path(queue_id)))
     corrupt = str(tmp_path / "corrupt")
     assert events == [
         ("rename", str(spool.message_path(queue_id))), ("sync", corrupt), ("sync", str(spool.message_path(queue_id).parent)),
@@ -263,7 +263,7 @@ def test_setting_aside_syncs_both_folders_and_moves_the_message_first(tmp_path, 
 def test_an_envelope_without_a_message_file_is_set_aside_alone(tmp_path):
     spool = Spool(tmp_path)
     queue_id = plant(spool, b"{}", message=None)
-    spool.quarantine(queue_id)
+    spool.quarantine(spool.envelope_path(queue_id))
     assert sorted(p.name for p in (tmp_path / "corrupt").iterdir()) == [f"{queue_id}.json"]
     assert spool.corrupt_entries()[0][2] == "not an envelope: no id"
 
@@ -298,3 +298,32 @@ def test_read_raw_envelopes_says_why_files_did_not_decode(tmp_path):
     assert reasons[ids["truncated"]].startswith("cut short after")
     assert reasons[ids["garbage"]].startswith("not JSON: ")
     assert reasons[ids["list"]] == "not an envelope: a JSON list, not an object"
+
+
+@pytest.mark.parametrize("name", [".json", "x.json", "A.json", "..json"])
+def test_an_envelope_file_with_a_name_that_is_no_queue_id_is_set_aside_alone(tmp_path, name):
+    """Its name says nothing about a message file: nothing else moves (".json" once named msg/ itself)."""
+    spool = Spool(tmp_path)
+    good = envelope(["a@remote.test"])
+    spool.store(good, [b"x\n"])
+    stray = tmp_path / "env" / good.id[:2] / name
+    stray.write_bytes(b"junk")
+    assert spool.quarantine(stray) == str(tmp_path / "corrupt" / name)
+    assert sorted(p.name for p in (tmp_path / "corrupt").iterdir()) == [name]
+    assert spool.load_with_message(good.id) == (good, b"x\n")
+
+
+def test_only_envelope_files_of_the_spool_are_set_aside(tmp_path):
+    spool = Spool(tmp_path)
+    elsewhere = tmp_path / "msg" / "AB" / "AB.json"
+    elsewhere.parent.mkdir(parents=True)
+    elsewhere.write_bytes(b"")
+    with pytest.raises(ValueError):
+        spool.quarantine(elsewhere)
+    assert elsewhere.exists()
+
+
+def test_an_envelope_in_the_wrong_folder_cannot_be_scheduled():
+    raw = {"id": "ABCD", "sender": "", "recipients": [], "arrival": 1, "next_attempt": 1}
+    assert spool_module.raw_envelope_problem(raw, "ABCD", "AB") is None
+    assert spool_module.raw_envelope_problem(raw, "ABCD", "CD") == "not in its folder env/AB/"
