@@ -32,6 +32,7 @@ from mailhost.delivery.deliverer import Deliverer, SessionPool
 from mailhost.delivery.routing import Router
 from mailhost.delivery.scheduler import Scheduler
 from mailhost.ops.reload import ReloadError, ReloadOnHangup, changed_sections
+from mailhost.ops.signals import StopOnSignal
 from mailhost.smtp.server import ServerContext, listener_factory
 from mailhost.queue.operations import PaceReport, QueueOperations
 from mailhost.queue.spool import Spool
@@ -162,6 +163,9 @@ def make_service(config_path: str, reactor: Any = None, twistd_options: Any = No
         daemon.log_observer = default_observer(twistd_options, reactor)
         if daemon.workers is not None and daemon.log_observer is not None:
             daemon.workers.share_stdout = True
+        # twistd runs the reactor with Twisted's SIGTERM/SIGINT handlers, which log from inside
+        # the signal handler and could deadlock on the log's lock: ours replace them.
+        StopOnSignal(reactor).install_when_running()
         return daemon
     except (ConfigError, TLSSetupError, DkimKeyError, AlreadyRunning) as e:
         sys.stderr.write(f"mailhost: {e}\n")

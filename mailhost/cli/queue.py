@@ -17,7 +17,7 @@ from pathlib import Path
 from mailhost.config import Config
 from mailhost.doors.control import DaemonNotRunning, current_pace, send_queue_command
 from mailhost.ops.ownership import owner_of
-from mailhost.queue.spool import Spool, SpoolError, is_queue_id
+from mailhost.queue.spool import Spool, SpoolError, envelope_file_problem, is_queue_id
 
 _enc = json.encoder.encode_basestring  # what json.dumps(..., ensure_ascii=False) puts a str as
 
@@ -153,18 +153,37 @@ def _text_lines(envelope: dict) -> str:
 
 
 Entry = tuple  # (arrival, the message's text in the listing)
+Corrupt = tuple  # (id, path of its envelope file, why it cannot be used)
 
 
-def _entries(paths: list[str], as_json: bool) -> list[Entry]:
-    """The listing's entries for these envelope files, in the order of `paths`."""
+def _entries(paths: list[str], as_json: bool) -> tuple[list[Entry], list[Corrupt]]:
+    """The listing's entries for these envelope files, in the order of `paths`, and the files
+    among them that are not usable envelopes (the daemon sets those aside when it starts)."""
     render = _json_text if as_json else _text_lines
     entries = []
-    for _, envelope in Spool.read_raw_envelopes(paths):
+    undecodable: list[tuple[int, str]] = []
+    rendered = []
+    for index, envelope in Spool.read_raw_envelopes(paths, undecodable):
         try:
             entries.append((envelope["arrival"], render(envelope)))
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError, OSError):
-            continue  # not an envelope mailhost wrote: `queue show` says what is wrong with it
-    return entries
+            rendered.append(index)  # not an envelope mailhost wrote: say why below
+    corrupt = [(_name(paths[index]), paths[index], reason) for index, reason in undecodable]
+    for index in rendered:
+        corrupt.append((_name(paths[index]), paths[index], _problem(paths[index])))
+    return entries, corrupt
+
+
+def _name(path: str) -> str:
+    return os.path.basename(path)[:-5]
+
+
+def _problem(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            return envelope_file_problem(f.read(), _name(path)) or "not an envelope"
+    except OSError as e:
+        return f"cannot read it: {e.strerror}"
 
 
 # A listing of 100,000 messages is CPU work (open/read/close, JSON, formatting): 2-3 s of
@@ -183,8 +202,9 @@ def _processes() -> int:
     return max(1, min(cpus, MAX_PROCESSES))
 
 
-def listing_entries(spool: Spool, as_json: bool, processes: int | None = None) -> list[Entry]:
-    """Every message's entry, sorted as the listing shows them: by arrival, then in scan order.
+def listing_entries(spool: Spool, as_json: bool, processes: int | None = None) -> tuple[list[Entry], list[Corrupt]]:
+    """Every message's entry, sorted as the listing shows them: by arrival, then in scan order;
+    and every corrupt envelope, still in env/ or set aside in corrupt/, by id.
 
     With `processes` > 1 (by default one per CPU, for big queues), forked children each do a
     share of the envelope files and send their entries back marshalled through a pipe; a
@@ -198,21 +218,25 @@ def listing_entries(spool: Spool, as_json: bool, processes: int | None = None) -
             gc.enable()
 
 
-def _listing_entries(spool: Spool, as_json: bool, processes: int | None) -> list[Entry]:
+def _listing_entries(spool: Spool, as_json: bool, processes: int | None) -> tuple[list[Entry], list[Corrupt]]:
     paths = spool.envelope_files()
     if processes is None:
         processes = _processes() if len(paths) >= PARALLEL_FROM else 1
     size = -(-len(paths) // max(processes, 1)) or 1
     shares = [paths[start:start + size] for start in range(0, len(paths), size)]
     children = [(share, _fork(share, as_json)) for share in shares[1:]]
-    entries = _entries(shares[0], as_json) if shares else []
+    entries, corrupt = _entries(shares[0], as_json) if shares else ([], [])
     for share, child in children:
         result = _collect(child)
-        entries.extend(result if result is not None else _entries(share, as_json))
+        more, bad = result if result is not None else _entries(share, as_json)
+        entries.extend(more)
+        corrupt.extend(bad)
     # The entries are in scan order here, so a stable sort by arrival alone orders equal times
     # by scan position (as sorted() over raw_envelopes did); all-float keys sort fastest.
     entries.sort(key=itemgetter(0))
-    return entries
+    corrupt.extend(spool.corrupt_entries())
+    corrupt.sort()
+    return entries, corrupt
 
 
 def _fork(share: list[str], as_json: bool) -> tuple[int, int] | None:
@@ -241,7 +265,7 @@ def _fork(share: list[str], as_json: bool) -> tuple[int, int] | None:
     return pid, read_end
 
 
-def _collect(child: tuple[int, int] | None) -> list[Entry] | None:
+def _collect(child: tuple[int, int] | None) -> tuple[list[Entry], list[Corrupt]] | None:
     """A child's entries, or None when it failed (then the parent does its share)."""
     if child is None:
         return None
@@ -258,10 +282,12 @@ def _collect(child: tuple[int, int] | None) -> list[Entry] | None:
     if not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 0:
         return None
     try:
-        entries = marshal.loads(b"".join(chunks))
+        result = marshal.loads(b"".join(chunks))
     except (EOFError, ValueError, TypeError):
         return None
-    return entries if type(entries) is list else None
+    if type(result) is not tuple or len(result) != 2 or not all(type(part) is list for part in result):
+        return None
+    return result
 
 
 def queue_list(spool: Spool, as_json: bool, state_dir: Path, processes: int | None = None) -> int:
@@ -269,23 +295,29 @@ def queue_list(spool: Spool, as_json: bool, state_dir: Path, processes: int | No
     # messages stays quick (bench/queue_scale.py). The spool is read directly even when the
     # daemon runs: it holds only ids and due times, not the recipients' states.
     _check_readable(spool, state_dir)
-    entries = listing_entries(spool, as_json, processes)
+    entries, corrupt = listing_entries(spool, as_json, processes)
     try:
         paces = current_pace(state_dir)
     except DaemonNotRunning:
         paces = {}
     out = sys.stdout
     if as_json:
-        # The same text as json.dumps({"messages": [...], "pace": paces}, ensure_ascii=False).
+        # The same text as json.dumps({"messages": [...], "pace": paces, "corrupt": [...]}, ensure_ascii=False).
+        corrupt_json = [{"id": name, "path": path, "reason": reason} for name, path, reason in corrupt]
         out.write('{"messages": [')
         out.write(", ".join([entry[1] for entry in entries]))
-        out.write(f'], "pace": {json.dumps(paces, ensure_ascii=False)}}}\n')
+        out.write(f'], "pace": {json.dumps(paces, ensure_ascii=False)}, '
+                  f'"corrupt": {json.dumps(corrupt_json, ensure_ascii=False)}}}\n')
         out.flush()
         return 0
     lines = [f"pace {group}: {values['rate']:.0f}/min (at most {values['max_rate']:.0f}/min, "
              f"{values['connections']:.0f} connections)" for group, values in paces.items()]
     lines.extend(entry[1] for entry in entries)
+    # Not in the queue, not delivered: the operator has to look (README, "The queue").
+    lines.extend(f"{name}  CORRUPT  {path}: {reason}" for name, path, reason in corrupt)
     lines.append(f"{len(entries)} messages in the queue")
+    if corrupt:
+        lines.append(f"{len(corrupt)} corrupt envelopes: not delivered; see {spool.corrupt}")
     out.write("\n".join(lines))
     out.write("\n")
     out.flush()

@@ -41,6 +41,15 @@ class Outcome:
     remote_mta: str = ""
     relay: str = ""  # host[ip]:port, for the log
     retry_in: float = 0.0  # for "throttled": seconds until the group's next send slot
+    tls: str = ""  # the TLS version of the session that answered ("TLSv1.3"), "" for none
+
+
+def log_outcome(queue_id: str, recipient: str, outcome: Outcome, delay: float) -> None:
+    """The one line per recipient per attempt (MX or smart host, reply or failure alike), the
+    way Postfix writes it: what a script greps for to learn what happened to the mail for bob@x."""
+    log.info("{id}: to=<{rcpt}> relay={relay} tls={tls} delay={delay:.2f} dsn={status} status={state} ({reply})",
+             id=queue_id, rcpt=recipient, relay=outcome.relay or "none", tls=outcome.tls or "none", delay=delay,
+             status=outcome.status, state=outcome.state, reply=outcome.reply)
 
 
 def recipient_domain(address: str) -> str:
@@ -165,14 +174,16 @@ class Deliverer:
     @inlineCallbacks
     def _deliver_domain(self, envelope: Envelope, message: bytes, domain: str, recipients: list[Recipient]):
         addresses = [r.address for r in recipients]
+        started = time.monotonic()
         try:
             route = yield self.router.route(domain)
         except RouteError as e:
             state = "failed" if e.permanent else "deferred"
-            return {a: Outcome(state, e.text, e.status) for a in addresses}
+            return self._logged(envelope, {a: Outcome(state, e.text, e.status) for a in addresses}, started)
         except Exception as e:  # a resolver failure we did not foresee: retry later
             log.failure("routing {domain} failed", domain=domain)
-            return {a: Outcome("deferred", f"routing failed: {e}", "4.4.3") for a in addresses}
+            return self._logged(envelope, {a: Outcome("deferred", f"routing failed: {e}", "4.4.3") for a in addresses},
+                                started)
         smarthost = bool(route.hops) and route.hops[0].smarthost is not None
         pace = self.throttle.pace_for(route.hops[0].host if route.hops else domain)
         wait = pace.reserve()
@@ -190,12 +201,19 @@ class Deliverer:
             slot.release()
         return outcomes
 
+    def _logged(self, envelope: Envelope, outcomes: dict[str, Outcome], started: float) -> dict[str, Outcome]:
+        delay = time.monotonic() - started
+        for rcpt, outcome in outcomes.items():
+            log_outcome(envelope.id, rcpt, outcome, delay)
+        return outcomes
+
     @inlineCallbacks
     def _try_hops(self, envelope: Envelope, message: bytes, hops: tuple[Hop, ...], addresses: list[str], smarthost: bool,
                   pace: Pace, slot: _Slot):
         outcomes: dict[str, Outcome] = {}
         remaining = list(addresses)
         last_error = Outcome("deferred", "no server could be reached", "4.4.1")
+        attempt_started = time.monotonic()
         for hop in hops:
             for address in hop.addresses:
                 if not remaining:
@@ -207,12 +225,13 @@ class Deliverer:
                 try:
                     session = yield self.pool.take(hop, address, *self._tls_for(hop), self._auth_for(hop.smarthost))
                 except SessionError as e:
-                    last_error = self._session_failure(e, hop, relay, smarthost)
+                    last_error = self._session_failure(e, hop, relay, smarthost, e.tls_version or "")
                     log.info("{id}: {relay}: {reason}", id=envelope.id, relay=relay, reason=e.reason)
                     self._signal(pace, e.reply, e.refused)
                     if last_error.state == "failed":
-                        return {**outcomes, **{a: last_error for a in remaining}}
+                        return {**outcomes, **self._logged(envelope, {a: last_error for a in remaining}, attempt_started)}
                     continue
+                tls = session.tls_version or ""
                 handed_over = []
 
                 def hand_over(hop: Hop = hop, address: str = address, session: ClientSession = session) -> None:
@@ -226,7 +245,7 @@ class Deliverer:
                     result = yield self._send(session, envelope, remaining, message, hand_over)
                 except SessionError as e:
                     session.abort()  # (broken for whoever took it over too)
-                    last_error = self._session_failure(e, hop, relay, smarthost)
+                    last_error = self._session_failure(e, hop, relay, smarthost, tls)
                     log.info("{id}: {relay}: {reason}", id=envelope.id, relay=relay, reason=e.reason)
                     self._signal(pace, e.reply, e.refused)
                     continue
@@ -236,27 +255,26 @@ class Deliverer:
                 retry_here: list[str] = []
                 for rcpt in remaining:
                     reply: Reply = result.replies[rcpt]
-                    outcome = _from_reply(reply, hop.host, relay)
+                    outcome = _from_reply(reply, hop.host, relay, tls)
                     if outcome.state == "deferred":
                         self._signal(pace, reply, False)
-                    if outcome.state == "deferred" and smarthost:
-                        # A smart host's 4xx sends the recipient on to the backup.
+                    if outcome.state == "deferred" and smarthost and _has_next(hops, hop):
+                        # A smart host's 4xx sends the recipient on to the backup. Its line says
+                        # so; the recipient's status= line is the attempt's last answer, as for an MX.
+                        log.info("{id}: to=<{rcpt}> relay={relay} tls={tls} dsn={status} ({reply}); "
+                                 "trying the next smart host", id=envelope.id, rcpt=rcpt, relay=relay,
+                                 tls=tls or "none", status=outcome.status, reply=outcome.reply)
                         retry_here.append(rcpt)
                         last_error = outcome
                         continue
                     outcomes[rcpt] = outcome
-                    log.info(
-                        "{id}: to=<{rcpt}> relay={relay} delay={delay:.2f} dsn={status} status={state} ({reply})",
-                        id=envelope.id, rcpt=rcpt, relay=relay, delay=delay, status=outcome.status,
-                        state=outcome.state, reply=outcome.reply,
-                    )
+                    log_outcome(envelope.id, rcpt, outcome, delay)
                 remaining = retry_here
                 if not remaining:
                     return outcomes
                 break  # the next hop for the recipients a smart host deferred
-        for rcpt in remaining:
-            outcomes[rcpt] = last_error
-        return outcomes
+        # No hop (left) answered for these: the last failure is the attempt's outcome.
+        return {**outcomes, **self._logged(envelope, {rcpt: last_error for rcpt in remaining}, attempt_started)}
 
     def _send(self, session: ClientSession, envelope: Envelope, recipients: list[str], message: bytes,
               hand_over: Callable[[], None]) -> Deferred[SendResult]:
@@ -288,13 +306,14 @@ class Deliverer:
                 log.info("pace for {group} down to {rate:.0f}/min ({reply})", group=pace.name, rate=pace.rate,
                          reply=str(reply) if reply is not None else "connection refused")
 
-    def _session_failure(self, error: SessionError, hop: Hop, relay: str, smarthost: bool) -> Outcome:
+    def _session_failure(self, error: SessionError, hop: Hop, relay: str, smarthost: bool, tls: str) -> Outcome:
         reply = error.reply
         if reply is not None:
             # A 5xx greeting/EHLO/AUTH from a smart host is a configuration problem:
             # keep the mail queued. From an MX it is that domain's answer: try the next MX.
-            return Outcome("deferred", str(reply), reply.effective_status if reply.transient else "4.4.2", hop.host, relay)
-        return Outcome("deferred", error.reason, "4.4.1", hop.host, relay)
+            return Outcome("deferred", str(reply), reply.effective_status if reply.transient else "4.4.2", hop.host, relay,
+                           tls=tls)
+        return Outcome("deferred", error.reason, "4.4.1", hop.host, relay, tls=tls)
 
     def _tls_for(self, hop: Hop) -> tuple[str, Any]:
         smarthost = hop.smarthost
@@ -325,8 +344,12 @@ class Deliverer:
         return self._smarthost_secrets[key]
 
 
-def _from_reply(reply: Reply, host: str, relay: str) -> Outcome:
+def _from_reply(reply: Reply, host: str, relay: str, tls: str) -> Outcome:
     if reply.code < 400:
-        return Outcome("delivered", str(reply), reply.effective_status, host, relay)
-    return Outcome("failed" if reply.permanent else "deferred", str(reply), reply.effective_status, host, relay)
+        return Outcome("delivered", str(reply), reply.effective_status, host, relay, tls=tls)
+    return Outcome("failed" if reply.permanent else "deferred", str(reply), reply.effective_status, host, relay, tls=tls)
+
+
+def _has_next(hops: tuple[Hop, ...], hop: Hop) -> bool:
+    return hop is not hops[-1]
 

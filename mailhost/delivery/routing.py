@@ -169,6 +169,7 @@ class Router:
         self._reactor = reactor
         self._pool: ThreadPool | None = None
         self._shutdown_trigger: Any = None
+        self._stopping = False
 
     def configure(self, relay: RelayConfig, our_hostname: str, our_addresses: Iterable[tuple[str, int]] = frozenset(),
                   resolver: dns.resolver.Resolver | None = None) -> None:
@@ -223,12 +224,17 @@ class Router:
     def start(self) -> None:
         """Start the DNS threads (`route()` does it when needed)."""
         if self._pool is None:
+            self._stopping = False
             self._pool = ThreadPool(minthreads=0, maxthreads=self.THREADS, name="mailhost-dns")
             self._pool.start()
             self._shutdown_trigger = self._reactor.addSystemEventTrigger("during", "shutdown", self.stop)
 
     def stop(self) -> None:
-        """Stop the DNS threads (waits for lookups in progress)."""
+        """Stop the DNS threads: waits for the queries under way (each at most `timeout`), but
+        the lookups still waiting for a thread, and the further queries of those under way, are
+        not made. Stopping used to wait for all of them: with DNS down and a queue of mail to
+        many domains, several of `timeout` per domain, one thread per THREADS domains."""
+        self._stopping = True  # read by the DNS threads (a bool: no lock needed)
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.stop()
@@ -238,6 +244,11 @@ class Router:
                 self._reactor.removeSystemEventTrigger(trigger)
             except (ValueError, KeyError):
                 pass  # it is the trigger running now
+
+    @property
+    def stopping(self) -> bool:
+        """Stopped (or stopping): lookups not yet made are refused with a 4.4.3 RouteError."""
+        return self._stopping
 
     def _in_thread(self, function: Callable[..., T], *args: Any) -> Deferred[T]:
         self.start()
@@ -294,6 +305,8 @@ class Router:
             raise ValueError(str(error)) from None
 
     def _query(self, name: dns.name.Name, rdtype: int) -> dns.resolver.Answer:
+        if self._stopping:
+            raise RouteError(False, "4.4.3", f"{name.to_text(omit_final_dot=True)}: not looked up, mailhost is stopping")
         return self._resolver.resolve(name, rdtype, search=False)
 
     def _lookup_addresses(self, name: dns.name.Name) -> _Lookup:

@@ -25,8 +25,9 @@ from mailhost.feedback.suppression import BounceReport, SuppressionList
 from mailhost.intake.cleanup import Intake
 from mailhost.message import HOP_LIMIT, too_many_hops
 from mailhost.ops.metrics import Metrics
-from mailhost.delivery.deliverer import Deliverer, Outcome
-from mailhost.queue.spool import DueIndex, MessageMissing, Spool, SpoolError, is_queue_id
+from mailhost.delivery.deliverer import Deliverer, Outcome, log_outcome
+from mailhost.queue.spool import (CorruptEnvelope, DueIndex, MessageMissing, Spool, SpoolError, is_queue_id,
+                                  raw_envelope_problem)
 
 log = Logger(namespace="mailhost.queue")
 
@@ -53,6 +54,8 @@ class Scheduler(service.Service):
         self.arrivals: dict[str, float] = {}  # for the oldest-message gauge
         self.metrics = metrics
         metrics.watch_queue(lambda: len(self.arrivals), lambda: min(self.arrivals.values(), default=None))
+        if recover_spool:  # one process counts spool/corrupt/, whichever process put them there
+            metrics.watch_corrupt(spool.corrupt_count)
         self.in_flight: set[str] = set()
         self._deleted: set[str] = set()
         self._held_meanwhile: dict[str, bool] = {}  # hold/release said during a running attempt
@@ -66,26 +69,62 @@ class Scheduler(service.Service):
         super().startService()
         self.writer.run(self._load).addCallbacks(self._loaded, self._load_failed)
 
-    def _load(self) -> list[tuple[str, float, bool, float]]:
+    def _load(self) -> tuple[list[tuple[str, float, bool, float]], list[tuple[str, str, str | None, str]]]:
+        """(id, due time, held, arrival) of every usable envelope of this process's shard, and
+        (id, reason, where it went, why it could not be moved) of those set aside (disk thread)."""
         if self.recover_spool:
             for debris in self.spool.recover():
                 log.info("removed interrupted write {path}", path=debris)
         # Only this process's shard is read (the id is the file name), with few system calls a file.
+        # Each process sets aside the corrupt envelopes of its own shard: nobody else touches those ids.
         paths = [path for path in self.spool.envelope_files() if self.shard.owns(os.path.basename(path)[:-5])]
         entries = []
+        corrupt = []
         # A slice at a time: 100,000 parsed envelopes held at once would cost ~250 MB.
         for start in range(0, len(paths), LOAD_SLICE):
             part = paths[start:start + LOAD_SLICE]
-            for index, envelope in self.spool.read_raw_envelopes(part):
-                try:
-                    entries.append((envelope["id"], float(envelope["next_attempt"]),
-                                    bool(envelope.get("held", False)), float(envelope["arrival"])))
-                except (AttributeError, KeyError, TypeError, ValueError):
-                    # One bad file must not keep the rest of the queue from loading.
-                    log.warn("skipping a malformed envelope in the spool: {path}", path=part[index])
-        return entries
+            bad: list[tuple[int, str]] = []
+            for index, envelope in self.spool.read_raw_envelopes(part, bad):
+                folder, name = os.path.split(part[index])
+                problem = raw_envelope_problem(envelope, name[:-5], os.path.basename(folder))
+                if problem is not None:
+                    bad.append((index, problem))
+                    continue
+                entries.append((envelope["id"], float(envelope["next_attempt"]),
+                                bool(envelope.get("held", False)), float(envelope["arrival"])))
+            # One bad file must not keep the rest of the queue from loading, nor vanish unseen.
+            for index, reason in bad:
+                corrupt.append(self._set_aside(part[index], reason))
+        return entries, corrupt
 
-    def _loaded(self, entries: list[tuple[str, float, bool, float]]) -> None:
+    def _set_aside(self, path: str, reason: str) -> tuple[str, str, str | None, str]:
+        """Move a corrupt envelope file and its message to spool/corrupt/ (disk thread)."""
+        name = os.path.basename(path)[:-5]
+        try:
+            return name, reason, self.spool.quarantine(path), ""
+        except OSError as e:
+            return name, reason, None, f"{e.strerror}: {e.filename}"
+
+    def _report_corrupt(self, name: str, reason: str, where: str | None, error: str) -> None:
+        if where is not None:
+            log.error("{id}: corrupt envelope ({reason}): moved with its message to {path}; not delivered",
+                      id=name, reason=reason, path=where)
+        else:
+            log.error("{id}: corrupt envelope ({reason}): not delivered, and it cannot be moved to {path} ({error})",
+                      id=name, reason=reason, path=str(self.spool.corrupt), error=error)
+
+    def _quarantine(self, error: CorruptEnvelope) -> Deferred[None]:
+        """An envelope found corrupt when it was due (or adopted): set it aside as at start."""
+        self.index.discard(error.queue_id)
+        self.arrivals.pop(error.queue_id, None)
+        return self.writer.run(self._set_aside, str(self.spool.envelope_path(error.queue_id)), error.reason).addCallback(
+            lambda found: self._report_corrupt(*found))
+
+    def _loaded(self, loaded: tuple[list[tuple[str, float, bool, float]], list[tuple[str, str, str | None, str]]],
+                ) -> None:
+        entries, corrupt = loaded
+        for found in corrupt:
+            self._report_corrupt(*found)
         for queue_id, when, held, arrival in entries:
             self.arrivals[queue_id] = arrival
             if held:
@@ -146,6 +185,9 @@ class Scheduler(service.Service):
                 continue
             try:
                 yield self.committed(queue_id)
+            except CorruptEnvelope as e:
+                yield self._quarantine(e)
+                continue
             except SpoolError:
                 continue  # delivered and removed meanwhile
             found += 1
@@ -169,6 +211,7 @@ class Scheduler(service.Service):
         envelope = yield self.writer.run(self.spool.load, queue_id)
         envelope.held = held
         yield self.writer.run(self.spool.update, envelope)
+        log.info("{id}: {what} by the operator", id=queue_id, what="held" if held else "released")
         if queue_id in self.in_flight:
             self._held_meanwhile[queue_id] = held  # the running attempt writes its envelope last: it applies this
             return
@@ -225,6 +268,8 @@ class Scheduler(service.Service):
             elif too_many_hops(message):
                 text = f"too many hops: more than {HOP_LIMIT} Received: headers (mail loop)"
                 outcomes = {r.address: Outcome(FAILED, text, "5.4.6") for r in envelope.pending()}
+                for address, outcome in outcomes.items():
+                    log_outcome(envelope.id, address, outcome, 0.0)
             elif suppressed:
                 # Suppressed since it was queued (a bounce, a complaint, the operator): not sent.
                 outcomes = yield self._deliver_except(envelope, message, suppressed)
@@ -238,6 +283,8 @@ class Scheduler(service.Service):
                 lambda _: log.info("{id}: removed (its message file was already gone: a removal cut short by a crash)",
                                    id=queue_id),
                 lambda failure: log.warn("{id}: {error}", id=queue_id, error=failure.getErrorMessage()))
+        except CorruptEnvelope as e:
+            yield self._quarantine(e)
         except SpoolError as e:
             log.warn("{id}: {error}", id=queue_id, error=str(e))
         except Exception:
@@ -269,6 +316,8 @@ class Scheduler(service.Service):
     @inlineCallbacks
     def _deliver_except(self, envelope: Envelope, message: bytes, suppressed: dict[str, str]):
         outcomes = {address: Outcome(FAILED, reason, "5.7.1") for address, reason in suppressed.items()}
+        for address, outcome in outcomes.items():
+            log_outcome(envelope.id, address, outcome, 0.0)
         rest = [r for r in envelope.pending() if r.address not in suppressed]
         if rest:
             outcomes.update((yield self.deliverer.deliver(envelope, message, rest)))

@@ -19,11 +19,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from twisted.internet.defer import DeferredSemaphore
+from twisted.logger import Logger
 
 from mailhost.config import DEFAULT_RULES, ThrottleRule  # noqa: F401 (DEFAULT_RULES: for callers)
 
 CLEAN_WINDOW = 60.0  # seconds without a deferral before the rate grows again
 UNLIMITED = 0.0
+
+log = Logger(namespace="mailhost.outbound")  # with the "pace ... down to" lines of the deliverer
 
 
 def group_of(mx_host: str, rules: tuple[ThrottleRule, ...]) -> tuple[str, ThrottleRule | None]:
@@ -80,6 +83,8 @@ class Pace:
         if now - self._last_slowdown >= CLEAN_WINDOW and now - self._last_growth >= CLEAN_WINDOW:
             self._last_growth = now
             self.rate = min(self.max_rate, self.rate + self.max_rate / 10)
+            log.info("pace for {group} up to {rate:.0f}/min (at most {max_rate:.0f}/min)", group=self.name,
+                     rate=self.rate, max_rate=self.max_rate)
 
 
 class Throttle:

@@ -31,6 +31,7 @@ from mailhost.config import ROLES, Config, ConfigError, load
 from mailhost.ops.logs import BatchedStream, flush_pending, text_lines
 from mailhost.ops.metrics import SNAPSHOT_SECONDS, Metrics, snapshots_folder, write_snapshot
 from mailhost.ops.reload import ReloadOnHangup
+from mailhost.ops.signals import StopOnSignal, stop_reactor
 from mailhost.queue.operations import apply_queue_action
 from mailhost.queue.spool import SpoolError
 from mailhost.service import Outbound, build_inbound, build_outbound, reloader
@@ -125,7 +126,7 @@ class WorkerChannel(amp.AMP):
             # Not serving is no use: exit, and the main process tries again a little later.
             log.failure("worker {number} cannot start", number=self.worker.number)
             self.worker.failed = True
-            self.worker.reactor.callLater(0, self.worker.reactor.stop)
+            self.worker.reactor.callLater(0, stop_reactor, self.worker.reactor)
             raise
         return {}
 
@@ -145,8 +146,8 @@ class WorkerChannel(amp.AMP):
     def connectionLost(self, reason: Any) -> None:
         super().connectionLost(reason)
         # The main process is gone (or let go of us): stop; it starts a new worker if it is still there.
-        if self.worker.reactor.running:
-            self.worker.reactor.stop()
+        # (Also when it closes the channel while it stops us: then our stop may be under way already.)
+        stop_reactor(self.worker.reactor)
 
 
 def _where(port: Any) -> str:
@@ -218,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     reactor.adoptStreamConnection(args.channel, socket.AF_UNIX, factory)
     _close(args.channel)
     reactor.addSystemEventTrigger("before", "shutdown", worker.stop)
+    # SIGTERM comes from the main process, and with systemd's KillMode=control-group from
+    # systemd too: the handler must take it twice and never log inside itself (mailhost.ops.signals).
+    StopOnSignal(reactor).install_when_running()
     reactor.run(installSignalHandlers=True)
     return 1 if worker.failed else 0
 

@@ -52,6 +52,12 @@ class Metrics:
         )
         self.queue_size = Gauge("mailhost_queue_messages", "Messages in the outbound queue", registry=r)
         self.oldest = Gauge("mailhost_queue_oldest_message_age_seconds", "Age of the oldest queued message", registry=r)
+        self.corrupt = Gauge("mailhost_queue_corrupt", "Unreadable envelopes set aside in spool/corrupt/", registry=r)
+
+    def watch_corrupt(self, count: Callable[[], int]) -> None:
+        """The corrupt envelopes in the spool, counted at scrape time (by the main process only:
+        the workers' figures are added to its own)."""
+        self.corrupt.set_function(count)
 
     def watch_throttle(self, snapshot: Callable[[], dict[str, dict[str, float]]]) -> None:
         """Each paced destination group's current rate, read at scrape time."""

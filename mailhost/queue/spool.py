@@ -5,6 +5,8 @@ Layout under state_dir/spool:
     msg/<hh>/<id>        the message, stored once however many recipients (LF lines)
     env/<hh>/<id>.json   its envelope (mailhost.queue.envelope.Envelope as JSON)
     tmp/                 writes in progress; anything here at start is debris
+    corrupt/<id>.json    an envelope that could not be read (empty, cut short, not an
+    corrupt/<id>         envelope), set aside with its message by the daemon at start
 
 <hh> is the first two characters of the id, so 100,000 messages spread over
 1,024 folders. A message is committed when its envelope is renamed into env/:
@@ -39,6 +41,69 @@ class MessageMissing(SpoolError):
     """An envelope whose message file is gone: what a removal interrupted by a crash leaves."""
 
 
+class CorruptEnvelope(SpoolError):
+    """An envelope file that cannot be used: empty, cut short, garbage, or not an envelope."""
+
+    def __init__(self, queue_id: str, reason: str) -> None:
+        super().__init__(f"{queue_id}: unreadable envelope ({reason})")
+        self.queue_id = queue_id
+        self.reason = reason
+
+
+# What each field of an envelope's JSON must be for the queue to schedule it (raw_envelope_problem).
+_NUMBER = (int, float)
+_REQUIRED = (("id", (str,)), ("sender", (str,)), ("recipients", (list,)), ("arrival", _NUMBER),
+             ("next_attempt", _NUMBER))
+
+
+def raw_envelope_problem(envelope: object, name: str, folder: str | None = None) -> str | None:
+    """Why a decoded envelope file named `name` (the id, without .json) in env/`folder`/ cannot
+    be scheduled; None when it can. Cheap (no Envelope object): the daemon asks it of every
+    envelope at start."""
+    if folder is not None and folder != name[:2]:
+        return f"not in its folder env/{name[:2]}/"
+    if type(envelope) is not dict:
+        return f"not an envelope: a JSON {type(envelope).__name__}, not an object"
+    for key, kinds in _REQUIRED:
+        value = envelope.get(key)
+        if type(value) not in kinds:
+            return f"not an envelope: no {key}" if value is None else f"not an envelope: {key} is {value!r:.40}"
+    if envelope["id"] != name:
+        return f"its id {envelope['id']!r:.40} is not its file name"
+    for recipient in envelope["recipients"]:
+        if type(recipient) is not dict or type(recipient.get("address")) is not str:
+            return f"not an envelope: recipient {recipient!r:.60}"
+    return None
+
+
+def envelope_file_problem(data: bytes, name: str) -> str | None:
+    """Why the bytes of envelope file `name` cannot be used as an envelope; None when they can.
+    The thorough check (an Envelope is built): for `queue list` and the daemon's log."""
+    try:
+        raw = json.loads(data)
+    except (ValueError, RecursionError) as e:
+        return decode_problem(data, e)
+    problem = raw_envelope_problem(raw, name)
+    if problem is not None:
+        return problem
+    try:
+        Envelope.from_json(data)
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        return f"not an envelope: {e}"
+    return None
+
+
+def decode_problem(data: bytes, error: BaseException) -> str:
+    """The reason, for the log and `queue list`, that `data` did not decode as JSON."""
+    if not data.strip():
+        return "empty file" if not data else "blank file"
+    if isinstance(error, json.JSONDecodeError) and (
+            error.msg.startswith("Unterminated string") or error.pos >= len(error.doc.rstrip())):
+        # The JSON ended where more had to come: a write cut short (a copy, a full disk, an editor).
+        return f"cut short after {len(data)} bytes: {error.msg}"
+    return f"not JSON: {str(error)[:120]}"
+
+
 # Queue ids need to be unique, not secret: one seed from the OS per process rather than a
 # getrandom() system call per message (76 us each under bench/inbound.py's profile).
 _random = random.Random(os.urandom(32))
@@ -71,6 +136,11 @@ class Spool:
 
     def envelope_path(self, queue_id: str) -> Path:
         return self.root / "env" / queue_id[:2] / f"{queue_id}.json"
+
+    @property
+    def corrupt(self) -> Path:
+        """Where unreadable envelopes and their messages are set aside (quarantine)."""
+        return self.root / "corrupt"
 
     def _ensure_dir(self, path: Path) -> None:
         if path not in self._known_dirs:
@@ -128,11 +198,16 @@ class Spool:
 
     def load(self, queue_id: str) -> Envelope:
         try:
-            return Envelope.from_json(self.envelope_path(queue_id).read_bytes())
+            data = self.envelope_path(queue_id).read_bytes()
         except FileNotFoundError:
             raise SpoolError(f"{queue_id}: no such message in the queue") from None
-        except (ValueError, TypeError, KeyError) as e:
-            raise SpoolError(f"{queue_id}: unreadable envelope ({e})") from None
+        try:
+            envelope = Envelope.from_json(data)
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
+            raise CorruptEnvelope(queue_id, envelope_file_problem(data, queue_id) or "not an envelope") from None
+        if envelope.id != queue_id:
+            raise CorruptEnvelope(queue_id, f"its id {envelope.id!r:.40} is not its file name")
+        return envelope
 
     def load_with_message(self, queue_id: str) -> tuple[Envelope, bytes]:
         """Envelope and message in one call: one thread trip per delivery attempt."""
@@ -186,9 +261,11 @@ class Spool:
         return paths
 
     @staticmethod
-    def read_raw_envelopes(paths: list[str]) -> list[tuple[int, dict]]:
+    def read_raw_envelopes(paths: list[str], undecodable: list[tuple[int, str]] | None = None,
+                           ) -> list[tuple[int, dict]]:
         """(position in `paths`, JSON dict) of each readable envelope among `paths`; files removed
-        meanwhile and unreadable ones are left out, as raw_envelopes does.
+        meanwhile and unreadable ones are left out, as raw_envelopes does. Those that were read
+        but are not a JSON object go into `undecodable`, if given, as (position, reason).
 
         Built for `queue list` of 100,000 messages, where system calls are what costs: one open
         (relative to its open folder), one read and one close per file (no fstat, no seek), and
@@ -231,10 +308,14 @@ class Spool:
                 except (ValueError, RecursionError):  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
                     try:
                         envelope = json.loads(data)  # a BOM, white space around, another encoding ...
-                    except (ValueError, RecursionError):
+                    except (ValueError, RecursionError) as e:
+                        if undecodable is not None:
+                            undecodable.append((index, decode_problem(data, e)))
                         continue
                 if type(envelope) is dict:
                     envelopes.append((index, envelope))
+                elif undecodable is not None:
+                    undecodable.append((index, f"not an envelope: a JSON {type(envelope).__name__}, not an object"))
         finally:
             if folder_fd >= 0:
                 close(folder_fd)
@@ -247,6 +328,57 @@ class Spool:
                 yield self.load(queue_id)
             except SpoolError:
                 continue
+
+    def quarantine(self, envelope_file: str | Path) -> str:
+        """Move an envelope file of env/ (its path, as envelope_files gives it) and its message
+        file, if any, into corrupt/, durably; returns where the envelope now is. The message goes
+        first: a crash in between leaves the envelope in env/ (set aside again at the next start),
+        never a message file without an envelope, which `recover` would remove."""
+        source = Path(envelope_file)
+        if source.parent.parent != self.root / "env" or not source.name.endswith(".json"):
+            raise ValueError(f"{source} is not an envelope file of {self.root}")
+        name = source.name[:-5]
+        self._ensure_dir(self.corrupt)
+        if is_queue_id(name):  # any other name has no message file (and is no safe path part)
+            message = self.message_path(name)
+            try:
+                os.rename(message, self.corrupt / name)
+            except FileNotFoundError:
+                pass
+            else:
+                fsync_directory(self.corrupt)
+                fsync_directory(message.parent)
+        target = self.corrupt / source.name
+        os.rename(source, target)
+        fsync_directory(self.corrupt)
+        fsync_directory(source.parent)
+        return str(target)
+
+    def corrupt_count(self) -> int:
+        """How many envelopes are set aside in corrupt/ (for the metrics)."""
+        try:
+            with os.scandir(self.corrupt) as entries:
+                return sum(1 for entry in entries if entry.name.endswith(".json"))
+        except OSError:
+            return 0
+
+    def corrupt_entries(self) -> list[tuple[str, str, str]]:
+        """(id, path, reason) of every envelope set aside in corrupt/, by id."""
+        found = []
+        try:
+            with os.scandir(self.corrupt) as entries:
+                names = sorted(entry.name for entry in entries if entry.name.endswith(".json"))
+        except OSError:
+            return []
+        for file_name in names:
+            path = self.corrupt / file_name
+            name = file_name[:-5]
+            try:
+                reason = envelope_file_problem(path.read_bytes(), name) or "readable now: move it back to env/ to send it"
+            except OSError as e:
+                reason = f"cannot read it: {e.strerror}"
+            found.append((name, str(path), reason))
+        return found
 
     def recover(self) -> list[str]:
         """Clean up after a crash; returns what was removed, for the log.

@@ -63,6 +63,7 @@ class SessionError(Exception):
         self.reply = reply
         self.permanent = permanent
         self.refused = refused  # the TCP connection was refused (a throttling signal)
+        self.tls_version: str | None = None  # set when the session had TLS when it failed (for the log)
 
 
 @dataclass
@@ -783,7 +784,9 @@ async def _open(reactor: Any, *, host: str, address: str, port: int, helo: str, 
     session = ClientSession(protocol, peer=peer, helo=helo, tls=tls, command_timeout=command_timeout, data_timeout=data_timeout)
     try:
         await session._start(auth, options)
-    except Exception:
+    except Exception as e:
+        if isinstance(e, SessionError):
+            e.tls_version = session.tls_version  # e.g. AUTH refused inside TLS
         # Leave politely when the server can still hear it (RFC 5321 3.1 after
         # a 554 greeting), but do not let a silent server hold up the error.
         await session._quit(min(command_timeout, QUIT_ON_ERROR_TIMEOUT))

@@ -38,7 +38,7 @@ def reference_listing(spool: Spool, as_json: bool) -> str:
                            for r in e["recipients"]],
         })
     if as_json:
-        return json.dumps({"messages": messages, "pace": {}}, ensure_ascii=False) + "\n"
+        return json.dumps({"messages": messages, "pace": {}, "corrupt": []}, ensure_ascii=False) + "\n"
     lines = []
     for m in messages:
         held = " HELD" if m["held"] else ""
@@ -102,21 +102,41 @@ def test_listing_is_the_same_text_in_one_or_several_processes(tmp_path, as_json,
         assert expected.endswith("\n600 messages in the queue\n")
 
 
-def test_listing_leaves_out_what_is_not_an_envelope(tmp_path):
+def test_listing_shows_what_is_not_an_envelope_as_corrupt(tmp_path):
+    """Files in env/ that are not envelopes are not messages of the listing, but they are listed,
+    each with the reason (they would otherwise vanish unseen: the daemon does not deliver them)."""
     spool = Spool(tmp_path)
     envelopes = fill(spool, 50)
-    for text in (b"{not json", b"[1, 2]", b'{"id": "x"}', b'{"id": "x", "sender": "", "arrival": "soon", '
-                 b'"next_attempt": 0, "recipients": []}', b"\xff\xfe"):
-        path = spool.envelope_path(new_queue_id())
+    broken = {}
+    for text in (b"", b"{not json", b"[1, 2]", b'{"id": "x"}', b'{"id": "x", "sender": "", "arrival": "soon", '
+                 b'"next_attempt": 0, "recipients": []}', b"\xff\xfe", b'{"id": "AB", "sender": "a@b.test", "arr'):
+        queue_id = new_queue_id()
+        path = spool.envelope_path(queue_id)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(text)
+        broken[queue_id] = text
+    set_aside = new_queue_id()
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / f"{set_aside}.json").write_bytes(b"\x00\x00garbage")
     for as_json in (True, False):
         for processes in (1, 3):
             out = listing(spool, as_json, processes)
             if as_json:
-                assert sorted(m["id"] for m in json.loads(out)["messages"]) == sorted(e.id for e in envelopes)
+                listed = json.loads(out)
+                assert sorted(m["id"] for m in listed["messages"]) == sorted(e.id for e in envelopes)
+                corrupt = {c["id"]: c for c in listed["corrupt"]}
+                assert sorted(corrupt) == sorted([*broken, set_aside])
+                assert corrupt[set_aside]["path"] == str(tmp_path / "corrupt" / f"{set_aside}.json")
+                reasons = {broken[i]: c["reason"] for i, c in corrupt.items() if i in broken}
+                assert reasons[b""] == "empty file"
+                assert reasons[b'{"id": "AB", "sender": "a@b.test", "arr'].startswith("cut short after 39 bytes")
+                assert reasons[b"[1, 2]"] == "not an envelope: a JSON list, not an object"
+                assert reasons[b"{not json"].startswith("not JSON")
+                assert all(reason for reason in reasons.values())
             else:
-                assert out.endswith("\n50 messages in the queue\n")
+                assert out.endswith("\n50 messages in the queue\n8 corrupt envelopes: not delivered; "
+                                    f"see {tmp_path / 'corrupt'}\n")
+                assert f"{set_aside}  CORRUPT  {tmp_path / 'corrupt' / set_aside}.json: not JSON" in out
 
 
 def test_unusual_values_are_listed_as_json_dumps_would(tmp_path):

@@ -432,3 +432,56 @@ def test_a_listening_address_given_by_name_is_us_too(route):
     assert hosts(route("remote.test", smarthosts=smarthosts, our_addresses=[("localhost", 2526)])) == [
         "127.0.0.1", "relay2.provider.test"
     ]
+
+
+def test_stopping_waits_only_for_the_query_under_way():
+    """At shutdown the DNS threads are joined: lookups still waiting for a thread are not made
+    (with DNS down, each would have taken its timeout, one thread per THREADS domains)."""
+    import time
+    from twisted.internet.task import Clock
+
+    import dns.resolver
+
+    from mailhost.config import RelayConfig
+    from mailhost.delivery.routing import RouteError, Router
+
+    gate = threading.Event()
+    asked: list[str] = []
+
+    class DownResolver:
+        def resolve(self, name, rdtype, search=False):
+            asked.append(name.to_text())
+            gate.wait(10)
+            raise dns.resolver.NoNameservers()
+
+    class Reactor(Clock):
+        def callFromThread(self, f, *args, **kwargs):
+            pass  # results are not looked at here
+
+        def addSystemEventTrigger(self, *args):
+            return object()
+
+        def removeSystemEventTrigger(self, trigger):
+            pass
+
+    class OneThread(Router):
+        THREADS = 1
+
+    router = OneThread(RelayConfig(networks=(), mx_port=25, nameservers=(), smarthosts=()), OUR_HOSTNAME,
+                       resolver=DownResolver(), reactor=Reactor())
+    for domain in ("first.test", "second.test", "third.test"):
+        router.route(domain)
+    deadline = time.monotonic() + 10
+    while not asked and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stopping = threading.Thread(target=router.stop)
+    stopping.start()
+    while not router.stopping and time.monotonic() < deadline:
+        time.sleep(0.01)
+    gate.set()  # the query under way ends (its timeout, in real life)
+    stopping.join(10)
+    assert not stopping.is_alive()
+    assert asked == ["first.test."]
+    with pytest.raises(RouteError) as refused:
+        router.resolve("fourth.test")
+    assert (refused.value.permanent, refused.value.status) == (False, "4.4.3") and "stopping" in refused.value.text

@@ -585,3 +585,105 @@ def test_deleting_a_message_whose_attempt_delivers_it_is_quiet(make_queue):
     assert all(d.called for d in deletions)
     assert queue_id not in q.scheduler.in_flight
     assert errors == []
+
+
+# --- corrupt envelopes -------------------------------------------------------------------
+
+
+def restarted(q: Queue, recover_spool: bool = True) -> tuple[Scheduler, list[dict]]:
+    """A new scheduler over the same spool, as at the daemon's next start; and what it logged."""
+    q.scheduler.stopService()
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        scheduler = Scheduler(q.config, q.spool, SyncWriter(), q.deliverer, q.intake, q.clock, Metrics(), EVERYTHING,
+                              q.scheduler.suppression, recover_spool=recover_spool)
+        scheduler.startService()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    q.scheduler = scheduler
+    return scheduler, events
+
+
+def plant(spool: Spool, text: bytes) -> str:
+    queue_id = new_queue_id()
+    for path, data in ((spool.envelope_path(queue_id), text), (spool.message_path(queue_id), MESSAGE)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return queue_id
+
+
+def errors(events: list[dict]) -> list[str]:
+    from twisted.logger import LogLevel, formatEvent
+
+    return [formatEvent(e) for e in events if e.get("log_level") == LogLevel.error]
+
+
+def test_corrupt_envelopes_are_set_aside_at_start_and_the_rest_is_delivered(make_queue):
+    q = make_queue()
+    good = q.enqueue("bob@remote.test", due_in=3600)
+    bad = {plant(q.spool, text): text for text in (b"", b'{"id": "x", "sender": "a@b', b"\x00\xffgarbage",
+                                                     b'{"id": "wrong", "sender": "", "recipients": [], '
+                                                     b'"arrival": 1, "next_attempt": 1}')}
+    scheduler, events = restarted(q)
+    corrupt = q.spool.root / "corrupt"
+    assert sorted(p.name for p in corrupt.iterdir()) == sorted([*bad, *(f"{i}.json" for i in bad)])
+    assert all((corrupt / f"{i}.json").read_bytes() == text for i, text in bad.items())
+    lines = errors(events)
+    assert len(lines) == 4 and all(any(line.startswith(f"{i}: corrupt envelope (") for line in lines) for i in bad)
+    assert any("(empty file)" in line for line in lines)
+    assert list(q.spool.ids()) == [good] and len(scheduler.index) == 1
+    assert scheduler.metrics.registry.get_sample_value("mailhost_queue_corrupt") == 4
+    q.deliverer.respond = lambda address: SENT
+    q.advance_to(START + 3600)
+    assert not q.is_queued(good)
+
+
+def test_a_worker_sets_aside_the_corrupt_envelopes_of_its_own_shard(make_queue):
+    """Only the main process cleans up interrupted writes, but a corrupt envelope is its owner's to move."""
+    q = make_queue()
+    bad = plant(q.spool, b"")
+    scheduler, events = restarted(q, recover_spool=False)
+    assert (q.spool.root / "corrupt" / f"{bad}.json").exists()
+    assert len(errors(events)) == 1
+    # Counted by the main process only (the workers' figures are added to its own).
+    assert scheduler.metrics.registry.get_sample_value("mailhost_queue_corrupt") == 0
+
+
+def test_an_envelope_that_turns_corrupt_in_the_queue_is_set_aside_when_due(make_queue):
+    q = make_queue()
+    queue_id = q.enqueue("bob@remote.test", due_in=60)
+    q.spool.envelope_path(queue_id).write_bytes(b'{"id": "' + queue_id.encode() + b'", "sender": 5}')
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        q.advance_to(START + 60)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert q.deliverer.calls == []
+    assert (q.spool.root / "corrupt" / queue_id).read_bytes() == MESSAGE
+    [line] = errors(events)
+    assert line.startswith(f"{queue_id}: corrupt envelope (") and queue_id not in q.scheduler.index
+
+
+def test_hold_and_release_are_logged(make_queue):
+    from twisted.logger import capturedLogs, formatEvent
+
+    q = make_queue()
+    queue_id = q.enqueue("bob@remote.test", due_in=3600)
+    with capturedLogs() as events:
+        q.scheduler.set_held(queue_id, True)
+        q.scheduler.set_held(queue_id, False)
+    assert [formatEvent(e) for e in events] == [f"{queue_id}: held by the operator", f"{queue_id}: released by the operator"]
+
+
+def test_outcomes_decided_here_are_logged_as_the_deliverer_logs_its_own(make_queue):
+    from twisted.logger import capturedLogs, formatEvent
+
+    q = make_queue()
+    q.suppression.add("bob@remote.test", "5.1.1", "a bounce", source="bounce")
+    with capturedLogs() as events:
+        queue_id = q.enqueue("bob@remote.test")
+    lines = [formatEvent(e) for e in events if "to=<" in formatEvent(e)]
+    assert len(lines) == 1 and lines[0].startswith(f"{queue_id}: to=<bob@remote.test> relay=none tls=none delay=0.00 "
+                                                   "dsn=5.7.1 status=failed (recipient suppressed since ")

@@ -113,3 +113,19 @@ def test_delivering_alone_again_gives_new_groups_the_whole_pace() -> None:
     assert throttle.pace_for("mx.google.com").max_rate == 300.0
     throttle.deliver_alone()
     assert throttle.pace_for("mx.google.com").max_rate == 600.0
+
+
+def test_each_step_back_up_is_logged_with_the_new_rate():
+    from twisted.logger import capturedLogs, formatEvent
+
+    clock = Clock()
+    pace = Pace("google", connections=2, rate=600.0, floor=100.0, clock=clock)
+    pace.slow_down()
+    with capturedLogs() as events:
+        pace.reserve()  # in the same window: no growth, no line
+        clock.now += CLEAN_WINDOW
+        pace.reserve()
+        clock.now += CLEAN_WINDOW
+        pace.reserve()
+    assert [formatEvent(e) for e in events] == ["pace for google up to 360/min (at most 600/min)",
+                                                "pace for google up to 420/min (at most 600/min)"]

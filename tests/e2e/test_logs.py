@@ -9,8 +9,9 @@ import time
 
 import pytest
 
-from tests.e2e.conftest import TWISTD, wait_for_port
-from tests.e2e.test_sending import dns, relay_config, sinks, submit, wait_for  # noqa: F401  (fixtures)
+from tests.e2e.conftest import TWISTD, free_port, wait_for_port
+from tests.e2e.test_sending import dns, relay_config, sinks, smarthost_config, submit, wait_for  # noqa: F401  (fixtures)
+from tests.support.peers import make_ca_and_cert
 
 
 @pytest.fixture
@@ -31,8 +32,57 @@ def test_every_line_of_a_message_life_carries_its_queue_id(make_daemon, dns, sin
     life = [line for line in log.splitlines() if queue_id in line]
     assert any("status=deferred (450 4.2.1 busy)" in line for line in life)
     assert any("to=<bob@remote.test> relay=mx1.remote.test[127.0.0.5]" in line and "status=delivered" in line for line in life)
+    # The sink offers no STARTTLS: the lines say the mail went in the clear.
+    assert [line.split(" tls=")[1].split()[0] for line in life if " status=" in line] == ["none", "none"]
     for line in life:
         assert f"{queue_id}: " in line
+
+
+def status_lines(daemon, queue_id: str) -> list[str]:
+    return [line.split(f"{queue_id}: ", 1)[1] for line in daemon.log().splitlines()
+            if f"{queue_id}: to=<" in line and " status=" in line]
+
+
+def test_smart_host_deferrals_are_logged_with_tls_and_the_operators_hold_and_release(make_daemon, dns, sinks, tmp_path):  # noqa: F811
+    """Primary smart host down, the backup (over TLS) says 451 once: each attempt's outcome has
+    its status= line, as for an MX, and every line says whether TLS carried the mail."""
+    ca, cert, key = make_ca_and_cert(tmp_path / "pki", "smtp2.provider.test")
+    backup = sinks("127.0.0.9", port=0, tls_cert=cert, tls_key=key,
+                   script=[{"when": "RCPT", "reply": "451 4.3.0 try again", "times": 1}])
+    down = free_port("127.0.0.8")
+    daemon = make_daemon(extra=smarthost_config(
+        dns,
+        f'host = "smtp1.provider.test"\nport = {down}\ntls = "none"',
+        f'host = "smtp2.provider.test"\nport = {backup.port}\ntls = "starttls"\nca_file = "{ca}"',
+    ).replace('retry = ["1s"]', 'retry = ["1h"]'))
+    submit(daemon, ["bob@remote.test"], "through the backup")
+    queue_id = re.search(r"(\w{16}): accepted client=", daemon.log()).group(1)
+    [deferred] = wait_for(lambda: status_lines(daemon, queue_id), what="the deferral logged")
+    assert re.fullmatch(r"to=<bob@remote\.test> relay=smtp2\.provider\.test\[127\.0\.0\.9\]:\d+ tls=TLSv1\.[23] "
+                        r"delay=\d+\.\d\d dsn=4\.3\.0 status=deferred \(451 4\.3\.0 try again\)", deferred), deferred
+    assert f"{queue_id}: smtp1.provider.test[127.0.0.8]:{down}: connect to " in daemon.log()
+
+    daemon.cli("queue", "hold", queue_id)
+    wait_for(lambda: f"{queue_id}: held by the operator" in daemon.log(), what="the hold logged")
+    daemon.cli("queue", "release", queue_id)
+    wait_for(lambda: f"{queue_id}: released by the operator" in daemon.log(), what="the release logged")
+    daemon.cli("queue", "flush", queue_id)
+    wait_for(backup.messages, what="delivery through the backup")
+    delivered = wait_for(lambda: status_lines(daemon, queue_id)[1:], what="the delivery logged")
+    assert re.match(r"to=<bob@remote\.test> relay=smtp2\.provider\.test\[127\.0\.0\.9\]:\d+ tls=TLSv1\.[23] .* "
+                    r"status=delivered \(250 ", delivered[0]), delivered
+
+
+def test_an_unreachable_only_smart_host_logs_a_deferral_for_each_attempt(make_daemon, dns):  # noqa: F811
+    down = free_port("127.0.0.8")
+    daemon = make_daemon(extra=smarthost_config(dns, f'host = "smtp1.provider.test"\nport = {down}\ntls = "none"'))
+    submit(daemon, ["bob@remote.test", "carl@remote.test"], "nowhere to go")
+    queue_id = re.search(r"(\w{16}): accepted client=", daemon.log()).group(1)
+    lines = wait_for(lambda: status_lines(daemon, queue_id) if len(status_lines(daemon, queue_id)) >= 4 else None,
+                     what="two attempts logged")
+    for rcpt, line in zip(["bob", "carl"] * 2, lines):
+        assert line.startswith(f"to=<{rcpt}@remote.test> relay=smtp1.provider.test[127.0.0.8]:{down} tls=none "), line
+        assert " dsn=4.4.1 status=deferred (connect to smtp1.provider.test[127.0.0.8]:" in line, line
 
 
 def test_json_lines_logger(make_daemon):

@@ -327,7 +327,9 @@ def test_a_malformed_or_orphaned_envelope_does_not_stop_the_queue(make_daemon, d
     daemon.start()
     [got] = wait_for(mx1.messages, what="the good message delivered")
     assert "queued beside a bad envelope" in got["data"]
-    assert f"skipping a malformed envelope in the spool: {bad}" in daemon.log()
+    assert "AAAAAAAAAAAAAAAA: corrupt envelope (not an envelope: no arrival): moved with its message to " \
+        f"{spool / 'corrupt' / 'AAAAAAAAAAAAAAAA.json'}" in daemon.log()
+    assert not bad.exists() and (spool / "corrupt" / "AAAAAAAAAAAAAAAA.json").exists()
     wait_for(lambda: f"{orphan_id}: removed (its message file was already gone" in daemon.log(), what="the orphan removed")
     assert not orphan.exists() and len(mx1.messages()) == 1
 

@@ -193,3 +193,137 @@ def test_read_raw_envelopes_reads_big_envelopes_to_the_end(tmp_path):
 def test_envelope_files_of_an_empty_spool(tmp_path):
     assert Spool(tmp_path / "none").envelope_files() == []
     assert Spool.read_raw_envelopes([]) == []
+
+
+# --- corrupt envelopes ------------------------------------------------------------------------
+
+CORRUPT = {
+    "empty": b"",
+    "truncated": b'{"id": "%s", "sender": "a@b.test", "recipients": [{"addr',
+    "garbage": b"\x00\x9f\xffGIF89a\x00\x00",
+}
+
+
+def plant(spool: Spool, text: bytes, message: bytes | None = b"Subject: x\n\nbody\n") -> str:
+    """An envelope file with `text` (and a message file) in the spool, as a bad copy leaves them."""
+    queue_id = new_queue_id()
+    path = spool.envelope_path(queue_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(text.replace(b"%s", queue_id.encode()) if b"%s" in text else text)
+    if message is not None:
+        spool.message_path(queue_id).parent.mkdir(parents=True, exist_ok=True)
+        spool.message_path(queue_id).write_bytes(message)
+    return queue_id
+
+
+@pytest.mark.parametrize("kind", sorted(CORRUPT))
+def test_a_corrupt_envelope_says_why_and_is_set_aside_with_its_message(tmp_path, kind):
+    spool = Spool(tmp_path)
+    good = envelope(["a@remote.test"])
+    spool.store(good, [b"x\n"])
+    queue_id = plant(spool, CORRUPT[kind])
+
+    with pytest.raises(SpoolError) as raised:
+        spool.load(queue_id)
+    reason = raised.value.reason
+    assert reason.startswith({"empty": "empty file", "truncated": "cut short after ", "garbage": "not JSON: "}[kind])
+    assert str(raised.value) == f"{queue_id}: unreadable envelope ({reason})"
+
+    where = spool.quarantine(spool.envelope_path(queue_id))
+    assert where == str(tmp_path / "corrupt" / f"{queue_id}.json")
+    assert (tmp_path / "corrupt" / f"{queue_id}.json").read_bytes() == spool_text(CORRUPT[kind], queue_id)
+    assert (tmp_path / "corrupt" / queue_id).read_bytes() == b"Subject: x\n\nbody\n"
+    assert not spool.envelope_path(queue_id).exists() and not spool.message_path(queue_id).exists()
+    assert list(spool.ids()) == [good.id]  # the rest of the queue is untouched
+    assert spool.recover() == []  # nothing left behind that looks like an interrupted write
+    assert spool.corrupt_count() == 1
+    [(listed_id, path, listed_reason)] = spool.corrupt_entries()
+    assert (listed_id, path, listed_reason) == (queue_id, where, reason)
+
+
+def spool_text(text: bytes, queue_id: str) -> bytes:
+    return text.replace(b"%s", queue_id.encode()) if b"%s" in text else text
+
+
+def test_setting_aside_syncs_both_folders_and_moves_the_message_first(tmp_path, monkeypatch):
+    spool = Spool(tmp_path)
+    queue_id = plant(spool, b"")
+    events = []
+    rename = os.rename
+    monkeypatch.setattr(spool_module.os, "rename", lambda a, b: (events.append(("rename", str(a))), rename(a, b)))
+    monkeypatch.setattr(spool_module, "fsync_directory", lambda path: events.append(("sync", str(path))))
+    spool.quarantine(str(spool.envelope_path(queue_id)))
+    corrupt = str(tmp_path / "corrupt")
+    assert events == [
+        ("rename", str(spool.message_path(queue_id))), ("sync", corrupt), ("sync", str(spool.message_path(queue_id).parent)),
+        ("rename", str(spool.envelope_path(queue_id))), ("sync", corrupt), ("sync", str(spool.envelope_path(queue_id).parent)),
+    ]
+
+
+def test_an_envelope_without_a_message_file_is_set_aside_alone(tmp_path):
+    spool = Spool(tmp_path)
+    queue_id = plant(spool, b"{}", message=None)
+    spool.quarantine(spool.envelope_path(queue_id))
+    assert sorted(p.name for p in (tmp_path / "corrupt").iterdir()) == [f"{queue_id}.json"]
+    assert spool.corrupt_entries()[0][2] == "not an envelope: no id"
+
+
+@pytest.mark.parametrize("raw, problem", [
+    ([], "not an envelope: a JSON list, not an object"),
+    ({}, "not an envelope: no id"),
+    ({"id": "NAME", "sender": "", "recipients": [], "arrival": "soon", "next_attempt": 0},
+     "not an envelope: arrival is 'soon'"),
+    ({"id": "OTHER", "sender": "", "recipients": [], "arrival": 1, "next_attempt": 0},
+     "its id 'OTHER' is not its file name"),
+    ({"id": "NAME", "sender": "", "recipients": ["x@y.test"], "arrival": 1, "next_attempt": 0},
+     "not an envelope: recipient 'x@y.test'"),
+    ({"id": "NAME", "sender": "", "recipients": [{"address": "x@y.test"}], "arrival": 1, "next_attempt": 0.5}, None),
+])
+def test_raw_envelope_problems(raw, problem):
+    assert spool_module.raw_envelope_problem(raw, "NAME") == problem
+
+
+def test_read_raw_envelopes_says_why_files_did_not_decode(tmp_path):
+    spool = Spool(tmp_path)
+    good = envelope(["a@remote.test"])
+    spool.store(good, [b"x\n"])
+    ids = {kind: plant(spool, text) for kind, text in CORRUPT.items()}
+    ids["list"] = plant(spool, b"[1]")
+    paths = spool.envelope_files()
+    undecodable: list = []
+    read = Spool.read_raw_envelopes(paths, undecodable)
+    assert [raw["id"] for _, raw in read] == [good.id]
+    reasons = {os.path.basename(paths[index])[:-5]: reason for index, reason in undecodable}
+    assert reasons[ids["empty"]] == "empty file"
+    assert reasons[ids["truncated"]].startswith("cut short after")
+    assert reasons[ids["garbage"]].startswith("not JSON: ")
+    assert reasons[ids["list"]] == "not an envelope: a JSON list, not an object"
+
+
+@pytest.mark.parametrize("name", [".json", "x.json", "A.json", "..json"])
+def test_an_envelope_file_with_a_name_that_is_no_queue_id_is_set_aside_alone(tmp_path, name):
+    """Its name says nothing about a message file: nothing else moves (".json" once named msg/ itself)."""
+    spool = Spool(tmp_path)
+    good = envelope(["a@remote.test"])
+    spool.store(good, [b"x\n"])
+    stray = tmp_path / "env" / good.id[:2] / name
+    stray.write_bytes(b"junk")
+    assert spool.quarantine(stray) == str(tmp_path / "corrupt" / name)
+    assert sorted(p.name for p in (tmp_path / "corrupt").iterdir()) == [name]
+    assert spool.load_with_message(good.id) == (good, b"x\n")
+
+
+def test_only_envelope_files_of_the_spool_are_set_aside(tmp_path):
+    spool = Spool(tmp_path)
+    elsewhere = tmp_path / "msg" / "AB" / "AB.json"
+    elsewhere.parent.mkdir(parents=True)
+    elsewhere.write_bytes(b"")
+    with pytest.raises(ValueError):
+        spool.quarantine(elsewhere)
+    assert elsewhere.exists()
+
+
+def test_an_envelope_in_the_wrong_folder_cannot_be_scheduled():
+    raw = {"id": "ABCD", "sender": "", "recipients": [], "arrival": 1, "next_attempt": 1}
+    assert spool_module.raw_envelope_problem(raw, "ABCD", "AB") is None
+    assert spool_module.raw_envelope_problem(raw, "ABCD", "CD") == "not in its folder env/AB/"
