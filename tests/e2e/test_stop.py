@@ -18,7 +18,7 @@ import pytest
 from tests.e2e.test_sending import wait_for
 from tests.e2e.test_workers import alive, worker_pids
 
-STOPS = int(os.environ.get("MAILHOST_STOP_LOOPS", "10"))  # more by hand: MAILHOST_STOP_LOOPS=100
+STOPS = int(os.environ.get("MAILHOST_STOP_LOOPS", "3"))  # more by hand: MAILHOST_STOP_LOOPS=100
 
 
 def keep_busy(port: int, stop: threading.Event) -> None:
