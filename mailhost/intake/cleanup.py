@@ -148,13 +148,16 @@ class Intake:
     def receive(self, incoming: Incoming, origin: Origin) -> Deferred[Receipt]:
         """Take `incoming` in; fires with a Receipt once every part is durable, or fails
         with Refused (say the reply) or any other error (say 451 4.3.0)."""
+        # The steps run synchronously while none has to wait (the usual case for our own
+        # senders' mail): a Deferred per step would cost more than the step.
         try:
             message = self._prepare(incoming, origin)
+            checked = self._inbound_checks(message, incoming, origin)
+            if isinstance(checked, Deferred):
+                return checked.addCallback(self._recipients_and_bounces, incoming, origin)
+            return self._recipients_and_bounces(checked, incoming, origin)
         except Exception:
             return fail()
-        deferred = self._inbound_checks(message, incoming, origin)
-        deferred.addCallback(self._recipients_and_bounces, incoming, origin)
-        return deferred
 
     def recipient_verdict(self, address: Address, origin: Origin) -> RecipientVerdict:
         """The RCPT decision (intake.policy.recipient_verdict) with this intake's lists."""
@@ -186,13 +189,13 @@ class Intake:
                 raise Refused(refusal)
         return missing_headers(headers, self.settings.hostname) + message
 
-    def _inbound_checks(self, message: bytes, incoming: Incoming, origin: Origin) -> Deferred[bytes]:
+    def _inbound_checks(self, message: bytes, incoming: Incoming, origin: Origin) -> bytes | Deferred[bytes]:
         """Authentication-Results: for mail from outside (or a DMARC refusal)."""
         settings = self.settings
         if not origin.from_outside or origin.role != "mx":
-            return succeed(message)
+            return message
         if not settings.authenticate:
-            return succeed(strip_forged_results(message, settings.hostname))
+            return strip_forged_results(message, settings.hostname)
         deferred = self._run(partial(
             evaluate, hostname=settings.hostname, client_ip=origin.client_ip, helo=origin.helo,
             mail_from=incoming.sender, message=message, nameservers=settings.nameservers,
@@ -224,13 +227,17 @@ class Intake:
             return succeed(Receipt(queue_id, 0, 0, refused))
         is_report = any(r.bounce_for for _, r in accepted) or (
             not incoming.sender and b"delivery-status" in message)
-        recorded = self._run(self._record_bounces, message) if is_report else succeed([])
 
-        def record_done(suppressed: list[str]) -> Deferred[Receipt]:
-            return self._sign(message, origin).addCallback(
-                lambda signed: self._commit(queue_id, signed, incoming, origin, accepted, refused, suppressed))
+        def sign_and_commit(suppressed: list[str]) -> Deferred[Receipt]:
+            signed = self._sign(message, origin)
+            if isinstance(signed, Deferred):
+                return signed.addCallback(
+                    lambda result: self._commit(queue_id, result, incoming, origin, accepted, refused, suppressed))
+            return self._commit(queue_id, signed, incoming, origin, accepted, refused, suppressed)
 
-        return recorded.addCallback(record_done)
+        if is_report:
+            return self._run(self._record_bounces, message).addCallback(sign_and_commit)
+        return sign_and_commit([])
 
     def _verdict_of_text(self, address: str, origin: Origin, utf8: bool) -> RecipientVerdict:
         try:
@@ -239,13 +246,13 @@ class Intake:
             return RecipientVerdict(e.reply)
         return self.recipient_verdict(parsed, origin)
 
-    def _sign(self, message: bytes, origin: Origin) -> Deferred[bytes]:
+    def _sign(self, message: bytes, origin: Origin) -> bytes | Deferred[bytes]:
         """A DKIM-Signature: when the From: domain has a key (not for mail from outside)."""
         if origin.from_outside or not self.signer.has_keys():
-            return succeed(message)
+            return message
         key = self.signer.key_for(from_domain(message))
         if key is None:
-            return succeed(message)
+            return message
         return self._run(sign, message, key).addCallback(lambda header: header + message)
 
     def _record_bounces(self, message: bytes) -> list[str]:
@@ -288,10 +295,13 @@ class Intake:
             return succeed(receipt)
         only = remote[0] if len(remote) == 1 else None
         outbound_headers = self.received(origin, queue_id, only, date, incoming)
-        deferred = self.store(copies, envelope, outbound_headers, message)
-        if envelope is not None:
-            deferred.addCallback(lambda _: self.on_queued(envelope))
-        return deferred.addCallback(lambda _: receipt)
+
+        def stored(_: object) -> Receipt:
+            if envelope is not None:
+                self.on_queued(envelope)
+            return receipt
+
+        return self.store(copies, envelope, outbound_headers, message).addCallback(stored)
 
     def store(self, copies: list[Copy], envelope: Envelope | None, outbound_headers: bytes, body: bytes) -> Deferred[None]:
         """Deliver `copies` locally and queue `envelope` (None: nothing remote); every part or none.

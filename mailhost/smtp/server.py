@@ -483,13 +483,13 @@ class SMTPServer(Protocol, TimeoutMixin):
         """A reply that is not ready yet: hold all later input until it is."""
         self._busy = True
         self._flush()
-        deferred.addErrback(self._unexpected).addCallback(self._resume)
+        deferred.addCallbacks(self._resume, self._unexpected)
 
-    def _unexpected(self, failure: Any) -> Reply:
+    def _unexpected(self, failure: Any) -> None:
         """Every wait answers (DESIGN.md): a bug, a broken key or a full disk is logged once,
         with its traceback, and the client is told to try later."""
         log.failure("unexpected error for client [{client}]; answered 451 4.3.0", failure, client=self.client_ip)
-        return Reply(451, "4.3.0", "Local error in processing; try again later")
+        self._resume(Reply(451, "4.3.0", "Local error in processing; try again later"))
 
     def _resume(self, reply: Reply) -> None:
         self._busy = False
