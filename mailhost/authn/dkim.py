@@ -11,6 +11,7 @@ List-Unsubscribe headers of RFC 8058 included.
 from __future__ import annotations
 
 import base64
+from collections import Counter
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from twisted.logger import Logger
 
-from mailhost.message import field_names
+from mailhost.message import parse_header_section
 from mailhost.ops.durable import write_file_atomically
 from mailhost.ops.ownership import make_dirs, owner_of
 
@@ -36,8 +37,14 @@ KEYS_CHECK_SECONDS = 1.0  # how soon a key from `mailhost dkim keygen` is used b
 SIGNED_HEADERS = (
     "from", "to", "cc", "subject", "date", "message-id", "reply-to", "in-reply-to", "references",
     "mime-version", "content-type", "content-transfer-encoding", "content-disposition",
-    "list-unsubscribe", "list-unsubscribe-post", "list-id", "sender",
+    "list-unsubscribe", "list-unsubscribe-post", "list-id", "sender", "feedback-id",
 )
+# Fields a message has at most once (RFC 5322 3.6, RFC 2045, RFC 8058): each is signed once more
+# than it occurs, absent ones too (RFC 6376 5.4.2, 8.15), so a copy of a delivered message with
+# a second Subject: or a List-Unsubscribe: of an attacker's prepended no longer verifies (as
+# OpenDKIM's OversignHeaders and rspamd do). Only references and in-reply-to may legitimately be
+# added by nobody either, but they are not "once" by the RFC's table, so they are signed as found.
+OVERSIGNED = frozenset(SIGNED_HEADERS) - {"references", "in-reply-to"}
 
 
 def _openssl_rsa_sign(digest: Any, private_key: dict) -> bytes:
@@ -170,9 +177,10 @@ def discover(state_dir: Path) -> dict[str, DkimKey | DkimKeyError]:
 def sign(message: bytes, key: DkimKey) -> bytes:
     """The DKIM-Signature header line(s) for `message` (LF line endings), ending in LF; b""
     (the message goes unsigned, with a warning) when dkimpy cannot read its header section."""
-    present = field_names(message)
-    headers = [h for h in SIGNED_HEADERS if h in present]
-    headers.append("from")  # over-signed
+    counts = Counter(field.name.lower() for field in parse_header_section(message).fields)
+    headers = []
+    for name in SIGNED_HEADERS:
+        headers += [name] * (counts[name] + (1 if name in OVERSIGNED else 0))
     try:
         signature = dkim.sign(
             message, key.selector.encode(), key.domain.encode(), key.private,

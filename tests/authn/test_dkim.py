@@ -47,7 +47,7 @@ def test_signed_mail_verifies_and_altered_body_fails(tmp_path, algorithm):
     tags = dict(t.strip().split("=", 1) for t in header.decode().split(":", 1)[1].replace("\n", "").replace("\t", "").split(";") if "=" in t)
     signed_headers = [h.strip() for h in tags["h"].split(":")]
     assert "list-unsubscribe" in signed_headers and "list-unsubscribe-post" in signed_headers
-    assert signed_headers.count("from") == 2  # over-signed
+    assert signed_headers.count("from") == 2 and signed_headers.count("reply-to") == 1  # over-signed, absent ones too
     assert tags["c"] == "relaxed/relaxed" and tags["d"] == "example.test" and tags["s"] == "s2026"
 
 
@@ -95,3 +95,26 @@ def test_a_header_section_dkimpy_cannot_read_goes_unsigned(tmp_path):
     key = Signer(tmp_path).key_for(from_domain(message))
     assert key is not None  # it is mail from example.test ...
     assert sign(message, key) == b""  # ... but dkimpy cannot read it: unsigned, not an error
+
+
+PREPENDED = [
+    b"From: Attacker <ceo@example.test>\n", b"To: victim@remote.test\n", b"Cc: more@remote.test\n",
+    b"Subject: Urgent: wire money\n", b"Date: Mon, 30 Nov 2026 10:00:00 +0000\n", b"Message-ID: <2@evil.test>\n",
+    b"Reply-To: attacker@evil.test\n", b"MIME-Version: 1.0\n", b"Content-Type: text/html\n",
+    b"Content-Transfer-Encoding: base64\n", b"Content-Disposition: attachment\n",
+    b"List-Unsubscribe: <https://evil.test/u>\n", b"List-Unsubscribe-Post: List-Unsubscribe=One-Click\n",
+    b"List-Id: <evil.test>\n", b"Sender: attacker@evil.test\n", b"Feedback-ID: 1:evil\n",
+]
+
+
+@pytest.mark.parametrize("field", PREPENDED, ids=[f.split(b":")[0].decode() for f in PREPENDED])
+def test_a_copy_with_one_more_signed_field_does_not_verify(tmp_path, field):
+    """Every signed field that must appear once is over-signed (RFC 6376 8.15): prepending one,
+    whether the message had it (Subject) or not (Reply-To), breaks the signature."""
+    path, record = generate(tmp_path, "example.test", "s1")
+    signed = sign(MESSAGE, Signer(tmp_path).key_for("example.test")) + MESSAGE
+    with DNSServer([("s1._domainkey.example.test", "TXT", record)]) as server:
+        assert dkim.verify(signed, dnsfunc=verifier(server))
+        signature_end = signed.index(b"\nFrom: ") + 1
+        tampered = signed[:signature_end] + field + signed[signature_end:]
+        assert not dkim.verify(tampered, dnsfunc=verifier(server))
