@@ -265,12 +265,18 @@ def user_add(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def user_passwd(config: Config, args: argparse.Namespace) -> int:
-    local, domain = _split_address(config, args.address)
+def _existing_user(config: Config, given: str, hint: bool = True) -> tuple[str, str, DomainConfig, dict[str, UserEntry]]:
+    """(address, local part, domain, the domain's users file entries) of a user that exists."""
+    local, domain = _split_address(config, given)
     address = f"{local}@{domain.name}"
     entries = read_users(domain.users)
     if address not in entries:
-        raise UserError(f"{address} does not exist (use `mailhost user add {address}`)")
+        raise UserError(f"{address} does not exist" + (f" (use `mailhost user add {address}`)" if hint else ""))
+    return address, local, domain, entries
+
+
+def user_passwd(config: Config, args: argparse.Namespace) -> int:
+    address, _, domain, entries = _existing_user(config, args.address)
     entries[address] = dataclasses.replace(entries[address], password_hash=hash_password(_read_password(args)))
     write_users(domain.users, entries, owner_of(config.server.state_dir))
     print(f"password changed for {address}")
@@ -278,11 +284,8 @@ def user_passwd(config: Config, args: argparse.Namespace) -> int:
 
 
 def user_del(config: Config, args: argparse.Namespace) -> int:
-    local, domain = _split_address(config, args.address)
-    address = f"{local}@{domain.name}"
-    entries = read_users(domain.users)
-    if entries.pop(address, None) is None:
-        raise UserError(f"{address} does not exist")
+    address, local, domain, entries = _existing_user(config, args.address, hint=False)
+    del entries[address]
     write_users(domain.users, entries, owner_of(config.server.state_dir))
     print(f"deleted {address} (its Maildir {domain.maildir / local} is kept)")
     return 0
@@ -290,11 +293,7 @@ def user_del(config: Config, args: argparse.Namespace) -> int:
 
 def user_may_send_as(config: Config, args: argparse.Namespace) -> int:
     """No senders: show the list; senders: replace it; --clear: empty it."""
-    local, domain = _split_address(config, args.address)
-    address = f"{local}@{domain.name}"
-    entries = read_users(domain.users)
-    if address not in entries:
-        raise UserError(f"{address} does not exist (use `mailhost user add {address}`)")
+    address, _, domain, entries = _existing_user(config, args.address)
     if args.clear and args.senders:
         raise UserError("give senders or --clear, not both")
     if args.senders or args.clear:
