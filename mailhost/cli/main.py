@@ -160,7 +160,8 @@ def suppress_command(config: Config, args: argparse.Namespace) -> int:
                 print(json.dumps({"suppressed": [asdict(e) for e in entries]}, ensure_ascii=False))
             else:
                 for e in entries:
-                    print(f"{e.address}  {e.status or '-'}  {e.date}  {e.source}: {e.reason}")
+                    scope = f"  (mail from {e.scope})" if e.scope else ""
+                    print(f"{e.address}  {e.category or '-'}  {e.status or '-'}  {e.date}  {e.source}: {e.reason}{scope}")
                 print(f"{len(entries)} suppressed addresses")
         elif args.suppress_command == "add":
             suppressed.add(args.address, "5.0.0", args.reason)

@@ -143,7 +143,7 @@ def run(config: Config, argv: list[str], stdin=None) -> int:
             # A users file this user may not read would make every local recipient "no such user".
             read_users_leniently(domain.users)
         try:
-            verdict = recipient_verdict(parsed, origin, domains, suppression)
+            verdict = recipient_verdict(parsed, origin, domains, suppression, sender=sender)
         except SuppressionError as e:
             raise SendmailError(f"{e}; nothing was sent") from None
         if not verdict.accepted:

@@ -307,7 +307,7 @@ class Scheduler(service.Service):
         envelope, message = self.spool.load_with_message(queue_id)
         suppressed = {}
         for recipient in envelope.pending():
-            entry = self.suppression.is_suppressed(recipient.address)
+            entry = self.suppression.is_suppressed(recipient.address, envelope.sender)
             if entry is not None:
                 suppressed[recipient.address] = (f"recipient suppressed since {entry.date[:10]} "
                                                   f"({entry.source}: {entry.status} {entry.reason[:120]})")

@@ -459,13 +459,18 @@ class SuppressionError(Exception):
     """The suppression file cannot be used (unreadable, not our format)."""
 
 
+SOURCES = ("bounce", "complaint", "unsubscribe", "manual")
+
+
 @dataclass(frozen=True)
 class SuppressionEntry:
     address: str  # the address key
     status: str  # x.y.z, or "" when none was given
-    reason: str
+    reason: str  # the reply or report text that caused it, or the operator's words
     date: str  # ISO 8601, UTC, when it was suppressed
-    source: str  # "manual", "bounce", ...
+    source: str  # one of SOURCES
+    category: str = ""  # the bounce class (feedback.classify), "complaint", "unsubscribe", "" for manual
+    scope: str = ""  # a sender domain: suppressed for mail from that domain only; "" for every sender
 
 
 def _iso(timestamp: float) -> str:
@@ -490,19 +495,29 @@ class SuppressionList:
         self._mutex = threading.RLock()
         self._identity: tuple[int, int, int, int] | None = None
         self._suppressed: dict[str, SuppressionEntry] = {}
+        self._scoped: dict[str, dict[str, SuppressionEntry]] = {}  # sender domain -> address key -> entry
         self._soft: dict[str, list[float]] = {}
 
     # -- queries
 
-    def is_suppressed(self, address: str) -> SuppressionEntry | None:
+    def is_suppressed(self, address: str, sender: str | None = None) -> SuppressionEntry | None:
+        """The entry that stops mail to `address`: one for every sender, else (given the
+        envelope sender, an address or a domain) one scoped to the sender's domain."""
         with self._mutex:
             self._refresh()
-            return self._suppressed.get(address_key(address))
+            key = address_key(address)
+            entry = self._suppressed.get(key)
+            if entry is None and sender and self._scoped:
+                scoped = self._scoped.get(scope_key(sender))
+                entry = scoped.get(key) if scoped else None
+            return entry
 
     def entries(self) -> list[SuppressionEntry]:
+        """Every entry, those for every sender and the scoped ones, by address."""
         with self._mutex:
             self._refresh()
-            return sorted(self._suppressed.values(), key=lambda e: e.address)
+            scoped = [e for entries in self._scoped.values() for e in entries.values()]
+            return sorted([*self._suppressed.values(), *scoped], key=lambda e: (e.address, e.scope))
 
     def soft_count(self, address: str, now: float | None = None) -> int:
         """Soft bounces of `address` still inside the window."""
@@ -514,9 +529,10 @@ class SuppressionList:
     # -- changes
 
     def add(self, address: str, status: str, reason: str, source: str = "manual",
-            *, now: float | None = None) -> None:
-        """Suppress `address` (replacing an entry it has). Raises ValueError
-        for something that is not a mail address or an x.y.z status."""
+            *, category: str = "", scope: str = "", now: float | None = None) -> None:
+        """Suppress `address` (replacing an entry it has), for every sender or, with `scope`,
+        for mail from that sender domain only. Raises ValueError for something that is not a
+        mail address, an x.y.z status, a known source or a domain."""
         address = address.strip()
         if address.startswith("<") and address.endswith(">"):
             address = address[1:-1].strip()
@@ -525,17 +541,31 @@ class SuppressionList:
         status = status.strip()
         if status and not _STATUS.match(status):
             raise ValueError(f"not a status code (x.y.z with x 2, 4 or 5): {status!r}")
+        if source not in SOURCES:
+            raise ValueError(f"not a suppression source ({', '.join(SOURCES)}): {source!r}")
+        scope = scope_key(scope) if scope else ""
+        if scope and not _HOST.match(scope):
+            raise ValueError(f"not a sender domain: {scope!r}")
         now = time.time() if now is None else now
         with self._changing(now):
-            self._put(address_key(address), status, reason, source, now)
+            self._put(address_key(address), status, reason, source, now, category, scope)
 
-    def remove(self, address: str) -> bool:
-        """Take `address` off the list (and forget its soft bounces); False
-        when it was not on it."""
+    def remove(self, address: str, scope: str | None = None) -> bool:
+        """Take `address` off the list (and forget its soft bounces): its entry for every
+        sender and every scoped one, or with `scope` ("" for the unscoped entry) just that
+        one; False when there was none."""
         key = address_key(address)
         with self._changing(time.time()):
-            self._soft.pop(key, None)
-            return self._suppressed.pop(key, None) is not None
+            removed = False
+            if scope is None or scope == "":
+                self._soft.pop(key, None)
+                removed = self._suppressed.pop(key, None) is not None
+            for domain in list(self._scoped) if scope is None else ([scope_key(scope)] if scope else []):
+                entries = self._scoped.get(domain, {})
+                removed = entries.pop(key, None) is not None or removed
+                if not entries:
+                    self._scoped.pop(domain, None)
+            return removed
 
     def record_bounce(self, report: BounceReport, now: float | None = None) -> bool:
         """Count one bounce, as feedback.classify says: a permanent failure suppresses
@@ -571,9 +601,15 @@ class SuppressionList:
     def _recent(self, times: list[float], now: float) -> list[float]:
         return [t for t in times if now - self.soft_window < t <= now]
 
-    def _put(self, key: str, status: str, reason: str, source: str, now: float) -> None:
+    def _put(self, key: str, status: str, reason: str, source: str, now: float, category: str = "",
+             scope: str = "") -> None:
+        entry = SuppressionEntry(key, status, _clean(reason), _iso(now), _clean(source, 40), _clean(category, 40),
+                                 scope)
+        if scope:
+            self._scoped.setdefault(scope, {})[key] = entry
+            return
         self._soft.pop(key, None)
-        self._suppressed[key] = SuppressionEntry(key, status, _clean(reason), _iso(now), _clean(source, 40))
+        self._suppressed[key] = entry
 
     @contextmanager
     def _changing(self, now: float) -> Iterator[list[bool]]:
@@ -601,7 +637,7 @@ class SuppressionList:
         except FileNotFoundError:
             if self._identity is not None:
                 self._identity = None
-                self._suppressed, self._soft = {}, {}
+                self._suppressed, self._scoped, self._soft = {}, {}, {}
             return
         except OSError as error:
             raise SuppressionError(f"{self.path}: cannot read: {error.strerror}") from None
@@ -614,10 +650,11 @@ class SuppressionList:
                 data = stream.read()
         finally:
             os.close(fd)
-        self._suppressed, self._soft = self._decode(data)
+        self._suppressed, self._scoped, self._soft = self._decode(data)
         self._identity = identity
 
-    def _decode(self, data: bytes) -> tuple[dict[str, SuppressionEntry], dict[str, list[float]]]:
+    def _decode(self, data: bytes) -> tuple[dict[str, SuppressionEntry], dict[str, dict[str, SuppressionEntry]],
+                                            dict[str, list[float]]]:
         try:
             raw = json.loads(data)
         except ValueError as error:
@@ -625,21 +662,31 @@ class SuppressionList:
         if not isinstance(raw, dict) or raw.get("version") != 1:
             raise SuppressionError(f"{self.path}: not a mailhost suppression list (version 1)")
         suppressed_raw, soft_raw = raw.get("suppressed", {}), raw.get("soft", {})
-        if not isinstance(suppressed_raw, dict) or not isinstance(soft_raw, dict):
-            raise SuppressionError(f"{self.path}: \"suppressed\" and \"soft\" must be objects")
-        suppressed: dict[str, SuppressionEntry] = {}
-        for key, value in suppressed_raw.items():
-            if not isinstance(value, dict) or not all(isinstance(value.get(f, ""), str) for f in
-                                                       ("status", "reason", "date", "source")):
-                raise SuppressionError(f"{self.path}: entry {key!r} is not an object of strings")
-            suppressed[key] = SuppressionEntry(key, value.get("status", ""), value.get("reason", ""),
-                                               value.get("date", ""), value.get("source", ""))
+        scoped_raw = raw.get("scoped", {})
+        if not all(isinstance(part, dict) for part in (suppressed_raw, soft_raw, scoped_raw)):
+            raise SuppressionError(f"{self.path}: \"suppressed\", \"scoped\" and \"soft\" must be objects")
+        suppressed = self._decode_entries(suppressed_raw, "")
+        scoped: dict[str, dict[str, SuppressionEntry]] = {}
+        for domain, entries in scoped_raw.items():
+            if not isinstance(entries, dict):
+                raise SuppressionError(f"{self.path}: scoped entries of {domain!r} are not an object")
+            scoped[domain] = self._decode_entries(entries, domain)
         soft: dict[str, list[float]] = {}
         for key, value in soft_raw.items():
             if not isinstance(value, list) or not all(isinstance(t, (int, float)) for t in value):
                 raise SuppressionError(f"{self.path}: soft bounces of {key!r} are not a list of times")
             soft[key] = [float(t) for t in value]
-        return suppressed, soft
+        return suppressed, scoped, soft
+
+    def _decode_entries(self, raw: dict[str, Any], scope: str) -> dict[str, SuppressionEntry]:
+        entries: dict[str, SuppressionEntry] = {}
+        for key, value in raw.items():
+            if not isinstance(value, dict) or not all(isinstance(value.get(f, ""), str) for f in _STORED_FIELDS):
+                raise SuppressionError(f"{self.path}: entry {key!r} is not an object of strings")
+            entries[key] = SuppressionEntry(key, value.get("status", ""), value.get("reason", ""),
+                                            value.get("date", ""), value.get("source", ""),
+                                            value.get("class", ""), scope)
+        return entries
 
     def _write(self, now: float) -> None:
         # Old soft bounces of every address go on each write, so the file does not grow forever.
@@ -647,10 +694,8 @@ class SuppressionList:
         self._soft = soft
         data = {
             "version": 1,
-            "suppressed": {
-                key: {"status": e.status, "reason": e.reason, "date": e.date, "source": e.source}
-                for key, e in sorted(self._suppressed.items())
-            },
+            "suppressed": _stored(self._suppressed),
+            "scoped": {domain: _stored(entries) for domain, entries in sorted(self._scoped.items()) if entries},
             "soft": dict(sorted(soft.items())),
         }
         encoded = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
@@ -658,6 +703,20 @@ class SuppressionList:
         # Still under the flock: no one else has written since, so what we hold is this file.
         st = os.stat(self.path)
         self._identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+_STORED_FIELDS = ("status", "reason", "date", "source", "class")
+
+
+def _stored(entries: dict[str, SuppressionEntry]) -> dict[str, dict[str, str]]:
+    return {key: {"status": e.status, "reason": e.reason, "date": e.date, "source": e.source, "class": e.category}
+            for key, e in sorted(entries.items())}
+
+
+def scope_key(sender: str) -> str:
+    """The sender domain a scoped entry is kept under: the domain of an address (or the
+    domain itself), lowercased, without a trailing dot."""
+    return sender.rpartition("@")[2].strip().rstrip(".").lower()
 
 
 def suppression_list(state_dir: Path) -> SuppressionList:

@@ -159,9 +159,10 @@ class Intake:
         except Exception:
             return fail()
 
-    def recipient_verdict(self, address: Address, origin: Origin) -> RecipientVerdict:
-        """The RCPT decision (intake.policy.recipient_verdict) with this intake's lists."""
-        return recipient_verdict(address, origin, self.domains, self.suppression, self.settings.verp)
+    def recipient_verdict(self, address: Address, origin: Origin, sender: str = "") -> RecipientVerdict:
+        """The RCPT decision (intake.policy.recipient_verdict) with this intake's lists, for a
+        message from envelope `sender`."""
+        return recipient_verdict(address, origin, self.domains, self.suppression, self.settings.verp, sender)
 
     def notify(self, recipient: str, report: bytes) -> Deferred[str]:
         """Send a report this host wrote (a DSN, a delay warning) from <> to `recipient`;
@@ -216,7 +217,7 @@ class Intake:
         for address in incoming.recipients:
             resolution = incoming.resolved.get(address)
             if resolution is None:
-                verdict = self._verdict_of_text(address, origin, incoming.smtputf8)
+                verdict = self._verdict_of_text(address, origin, incoming.sender)
                 if not verdict.accepted:
                     refused.append((address, verdict.reply))
                     continue
@@ -239,12 +240,12 @@ class Intake:
             return self._run(self._record_bounces, message).addCallback(sign_and_commit)
         return sign_and_commit([])
 
-    def _verdict_of_text(self, address: str, origin: Origin, utf8: bool) -> RecipientVerdict:
+    def _verdict_of_text(self, address: str, origin: Origin, sender: str) -> RecipientVerdict:
         try:
             parsed, _ = parse_path(f"<{address}>", utf8=True, null_ok=False, kind="recipient")
         except SMTPError as e:
             return RecipientVerdict(e.reply)
-        return self.recipient_verdict(parsed, origin)
+        return self.recipient_verdict(parsed, origin, sender)
 
     def _sign(self, message: bytes, origin: Origin) -> bytes | Deferred[bytes]:
         """A DKIM-Signature: when the From: domain has a key (not for mail from outside)."""

@@ -70,10 +70,11 @@ def check_recipient(address: Address, domains: LocalDomains, may_relay: bool = F
     return RecipientVerdict(Reply(250, "2.1.5", f"{rcpt}: Recipient ok"), resolution)
 
 
-def check_suppressed(resolution: Resolution, suppression: SuppressionList) -> Reply | None:
-    """550 5.1.1 for a relayed recipient on the suppression list, with why and since when."""
+def check_suppressed(resolution: Resolution, suppression: SuppressionList, sender: str = "") -> Reply | None:
+    """550 5.1.1 for a relayed recipient on the suppression list (for every sender, or for
+    `sender`'s domain), with why and since when."""
     for address in resolution.remote:
-        entry = suppression.is_suppressed(address)
+        entry = suppression.is_suppressed(address, sender)
         if entry is not None:
             return Reply(550, "5.1.1", f"<{address}>: Recipient suppressed ({entry.status or 'bounced'} on "
                                        f"{entry.date[:10]}: {entry.reason[:120]}); `mailhost suppress remove` to undo")
@@ -81,13 +82,13 @@ def check_suppressed(resolution: Resolution, suppression: SuppressionList) -> Re
 
 
 def recipient_verdict(address: Address, origin: Origin, domains: LocalDomains, suppression: SuppressionList,
-                      verp: bool = False) -> RecipientVerdict:
+                      verp: bool = False, sender: str = "") -> RecipientVerdict:
     """The whole RCPT decision for a message from `origin`: who it may reach, then the
     suppression list for our own senders' mail (never for mail from outside or our DSNs)."""
     relay = origin.user is not None or origin.relay_network or origin.door != SMTP
     verdict = check_recipient(address, domains, relay, verp=verp)
     if verdict.accepted and origin.own_client:
-        suppressed = check_suppressed(verdict.resolution, suppression)
+        suppressed = check_suppressed(verdict.resolution, suppression, sender)
         if suppressed is not None:
             return RecipientVerdict(suppressed)
     return verdict

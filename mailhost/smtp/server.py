@@ -648,7 +648,7 @@ class SMTPServer(Protocol, TimeoutMixin):
             if self._junk():
                 return None
             return Reply(452, "4.5.3", "Too many recipients")
-        verdict = self.context.intake.recipient_verdict(recipient, self._origin())
+        verdict = self.context.intake.recipient_verdict(recipient, self._origin(), str(self.transaction.sender))
         if not verdict.accepted:
             log.info(
                 "refused client=[{client}] from=<{sender}> to=<{rcpt}> reply={reply}",

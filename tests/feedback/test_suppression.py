@@ -658,3 +658,31 @@ def test_a_verp_bounce_of_our_own_suppresses_the_recipient(path):
     suppression = SuppressionList(path)
     assert all(suppression.record_bounce(report, now=T0) for report in reports)
     assert suppression.is_suppressed("bob+news@remote.test").status == "5.1.1"
+
+
+def test_scoped_entry_stops_mail_from_that_sender_domain_only(tmp_path):
+    path = tmp_path / "suppression.json"
+    listed = SuppressionList(path)
+    listed.add("Bob@Example.com", "", "one-click unsubscribe", "unsubscribe", category="unsubscribe",
+               scope="News.Example.org")
+    assert listed.is_suppressed("bob@example.com") is None
+    assert listed.is_suppressed("bob@example.com", "offers@other.example") is None
+    entry = listed.is_suppressed("bob@example.com", "letters@news.example.org")
+    assert entry is not None and entry.scope == "news.example.org" and entry.category == "unsubscribe"
+    # Another process reads the same file and sees the entry with its class and scope.
+    again = SuppressionList(path).entries()
+    assert [(e.address, e.scope, e.source, e.category) for e in again] == [
+        ("bob@example.com", "news.example.org", "unsubscribe", "unsubscribe")]
+    assert listed.remove("bob@example.com")
+    assert listed.is_suppressed("bob@example.com", "news.example.org") is None
+
+
+def test_unscoped_entry_stops_every_sender_and_carries_its_class(tmp_path):
+    listed = SuppressionList(tmp_path / "suppression.json")
+    listed.add("ann@example.com", "5.1.1", "550 5.1.1 no such user", "bounce", category="invalid_recipient")
+    entry = listed.is_suppressed("ann@example.com", "news@example.org")
+    assert entry is not None and entry.category == "invalid_recipient" and entry.scope == ""
+    with pytest.raises(ValueError, match="source"):
+        listed.add("ann@example.com", "", "x", "whatever")
+    with pytest.raises(ValueError, match="sender domain"):
+        listed.add("ann@example.com", "", "x", "manual", scope="../etc")
