@@ -114,6 +114,8 @@ class QueueConfig:
     delay_warning: float = 4 * 3600.0
     concurrency: int = 50  # messages being delivered at once
     per_destination: int = 10  # connections at once to one domain (or to the smart hosts)
+    max_attempts: int = 0  # 0: no limit; else return to sender after this many failed attempts
+    marketing_lifetime: float = 86400.0  # lifetime of mail from [unsubscribe] senders
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,55 @@ class BouncesConfig:
     soft_window: float = 7 * 86400.0
 
 
+BOUNCE_CLASSES = ("invalid_recipient", "mailbox_full", "policy", "authentication", "content", "rate_limit",
+                  "too_large", "routing", "tls", "other")
+WEBHOOK_EVENTS = ("delivered", "deferred", "bounced", "complained", "unsubscribed", "suppressed")
+WEBHOOK_FORMATS = ("json", "listmonk")
+
+
+@dataclass(frozen=True)
+class BounceRule:
+    """[[bounce_rule]]: a reply (code, status and text) matching `pattern` is of `category`."""
+    pattern: re.Pattern[str]
+    category: str  # one of BOUNCE_CLASSES
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    endpoint: str | None = None  # HTTPS listener (the server's TLS pair); None: not served
+    public_url: str | None = None  # base URL of List-Unsubscribe links; default https://<hostname>
+
+
+@dataclass(frozen=True)
+class UnsubscribeConfig:
+    add_headers: bool = False  # add RFC 8058 List-Unsubscribe headers to marketing mail that has none
+    senders: tuple[str, ...] = ()  # lowercased addresses, or "@domain": whose mail is marketing
+    feedback_id: str | None = None  # Feedback-ID: template ({campaign}, {sender_domain}, {user}); None: not added
+
+    def is_marketing(self, sender: str) -> bool:
+        """Whether mail from envelope or From: address `sender` counts as marketing."""
+        sender = sender.strip().strip("<>").lower()
+        if not sender:
+            return False
+        return sender in self.senders or "@" + sender.rpartition("@")[2] in self.senders
+
+
+@dataclass(frozen=True)
+class FeedbackConfig:
+    addresses: tuple[str, ...] = ()  # lowercased addresses where ARF complaint reports arrive
+
+
+@dataclass(frozen=True)
+class WebhookConfig:
+    url: str
+    secret_file: Path | None = None  # HMAC-SHA256 key for the signature header
+    events: tuple[str, ...] = WEBHOOK_EVENTS
+    format: str = "json"  # json | listmonk
+    ca_file: Path | None = None
+    username: str | None = None  # HTTP basic auth (listmonk's API user)
+    password_file: Path | None = None
+
+
 @dataclass(frozen=True)
 class Config:
     path: Path
@@ -162,6 +213,11 @@ class Config:
     inbound: InboundConfig = field(default_factory=InboundConfig)
     bounces: BouncesConfig = field(default_factory=BouncesConfig)
     dkim: tuple[DkimConfig, ...] = ()
+    http: HttpConfig = field(default_factory=HttpConfig)
+    unsubscribe: UnsubscribeConfig = field(default_factory=UnsubscribeConfig)
+    feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
+    bounce_rules: tuple[BounceRule, ...] = ()
+    webhooks: tuple[WebhookConfig, ...] = ()
 
     def domain(self, name: str) -> DomainConfig | None:
         """The local domain called `name` (case-insensitive), or None."""
@@ -267,14 +323,15 @@ class _Reader:
 
     def config(self, data: dict) -> Config:
         top = {"server", "listener", "limits", "domain", "relay", "queue", "submission", "metrics", "throttle",
-               "inbound", "bounces", "dkim"}
+               "inbound", "bounces", "dkim", "http", "unsubscribe", "feedback", "bounce_rule", "webhook"}
         self.check_table(data, "(top level)", top)
         server = self.server(self.table(data, "server", {"hostname", "state_dir", "tls_cert", "tls_key", "workers"}))
         listeners = self.listeners(data.get("listener"))
         limits = self.limits(self.table(data, "limits", set(LimitsConfig.__dataclass_fields__)))
         domains = self.domains(data.get("domain"), server.state_dir)
         relay = self.relay(self.table(data, "relay", {"networks", "mx_port", "nameservers", "tls", "smarthost", "verp"}))
-        queue = self.queue(self.table(data, "queue", {"retry", "lifetime", "delay_warning", "concurrency", "per_destination"}))
+        queue = self.queue(self.table(data, "queue", {"retry", "lifetime", "delay_warning", "concurrency", "per_destination",
+                                                      "max_attempts", "marketing_lifetime"}))
         metrics_table = self.table(data, "metrics", {"endpoint"})
         metrics_endpoint = self.string(metrics_table, "metrics", "endpoint")
         if metrics_endpoint is not None:
@@ -291,7 +348,95 @@ class _Reader:
             bounces=BouncesConfig(self.boolean(bounces, "bounces", "consume", True),
                                   self.integer(bounces, "bounces", "soft_limit", 3, 1, 1000),
                                   self.duration(bounces, "bounces", "soft_window", 7 * 86400.0)),
+            http=self.http(self.table(data, "http", {"endpoint", "public_url"})),
+            unsubscribe=self.unsubscribe(self.table(data, "unsubscribe", {"add_headers", "senders", "feedback_id"})),
+            feedback=FeedbackConfig(self.addresses(self.table(data, "feedback", {"addresses"}), "feedback", "addresses",
+                                                   allow_domains=False)),
+            bounce_rules=self.bounce_rules(data.get("bounce_rule", [])),
+            webhooks=self.webhooks(data.get("webhook", [])),
         )
+
+    def http(self, table: dict) -> HttpConfig:
+        endpoint = self.string(table, "http", "endpoint")
+        if endpoint is not None:
+            _check_endpoint(self, "http.endpoint", endpoint)
+        public_url = self.string(table, "http", "public_url")
+        if public_url is not None and not re.fullmatch(r"https://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[^\s?#]*)?", public_url):
+            raise self.fail("http.public_url", public_url, 'an https URL such as "https://mail.example.org"')
+        return HttpConfig(endpoint, public_url.rstrip("/") if public_url else None)
+
+    def addresses(self, table: dict, key: str, name: str, allow_domains: bool) -> tuple[str, ...]:
+        value = table.get(name, [])
+        allowed = 'a list of addresses such as ["news@example.org"' + (', "@example.org"]' if allow_domains else "]")
+        if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
+            raise self.fail(f"{key}.{name}", value, allowed)
+        found = []
+        for address in value:
+            local, at, domain = address.strip().rpartition("@")
+            if not at or not _is_domain(domain) or (not local and not allow_domains) or any(
+                    c.isspace() or c in "<>\"" for c in local):
+                raise self.fail(f"{key}.{name}", address, allowed)
+            found.append(f"{local}@{domain.rstrip('.')}".lower())
+        return tuple(found)
+
+    def unsubscribe(self, table: dict) -> UnsubscribeConfig:
+        template = self.string(table, "unsubscribe", "feedback_id")
+        if template is not None:
+            try:
+                template.format(campaign="c", sender_domain="d", user="u")
+            except (KeyError, IndexError, ValueError):
+                raise self.fail("unsubscribe.feedback_id", template,
+                                'a template such as "{campaign}:{user}:{sender_domain}:mailhost"') from None
+        return UnsubscribeConfig(self.boolean(table, "unsubscribe", "add_headers", False),
+                                 self.addresses(table, "unsubscribe", "senders", allow_domains=True), template)
+
+    def bounce_rules(self, value: Any) -> tuple[BounceRule, ...]:
+        if not isinstance(value, list):
+            raise self.fail("bounce_rule", value, "[[bounce_rule]] tables")
+        rules = []
+        for index, raw in enumerate(value):
+            key = f"bounce_rule[{index}]"
+            table = self.check_table(raw, key, {"match", "class"})
+            pattern = self.string(table, key, "match")
+            if pattern is None:
+                raise self.fail(f"{key}.match", None, "a regular expression on the reply")
+            try:
+                compiled = re.compile(pattern, re.IGNORECASE)
+            except re.error as e:
+                raise self.fail(f"{key}.match", pattern, f"a regular expression ({e})") from None
+            category = table.get("class")
+            if category not in BOUNCE_CLASSES:
+                raise self.fail(f"{key}.class", category, "one of " + ", ".join(BOUNCE_CLASSES))
+            rules.append(BounceRule(compiled, category))
+        return tuple(rules)
+
+    def webhooks(self, value: Any) -> tuple[WebhookConfig, ...]:
+        if not isinstance(value, list):
+            raise self.fail("webhook", value, "[[webhook]] tables")
+        hooks = []
+        for index, raw in enumerate(value):
+            key = f"webhook[{index}]"
+            table = self.check_table(raw, key, {"url", "secret_file", "events", "format", "ca_file", "username",
+                                                "password_file"})
+            url = self.string(table, key, "url")
+            if url is None or not re.fullmatch(r"https?://[^\s/?#]+(/[^\s#]*)?", url):
+                raise self.fail(f"{key}.url", url, 'an http(s) URL such as "https://crm.example.org/hooks/mail"')
+            events = table.get("events", list(WEBHOOK_EVENTS))
+            if not isinstance(events, list) or not events or not all(e in WEBHOOK_EVENTS for e in events):
+                raise self.fail(f"{key}.events", events, "a list of " + ", ".join(WEBHOOK_EVENTS))
+            files = {}
+            for name in ("secret_file", "ca_file", "password_file"):
+                path = self.string(table, key, name)
+                if path is not None and not self.resolve(path).is_file():
+                    raise ConfigError(f"{self.path}: {key}.{name}: {self.resolve(path)} is not a readable file")
+                files[name] = self.resolve(path) if path else None
+            username = self.string(table, key, "username")
+            if (username is None) != (files["password_file"] is None):
+                raise ConfigError(f"{self.path}: {key}: give both username and password_file, or neither")
+            hooks.append(WebhookConfig(url, files["secret_file"], tuple(dict.fromkeys(events)),
+                                       self.choice(table, key, "format", "json", WEBHOOK_FORMATS), files["ca_file"],
+                                       username, files["password_file"]))
+        return tuple(hooks)
 
     def submission(self, table: dict) -> SubmissionConfig:
         return SubmissionConfig(hide_client=self.boolean(table, "submission", "hide_client", False))
@@ -526,7 +671,15 @@ class _Reader:
             steps, lifetime, self.duration(table, "queue", "delay_warning", d.delay_warning),
             concurrency=self.integer(table, "queue", "concurrency", d.concurrency, 1, 10000),
             per_destination=self.integer(table, "queue", "per_destination", d.per_destination, 1, 1000),
+            max_attempts=self.integer(table, "queue", "max_attempts", d.max_attempts, 0, 10000),
+            marketing_lifetime=self._positive(table, "marketing_lifetime", d.marketing_lifetime),
         )
+
+    def _positive(self, table: dict, name: str, default: float) -> float:
+        value = self.duration(table, "queue", name, default)
+        if value <= 0:
+            raise self.fail(f"queue.{name}", table.get(name), "a duration longer than 0")
+        return value
 
 
 class _AnyKey(set):

@@ -300,6 +300,21 @@ MISTAKES = [
     ("no listener", DOMAIN, ["listener"]),
     ("empty listener list", "listener = []\n" + DOMAIN, ["listener"]),
     ("no domain", LISTENER, ["domain"]),
+    # the feedback loop's sections
+    ("http endpoint bad", MINIMAL + "[http]\nendpoint = 'tcp:99999'\n", ["http.endpoint"]),
+    ("public_url not https", MINIMAL + "[http]\npublic_url = 'http://mail.example.org'\n", ["http.public_url"]),
+    ("marketing sender not an address", MINIMAL + "[unsubscribe]\nsenders = ['news']\n", ["unsubscribe.senders"]),
+    ("feedback_id bad template", MINIMAL + "[unsubscribe]\nfeedback_id = '{nope}'\n", ["unsubscribe.feedback_id"]),
+    ("fbl address a domain", MINIMAL + "[feedback]\naddresses = ['@example.test']\n", ["feedback.addresses"]),
+    ("bounce_rule bad regex", MINIMAL + "[[bounce_rule]]\nmatch = '(x'\nclass = 'policy'\n", ["bounce_rule[0].match"]),
+    ("bounce_rule typo class", MINIMAL + "[[bounce_rule]]\nmatch = 'x'\nclass = 'polcy'\n", ["bounce_rule[0].class"]),
+    ("webhook no url", MINIMAL + "[[webhook]]\nformat = 'json'\n", ["webhook[0].url"]),
+    ("webhook unknown event", MINIMAL + "[[webhook]]\nurl = 'http://127.0.0.1:1/h'\nevents = ['opened']\n",
+     ["webhook[0].events"]),
+    ("webhook missing secret", MINIMAL + "[[webhook]]\nurl = 'http://127.0.0.1:1/h'\nsecret_file = 'nope'\n",
+     ["webhook[0].secret_file"]),
+    ("max_attempts negative", MINIMAL + "[queue]\nmax_attempts = -1\n", ["queue.max_attempts"]),
+    ("marketing_lifetime zero", MINIMAL + "[queue]\nmarketing_lifetime = '0'\n", ["queue.marketing_lifetime"]),
     # not TOML at all
     ("invalid TOML", "[[listener]\nrole = 'mx'\n", ["line 1"]),
     ("key given twice", LISTENER + 'role = "mx"\n' + DOMAIN, ["line"]),
@@ -375,3 +390,39 @@ def test_parse_duration_refuses(text: str) -> None:
 def test_durations_in_the_config(tmp_path: Path, section: str, text: str, attribute: str, value: object) -> None:
     config = load(write(tmp_path, f"[{section}]\n{text}\n" + MINIMAL))
     assert getattr(getattr(config, section), attribute) == value
+
+
+def test_feedback_loop_sections(tmp_path: Path) -> None:
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "hook.secret").write_text("s3cret\n")
+    config = load(write(tmp_path, MINIMAL + """
+[http]
+endpoint = "tcp:8443:interface=127.0.0.1"
+public_url = "https://mail.example.test/"
+[unsubscribe]
+add_headers = true
+senders = ["News@Example.test", "@campaigns.example.test"]
+[feedback]
+addresses = ["fbl@example.test"]
+[[bounce_rule]]
+match = "mailbox (is )?full"
+class = "mailbox_full"
+[[webhook]]
+url = "https://crm.example.test/hooks/mail"
+secret_file = "hook.secret"
+events = ["bounced", "complained"]
+format = "listmonk"
+[queue]
+max_attempts = 8
+marketing_lifetime = "12h"
+"""))
+    assert config.http.public_url == "https://mail.example.test"
+    assert config.unsubscribe.is_marketing("news@example.test")
+    assert config.unsubscribe.is_marketing("<Offers@Campaigns.Example.test>")
+    assert not config.unsubscribe.is_marketing("bob@example.test")
+    assert config.feedback.addresses == ("fbl@example.test",)
+    assert config.bounce_rules[0].category == "mailbox_full"
+    assert config.bounce_rules[0].pattern.search("552 Mailbox FULL")
+    hook = config.webhooks[0]
+    assert hook.secret_file == tmp_path / "etc" / "hook.secret" and hook.events == ("bounced", "complained")
+    assert config.queue.max_attempts == 8 and config.queue.marketing_lifetime == 43200.0
