@@ -36,6 +36,7 @@ from mailhost.ops.signals import StopOnSignal
 from mailhost.smtp.server import ServerContext, listener_factory
 from mailhost.queue.operations import PaceReport, QueueOperations
 from mailhost.queue.spool import Spool
+from mailhost.feedback.events import event_log
 from mailhost.feedback.suppression import SuppressionList
 from mailhost.delivery.throttle import Throttle, share_of
 from mailhost.ops.tls import ServerTLS, TLSSetupError, ensure_tls_pair, tls_pair_paths
@@ -215,8 +216,9 @@ def build_inbound(config: Config, tls_options: ServerTLS, reactor: Any, parent: 
     # DNS for SPF/DKIM/DMARC and RSA signing (dkimpy's is pure Python) run here.
     content_threads = DiskWriter(reactor, threads=4, name="mailhost-content")
     DiskWriterService(content_threads).setServiceParent(parent)
+    events = event_log(config.server.state_dir)
     suppression = SuppressionList(config.server.state_dir / "suppression.json", soft_limit=config.bounces.soft_limit,
-                                  soft_window=config.bounces.soft_window)
+                                  soft_window=config.bounces.soft_window, events=events)
     signer = Signer(config.server.state_dir, configured_keys(config.dkim))
     intake = Intake(config, writer, spool, domains, signer, suppression, content_threads.run, shard)
     context = ServerContext(config, domains, intake, tls_options, make_portal(domains, checks.run), slowdown, metrics)

@@ -76,6 +76,7 @@ from pathlib import Path
 from typing import Any
 
 from mailhost.feedback.classify import HARD, suppression_effect
+from mailhost.feedback.events import EventLog, event_log
 from mailhost.ops.durable import write_file_atomically
 from mailhost.ops.ownership import Owner, give, make_dirs, owner_of
 
@@ -482,7 +483,7 @@ class SuppressionList:
     docstring for how two processes share it)."""
 
     def __init__(self, path: Path, soft_limit: int = 3, soft_window: float = 7 * 86400,
-                 owner: Owner | None = None) -> None:
+                 owner: Owner | None = None, events: EventLog | None = None) -> None:
         if soft_limit < 1:
             raise ValueError(f"soft_limit must be at least 1, not {soft_limit}")
         if soft_window <= 0:
@@ -491,6 +492,7 @@ class SuppressionList:
         self.soft_limit = soft_limit
         self.soft_window = float(soft_window)
         self.owner = owner  # the CLI run as root: the files go to the daemon's user
+        self.events = events  # where each new entry is told as a "suppressed" event
         self._lock_path = self.path.with_name(self.path.name + ".lock")
         self._mutex = threading.RLock()
         self._identity: tuple[int, int, int, int] | None = None
@@ -548,7 +550,8 @@ class SuppressionList:
             raise ValueError(f"not a sender domain: {scope!r}")
         now = time.time() if now is None else now
         with self._changing(now):
-            self._put(address_key(address), status, reason, source, now, category, scope)
+            entry = self._put(address_key(address), status, reason, source, now, category, scope)
+        self._tell(entry, now)
 
     def remove(self, address: str, scope: str | None = None) -> bool:
         """Take `address` off the list (and forget its soft bounces): its entry for every
@@ -583,18 +586,26 @@ class SuppressionList:
                 changed.append(False)  # nothing to write
                 return True
             if effect == HARD:
-                self._put(key, report.status, report.diagnostic or f"{report.action} {report.status}", "bounce", now)
-                return True
-            recent = self._recent(self._soft.get(key, []), now) + [now]
-            if len(recent) < self.soft_limit:
-                self._soft[key] = recent
-                return False
-            days = self.soft_window / 86400
-            reason = f"{len(recent)} soft bounces in {days:g} days"
-            if report.diagnostic:
-                reason += f"; last: {report.diagnostic}"
-            self._put(key, report.status, reason, "bounce", now)
-            return True
+                added = self._put(key, report.status, report.diagnostic or f"{report.action} {report.status}", "bounce",
+                                  now)
+            else:
+                recent = self._recent(self._soft.get(key, []), now) + [now]
+                if len(recent) < self.soft_limit:
+                    self._soft[key] = recent
+                    return False
+                days = self.soft_window / 86400
+                reason = f"{len(recent)} soft bounces in {days:g} days"
+                if report.diagnostic:
+                    reason += f"; last: {report.diagnostic}"
+                added = self._put(key, report.status, reason, "bounce", now)
+        self._tell(added, now)
+        return True
+
+    def _tell(self, entry: SuppressionEntry, now: float) -> None:
+        """A new entry is an event for the campaign tools (after the list itself is written)."""
+        if self.events is not None:
+            self.events.record("suppressed", recipient=entry.address, status=entry.status, reason=entry.reason,
+                               source=entry.source, category=entry.category, scope=entry.scope, now=now)
 
     # -- internals
 
@@ -602,14 +613,15 @@ class SuppressionList:
         return [t for t in times if now - self.soft_window < t <= now]
 
     def _put(self, key: str, status: str, reason: str, source: str, now: float, category: str = "",
-             scope: str = "") -> None:
+             scope: str = "") -> SuppressionEntry:
         entry = SuppressionEntry(key, status, _clean(reason), _iso(now), _clean(source, 40), _clean(category, 40),
                                  scope)
         if scope:
             self._scoped.setdefault(scope, {})[key] = entry
-            return
-        self._soft.pop(key, None)
-        self._suppressed[key] = entry
+        else:
+            self._soft.pop(key, None)
+            self._suppressed[key] = entry
+        return entry
 
     @contextmanager
     def _changing(self, now: float) -> Iterator[list[bool]]:
@@ -721,4 +733,4 @@ def scope_key(sender: str) -> str:
 
 def suppression_list(state_dir: Path) -> SuppressionList:
     """The daemon's and the CLI's shared list: state_dir/suppression.json."""
-    return SuppressionList(state_dir / "suppression.json", owner=owner_of(state_dir))
+    return SuppressionList(state_dir / "suppression.json", owner=owner_of(state_dir), events=event_log(state_dir))
