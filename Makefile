@@ -21,9 +21,13 @@ venv: $(BIN)/.installed
 run: venv
 	$(BIN)/twistd -n --pidfile= mailhost --config $(CONFIG)
 
+# Most tests wait on a daemon, a socket or a timer, not the CPU: four runners keep two
+# cores busy (TEST_JOBS=0 runs them in one process, for a debugger).
+TEST_JOBS ?= 4
+
 test: venv
 	tests/ensure-peers
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(if $(filter 0,$(TEST_JOBS)),,-n $(TEST_JOBS))
 
 clean:
 	rm -rf $(VENV) var
