@@ -129,6 +129,9 @@ def run(config: Config, argv: list[str], stdin=None) -> int:
         _check_address(sender, "sender")
     message = read_message(stdin or sys.stdin.buffer, args.dot_ends)
     message, recipients = prepare(message, args, sender, hostname)
+    # `sendmail root` from cron: an unqualified recipient is a user of our first domain, as
+    # Postfix's sendmail appends $myorigin (our hostname may not be a domain we receive for).
+    recipients = list(dict.fromkeys(r if "@" in r else f"{r}@{config.domains[0].name}" for r in recipients))
     if not recipients:
         raise SendmailError("no recipients (name them, or use -t to read them from the headers)")
     submitter = f"userid {os.getuid()} ({user}@{socket.gethostname()})"

@@ -68,3 +68,12 @@ def test_an_unqualified_sender_is_qualified_with_the_hostname(daemon):
     [msg] = wait_for(lambda: daemon.messages("alice"), what="delivery")
     assert msg["Return-Path"] == "<root@mail.example.test>"
     assert msg["From"] == "root@mail.example.test"
+
+
+def test_an_unqualified_recipient_is_a_user_of_the_first_domain(daemon):
+    # `echo report | sendmail alice` from cron: before, "'alice' is not a valid recipient address".
+    sendmail(daemon, ["-i", "alice"], b"Subject: cron output\n\nx\n")
+    [msg] = wait_for(lambda: daemon.messages("alice"), what="delivery")
+    assert msg["Delivered-To"] == "alice@example.test"
+    result = sendmail(daemon, ["-i", "nobody"], b"Subject: x\n\nx\n", check=False)
+    assert result.returncode == 1 and b"nobody@example.test" in result.stderr
