@@ -115,6 +115,11 @@ class EventLog:
         if kind not in WEBHOOK_EVENTS:
             raise ValueError(f"not an event kind ({', '.join(WEBHOOK_EVENTS)}): {kind!r}")
         with self._locked(fcntl.LOCK_EX):  # one writer at a time: lines never interleave, ids only grow
+            try:
+                if os.stat(self.path).st_size >= self.segment_bytes:
+                    self._rotate()  # before the write: the open segment always holds the newest event
+            except FileNotFoundError:
+                pass
             fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
                 give(self.path, self.owner)
@@ -125,15 +130,12 @@ class EventLog:
                          "queue_id": queue_id, "recipient": recipient, "sender": sender, "message_id": message_id,
                          **details}
                 line = json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
-                if tail and not tail.endswith(b"\n"):
+                if size and not tail.endswith(b"\n"):
                     line = b"\n" + line  # a write cut short by a crash: never glue an event to it
                 os.write(fd, line)
                 os.fsync(fd)
-                rotate = size + len(line) >= self.segment_bytes
             finally:
                 os.close(fd)
-            if rotate:
-                self._rotate()
         return event
 
     def _rotate(self) -> None:
