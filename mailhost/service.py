@@ -38,6 +38,7 @@ from mailhost.queue.operations import PaceReport, QueueOperations
 from mailhost.queue.spool import Spool
 from mailhost.feedback.events import event_log
 from mailhost.feedback.suppression import SuppressionList
+from mailhost.feedback.webhooks import WebhookService, WebhookSetupError, prepare
 from mailhost.delivery.throttle import Throttle, share_of
 from mailhost.ops.tls import ServerTLS, TLSSetupError, ensure_tls_pair, tls_pair_paths
 from mailhost.smtp.transport import send_eagerly
@@ -168,7 +169,7 @@ def make_service(config_path: str, reactor: Any = None, twistd_options: Any = No
         # the signal handler and could deadlock on the log's lock: ours replace them.
         StopOnSignal(reactor).install_when_running()
         return daemon
-    except (ConfigError, TLSSetupError, DkimKeyError, AlreadyRunning) as e:
+    except (ConfigError, TLSSetupError, DkimKeyError, AlreadyRunning, WebhookSetupError) as e:
         sys.stderr.write(f"mailhost: {e}\n")
         raise SystemExit(1) from None
     except OSError as e:
@@ -269,7 +270,11 @@ def build(config: Config, tls_options: ServerTLS, reactor: Any) -> MailhostDaemo
     for listener in config.listeners:
         factory = listener_factory(listener.role, inbound.context, reactor)
         listeners.append(ListenerService(listener.endpoint, factory, reactor))
-    reload = reloader(tls_options, reactor, inbound, outbound)
+    # Webhooks post from the main process only: the event log is shared by every process.
+    webhooks = WebhookService(inbound.suppression.events or event_log(config.server.state_dir),
+                              prepare(config.webhooks), writer.run, reactor)
+    webhooks.setServiceParent(top)
+    reload = reloader(tls_options, reactor, inbound, outbound, webhooks)
     queue: QueueOperations = scheduler
     paces: PaceReport = throttle
     if config.server.workers > 1:
@@ -306,7 +311,8 @@ def build(config: Config, tls_options: ServerTLS, reactor: Any) -> MailhostDaemo
     return top
 
 
-def reloader(tls: ServerTLS, reactor: Any, inbound: Inbound, outbound: Outbound) -> ReloadOnHangup:
+def reloader(tls: ServerTLS, reactor: Any, inbound: Inbound, outbound: Outbound,
+             webhooks: WebhookService | None = None) -> ReloadOnHangup:
     """SIGHUP for one process: every component whose settings changed is rebuilt."""
     context = inbound.context
 
@@ -314,11 +320,12 @@ def reloader(tls: ServerTLS, reactor: Any, inbound: Inbound, outbound: Outbound)
         running = context.config
         changed = changed_sections(running, config, (
             "server.hostname", "limits", "domains", "submission", "inbound", "bounces", "dkim", "relay", "queue",
-            "throttles", "server.tls_cert", "server.tls_key"))
+            "throttles", "server.tls_cert", "server.tls_key", "webhooks"))
         # Build what can fail first, so that a bad key changes nothing.
         try:
             signer = Signer(config.server.state_dir, configured_keys(config.dkim)) if "dkim" in changed else None
-        except DkimKeyError as e:
+            hooks = prepare(config.webhooks) if webhooks is not None else []  # secrets may change in place
+        except (DkimKeyError, WebhookSetupError) as e:
             raise ReloadError(str(e)) from None
         inbound.domains.replace(config)
         context.config = config  # limits, hostname: read by each new session
@@ -335,6 +342,8 @@ def reloader(tls: ServerTLS, reactor: Any, inbound: Inbound, outbound: Outbound)
             shard = outbound.scheduler.shard
             outbound.scheduler.config = config
             outbound.scheduler.max_in_flight = share_of(config.queue.concurrency, shard.count, shard.index)
+        if webhooks is not None:
+            webhooks.reconfigure(hooks)
         return changed
 
     return ReloadOnHangup(tls, reactor, lambda: context.config, apply, inbound.domains.reload_users)

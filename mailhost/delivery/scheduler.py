@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from mailhost.multiproc.shard import Shard
 from mailhost.config import Config
 from mailhost.feedback.dsn import build_dsn
+from mailhost.feedback.events import message_facts
 from mailhost.ops.durable import DiskWriter
 from mailhost.queue.envelope import DELIVERED, DEFERRED, FAILED, Envelope
 from mailhost.feedback.suppression import BounceReport, SuppressionList
@@ -370,6 +371,7 @@ class Scheduler(service.Service):
                 recipient.last_reply = f"delivery time expired after {recipient.attempts} attempts; last: {recipient.last_reply}"
                 self.metrics.deliveries.labels("expired").inc()
                 log.info("{id}: to=<{rcpt}> status=expired ({reply})", id=envelope.id, rcpt=recipient.address, reply=recipient.last_reply)
+        yield self._record_events(envelope, message, outcomes)
         yield self._send_dsns(envelope, message, now)
         if envelope.done and not self._reports_owed(envelope):
             yield self.writer.run_together(self.spool.remove, envelope.id, False)
@@ -387,6 +389,26 @@ class Scheduler(service.Service):
             self.index.hold(envelope.id)
         else:
             self.index.schedule(envelope.id, envelope.next_attempt)
+
+    def _record_events(self, envelope: Envelope, message: bytes, outcomes: dict[str, Outcome]) -> Deferred[None]:
+        """Tell the event log (webhooks, the API) what this attempt did to each recipient, on the
+        disk thread, before the result moves on; a failure to record is logged, never fatal."""
+        events = self.suppression.events
+        tried = [r for r in envelope.recipients if (r.address in outcomes and outcomes[r.address].state != "throttled")
+                 or (r.state == FAILED and r.status == "4.4.7" and not r.bounced)]  # expired just now
+        if events is None or not tried:
+            return succeed(None)
+
+        def record() -> None:
+            facts = message_facts(message)
+            for r in tried:
+                kind = {DELIVERED: "delivered", FAILED: "bounced"}.get(r.state, "deferred")
+                events.record(kind, queue_id=envelope.id, recipient=r.address, sender=envelope.sender,
+                              status=r.status, reply=r.last_reply, remote_mta=r.remote_mta, attempts=r.attempts,
+                              **{"class": ""}, **facts)
+
+        return self.writer.run(record).addErrback(
+            lambda failure: log.failure("{id}: cannot record the delivery events", failure, id=envelope.id))
 
     def _send_dsns(self, envelope: Envelope, message: bytes, now: float) -> Deferred[None]:
         """Bounce what failed and warn about what is late; most attempts have neither."""

@@ -3,7 +3,7 @@ without dropping a session.
 
 Each component gets its own narrow settings and is rebuilt when they changed (the
 `apply` callable the daemon hands in does that, section by section: domains, limits,
-inbound, dkim, bounces, relay, throttles, queue); what can only change at a restart
+inbound, dkim, bounces, relay, throttles, queue, webhooks: their secret files re-read); what can only change at a restart
 (listeners, server.workers, state_dir, metrics) is named in one log line. A
 configuration with an error (a bad key, an unreadable DKIM key file) is logged and the
 running one kept whole: nothing is half-applied. New TLS connections get the new pair

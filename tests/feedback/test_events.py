@@ -59,3 +59,49 @@ def test_a_new_suppression_is_an_event_once(tmp_path):
     [first, second] = list(log.read())
     assert (first["event"], first["recipient"], first["source"]) == ("suppressed", "bob@example.com", "manual")
     assert (second["scope"], second["category"]) == ("example.org", "unsubscribe")
+
+
+def test_segments_rotate_and_read_continues_across_them(tmp_path):
+    log = EventLog(tmp_path / "events", segment_bytes=600)
+    ids = [log.record("delivered", recipient=f"r{n}@example.com")["id"] for n in range(30)]
+    assert len(list((tmp_path / "events").glob("events-*.jsonl"))) > 3
+    assert [e["id"] for e in log.read()] == ids
+    assert [e["id"] for e in log.read(ids[17])] == ids[18:]
+    assert log.last_id() == ids[-1]
+
+
+def test_ids_keep_growing_when_the_clock_steps_back(tmp_path):
+    log = EventLog(tmp_path / "events", segment_bytes=300)
+    first = log.record("delivered", now=2_000_000_000.0)["id"]
+    later = [log.record("delivered", now=1_000_000_000.0)["id"] for _ in range(5)]
+    assert [first, *later] == sorted([first, *later]) and len(set(later)) == 5
+
+
+def test_trim_keeps_what_a_webhook_has_not_passed_until_the_size_cap(tmp_path):
+    log = EventLog(tmp_path / "events", segment_bytes=600)
+    ids = [log.record("delivered", recipient=f"r{n}@example.com", now=1000.0 + n)["id"] for n in range(30)]
+    segments = sorted((tmp_path / "events").glob("events-*.jsonl"))
+    later = 10**10  # every segment is past its retention
+    # A webhook behind at the 5th event: only segments wholly before it may go.
+    kept = log.trim(passed=ids[4], now=later)
+    assert not kept.unread
+    assert [e["id"] for e in log.read(ids[4])] == ids[5:]
+    assert all(not (tmp_path / "events" / name).exists() for name in kept.removed)
+    # Every webhook past everything: all rotated segments go; the open one stays.
+    log.trim(passed=ids[-1], now=later)
+    assert not list((tmp_path / "events").glob("events-*.jsonl"))
+    assert log.last_id() == ids[-1]
+    # Over the size cap: the oldest go even though a webhook has not read them (and it is said).
+    more = [log.record("delivered", recipient=f"s{n}@example.com")["id"] for n in range(30)]
+    capped = log.trim(passed="", now=later, max_bytes=1200)
+    assert capped.unread and capped.removed == capped.unread
+    assert sum(p.stat().st_size for p in (tmp_path / "events").glob("events*.jsonl")) <= 1200
+    assert [e["id"] for e in log.read(more[-3])] == more[-2:]
+    assert segments  # rotation happened at all
+
+
+def test_recent_segments_stay_whatever_the_cursors(tmp_path):
+    log = EventLog(tmp_path / "events", segment_bytes=600)
+    ids = [log.record("delivered", recipient=f"r{n}@example.com")["id"] for n in range(30)]
+    assert log.trim(passed=ids[-1]).removed == ()  # within the retention: the API may still ask
+    assert len(list(log.read())) == 30

@@ -164,3 +164,34 @@ def test_relay_routes_change_without_losing_the_dns_threads(running: Running, lo
     assert running.outbound.deliverer.router is router
     assert [(hop.host, hop.port) for hop in router.resolve("remote.test").hops] == [("127.0.0.9", 2626)]
     assert any(line.startswith("reloaded ") and "relay" in line for line in logged), logged
+
+
+def test_webhooks_follow_sighup_and_secrets_are_read_again(tmp_path: Path) -> None:
+    from twisted.internet.defer import succeed
+
+    from mailhost.feedback.webhooks import Sender, WebhookService
+
+    running = Running(tmp_path)
+    clock = Clock()
+    events = running.inbound.suppression.events
+    started: list[str] = []
+
+    def sender(hook: Any) -> Sender:
+        started.append(hook.config.url)
+        return Sender(hook, events, running.inbound.writer.run, clock, post=lambda *_: succeed((200, b"")))
+
+    hooks = WebhookService(events, [], running.inbound.writer.run, clock, make_sender=sender)
+    hooks.startService()
+    running.reload = reloader(running.tls, clock, running.inbound, running.outbound, hooks)
+    (tmp_path / "hook.secret").write_text("s1")
+    text = '[[webhook]]\nurl = "https://crm.example.org/hook"\nsecret_file = "hook.secret"\n'
+    running.hangup(text)
+    assert started == ["https://crm.example.org/hook"] and len(hooks.senders) == 1
+    [sender_now] = hooks.senders.values()
+    assert sender_now.hook.secret == b"s1"
+    (tmp_path / "hook.secret").write_text("s2")
+    running.hangup(text)  # the same section: the secret file is read again, the sender kept
+    assert hooks.senders[sender_now.hook.key] is sender_now and sender_now.hook.secret == b"s2"
+    running.hangup("")
+    assert hooks.senders == {}
+    hooks.stopService()
