@@ -605,7 +605,7 @@ class SuppressionList:
         """A new entry is an event for the campaign tools (after the list itself is written)."""
         if self.events is not None:
             self.events.record("suppressed", recipient=entry.address, status=entry.status, reason=entry.reason,
-                               source=entry.source, category=entry.category, scope=entry.scope, now=now)
+                               source=entry.source, scope=entry.scope, now=now, **{"class": entry.category})
 
     # -- internals
 

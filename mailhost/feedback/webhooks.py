@@ -109,7 +109,7 @@ def listmonk_bounce(event: dict[str, Any]) -> dict[str, Any] | None:
     kind = event.get("event")
     if kind not in LISTMONK_KINDS:
         return None
-    category = str(event.get("class") or event.get("category") or "")
+    category = str(event.get("class") or "")
     if kind == "complained":
         bounce_type = "complaint"
     elif category == "invalid_recipient" or (not category and _INVALID_RECIPIENT.match(str(event.get("status", "")))):

@@ -58,7 +58,7 @@ def test_a_new_suppression_is_an_event_once(tmp_path):
     listed.add("ann@example.com", "", "one-click", "unsubscribe", category="unsubscribe", scope="example.org")
     [first, second] = list(log.read())
     assert (first["event"], first["recipient"], first["source"]) == ("suppressed", "bob@example.com", "manual")
-    assert (second["scope"], second["category"]) == ("example.org", "unsubscribe")
+    assert (second["scope"], second["class"]) == ("example.org", "unsubscribe")
 
 
 def test_segments_rotate_and_read_continues_across_them(tmp_path):

@@ -197,7 +197,7 @@ def test_stop_cancels_a_request_in_flight(tmp_path):
     ({"event": "bounced", "class": "mailbox_full", "status": "5.2.2"}, "soft"),
     ({"event": "bounced", "class": "", "status": "4.4.7"}, "soft"),
     ({"event": "bounced", "class": "policy", "status": "5.7.1"}, "soft"),
-    ({"event": "complained", "category": "complaint"}, "complaint"),
+    ({"event": "complained", "class": "complaint"}, "complaint"),
 ])
 def test_listmonk_bounce_types(event, kind):
     body = listmonk_bounce({"id": "e1", "recipient": "ann@example.com", "time": 0.0, **event})
