@@ -16,6 +16,7 @@ import urllib.request
 import dkim
 import pytest
 
+from mailhost.feedback.events import event_log
 from tests.e2e.conftest import RawSession, free_port
 from tests.e2e.test_deliverability import (ZONE, add_submission_listener, authenticated_send, dns_zone,  # noqa: F401
                                            dnsfunc, relay_extra)
@@ -118,7 +119,7 @@ def test_one_click_unsubscribe_end_to_end(make_daemon, dns_zone, sinks, resolve_
         assert answer.status == 200
     [entry] = suppressed(daemon)
     assert (entry["address"], entry["source"], entry["scope"]) == ("bob@remote.test", "unsubscribe", "example.test")
-    events = [json.loads(line) for line in (daemon.root / "state" / "events" / "events.jsonl").read_text().splitlines()]
+    events = list(event_log(daemon.root / "state").read())
     assert [e["event"] for e in events if e["recipient"] == "bob@remote.test"] == ["unsubscribed", "suppressed"]
 
     # The next message from that sender domain is refused at RCPT and by sendmail ...
