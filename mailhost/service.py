@@ -39,6 +39,9 @@ from mailhost.queue.spool import Spool
 from mailhost.feedback.events import event_log
 from mailhost.feedback.suppression import SuppressionList
 from mailhost.feedback.webhooks import WebhookService, WebhookSetupError, prepare
+from mailhost.feedback.unsubscribe import UnsubscribeKeyError, UnsubscribeTokens, daemon_tokens
+from mailhost.doors.http.site import https_factory
+from mailhost.doors.http.unsubscribe import UnsubscribeResource
 from mailhost.delivery.throttle import Throttle, share_of
 from mailhost.ops.tls import ServerTLS, TLSSetupError, ensure_tls_pair, tls_pair_paths
 from mailhost.smtp.transport import send_eagerly
@@ -169,7 +172,7 @@ def make_service(config_path: str, reactor: Any = None, twistd_options: Any = No
         # the signal handler and could deadlock on the log's lock: ours replace them.
         StopOnSignal(reactor).install_when_running()
         return daemon
-    except (ConfigError, TLSSetupError, DkimKeyError, AlreadyRunning, WebhookSetupError) as e:
+    except (ConfigError, TLSSetupError, DkimKeyError, AlreadyRunning, WebhookSetupError, UnsubscribeKeyError) as e:
         sys.stderr.write(f"mailhost: {e}\n")
         raise SystemExit(1) from None
     except OSError as e:
@@ -199,6 +202,7 @@ class Inbound:
     intake: Intake  # its on_queued is the caller's to set
     suppression: SuppressionList
     context: ServerContext
+    unsubscribe: UnsubscribeTokens
 
 
 def build_inbound(config: Config, tls_options: ServerTLS, reactor: Any, parent: service.MultiService,
@@ -221,9 +225,11 @@ def build_inbound(config: Config, tls_options: ServerTLS, reactor: Any, parent: 
     suppression = SuppressionList(config.server.state_dir / "suppression.json", soft_limit=config.bounces.soft_limit,
                                   soft_window=config.bounces.soft_window, events=events)
     signer = Signer(config.server.state_dir, configured_keys(config.dkim))
-    intake = Intake(config, writer, spool, domains, signer, suppression, content_threads.run, shard)
+    unsubscribe = daemon_tokens(config.server.state_dir)  # made by the main process, before any worker
+    intake = Intake(config, writer, spool, domains, signer, suppression, content_threads.run, shard,
+                    unsubscribe=unsubscribe)
     context = ServerContext(config, domains, intake, tls_options, make_portal(domains, checks.run), slowdown, metrics)
-    return Inbound(writer, domains, spool, intake, suppression, context)
+    return Inbound(writer, domains, spool, intake, suppression, context, unsubscribe)
 
 
 @dataclass
@@ -294,6 +300,10 @@ def build(config: Config, tls_options: ServerTLS, reactor: Any) -> MailhostDaemo
                 old.unlink(missing_ok=True)
         site = metrics_site(metrics, ready=lambda: scheduler.ready.called, workers_folder=folder)
         ListenerService(config.metrics.endpoint, site, reactor).setServiceParent(top)
+    if config.http.endpoint is not None:
+        # The main process only, also with workers: nothing here is busy enough to share.
+        factory = https_factory(http_resources(inbound), tls_options, reactor)
+        ListenerService(config.http.endpoint, factory, reactor).setServiceParent(top)
     for each in listeners:
         each.setServiceParent(top)
     reload.setServiceParent(top)
@@ -305,10 +315,17 @@ def build(config: Config, tls_options: ServerTLS, reactor: Any) -> MailhostDaemo
         "mailhost starting: hostname={hostname} domains={domains} listeners={listeners} workers={workers}",
         hostname=config.server.hostname,
         domains=",".join(d.name for d in config.domains),
-        listeners=" ".join(f"{l.role}={l.endpoint}" for l in config.listeners),
+        listeners=" ".join([f"{l.role}={l.endpoint}" for l in config.listeners]
+                           + ([f"https={config.http.endpoint}"] if config.http.endpoint else [])),
         workers=config.server.workers,
     )
     return top
+
+
+def http_resources(inbound: Inbound) -> dict[bytes, Any]:
+    """What the `[http] endpoint` serves, by first path segment (the site adds TLS,
+    the security headers and the limits to each)."""
+    return {b"unsubscribe": UnsubscribeResource(inbound.unsubscribe, inbound.suppression, inbound.writer.run)}
 
 
 def reloader(tls: ServerTLS, reactor: Any, inbound: Inbound, outbound: Outbound,
@@ -320,7 +337,7 @@ def reloader(tls: ServerTLS, reactor: Any, inbound: Inbound, outbound: Outbound,
         running = context.config
         changed = changed_sections(running, config, (
             "server.hostname", "limits", "domains", "submission", "inbound", "bounces", "dkim", "relay", "queue",
-            "throttles", "server.tls_cert", "server.tls_key", "webhooks"))
+            "throttles", "server.tls_cert", "server.tls_key", "webhooks", "http.public_url", "unsubscribe"))
         # Build what can fail first, so that a bad key changes nothing.
         try:
             signer = Signer(config.server.state_dir, configured_keys(config.dkim)) if "dkim" in changed else None

@@ -22,6 +22,7 @@ from mailhost.config import Config
 from mailhost.doors.control import DaemonNotRunning, send_queue_command
 from mailhost.doors.pickup import drop
 from mailhost.feedback.suppression import SuppressionError, suppression_list
+from mailhost.feedback.unsubscribe import UnsubscribeKeyError, UnsubscribeTokens, read_key
 from mailhost.intake.origin import SENDMAIL, Origin
 from mailhost.intake.policy import recipient_verdict
 from mailhost.local.mailbox import LocalDomains
@@ -139,6 +140,7 @@ def run(config: Config, argv: list[str], stdin=None) -> int:
     domains = LocalDomains(config)
     suppression = suppression_list(config.server.state_dir)
     origin = Origin(SENDMAIL, submitter=submitter)
+    unsubscribe = _unsubscribe_tokens(config)
     for address in recipients:
         parsed = _check_address(address, "recipient")
         domain = config.domain(parsed.domain)
@@ -146,7 +148,7 @@ def run(config: Config, argv: list[str], stdin=None) -> int:
             # A users file this user may not read would make every local recipient "no such user".
             read_users_leniently(domain.users)
         try:
-            verdict = recipient_verdict(parsed, origin, domains, suppression, sender=sender)
+            verdict = recipient_verdict(parsed, origin, domains, suppression, sender=sender, unsubscribe=unsubscribe)
         except SuppressionError as e:
             raise SendmailError(f"{e}; nothing was sent") from None
         if not verdict.accepted:
@@ -159,3 +161,14 @@ def run(config: Config, argv: list[str], stdin=None) -> int:
     except OSError:
         pass  # the message is safe in pickup; the daemon's timer collects it
     return 0
+
+
+def _unsubscribe_tokens(config: Config) -> UnsubscribeTokens | None:
+    """The daemon's unsubscribe tokens, to check unsubscribe+TOKEN recipients here as well;
+    None when there is no key yet or this user may not read it (state_dir/unsubscribe.key is
+    0600): such an address is then refused like any unknown local one."""
+    try:
+        key = read_key(config.server.state_dir)
+    except UnsubscribeKeyError:
+        return None
+    return UnsubscribeTokens(key) if key is not None else None

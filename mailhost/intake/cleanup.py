@@ -12,9 +12,11 @@ The steps, in order, each written once here (cf. Postfix's cleanup(8)):
 4. inbound authentication for mail from outside: SPF, DKIM, DMARC into
    Authentication-Results:, forged ones removed, DMARC p=reject honoured when configured;
 5. per-recipient policy and suppression (the SMTP door asked the same question at RCPT);
-6. bounce reports about our mail feed the suppression list;
-7. DKIM signing when the From: domain has a key, except for mail from outside;
-8. Received: (RFC 5321 4.4), split into local copies and a spool envelope, durable commit.
+6. bounce reports about our mail feed the suppression list, and mail to an
+   unsubscribe+TOKEN address unsubscribes (consumed: never stored);
+7. unsubscribe headers (RFC 8058) for our marketing senders' mail to one recipient;
+8. DKIM signing when the From: domain has a key, except for mail from outside;
+9. Received: (RFC 5321 4.4), split into local copies and a spool envelope, durable commit.
 
 A refusal comes back as a `Refused` failure carrying the SMTP reply; any other failure is
 an error the door answers with 451 4.3.0.
@@ -35,13 +37,16 @@ from twisted.logger import Logger
 
 from mailhost.authn.dkim import Signer, sign
 from mailhost.authn.inbound import evaluate, strip_forged_results
-from mailhost.config import Config
+from mailhost.config import Config, UnsubscribeConfig
 from mailhost.feedback.suppression import SuppressionList, parse_dsn
+from mailhost.feedback.unsubscribe import (Unsubscribe, UnsubscribeTokens, base_url, list_unsubscribe_headers,
+                                           record_unsubscribe)
 from mailhost.intake.origin import DSN, SMTP, Origin
 from mailhost.intake.policy import RecipientVerdict, check_originators, recipient_verdict
 from mailhost.intake.submission import missing_headers
 from mailhost.local.mailbox import Copy, LocalDomains, Resolution, deliver_copies
-from mailhost.message import HOP_LIMIT, domain_of, from_domain, has_fields, read_headers, too_many_hops
+from mailhost.message import (HOP_LIMIT, domain_of, from_addresses, from_domain, has_fields, read_headers,
+                              too_many_hops)
 from mailhost.multiproc.shard import Shard
 from mailhost.ops.durable import DiskWriter
 from mailhost.queue.envelope import Envelope, Recipient
@@ -112,18 +117,22 @@ class IntakeSettings:
     hide_client: bool  # [submission] hide_client
     verp: bool  # [relay] verp
     consume_bounces: bool  # [bounces] consume
+    unsubscribe: UnsubscribeConfig = UnsubscribeConfig()  # [unsubscribe]
+    unsubscribe_url: str | None = None  # base of the https links: [http] public_url or the endpoint
 
     @classmethod
     def of(cls, config: Config) -> IntakeSettings:
         return cls(config.server.hostname, config.inbound.authenticate, config.inbound.dmarc_reject,
                    config.relay.nameservers, config.submission.hide_client, config.relay.verp,
-                   config.bounces.consume)
+                   config.bounces.consume, config.unsubscribe,
+                   base_url(config.http.public_url, config.http.endpoint, config.server.hostname))
 
 
 class Intake:
     def __init__(self, config: Config, writer: DiskWriter, spool: Spool, domains: LocalDomains, signer: Signer,
                  suppression: SuppressionList, run_content: Callable[..., Deferred[Any]], shard: Shard,
-                 on_queued: Callable[[Envelope], None] = lambda envelope: None) -> None:
+                 on_queued: Callable[[Envelope], None] = lambda envelope: None,
+                 unsubscribe: UnsubscribeTokens | None = None) -> None:
         self.settings = IntakeSettings.of(config)
         self._writer = writer
         self._spool = spool
@@ -133,11 +142,12 @@ class Intake:
         self._run = run_content  # the content thread pool: DNS and signing off the reactor
         self.shard = shard
         self.on_queued = on_queued
+        self.unsubscribe = unsubscribe  # None: no headers added, no unsubscribe+TOKEN addresses
 
     def reconfigure(self, config: Config, signer: Signer | None = None) -> list[str]:
         """Take the new settings (SIGHUP); returns the names of the sections that changed."""
         settings = IntakeSettings.of(config)
-        changed = [] if settings == self.settings else ["inbound/submission/relay.verp/bounces"]
+        changed = [] if settings == self.settings else ["inbound/submission/relay.verp/bounces/unsubscribe"]
         self.settings = settings
         if signer is not None:
             self.signer = signer
@@ -162,7 +172,8 @@ class Intake:
     def recipient_verdict(self, address: Address, origin: Origin, sender: str = "") -> RecipientVerdict:
         """The RCPT decision (intake.policy.recipient_verdict) with this intake's lists, for a
         message from envelope `sender`."""
-        return recipient_verdict(address, origin, self.domains, self.suppression, self.settings.verp, sender)
+        return recipient_verdict(address, origin, self.domains, self.suppression, self.settings.verp, sender,
+                                 self.unsubscribe)
 
     def notify(self, recipient: str, report: bytes) -> Deferred[str]:
         """Send a report this host wrote (a DSN, a delay warning) from <> to `recipient`;
@@ -228,6 +239,8 @@ class Intake:
             return succeed(Receipt(queue_id, 0, 0, refused))
         is_report = any(r.bounce_for for _, r in accepted) or (
             not incoming.sender and b"delivery-status" in message)
+        unsubscribes = [Unsubscribe(*r.unsubscribe) for _, r in accepted if r.unsubscribe]
+        message = self._list_unsubscribe(message, incoming, origin, accepted)
 
         def sign_and_commit(suppressed: list[str]) -> Deferred[Receipt]:
             signed = self._sign(message, origin)
@@ -236,9 +249,14 @@ class Intake:
                     lambda result: self._commit(queue_id, result, incoming, origin, accepted, refused, suppressed))
             return self._commit(queue_id, signed, incoming, origin, accepted, refused, suppressed)
 
-        if is_report:
-            return self._run(self._record_bounces, message).addCallback(sign_and_commit)
-        return sign_and_commit([])
+        def reports(_: object = None) -> Deferred[Receipt]:
+            if is_report:
+                return self._run(self._record_bounces, message).addCallback(sign_and_commit)
+            return sign_and_commit([])
+
+        if unsubscribes:
+            return self._run(self._record_unsubscribes, unsubscribes).addCallback(reports)
+        return reports()
 
     def _verdict_of_text(self, address: str, origin: Origin, sender: str) -> RecipientVerdict:
         try:
@@ -255,6 +273,39 @@ class Intake:
         if key is None:
             return message
         return self._run(sign, message, key).addCallback(lambda header: header + message)
+
+    def _list_unsubscribe(self, message: bytes, incoming: Incoming, origin: Origin,
+                          accepted: list[tuple[str, Resolution]]) -> bytes:
+        """List-Unsubscribe: and List-Unsubscribe-Post: (RFC 2369 3.2, RFC 8058 3.1) on mail
+        from our own marketing senders (envelope sender or From:) that has none.
+
+        The token names one recipient, so only a message to one recipient gets them: the
+        same body goes to every recipient of a message, and a link for one would let the
+        others unsubscribe them. Campaign tools send one message per recipient anyway."""
+        settings, tokens = self.settings, self.unsubscribe
+        if not settings.unsubscribe.add_headers or tokens is None or not origin.own_client or not incoming.sender:
+            return message
+        headers = read_headers(message)
+        marketing = settings.unsubscribe.is_marketing
+        if not (marketing(incoming.sender) or any(marketing(a) for a in from_addresses(headers))):
+            return message
+        if "list-unsubscribe" in headers.names():
+            return message  # the sender's own (RFC 8058 asks for one only)
+        if len(accepted) != 1 or accepted[0][1].bounce_for or accepted[0][1].unsubscribe:
+            log.warn("no List-Unsubscribe added: mail from <{sender}> to {count} recipients (a token names one; "
+                     "send one message per recipient)", sender=incoming.sender, count=len(accepted))
+            return message
+        sender_domain = domain_of(incoming.sender)
+        mail_domain = sender_domain if self.domains.is_local(sender_domain) else self.domains.primary
+        return list_unsubscribe_headers(tokens, settings.unsubscribe_url, accepted[0][0], incoming.sender,
+                                        mail_domain) + message
+
+    def _record_unsubscribes(self, requests: list[Unsubscribe]) -> None:
+        """Mail to unsubscribe+TOKEN addresses: each recipient suppressed for its sender domain (a content thread)."""
+        for request in requests:
+            if record_unsubscribe(self.suppression, request, "mailto"):
+                log.info("unsubscribed <{rcpt}> from mail of {scope} (mailto)", rcpt=request.recipient,
+                         scope=request.scope)
 
     def _record_bounces(self, message: bytes) -> list[str]:
         """A report about our mail: its failures go to the suppression list (a content thread)."""
@@ -278,6 +329,8 @@ class Intake:
                 if self.settings.consume_bounces:
                     continue  # the suppression update is the delivery
                 resolution = self.domains.resolve("postmaster", domain_of(address))
+            if resolution.unsubscribe:
+                continue  # consumed: the suppression update is the delivery
             for mailbox in resolution.mailboxes:
                 if mailbox.address not in seen:
                     seen.add(mailbox.address)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mailhost.feedback.suppression import SuppressionList, verp_recipient
+from mailhost.feedback.unsubscribe import MAILTO_PREFIX, UnsubscribeTokens, is_mailto_address
 from mailhost.intake.origin import SMTP, Origin
 from mailhost.local.mailbox import LocalDomains, Resolution
 from mailhost.message import (ORIGINATOR_FIELDS, HeaderField, HeaderSection, claimed_addresses, normalize_address,
@@ -49,10 +50,11 @@ class RecipientVerdict:
         return self.resolution is not None
 
 
-def check_recipient(address: Address, domains: LocalDomains, may_relay: bool = False, verp: bool = False) -> RecipientVerdict:
+def check_recipient(address: Address, domains: LocalDomains, may_relay: bool = False, verp: bool = False,
+                    unsubscribe: UnsubscribeTokens | None = None) -> RecipientVerdict:
     """Accept a recipient in a local domain that names someone (or, with VERP
-    on, a bounces+... return address), or a remote one from a client that may
-    relay; refuse the rest."""
+    on, a bounces+... return address, or an unsubscribe+TOKEN address with a
+    valid token), or a remote one from a client that may relay; refuse the rest."""
     rcpt = f"<{address}>"
     if address.domain.startswith("["):
         if may_relay:
@@ -64,6 +66,14 @@ def check_recipient(address: Address, domains: LocalDomains, may_relay: bool = F
         return RecipientVerdict(Reply(250, "2.1.5", f"{rcpt}: Recipient ok"), Resolution(remote=[str(address)]))
     if verp and (about := verp_recipient(address.bare_local)) is not None:
         return RecipientVerdict(Reply(250, "2.1.5", f"{rcpt}: Bounce address ok"), Resolution(bounce_for=about))
+    if unsubscribe is not None and is_mailto_address(address.bare_local):
+        # RFC 8058 / RFC 2369 mailto form: consumed by the intake, never a mailbox, even with a catch-all.
+        request = unsubscribe.verify(address.bare_local[len(MAILTO_PREFIX):], mail_domain=address.domain)
+        if request is None:
+            return RecipientVerdict(Reply(550, "5.1.1", f"{rcpt}: Recipient address rejected: not a valid "
+                                                        "unsubscribe address"))
+        return RecipientVerdict(Reply(250, "2.1.5", f"{rcpt}: Unsubscribe address ok"),
+                                Resolution(unsubscribe=(request.recipient, request.scope)))
     resolution = domains.resolve(address.bare_local, address.domain)
     if not resolution.found:
         return RecipientVerdict(Reply(550, "5.1.1", f"{rcpt}: Recipient address rejected: no such user here"))
@@ -76,17 +86,20 @@ def check_suppressed(resolution: Resolution, suppression: SuppressionList, sende
     for address in resolution.remote:
         entry = suppression.is_suppressed(address, sender)
         if entry is not None:
-            return Reply(550, "5.1.1", f"<{address}>: Recipient suppressed ({entry.status or 'bounced'} on "
+            what = entry.status or ("unsubscribed" if entry.source == "unsubscribe" else "bounced")
+            return Reply(550, "5.1.1", f"<{address}>: Recipient suppressed ({what} on "
                                        f"{entry.date[:10]}: {entry.reason[:120]}); `mailhost suppress remove` to undo")
     return None
 
 
 def recipient_verdict(address: Address, origin: Origin, domains: LocalDomains, suppression: SuppressionList,
-                      verp: bool = False, sender: str = "") -> RecipientVerdict:
+                      verp: bool = False, sender: str = "", unsubscribe: UnsubscribeTokens | None = None
+                      ) -> RecipientVerdict:
     """The whole RCPT decision for a message from `origin`: who it may reach, then the
-    suppression list for our own senders' mail (never for mail from outside or our DSNs)."""
+    suppression list for our own senders' mail (never for mail from outside or our DSNs).
+    `unsubscribe`: the tokens that unsubscribe+TOKEN addresses are checked with."""
     relay = origin.user is not None or origin.relay_network or origin.door != SMTP
-    verdict = check_recipient(address, domains, relay, verp=verp)
+    verdict = check_recipient(address, domains, relay, verp=verp, unsubscribe=unsubscribe)
     if verdict.accepted and origin.own_client:
         suppressed = check_suppressed(verdict.resolution, suppression, sender)
         if suppressed is not None:

@@ -35,10 +35,11 @@ class Resolution:
     mailboxes: list[Mailbox] = field(default_factory=list)
     remote: list[str] = field(default_factory=list)
     bounce_for: str | None = None  # a VERP bounce address: the recipient the bounce is about
+    unsubscribe: tuple[str, str] | None = None  # an unsubscribe+TOKEN address: (recipient, sender domain)
 
     @property
     def found(self) -> bool:
-        return bool(self.mailboxes or self.remote or self.bounce_for)
+        return bool(self.mailboxes or self.remote or self.bounce_for or self.unsubscribe)
 
 
 def is_safe_local_part(local: str) -> bool:

@@ -3,8 +3,9 @@ without dropping a session.
 
 Each component gets its own narrow settings and is rebuilt when they changed (the
 `apply` callable the daemon hands in does that, section by section: domains, limits,
-inbound, dkim, bounces, relay, throttles, queue, webhooks: their secret files re-read); what can only change at a restart
-(listeners, server.workers, state_dir, metrics) is named in one log line. A
+inbound, dkim, bounces, relay, throttles, queue, webhooks: their secret files re-read, the
+unsubscribe settings); what can only change at a restart (listeners, server.workers,
+state_dir, metrics, http.endpoint) is named in one log line. A
 configuration with an error (a bad key, an unreadable DKIM key file) is logged and the
 running one kept whole: nothing is half-applied. New TLS connections get the new pair
 (tls.ServerTLS hands out its newest context); sessions already running keep theirs.
@@ -27,7 +28,7 @@ from mailhost.ops.tls import ServerTLS, TLSSetupError
 log = Logger(namespace="mailhost.reload")
 
 # Sections a running daemon cannot take over: they wait for the next restart.
-RESTART_ONLY = ("listeners", "metrics")
+RESTART_ONLY = ("listeners", "metrics", "http.endpoint")
 
 
 class ReloadError(Exception):
@@ -82,7 +83,7 @@ class ReloadOnHangup(service.Service):
         except (ConfigError, ReloadError) as e:
             log.error("reload: {error}; keeping the running configuration", error=str(e))
             return
-        waiting = [name for name in RESTART_ONLY if getattr(config, name) != getattr(running, name)]
+        waiting = changed_sections(running, config, RESTART_ONLY)
         if config.server.workers != running.server.workers:
             waiting.append("server.workers")  # the queue's shards follow the count the daemon started with
         if config.server.state_dir != running.server.state_dir:
