@@ -22,6 +22,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -54,6 +55,7 @@ _PROVIDERS = {
 }
 _BY_DOMAIN = {domain: name for name, domains in _PROVIDERS.items() for domain in domains}
 # Country variants: yahoo.co.uk, hotmail.fr, outlook.de, live.co.uk ...
+_COUNTRY = re.compile(r"^(?:co\.|com\.)?[a-z]{2}$")
 _BY_LABEL = {"yahoo": "yahoo", "hotmail": "microsoft", "outlook": "microsoft", "live": "microsoft"}
 
 
@@ -63,8 +65,8 @@ def provider_of(address: str) -> str:
     domain = address.rpartition("@")[2].strip().rstrip(".>").lower()
     if domain in _BY_DOMAIN:
         return _BY_DOMAIN[domain]
-    label = domain.split(".", 1)[0]
-    if label in _BY_LABEL and "." in domain:
+    label, _, rest = domain.partition(".")
+    if label in _BY_LABEL and _COUNTRY.match(rest):
         return _BY_LABEL[label]
     return domain or "unknown"
 

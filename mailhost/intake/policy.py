@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mailhost.feedback.suppression import SuppressionList, verp_recipient
+from mailhost.feedback.suppression import SuppressionList, address_key, verp_recipient
 from mailhost.intake.origin import SMTP, Origin
 from mailhost.local.mailbox import LocalDomains, Resolution
 from mailhost.message import (ORIGINATOR_FIELDS, HeaderField, HeaderSection, claimed_addresses, normalize_address,
@@ -49,10 +49,12 @@ class RecipientVerdict:
         return self.resolution is not None
 
 
-def check_recipient(address: Address, domains: LocalDomains, may_relay: bool = False, verp: bool = False) -> RecipientVerdict:
+def check_recipient(address: Address, domains: LocalDomains, may_relay: bool = False, verp: bool = False,
+                    feedback: tuple[str, ...] = ()) -> RecipientVerdict:
     """Accept a recipient in a local domain that names someone (or, with VERP
-    on, a bounces+... return address), or a remote one from a client that may
-    relay; refuse the rest."""
+    on, a bounces+... return address, or one of the `feedback` addresses where
+    complaint reports arrive), or a remote one from a client that may relay;
+    refuse the rest."""
     rcpt = f"<{address}>"
     if address.domain.startswith("["):
         if may_relay:
@@ -65,6 +67,10 @@ def check_recipient(address: Address, domains: LocalDomains, may_relay: bool = F
     if verp and (about := verp_recipient(address.bare_local)) is not None:
         return RecipientVerdict(Reply(250, "2.1.5", f"{rcpt}: Bounce address ok"), Resolution(bounce_for=about))
     resolution = domains.resolve(address.bare_local, address.domain)
+    if not resolution.found and address_key(f"{address.bare_local}@{address.domain}") in feedback:
+        # A feedback-loop address needs no mailbox: what is not consumed as a complaint
+        # (a provider's sign-up confirmation, say) goes to postmaster.
+        resolution = domains.resolve("postmaster", address.domain)
     if not resolution.found:
         return RecipientVerdict(Reply(550, "5.1.1", f"{rcpt}: Recipient address rejected: no such user here"))
     return RecipientVerdict(Reply(250, "2.1.5", f"{rcpt}: Recipient ok"), resolution)
@@ -82,11 +88,11 @@ def check_suppressed(resolution: Resolution, suppression: SuppressionList, sende
 
 
 def recipient_verdict(address: Address, origin: Origin, domains: LocalDomains, suppression: SuppressionList,
-                      verp: bool = False, sender: str = "") -> RecipientVerdict:
+                      verp: bool = False, sender: str = "", feedback: tuple[str, ...] = ()) -> RecipientVerdict:
     """The whole RCPT decision for a message from `origin`: who it may reach, then the
     suppression list for our own senders' mail (never for mail from outside or our DSNs)."""
     relay = origin.user is not None or origin.relay_network or origin.door != SMTP
-    verdict = check_recipient(address, domains, relay, verp=verp)
+    verdict = check_recipient(address, domains, relay, verp=verp, feedback=feedback)
     if verdict.accepted and origin.own_client:
         suppressed = check_suppressed(verdict.resolution, suppression, sender)
         if suppressed is not None:

@@ -12,7 +12,8 @@ from mailhost.feedback.complaints import BUCKET_SECONDS, WINDOW_SECONDS, Complai
     ("a@gmail.com", "google"), ("a@GoogleMail.com.", "google"), ("a@yahoo.com", "yahoo"), ("a@yahoo.co.uk", "yahoo"),
     ("a@aol.com", "yahoo"), ("a@ymail.com", "yahoo"), ("a@outlook.com", "microsoft"), ("a@hotmail.fr", "microsoft"),
     ("a@live.co.uk", "microsoft"), ("a@msn.com", "microsoft"), ("a@icloud.com", "apple"), ("a@me.com", "apple"),
-    ("a@Example.ORG", "example.org"), ("a@yahoo", "yahoo"),
+    ("a@Example.ORG", "example.org"), ("a@yahoo.com.br", "yahoo"), ("a@yahoo.test", "yahoo.test"),
+    ("a@live.example.org", "live.example.org"), ("a@yahoo", "yahoo"),
 ])
 def test_provider_of(address, provider):
     assert provider_of(address) == provider
