@@ -19,7 +19,6 @@ is Gmail's 0.1%.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
@@ -33,7 +32,8 @@ from typing import Any
 from twisted.logger import Logger
 
 from mailhost.ops.durable import write_file_atomically
-from mailhost.ops.ownership import Owner, give, make_dirs
+from mailhost.ops.ownership import Owner
+from mailhost.ops.statelock import exclusive
 
 log = Logger(namespace="mailhost.complaints")
 
@@ -127,27 +127,20 @@ class ComplaintRate:
             pending, self._pending = self._pending, {}
         if not pending:
             return []
-        with self._flushing:
-            make_dirs(self.path.parent, 0o700, self.owner)
-            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            try:
-                give(self._lock_path, self.owner)
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                data = self._read()
-                now = self.clock()
-                buckets = data["buckets"]
-                for (bucket, provider), (delivered, complaints) in pending.items():
-                    counts = buckets.setdefault(str(bucket), {}).setdefault(provider, [0, 0])
-                    counts[0] += delivered
-                    counts[1] += complaints
-                    if complaints:
-                        data["totals"][provider] = data["totals"].get(provider, 0) + complaints
-                data["buckets"] = {b: c for b, c in buckets.items() if int(b) > now - WINDOW_SECONDS - BUCKET_SECONDS}
-                changes = self._judge(data, now, {provider for _, provider in pending})
-                encoded = json.dumps(data, separators=(",", ":"), sort_keys=True).encode("utf-8")
-                write_file_atomically(self.path, encoded + b"\n", 0o600, self.owner)
-            finally:
-                os.close(fd)
+        with self._flushing, exclusive(self._lock_path, self.owner):
+            data = self._read()
+            now = self.clock()
+            buckets = data["buckets"]
+            for (bucket, provider), (delivered, complaints) in pending.items():
+                counts = buckets.setdefault(str(bucket), {}).setdefault(provider, [0, 0])
+                counts[0] += delivered
+                counts[1] += complaints
+                if complaints:
+                    data["totals"][provider] = data["totals"].get(provider, 0) + complaints
+            data["buckets"] = {b: c for b, c in buckets.items() if int(b) > now - WINDOW_SECONDS - BUCKET_SECONDS}
+            changes = self._judge(data, now, {provider for _, provider in pending})
+            encoded = json.dumps(data, separators=(",", ":"), sort_keys=True).encode("utf-8")
+            write_file_atomically(self.path, encoded + b"\n", 0o600, self.owner)
         for provider, level, figures in changes:
             _tell(provider, level, figures)
         return changes

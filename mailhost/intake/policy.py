@@ -82,7 +82,7 @@ def check_suppressed(resolution: Resolution, suppression: SuppressionList, sende
     for address in resolution.remote:
         entry = suppression.is_suppressed(address, sender)
         if entry is not None:
-            return Reply(550, "5.1.1", f"<{address}>: Recipient suppressed ({entry.status or 'bounced'} on "
+            return Reply(550, "5.1.1", f"<{address}>: Recipient suppressed ({entry.status or entry.source or 'bounced'} on "
                                        f"{entry.date[:10]}: {entry.reason[:120]}); `mailhost suppress remove` to undo")
     return None
 
