@@ -36,6 +36,7 @@ from mailhost.ops.signals import StopOnSignal
 from mailhost.smtp.server import ServerContext, listener_factory
 from mailhost.queue.operations import PaceReport, QueueOperations
 from mailhost.queue.spool import Spool
+from mailhost.feedback.complaints import FLUSH_SECONDS as COMPLAINT_FLUSH_SECONDS, ComplaintRate, complaint_rate
 from mailhost.feedback.events import event_log
 from mailhost.feedback.suppression import SuppressionList
 from mailhost.feedback.webhooks import WebhookService, WebhookSetupError, prepare
@@ -226,10 +227,18 @@ def build_inbound(config: Config, tls_options: ServerTLS, reactor: Any, parent: 
                                   soft_window=config.bounces.soft_window, events=events)
     signer = Signer(config.server.state_dir, configured_keys(config.dkim))
     unsubscribe = daemon_tokens(config.server.state_dir)  # made by the main process, before any worker
+    complaints = complaint_rate(config.server.state_dir, owner_of(config.server.state_dir))
+    # Every process adds its counts to the shared figures every few seconds (feedback.complaints).
+    TimerService(COMPLAINT_FLUSH_SECONDS, _flush_complaints, writer, complaints).setServiceParent(parent)
     intake = Intake(config, writer, spool, domains, signer, suppression, content_threads.run, shard,
-                    unsubscribe=unsubscribe)
+                    unsubscribe=unsubscribe, complaint_rate=complaints)
     context = ServerContext(config, domains, intake, tls_options, make_portal(domains, checks.run), slowdown, metrics)
     return Inbound(writer, domains, spool, intake, suppression, context, unsubscribe)
+
+
+def _flush_complaints(writer: DiskWriter, complaints: ComplaintRate) -> Deferred[Any]:
+    return writer.run(complaints.flush).addErrback(
+        lambda failure: log.failure("cannot update the complaint figures", failure))
 
 
 @dataclass
@@ -298,6 +307,8 @@ def build(config: Config, tls_options: ServerTLS, reactor: Any) -> MailhostDaemo
             make_dirs(folder, 0o700, owner)  # made as root; the workers write it
             for old in folder.glob("worker*.json"):  # from an earlier run: not this one's workers
                 old.unlink(missing_ok=True)
+        metrics.watch_complaints(lambda: {p: (r.rate, r.total_complaints)
+                                          for p, r in intake.complaint_rate.rates().items()})
         site = metrics_site(metrics, ready=lambda: scheduler.ready.called, workers_folder=folder)
         ListenerService(config.metrics.endpoint, site, reactor).setServiceParent(top)
     if config.http.endpoint is not None:

@@ -359,6 +359,8 @@ class Scheduler(service.Service):
             self.metrics.deliveries.labels({DELIVERED: "delivered", FAILED: "bounced"}.get(recipient.state, "deferred")).inc()
             if recipient.state == DELIVERED:
                 self.metrics.delivery_delay.observe(now - envelope.arrival)
+                if self.intake.complaint_rate is not None:  # the denominator of the complaint rate
+                    self.intake.complaint_rate.delivered(recipient.address)
             recipient.last_reply = outcome.reply
             recipient.status = outcome.status
             recipient.remote_mta = outcome.remote_mta

@@ -60,7 +60,6 @@ from __future__ import annotations
 import base64
 import email.message
 import email.parser
-import fcntl
 import hashlib
 import json
 import os
@@ -78,7 +77,8 @@ from typing import Any
 from mailhost.feedback.classify import HARD, suppression_effect
 from mailhost.feedback.events import EventLog, event_log
 from mailhost.ops.durable import write_file_atomically
-from mailhost.ops.ownership import Owner, give, make_dirs, owner_of
+from mailhost.ops.ownership import Owner, owner_of
+from mailhost.ops.statelock import exclusive
 
 __all__ = [
     "BounceReport",
@@ -628,19 +628,12 @@ class SuppressionList:
         """Read-modify-write under both locks, starting from the file as it is
         now. The body may append False to the yielded list to skip the write;
         soft bounces older than the window before `now` are dropped."""
-        with self._mutex:
-            make_dirs(self.path.parent, 0o700, self.owner)
-            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            try:
-                give(self._lock_path, self.owner)
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                self._refresh()
-                changed: list[bool] = []
-                yield changed
-                if changed != [False]:
-                    self._write(now)
-            finally:
-                os.close(fd)  # releases the flock
+        with self._mutex, exclusive(self._lock_path, self.owner):
+            self._refresh()
+            changed: list[bool] = []
+            yield changed
+            if changed != [False]:
+                self._write(now)
 
     def _refresh(self) -> None:
         """Load the file when it is not the one loaded last."""

@@ -4,16 +4,18 @@ whatever its door (SMTP on any role, `mailhost sendmail`, our own DSNs, the HTTP
 The steps, in order, each written once here (cf. Postfix's cleanup(8)):
 
 1. hop limit (RFC 5321 6.3): more than HOP_LIMIT Received: fields is a loop;
-2. fix-ups by origin: Message-ID: and Date: for our own senders (RFC 6409 8.3, 8.4),
-   never for mail from outside;
+2. fix-ups by origin: Message-ID: and Date: for our own senders (RFC 6409 8.3, 8.4), and
+   Feedback-ID: (Gmail's feedback loop) when `[unsubscribe] feedback_id` is set; never for
+   mail from outside;
 3. sender ownership: an authenticated user's originator fields (From:, Sender:, Resent-From:,
    Resent-Sender:) name only its own addresses in our domains, and its header section reads
    one way only (RFC 5322, obsolete syntax included);
 4. inbound authentication for mail from outside: SPF, DKIM, DMARC into
    Authentication-Results:, forged ones removed, DMARC p=reject honoured when configured;
 5. per-recipient policy and suppression (the SMTP door asked the same question at RCPT);
-6. bounce reports about our mail feed the suppression list, and mail to an
-   unsubscribe+TOKEN address unsubscribes (consumed: never stored);
+6. bounce reports (RFC 3464) and complaint reports (RFC 5965 ARF) about our mail feed the
+   suppression list, the event log and the complaint rate, and mail to an unsubscribe+TOKEN
+   address unsubscribes (consumed: never stored);
 7. unsubscribe headers (RFC 8058) for our marketing senders' mail to one recipient;
 8. DKIM signing when the From: domain has a key, except for mail from outside;
 9. Received: (RFC 5321 4.4), split into local copies and a spool envelope, durable commit.
@@ -38,12 +40,14 @@ from twisted.logger import Logger
 from mailhost.authn.dkim import Signer, sign
 from mailhost.authn.inbound import evaluate, strip_forged_results
 from mailhost.config import Config, UnsubscribeConfig
-from mailhost.feedback.suppression import SuppressionList, parse_dsn
+from mailhost.feedback.arf import Complaint, is_feedback_report, parse_arf
+from mailhost.feedback.complaints import ComplaintRate, provider_of
+from mailhost.feedback.suppression import SuppressionList, address_key, parse_dsn
 from mailhost.feedback.unsubscribe import (Unsubscribe, UnsubscribeTokens, base_url, list_unsubscribe_headers,
                                            record_unsubscribe)
 from mailhost.intake.origin import DSN, SMTP, Origin
 from mailhost.intake.policy import RecipientVerdict, check_originators, recipient_verdict
-from mailhost.intake.submission import missing_headers
+from mailhost.intake.submission import feedback_id, missing_headers
 from mailhost.local.mailbox import Copy, LocalDomains, Resolution, deliver_copies
 from mailhost.message import (HOP_LIMIT, domain_of, from_addresses, from_domain, has_fields, read_headers,
                               too_many_hops)
@@ -119,20 +123,23 @@ class IntakeSettings:
     consume_bounces: bool  # [bounces] consume
     unsubscribe: UnsubscribeConfig = UnsubscribeConfig()  # [unsubscribe]
     unsubscribe_url: str | None = None  # base of the https links: [http] public_url or the endpoint
+    feedback_addresses: tuple[str, ...] = ()  # [feedback] addresses
+    feedback_id: str | None = None  # [unsubscribe] feedback_id
 
     @classmethod
     def of(cls, config: Config) -> IntakeSettings:
         return cls(config.server.hostname, config.inbound.authenticate, config.inbound.dmarc_reject,
                    config.relay.nameservers, config.submission.hide_client, config.relay.verp,
                    config.bounces.consume, config.unsubscribe,
-                   base_url(config.http.public_url, config.http.endpoint, config.server.hostname))
+                   base_url(config.http.public_url, config.http.endpoint, config.server.hostname),
+                   config.feedback.addresses, config.unsubscribe.feedback_id)
 
 
 class Intake:
     def __init__(self, config: Config, writer: DiskWriter, spool: Spool, domains: LocalDomains, signer: Signer,
                  suppression: SuppressionList, run_content: Callable[..., Deferred[Any]], shard: Shard,
                  on_queued: Callable[[Envelope], None] = lambda envelope: None,
-                 unsubscribe: UnsubscribeTokens | None = None) -> None:
+                 unsubscribe: UnsubscribeTokens | None = None, complaint_rate: ComplaintRate | None = None) -> None:
         self.settings = IntakeSettings.of(config)
         self._writer = writer
         self._spool = spool
@@ -143,11 +150,12 @@ class Intake:
         self.shard = shard
         self.on_queued = on_queued
         self.unsubscribe = unsubscribe  # None: no headers added, no unsubscribe+TOKEN addresses
+        self.complaint_rate = complaint_rate  # complaints counted here, deliveries by the scheduler
 
     def reconfigure(self, config: Config, signer: Signer | None = None) -> list[str]:
         """Take the new settings (SIGHUP); returns the names of the sections that changed."""
         settings = IntakeSettings.of(config)
-        changed = [] if settings == self.settings else ["inbound/submission/relay.verp/bounces/unsubscribe"]
+        changed = [] if settings == self.settings else ["inbound/submission/relay.verp/bounces/unsubscribe/feedback"]
         self.settings = settings
         if signer is not None:
             self.signer = signer
@@ -173,7 +181,7 @@ class Intake:
         """The RCPT decision (intake.policy.recipient_verdict) with this intake's lists, for a
         message from envelope `sender`."""
         return recipient_verdict(address, origin, self.domains, self.suppression, self.settings.verp, sender,
-                                 self.unsubscribe)
+                                 self.unsubscribe, self.settings.feedback_addresses)
 
     def notify(self, recipient: str, report: bytes) -> Deferred[str]:
         """Send a report this host wrote (a DSN, a delay warning) from <> to `recipient`;
@@ -192,14 +200,22 @@ class Intake:
             return message
         if origin.door == DSN:
             return message  # built whole by feedback.dsn
-        if origin.user is None and has_fields(message, (b"message-id", b"date")):
+        template = self.settings.feedback_id
+        wanted = (b"message-id", b"date") if template is None else (b"message-id", b"date", b"feedback-id")
+        if origin.user is None and has_fields(message, wanted):
             return message  # the common case for a campaign tool: nothing to parse
         headers = read_headers(message)
         if origin.user is not None:
             refusal = check_originators(origin.user, headers, self.domains)
             if refusal is not None:
                 raise Refused(refusal)
-        return missing_headers(headers, self.settings.hostname) + message
+        added = missing_headers(headers, self.settings.hostname)
+        if template is not None:
+            # Before DKIM signs it (step 7), which over-signs Feedback-ID.
+            user = origin.user or incoming.sender.rpartition("@")[0]
+            senders = from_addresses(headers)
+            added += feedback_id(headers, template, user, domain_of(senders[0] if senders else incoming.sender))
+        return added + message
 
     def _inbound_checks(self, message: bytes, incoming: Incoming, origin: Origin) -> bytes | Deferred[bytes]:
         """Authentication-Results: for mail from outside (or a DMARC refusal)."""
@@ -239,20 +255,26 @@ class Intake:
             return succeed(Receipt(queue_id, 0, 0, refused))
         is_report = any(r.bounce_for for _, r in accepted) or (
             not incoming.sender and b"delivery-status" in message)
+        # Complaints are taken from mail from outside only: a provider's feedback loop reaches
+        # us by MX. A report from our own senders (a user, a relay-network host, sendmail, the
+        # API) is delivered as ordinary mail and changes nothing: otherwise any of them could
+        # put anyone on the unscoped list, which only the operator may (`mailhost suppress add`).
+        is_complaint = origin.from_outside and is_feedback_report(message)
         unsubscribes = [Unsubscribe(*r.unsubscribe) for _, r in accepted if r.unsubscribe]
         message = self._list_unsubscribe(message, incoming, origin, accepted)
 
-        def sign_and_commit(suppressed: list[str]) -> Deferred[Receipt]:
+        def sign_and_commit(found: tuple[list[str], bool]) -> Deferred[Receipt]:
+            suppressed, complained = found
             signed = self._sign(message, origin)
             if isinstance(signed, Deferred):
-                return signed.addCallback(
-                    lambda result: self._commit(queue_id, result, incoming, origin, accepted, refused, suppressed))
-            return self._commit(queue_id, signed, incoming, origin, accepted, refused, suppressed)
+                return signed.addCallback(lambda result: self._commit(
+                    queue_id, result, incoming, origin, accepted, refused, suppressed, complained))
+            return self._commit(queue_id, signed, incoming, origin, accepted, refused, suppressed, complained)
 
         def reports(_: object = None) -> Deferred[Receipt]:
-            if is_report:
-                return self._run(self._record_bounces, message).addCallback(sign_and_commit)
-            return sign_and_commit([])
+            if is_report or is_complaint:
+                return self._run(self._record_reports, message, is_report, is_complaint).addCallback(sign_and_commit)
+            return sign_and_commit(([], False))
 
         if unsubscribes:
             return self._run(self._record_unsubscribes, unsubscribes).addCallback(reports)
@@ -307,8 +329,62 @@ class Intake:
                 log.info("unsubscribed <{rcpt}> from mail of {scope} (mailto)", rcpt=request.recipient,
                          scope=request.scope)
 
+    def _record_reports(self, message: bytes, bounces: bool, complaint: bool) -> tuple[list[str], bool]:
+        """A report about our mail (a content thread): the recipients newly suppressed, and
+        whether it was a complaint that was recorded."""
+        suppressed = self._record_bounces(message) if bounces else []
+        complained = self._record_complaint(message) if complaint else None
+        if complained is None:
+            return suppressed, False
+        return suppressed + ([complained] if complained else []), True
+
+    def _record_complaint(self, message: bytes) -> str | None:
+        """An ARF report (RFC 5965): suppress the recipient who said "spam", for every sender,
+        tell the event log and count it for the complaint rate. Returns the recipient when
+        newly suppressed, "" when the report was taken but suppressed no one new, None when it
+        is not a complaint about our mail."""
+        complaint = parse_arf(message)
+        if complaint is None:
+            return None
+        if not self._about_our_mail(complaint):
+            log.info("complaint report about <{rcpt}> not taken: the original is not from our domains ({senders})",
+                     rcpt=complaint.recipient, senders=", ".join(sorted(complaint.sender_domains)) or "none given")
+            return None
+        recipient = complaint.recipient
+        existing = self.suppression.is_suppressed(recipient)
+        if existing is not None and existing.source == "complaint":
+            # Providers send a report again now and then; one complaint counts once.
+            log.info("complaint about <{rcpt}> again ({agent}); already suppressed", rcpt=recipient,
+                     agent=complaint.user_agent or "no user agent")
+            return ""
+        provider = provider_of(recipient)
+        if existing is None:
+            reason = f"complaint ({complaint.feedback_type}) via {complaint.user_agent or provider}"
+            if complaint.message_id:
+                reason += f" about <{complaint.message_id}>"
+            self.suppression.add(recipient, "", reason, source="complaint", category="complaint")
+        events = self.suppression.events
+        if events is not None:
+            events.record("complained", recipient=recipient, sender=complaint.sender, message_id=complaint.message_id,
+                          feedback_type=complaint.feedback_type, user_agent=complaint.user_agent, provider=provider,
+                          source_ip=complaint.source_ip, found_by=complaint.found_by)
+        log.info("complaint: <{rcpt}> ({provider}) marked mail from {sender} <{msgid}> as {kind} via {agent}; "
+                 "suppressed", rcpt=recipient, provider=provider, sender=complaint.sender or "?",
+                 msgid=complaint.message_id, kind=complaint.feedback_type, agent=complaint.user_agent or "?")
+        if self.complaint_rate is not None:
+            self.complaint_rate.complained(recipient)
+            self.complaint_rate.flush()
+        return recipient if existing is None else ""
+
+    def _about_our_mail(self, complaint: Complaint) -> bool:
+        """Whether the original claims to be from us: its From: or envelope sender in one of
+        our domains, or a domain we sign for. A complaint about someone else's mail must not
+        stop ours. (A forger who names our domain gets as far as with a forged VERP bounce.)"""
+        signs = self.signer.has_keys()
+        return any(self.domains.is_local(d) or (signs and d in self.signer.keys) for d in complaint.sender_domains)
+
     def _record_bounces(self, message: bytes) -> list[str]:
-        """A report about our mail: its failures go to the suppression list (a content thread)."""
+        """A DSN about our mail: its failures go to the suppression list."""
         suppressed = []
         for report in parse_dsn(message):
             if self.suppression.is_suppressed(report.recipient) is None and self.suppression.record_bounce(report):
@@ -319,7 +395,7 @@ class Intake:
 
     def _commit(self, queue_id: str, message: bytes, incoming: Incoming, origin: Origin,
                 accepted: list[tuple[str, Resolution]], refused: list[tuple[str, Reply]],
-                suppressed: list[str]) -> Deferred[Receipt]:
+                suppressed: list[str], complained: bool = False) -> Deferred[Receipt]:
         date = received_date()
         copies: list[Copy] = []
         remote: list[str] = []
@@ -329,6 +405,8 @@ class Intake:
                 if self.settings.consume_bounces:
                     continue  # the suppression update is the delivery
                 resolution = self.domains.resolve("postmaster", domain_of(address))
+            elif complained and self.settings.consume_bounces and address_key(address) in self.settings.feedback_addresses:
+                continue  # a complaint taken at a feedback-loop address: consumed like a VERP bounce
             if resolution.unsubscribe:
                 continue  # consumed: the suppression update is the delivery
             for mailbox in resolution.mailboxes:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mailhost.feedback.suppression import SuppressionList, verp_recipient
+from mailhost.feedback.suppression import SuppressionList, address_key, verp_recipient
 from mailhost.feedback.unsubscribe import MAILTO_PREFIX, UnsubscribeTokens, is_mailto_address
 from mailhost.intake.origin import SMTP, Origin
 from mailhost.local.mailbox import LocalDomains, Resolution
@@ -51,10 +51,11 @@ class RecipientVerdict:
 
 
 def check_recipient(address: Address, domains: LocalDomains, may_relay: bool = False, verp: bool = False,
-                    unsubscribe: UnsubscribeTokens | None = None) -> RecipientVerdict:
+                    unsubscribe: UnsubscribeTokens | None = None, feedback: tuple[str, ...] = ()) -> RecipientVerdict:
     """Accept a recipient in a local domain that names someone (or, with VERP
-    on, a bounces+... return address, or an unsubscribe+TOKEN address with a
-    valid token), or a remote one from a client that may relay; refuse the rest."""
+    on, a bounces+... return address, an unsubscribe+TOKEN address with a valid
+    token, or one of the `feedback` addresses where complaint reports arrive), or
+    a remote one from a client that may relay; refuse the rest."""
     rcpt = f"<{address}>"
     if address.domain.startswith("["):
         if may_relay:
@@ -75,6 +76,10 @@ def check_recipient(address: Address, domains: LocalDomains, may_relay: bool = F
         return RecipientVerdict(Reply(250, "2.1.5", f"{rcpt}: Unsubscribe address ok"),
                                 Resolution(unsubscribe=(request.recipient, request.scope)))
     resolution = domains.resolve(address.bare_local, address.domain)
+    if not resolution.found and address_key(f"{address.bare_local}@{address.domain}") in feedback:
+        # A feedback-loop address needs no mailbox: what is not consumed as a complaint
+        # (a provider's sign-up confirmation, say) goes to postmaster.
+        resolution = domains.resolve("postmaster", address.domain)
     if not resolution.found:
         return RecipientVerdict(Reply(550, "5.1.1", f"{rcpt}: Recipient address rejected: no such user here"))
     return RecipientVerdict(Reply(250, "2.1.5", f"{rcpt}: Recipient ok"), resolution)
@@ -86,20 +91,20 @@ def check_suppressed(resolution: Resolution, suppression: SuppressionList, sende
     for address in resolution.remote:
         entry = suppression.is_suppressed(address, sender)
         if entry is not None:
-            what = entry.status or ("unsubscribed" if entry.source == "unsubscribe" else "bounced")
+            what = entry.status or {"unsubscribe": "unsubscribed"}.get(entry.source, entry.source or "bounced")
             return Reply(550, "5.1.1", f"<{address}>: Recipient suppressed ({what} on "
                                        f"{entry.date[:10]}: {entry.reason[:120]}); `mailhost suppress remove` to undo")
     return None
 
 
 def recipient_verdict(address: Address, origin: Origin, domains: LocalDomains, suppression: SuppressionList,
-                      verp: bool = False, sender: str = "", unsubscribe: UnsubscribeTokens | None = None
-                      ) -> RecipientVerdict:
+                      verp: bool = False, sender: str = "", unsubscribe: UnsubscribeTokens | None = None,
+                      feedback: tuple[str, ...] = ()) -> RecipientVerdict:
     """The whole RCPT decision for a message from `origin`: who it may reach, then the
     suppression list for our own senders' mail (never for mail from outside or our DSNs).
     `unsubscribe`: the tokens that unsubscribe+TOKEN addresses are checked with."""
     relay = origin.user is not None or origin.relay_network or origin.door != SMTP
-    verdict = check_recipient(address, domains, relay, verp=verp, unsubscribe=unsubscribe)
+    verdict = check_recipient(address, domains, relay, verp=verp, unsubscribe=unsubscribe, feedback=feedback)
     if verdict.accepted and origin.own_client:
         suppressed = check_suppressed(verdict.resolution, suppression, sender)
         if suppressed is not None:

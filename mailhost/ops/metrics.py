@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.twisted import MetricsResource
 from twisted.web.resource import Resource
@@ -63,6 +63,11 @@ class Metrics:
         """Each paced destination group's current rate, read at scrape time."""
         self.registry.register(_ThrottleCollector(snapshot))
 
+    def watch_complaints(self, rates: Callable[[], dict[str, tuple[float, int]]]) -> None:
+        """Each provider's complaint rate over the window and its complaints ever, read at scrape
+        time (by the main process only: the figures are already those of every process)."""
+        self.registry.register(_ComplaintCollector(rates))
+
     def watch_queue(self, size: Callable[[], int], oldest_arrival: Callable[[], float | None]) -> None:
         """Gauges read at scrape time, from the scheduler's in-memory index."""
         self.queue_size.set_function(size)
@@ -82,6 +87,22 @@ class _ThrottleCollector:
             ceiling.add_metric([group], values["max_rate"])
         yield rate
         yield ceiling
+
+
+class _ComplaintCollector:
+    def __init__(self, rates: Callable[[], dict[str, tuple[float, int]]]) -> None:
+        self._rates = rates
+
+    def collect(self) -> Any:
+        rate = GaugeMetricFamily("mailhost_complaint_rate", "Spam complaints / delivered over the last 24 hours, "
+                                 "by mailbox provider", labels=["provider"])
+        total = CounterMetricFamily("mailhost_complaints", "Spam complaint reports (ARF) taken, by mailbox provider",
+                                    labels=["provider"])
+        for provider, (value, complaints) in self._rates().items():
+            rate.add_metric([provider], value)
+            total.add_metric([provider], complaints)
+        yield rate
+        yield total
 
 
 class _Health(Resource):

@@ -11,9 +11,11 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from mailhost.ops.ownership import Owner, give
+from mailhost.ops.ownership import Owner, give, make_dirs
 
 LOCK_NAME = "mailhost.lock"
 
@@ -57,3 +59,18 @@ def lock_state_dir(state_dir: Path, owner: Owner | None = None) -> StateLock:
     lock = StateLock(fd, path)
     lock.write_pid()
     return lock
+
+
+@contextmanager
+def exclusive(path: Path, owner: Owner | None = None) -> Iterator[None]:
+    """Hold an exclusive flock(2) on `path` (made, with its folder, for `owner` when missing)
+    for the body: one writer at a time across processes for a read-modify-write of a file
+    next to it (the suppression list, the complaint figures)."""
+    make_dirs(path.parent, 0o700, owner)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        give(path, owner)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the flock

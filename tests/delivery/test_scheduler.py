@@ -129,6 +129,8 @@ class Notice:
 class FakeIntake:
     """Records the reports the scheduler sends through the intake (Intake.notify)."""
 
+    complaint_rate = None
+
     def __init__(self) -> None:
         self.notices: list[Notice] = []
         self.fail_with: Exception | None = None
