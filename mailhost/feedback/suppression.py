@@ -75,7 +75,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from mailhost.feedback.classify import HARD, suppression_effect
+from mailhost.config import BounceRule
+from mailhost.feedback.classify import HARD, classify_reply, suppression_effect
 from mailhost.feedback.events import EventLog, event_log
 from mailhost.ops.durable import write_file_atomically
 from mailhost.ops.ownership import Owner, give, make_dirs, owner_of
@@ -274,6 +275,7 @@ class BounceReport:
     diagnostic: str
     permanent: bool
     original_recipient: str = ""
+    category: str = ""  # the bounce class when the caller classified it already; "" to classify here
 
 
 def _clean(text: str, limit: int = TEXT_LIMIT) -> str:
@@ -483,7 +485,8 @@ class SuppressionList:
     docstring for how two processes share it)."""
 
     def __init__(self, path: Path, soft_limit: int = 3, soft_window: float = 7 * 86400,
-                 owner: Owner | None = None, events: EventLog | None = None) -> None:
+                 owner: Owner | None = None, events: EventLog | None = None,
+                 rules: tuple[BounceRule, ...] = ()) -> None:
         if soft_limit < 1:
             raise ValueError(f"soft_limit must be at least 1, not {soft_limit}")
         if soft_window <= 0:
@@ -493,6 +496,7 @@ class SuppressionList:
         self.soft_window = float(soft_window)
         self.owner = owner  # the CLI run as root: the files go to the daemon's user
         self.events = events  # where each new entry is told as a "suppressed" event
+        self.rules = rules  # [[bounce_rule]]s, first in classify_reply (replaced on SIGHUP)
         self._lock_path = self.path.with_name(self.path.name + ".lock")
         self._mutex = threading.RLock()
         self._identity: tuple[int, int, int, int] | None = None
@@ -570,15 +574,21 @@ class SuppressionList:
                     self._scoped.pop(domain, None)
             return removed
 
+    def classify(self, report: BounceReport) -> str:
+        """The report's bounce class: the one it carries, else the classifier's verdict."""
+        return report.category or classify_reply(report.status, report.diagnostic, rules=self.rules)
+
     def record_bounce(self, report: BounceReport, now: float | None = None) -> bool:
-        """Count one bounce, as feedback.classify says: a permanent failure suppresses
-        at once; soft ones (4.x.x, delayed, or no readable status) suppress when
-        `soft_limit` of them fall within `soft_window` seconds; a policy or content
-        refusal counts for nothing. True when the address is now suppressed (also
-        when it already was)."""
+        """Count one bounce, as its class says (feedback.classify): an invalid recipient
+        suppresses at once when the failure is permanent; a full or inactive mailbox (and a
+        temporary "user unknown") suppresses when `soft_limit` of them fall within
+        `soft_window` seconds; every other class (a policy, authentication or content
+        block, a rate limit, ...) counts for nothing. The entry keeps the class and the
+        reply. True when the address is now suppressed (also when it already was)."""
         now = time.time() if now is None else now
         key = address_key(report.recipient)
-        effect = suppression_effect(report.status, report.action)
+        category = self.classify(report)
+        effect = suppression_effect(category, report.permanent)
         if not _is_address(key) or report.action not in _BOUNCE_ACTIONS or effect is None:
             return self.is_suppressed(key) is not None
         with self._changing(now) as changed:
@@ -587,7 +597,7 @@ class SuppressionList:
                 return True
             if effect == HARD:
                 added = self._put(key, report.status, report.diagnostic or f"{report.action} {report.status}", "bounce",
-                                  now)
+                                  now, category)
             else:
                 recent = self._recent(self._soft.get(key, []), now) + [now]
                 if len(recent) < self.soft_limit:
@@ -597,7 +607,7 @@ class SuppressionList:
                 reason = f"{len(recent)} soft bounces in {days:g} days"
                 if report.diagnostic:
                     reason += f"; last: {report.diagnostic}"
-                added = self._put(key, report.status, reason, "bounce", now)
+                added = self._put(key, report.status, reason, "bounce", now, category)
         self._tell(added, now)
         return True
 
