@@ -87,6 +87,7 @@ __all__ = [
     "SuppressionError",
     "SuppressionList",
     "address_key",
+    "entry_problem",
     "parse_dsn",
     "verp_recipient",
     "verp_sender",
@@ -557,6 +558,23 @@ class SuppressionList:
             entry = self._put(address_key(address), status, reason, source, now, category, scope)
         self._tell(entry, now)
 
+    def add_entries(self, entries: list[SuppressionEntry]) -> int:
+        """Add entries as they are (an import: the dates and classes of another tool's list),
+        replacing the ones they match, in one write; no events are told (the list comes from
+        the tool that would hear them). Check each with `entry_problem` first."""
+        now = time.time()
+        with self._changing(now):
+            for e in entries:
+                key = address_key(e.address)
+                entry = SuppressionEntry(key, e.status, _clean(e.reason), e.date or _iso(now), e.source,
+                                         _clean(e.category, 40), scope_key(e.scope) if e.scope else "")
+                if entry.scope:
+                    self._scoped.setdefault(entry.scope, {})[key] = entry
+                else:
+                    self._soft.pop(key, None)
+                    self._suppressed[key] = entry
+        return len(entries)
+
     def remove(self, address: str, scope: str | None = None) -> bool:
         """Take `address` off the list (and forget its soft bounces): its entry for every
         sender and every scoped one, or with `scope` ("" for the unscoped entry) just that
@@ -733,6 +751,22 @@ _STORED_FIELDS = ("status", "reason", "date", "source", "class")
 def _stored(entries: dict[str, SuppressionEntry]) -> dict[str, dict[str, str]]:
     return {key: {"status": e.status, "reason": e.reason, "date": e.date, "source": e.source, "class": e.category}
             for key, e in sorted(entries.items())}
+
+
+def entry_problem(address: str, status: str, source: str, scope: str) -> str | None:
+    """Why these fields cannot make a suppression entry (the checks `add` makes), or None."""
+    address = address.strip()
+    if address.startswith("<") and address.endswith(">"):
+        address = address[1:-1].strip()
+    if not _is_address(address):
+        return f"not a mail address: {address!r}"
+    if status and not _STATUS.match(status):
+        return f"not a status code (x.y.z with x 2, 4 or 5): {status!r}"
+    if source not in SOURCES:
+        return f"not a suppression source ({', '.join(SOURCES)}): {source!r}"
+    if scope and not _HOST.match(scope_key(scope)):
+        return f"not a sender domain: {scope!r}"
+    return None
 
 
 def scope_key(sender: str) -> str:
