@@ -638,7 +638,9 @@ class SuppressionList:
     # -- internals
 
     def _recent(self, times: list[float], now: float) -> list[float]:
-        return [t for t in times if now - self.soft_window < t <= now]
+        # Times after `now` stay: another thread may have recorded one while this change
+        # (its `now` taken earlier) waited for the lock, and the write must not drop it.
+        return [t for t in times if now - self.soft_window < t]
 
     def _put(self, key: str, status: str, reason: str, source: str, now: float, category: str = "",
              scope: str = "") -> SuppressionEntry:
@@ -662,6 +664,10 @@ class SuppressionList:
             try:
                 give(self._lock_path, self.owner)
                 fcntl.flock(fd, fcntl.LOCK_EX)
+                # A change always starts from the file itself: another process's replacement can
+                # reuse the inode, size and mtime tick of the one loaded last (seen with workers
+                # recording soft bounces at once), and a change on a stale copy would lose theirs.
+                self._identity = None
                 self._refresh()
                 changed: list[bool] = []
                 yield changed
