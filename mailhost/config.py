@@ -147,6 +147,9 @@ class BouncesConfig:
     consume: bool = True  # a VERP bounce updates the suppression list and is not delivered
     soft_limit: int = 3  # soft bounces within soft_window that suppress an address
     soft_window: float = 7 * 86400.0
+    # A policy, authentication or content block pauses its destination group this long
+    # (its pace also drops to the floor); 0: only the pace drops.
+    block_pause: float = 900.0
 
 
 BOUNCE_CLASSES = ("invalid_recipient", "mailbox_full", "policy", "authentication", "content", "rate_limit",
@@ -338,7 +341,7 @@ class _Reader:
             _check_endpoint(self, "metrics.endpoint", metrics_endpoint)
         submission = self.submission(self.table(data, "submission", {"hide_client"}))
         inbound = self.table(data, "inbound", {"authenticate", "dmarc_reject"})
-        bounces = self.table(data, "bounces", {"consume", "soft_limit", "soft_window"})
+        bounces = self.table(data, "bounces", {"consume", "soft_limit", "soft_window", "block_pause"})
         return Config(
             self.path, server, listeners, limits, domains, relay, queue, submission=submission,
             metrics=MetricsConfig(metrics_endpoint), throttles=self.throttles(data.get("throttle", [])),
@@ -347,7 +350,8 @@ class _Reader:
                                   self.boolean(inbound, "inbound", "dmarc_reject", False)),
             bounces=BouncesConfig(self.boolean(bounces, "bounces", "consume", True),
                                   self.integer(bounces, "bounces", "soft_limit", 3, 1, 1000),
-                                  self.duration(bounces, "bounces", "soft_window", 7 * 86400.0)),
+                                  self.duration(bounces, "bounces", "soft_window", 7 * 86400.0),
+                                  self.duration(bounces, "bounces", "block_pause", 900.0)),
             http=self.http(self.table(data, "http", {"endpoint", "public_url"})),
             unsubscribe=self.unsubscribe(self.table(data, "unsubscribe", {"add_headers", "senders", "feedback_id"})),
             feedback=FeedbackConfig(self.addresses(self.table(data, "feedback", {"addresses"}), "feedback", "addresses",

@@ -224,7 +224,7 @@ def build_inbound(config: Config, tls_options: ServerTLS, reactor: Any, parent: 
     DiskWriterService(content_threads).setServiceParent(parent)
     events = event_log(config.server.state_dir)
     suppression = SuppressionList(config.server.state_dir / "suppression.json", soft_limit=config.bounces.soft_limit,
-                                  soft_window=config.bounces.soft_window, events=events)
+                                  soft_window=config.bounces.soft_window, events=events, rules=config.bounce_rules)
     signer = Signer(config.server.state_dir, configured_keys(config.dkim))
     unsubscribe = daemon_tokens(config.server.state_dir)  # made by the main process, before any worker
     complaints = complaint_rate(config.server.state_dir, owner_of(config.server.state_dir))
@@ -261,7 +261,7 @@ def build_outbound(config: Config, inbound: Inbound, reactor: Any, parent: servi
     throttle = Throttle(config.throttles, default_connections=config.queue.per_destination, share=shard.count,
                         index=shard.index)
     metrics.watch_throttle(throttle.snapshot)
-    deliverer = Deliverer(config, router, pool, throttle, reactor)
+    deliverer = Deliverer(config, router, pool, throttle, reactor, metrics)
     scheduler = Scheduler(config, inbound.spool, inbound.writer, deliverer, inbound.intake, reactor, metrics, shard,
                           inbound.suppression, max_in_flight=share_of(config.queue.concurrency, shard.count, shard.index),
                           recover_spool=main)
@@ -347,8 +347,8 @@ def reloader(tls: ServerTLS, reactor: Any, inbound: Inbound, outbound: Outbound,
     def apply(config: Config) -> list[str]:
         running = context.config
         changed = changed_sections(running, config, (
-            "server.hostname", "limits", "domains", "submission", "inbound", "bounces", "dkim", "relay", "queue",
-            "throttles", "server.tls_cert", "server.tls_key", "webhooks", "http.public_url", "unsubscribe"))
+            "server.hostname", "limits", "domains", "submission", "inbound", "bounces", "bounce_rules", "dkim", "relay",
+            "queue", "throttles", "server.tls_cert", "server.tls_key", "webhooks", "http.public_url", "unsubscribe"))
         # Build what can fail first, so that a bad key changes nothing.
         try:
             signer = Signer(config.server.state_dir, configured_keys(config.dkim)) if "dkim" in changed else None
@@ -360,6 +360,7 @@ def reloader(tls: ServerTLS, reactor: Any, inbound: Inbound, outbound: Outbound,
         inbound.intake.reconfigure(config, signer)
         inbound.suppression.soft_limit = config.bounces.soft_limit
         inbound.suppression.soft_window = config.bounces.soft_window
+        inbound.suppression.rules = config.bounce_rules  # the deliverer reads its config's on each reply
         tls.cert_path, tls.key_path = tls_pair_paths(config)
         if outbound is not None:
             if "relay" in changed or "server.hostname" in changed:

@@ -70,14 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     keygen.add_argument("--selector", required=True, help="the DNS selector, e.g. s2026")
     keygen.add_argument("--algorithm", default="rsa-sha256", choices=["rsa-sha256", "ed25519-sha256"])
 
-    suppress = commands.add_parser("suppress", help="the suppression list (hard-bounced addresses)").add_subparsers(
-        dest="suppress_command", required=True, metavar="list|add|remove", parser_class=_Parser
-    )
-    suppress.add_parser("list", help="suppressed addresses").add_argument("--json", action="store_true")
-    suppress_add = suppress.add_parser("add", help="stop sending to an address")
-    suppress_add.add_argument("address")
-    suppress_add.add_argument("--reason", default="added by the operator")
-    suppress.add_parser("remove", help="send to an address again").add_argument("address")
+    from mailhost.cli import suppress
+
+    suppress.add_parser(commands, _Parser)
 
     queue = commands.add_parser("queue", help="see and steer the outbound queue").add_subparsers(
         dest="queue_command", required=True, metavar="list|show|flush|delete|hold|release", parser_class=_Parser
@@ -147,32 +142,12 @@ def os_error_line(error: OSError) -> str:
 
 
 def suppress_command(config: Config, args: argparse.Namespace) -> int:
-    import json
-    from dataclasses import asdict
+    from mailhost.cli.suppress import SuppressUsageError, run
 
-    from mailhost.feedback.suppression import SuppressionError, suppression_list
-
-    suppressed = suppression_list(config.server.state_dir)
     try:
-        if args.suppress_command == "list":
-            entries = suppressed.entries()
-            if args.json:
-                print(json.dumps({"suppressed": [asdict(e) for e in entries]}, ensure_ascii=False))
-            else:
-                for e in entries:
-                    scope = f"  (mail from {e.scope})" if e.scope else ""
-                    print(f"{e.address}  {e.category or '-'}  {e.status or '-'}  {e.date}  {e.source}: {e.reason}{scope}")
-                print(f"{len(entries)} suppressed addresses")
-        elif args.suppress_command == "add":
-            suppressed.add(args.address, "5.0.0", args.reason)
-            print(f"suppressed {args.address}")
-        elif not suppressed.remove(args.address):
-            raise UserError(f"{args.address} is not suppressed")
-        else:
-            print(f"{args.address} may be sent to again")
-    except (SuppressionError, ValueError) as e:
+        return run(config, args)
+    except SuppressUsageError as e:
         raise UserError(str(e)) from None
-    return 0
 
 
 def dkim_keygen(config: Config, args: argparse.Namespace) -> int:

@@ -10,7 +10,8 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from operator import itemgetter
 from pathlib import Path
 
@@ -32,11 +33,34 @@ def checked_queue_id(text: str) -> str:
     return queue_id
 
 
+@dataclass(frozen=True)
+class Limits:
+    """When the scheduler gives up on a message (queue.lifetime, queue.marketing_lifetime for
+    mail from [unsubscribe] senders, queue.max_attempts), for the listing to show."""
+
+    lifetime: float = 5 * 86400.0
+    marketing_lifetime: float = 86400.0
+    max_attempts: int = 0  # 0: no limit
+    is_marketing: Callable[[str], bool] = lambda sender: False
+
+    @classmethod
+    def of(cls, config: Config) -> Limits:
+        queue = config.queue
+        return cls(queue.lifetime, queue.marketing_lifetime, queue.max_attempts, config.unsubscribe.is_marketing)
+
+    def expires(self, sender: str, arrival: float) -> float:
+        marketing = bool(sender) and self.is_marketing(sender)
+        return arrival + (self.marketing_lifetime if marketing else self.lifetime)
+
+
+_limits = Limits()  # set by queue_list before any listing (forked children inherit it)
+
+
 def run_queue_command(config: Config, args: argparse.Namespace) -> int:
     spool = Spool(config.server.state_dir / "spool", owner_of(config.server.state_dir))
     command = args.queue_command
     if command == "list":
-        return queue_list(spool, args.json, config.server.state_dir)
+        return queue_list(spool, args.json, config.server.state_dir, limits=Limits.of(config))
     queue_id = getattr(args, "id", None)
     if queue_id is not None:
         queue_id = checked_queue_id(queue_id)
@@ -84,6 +108,8 @@ def _summary(envelope: dict) -> dict:
         "arrival": _iso(envelope["arrival"]),
         "next_attempt": _iso(envelope["next_attempt"]),
         "held": envelope.get("held", False),
+        "expires": _iso(_limits.expires(envelope["sender"], envelope["arrival"])),
+        "max_attempts": _limits.max_attempts,
         "recipients": [
             {key: r.get(key, "") for key in ("address", "state", "attempts", "last_reply", "status")}
             for r in envelope["recipients"]
@@ -135,20 +161,23 @@ def _json_text(envelope: dict) -> str:
         else:
             return (f'{{"id": {_enc(queue_id)}, "sender": {_enc(sender)}, "arrival": "{_iso(envelope["arrival"])}", '
                     f'"next_attempt": "{_iso(envelope["next_attempt"])}", "held": {"true" if held else "false"}, '
-                    f'"recipients": [{", ".join(parts)}]}}')
+                    f'"expires": "{_iso(_limits.expires(sender, envelope["arrival"]))}", '
+                    f'"max_attempts": {_limits.max_attempts}, "recipients": [{", ".join(parts)}]}}')
     return json.dumps(_summary(envelope), ensure_ascii=False)
 
 
 def _text_lines(envelope: dict) -> str:
     """The lines of one message in the plain listing (from the envelope, as _summary reads it)."""
     held = " HELD" if envelope.get("held", False) else ""
+    expires = _iso(_limits.expires(envelope["sender"], envelope["arrival"]))
     lines = [f"{envelope['id']}  {_iso(envelope['arrival'])}  <{envelope['sender']}>{held}  "
-             f"next {_iso(envelope['next_attempt'])}"]
+             f"next {_iso(envelope['next_attempt'])}  expires {expires}"]
+    most = f"/{_limits.max_attempts}" if _limits.max_attempts else ""
     for r in envelope["recipients"]:
         get = r.get
         reply = get("last_reply", "")
         reply = f"  ({reply})" if reply else ""
-        lines.append(f"    {get('state', ''):9} {get('attempts', '')} attempts  <{get('address', '')}>{reply}")
+        lines.append(f"    {get('state', ''):9} {get('attempts', '')}{most} attempts  <{get('address', '')}>{reply}")
     return "\n".join(lines)
 
 
@@ -290,7 +319,10 @@ def _collect(child: tuple[int, int] | None) -> tuple[list[Entry], list[Corrupt]]
     return result
 
 
-def queue_list(spool: Spool, as_json: bool, state_dir: Path, processes: int | None = None) -> int:
+def queue_list(spool: Spool, as_json: bool, state_dir: Path, processes: int | None = None,
+               limits: Limits | None = None) -> int:
+    global _limits
+    _limits = limits or Limits()
     # Raw JSON dicts, not Envelope objects, and several processes: `queue list` of 100,000
     # messages stays quick (bench/queue_scale.py). The spool is read directly even when the
     # daemon runs: it holds only ids and due times, not the recipients' states.
@@ -311,7 +343,9 @@ def queue_list(spool: Spool, as_json: bool, state_dir: Path, processes: int | No
         out.flush()
         return 0
     lines = [f"pace {group}: {values['rate']:.0f}/min (at most {values['max_rate']:.0f}/min, "
-             f"{values['connections']:.0f} connections)" for group, values in paces.items()]
+             f"{values['connections']:.0f} connections)"
+             + (f", paused for {values['paused_for']:.0f}s after a block" if values.get("paused_for") else "")
+             for group, values in paces.items()]
     lines.extend(entry[1] for entry in entries)
     # Not in the queue, not delivered: the operator has to look (README, "The queue").
     lines.extend(f"{name}  CORRUPT  {path}: {reason}" for name, path, reason in corrupt)

@@ -19,8 +19,10 @@ from mailhost.queue.envelope import Envelope, Recipient
 from mailhost.delivery.routing import Hop, RouteError, Router
 from mailhost.smtp.client import ClientSession, SendResult, SessionError, open_session
 from mailhost.smtp.wire import Reply
+from mailhost.feedback.classify import BLOCKING, RATE_LIMIT, classify_reply
 from mailhost.feedback.suppression import verp_sender
 from mailhost.delivery.throttle import Pace, Throttle, is_slow_down_signal
+from mailhost.ops.metrics import Metrics
 
 log = Logger(namespace="mailhost.outbound")
 
@@ -42,6 +44,7 @@ class Outcome:
     relay: str = ""  # host[ip]:port, for the log
     retry_in: float = 0.0  # for "throttled": seconds until the group's next send slot
     tls: str = ""  # the TLS version of the session that answered ("TLSv1.3"), "" for none
+    category: str = ""  # the bounce class of a remote refusal (feedback.classify), "" otherwise
 
 
 def log_outcome(queue_id: str, recipient: str, outcome: Outcome, delay: float) -> None:
@@ -135,8 +138,10 @@ class _Slot:
 class Deliverer:
     """Delivers a message's pending remote recipients, domain by domain, in parallel."""
 
-    def __init__(self, config: Config, router: Router, pool: SessionPool, throttle: Throttle, reactor: Any) -> None:
+    def __init__(self, config: Config, router: Router, pool: SessionPool, throttle: Throttle, reactor: Any,
+                 metrics: Metrics | None = None) -> None:
         self.config = config
+        self.metrics = metrics
         self.router = router
         self.pool = pool
         self.throttle = throttle
@@ -195,6 +200,11 @@ class Deliverer:
             yield deferLater(self.reactor, wait, lambda: None)
         slot = _Slot(pace.connections)
         yield slot.acquire()
+        paused = pace.paused_for()
+        if paused > THROTTLE_WAIT_MAX:  # blocked while this delivery waited for a connection
+            slot.release()
+            return {a: Outcome("throttled", f"{pace.name} paused after a block", "4.7.0", retry_in=paused)
+                    for a in addresses}
         try:
             outcomes = yield self._try_hops(envelope, message, route.hops, addresses, smarthost, pace, slot)
         finally:
@@ -227,7 +237,7 @@ class Deliverer:
                 except SessionError as e:
                     last_error = self._session_failure(e, hop, relay, smarthost, e.tls_version or "")
                     log.info("{id}: {relay}: {reason}", id=envelope.id, relay=relay, reason=e.reason)
-                    self._signal(pace, e.reply, e.refused)
+                    self._react(envelope, pace, hop, e.reply, e.refused)
                     if last_error.state == "failed":
                         return {**outcomes, **self._logged(envelope, {a: last_error for a in remaining}, attempt_started)}
                     continue
@@ -247,7 +257,7 @@ class Deliverer:
                     session.abort()  # (broken for whoever took it over too)
                     last_error = self._session_failure(e, hop, relay, smarthost, tls)
                     log.info("{id}: {relay}: {reason}", id=envelope.id, relay=relay, reason=e.reason)
-                    self._signal(pace, e.reply, e.refused)
+                    self._react(envelope, pace, hop, e.reply, e.refused)
                     continue
                 if not handed_over:
                     self.pool.give_back(hop, address, session)
@@ -255,9 +265,8 @@ class Deliverer:
                 retry_here: list[str] = []
                 for rcpt in remaining:
                     reply: Reply = result.replies[rcpt]
-                    outcome = _from_reply(reply, hop.host, relay, tls)
-                    if outcome.state == "deferred":
-                        self._signal(pace, reply, False)
+                    category = self._react(envelope, pace, hop, reply, False) if reply.code >= 400 else ""
+                    outcome = _from_reply(reply, hop.host, relay, tls, category)
                     if outcome.state == "deferred" and smarthost and _has_next(hops, hop):
                         # A smart host's 4xx sends the recipient on to the backup. Its line says
                         # so; the recipient's status= line is the attempt's last answer, as for an MX.
@@ -297,14 +306,34 @@ class Deliverer:
             replies.update(result.replies)
         return SendResult(replies)
 
-    def _signal(self, pace: Pace, reply: Reply | None, refused: bool) -> None:
+    def _react(self, envelope: Envelope, pace: Pace, hop: Hop, reply: Reply | None, refused: bool) -> str:
+        """What a refusal (or a refused connection) tells the destination group; returns the
+        reply's bounce class. A policy, authentication or content block drops the pace to
+        the floor and pauses the group; a rate limit or a 421/4.7.x halves the pace (AIMD)."""
+        if reply is None:
+            category = ""
+        else:
+            category = classify_reply(reply.status, reply.text, reply.code, self.config.bounce_rules)
+            if self.metrics is not None:
+                self.metrics.bounces.labels(category, "permanent" if reply.permanent else "temporary").inc()
+        if category in BLOCKING and reply is not None:
+            if self.metrics is not None:
+                self.metrics.blocks.labels(pace.name, category).inc()
+            pause = self.config.bounces.block_pause
+            if pace.block(pause):
+                paced = f"; pace down to {pace.rate:.0f}/min" if pace.rate else ""
+                log.warn("{id}: {group} blocks our mail ({category}, {host} said: {reply}): {group} paused for "
+                         "{pause:.0f}s{paced}; the mail stays queued", id=envelope.id, group=pace.name,
+                         category=category, host=hop.host, reply=str(reply), pause=pause, paced=paced)
+            return category
         code, status = (reply.code, reply.effective_status) if reply is not None else (None, "")
-        if is_slow_down_signal(code, status, refused):
+        if is_slow_down_signal(code, status, refused) or category == RATE_LIMIT:
             before = pace.rate
             pace.slow_down()
             if pace.rate != before:
                 log.info("pace for {group} down to {rate:.0f}/min ({reply})", group=pace.name, rate=pace.rate,
                          reply=str(reply) if reply is not None else "connection refused")
+        return category
 
     def _session_failure(self, error: SessionError, hop: Hop, relay: str, smarthost: bool, tls: str) -> Outcome:
         reply = error.reply
@@ -344,10 +373,14 @@ class Deliverer:
         return self._smarthost_secrets[key]
 
 
-def _from_reply(reply: Reply, host: str, relay: str, tls: str) -> Outcome:
+def _from_reply(reply: Reply, host: str, relay: str, tls: str, category: str = "") -> Outcome:
     if reply.code < 400:
         return Outcome("delivered", str(reply), reply.effective_status, host, relay, tls=tls)
-    return Outcome("failed" if reply.permanent else "deferred", str(reply), reply.effective_status, host, relay, tls=tls)
+    # A block or a rate limit is about us, not the recipient: even a 5xx one keeps the mail
+    # queued (it bounces only when queue.lifetime or queue.max_attempts runs out).
+    failed = reply.permanent and category not in BLOCKING and category != RATE_LIMIT
+    return Outcome("failed" if failed else "deferred", str(reply), reply.effective_status, host, relay, tls=tls,
+                   category=category)
 
 
 def _has_next(hops: tuple[Hop, ...], hop: Hop) -> bool:

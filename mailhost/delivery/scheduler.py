@@ -1,6 +1,8 @@
 """The queue runner: hands due messages to the Deliverer with bounded
 concurrency, then records each recipient's result, retries on the
-queue.retry steps, expires after queue.lifetime, and sends the DSNs.
+queue.retry steps, gives up after queue.lifetime (queue.marketing_lifetime for
+mail from [unsubscribe] senders) or queue.max_attempts, whichever comes first,
+and sends the DSNs.
 
 It wakes at the next due time from the in-memory index (never polls the
 disk), and an exception in one delivery reschedules that message without
@@ -18,6 +20,7 @@ from twisted.logger import Logger
 
 from mailhost.multiproc.shard import Shard
 from mailhost.config import Config
+from mailhost.feedback.classify import INVALID_RECIPIENT, MAILBOX_FULL, classify_reply
 from mailhost.feedback.dsn import build_dsn
 from mailhost.feedback.events import message_facts
 from mailhost.ops.durable import DiskWriter
@@ -325,11 +328,19 @@ class Scheduler(service.Service):
         return outcomes
 
     def _feed_suppression(self, envelope: Envelope, outcomes: dict[str, Outcome]) -> Deferred[None]:
-        """A remote server's permanent refusal during our own delivery says what a DSN coming
-        back would: the same classifier decides (a 5.7.x policy refusal suppresses nobody)."""
-        reports = [BounceReport(address, outcome.status, "failed", outcome.reply, True)
-                   for address, outcome in outcomes.items()
-                   if outcome.state == FAILED and outcome.remote_mta and outcome.status.startswith("5.")]
+        """A remote server's refusal during our own delivery says what a DSN coming back would,
+        and the same classifier has read it (the deliverer): an unknown user suppresses, a full
+        or inactive mailbox counts as soft; a policy, authentication or content block, a rate
+        limit, ... suppresses nobody."""
+        reports = []
+        for address, outcome in outcomes.items():
+            if not outcome.remote_mta or outcome.state not in ("failed", "deferred"):
+                continue
+            category = outcome.category or classify_reply(outcome.status, outcome.reply,
+                                                          rules=self.config.bounce_rules)
+            if category in (INVALID_RECIPIENT, MAILBOX_FULL):
+                reports.append(BounceReport(address, outcome.status, "failed" if outcome.state == "failed" else "delayed",
+                                            outcome.reply, outcome.state == "failed", category=category))
         if not reports:
             return succeed(None)
 
@@ -366,14 +377,19 @@ class Scheduler(service.Service):
             recipient.remote_mta = outcome.remote_mta
         yield self._feed_suppression(envelope, outcomes)
         queue = self.config.queue
-        if envelope.pending() and now - envelope.arrival >= queue.lifetime:
-            for recipient in envelope.pending():
-                recipient.state = FAILED
-                recipient.status = "4.4.7"
-                recipient.last_reply = f"delivery time expired after {recipient.attempts} attempts; last: {recipient.last_reply}"
-                self.metrics.deliveries.labels("expired").inc()
-                log.info("{id}: to=<{rcpt}> status=expired ({reply})", id=envelope.id, rcpt=recipient.address, reply=recipient.last_reply)
-        yield self._record_events(envelope, message, outcomes)
+        given_up = []
+        for recipient in envelope.pending():
+            why = self._given_up(envelope, recipient, now)
+            if why is None:
+                continue
+            recipient.state = FAILED
+            recipient.status = "4.4.7"  # RFC 3463 3.5: delivery time expired
+            recipient.last_reply = f"{why}; last: {recipient.last_reply}"
+            given_up.append(recipient)
+            self.metrics.deliveries.labels("expired").inc()
+            log.info("{id}: to=<{rcpt}> status=expired ({reply})", id=envelope.id, rcpt=recipient.address,
+                     reply=recipient.last_reply)
+        yield self._record_events(envelope, message, outcomes, given_up)
         yield self._send_dsns(envelope, message, now)
         if envelope.done and not self._reports_owed(envelope):
             yield self.writer.run_together(self.spool.remove, envelope.id, False)
@@ -392,25 +408,49 @@ class Scheduler(service.Service):
         else:
             self.index.schedule(envelope.id, envelope.next_attempt)
 
-    def _record_events(self, envelope: Envelope, message: bytes, outcomes: dict[str, Outcome]) -> Deferred[None]:
-        """Tell the event log (webhooks, the API) what this attempt did to each recipient, on the
-        disk thread, before the result moves on; a failure to record is logged, never fatal."""
+    def _record_events(self, envelope: Envelope, message: bytes, outcomes: dict[str, Outcome],
+                       given_up: list[Any]) -> Deferred[None]:
+        """Tell the event log (webhooks, the API) what this attempt did to each recipient (and
+        which it gave up on just now), on the disk thread, before the result moves on; a failure
+        to record is logged, never fatal."""
         events = self.suppression.events
         tried = [r for r in envelope.recipients if (r.address in outcomes and outcomes[r.address].state != "throttled")
-                 or (r.state == FAILED and r.status == "4.4.7" and not r.bounced)]  # expired just now
+                 or r in given_up]
         if events is None or not tried:
             return succeed(None)
+
+        rules = self.config.bounce_rules
 
         def record() -> None:
             facts = message_facts(message)
             for r in tried:
                 kind = {DELIVERED: "delivered", FAILED: "bounced"}.get(r.state, "deferred")
+                category = "" if r.state == DELIVERED else classify_reply(r.status, r.last_reply, rules=rules)
                 events.record(kind, queue_id=envelope.id, recipient=r.address, sender=envelope.sender,
                               status=r.status, reply=r.last_reply, remote_mta=r.remote_mta, attempts=r.attempts,
-                              **{"class": ""}, **facts)
+                              **{"class": category}, **facts)
 
         return self.writer.run(record).addErrback(
             lambda failure: log.failure("{id}: cannot record the delivery events", failure, id=envelope.id))
+
+    def lifetime_of(self, envelope: Envelope) -> tuple[float, str]:
+        """How long the message may stay queued, and the key that says so: marketing mail (its
+        envelope sender is one of [unsubscribe] senders) has its own, shorter lifetime."""
+        queue = self.config.queue
+        if envelope.sender and self.config.unsubscribe.is_marketing(envelope.sender):
+            return queue.marketing_lifetime, "queue.marketing_lifetime"
+        return queue.lifetime, "queue.lifetime"
+
+    def _given_up(self, envelope: Envelope, recipient: Any, now: float) -> str | None:
+        """Why a pending recipient is returned to the sender now (which limit it reached), or None."""
+        lifetime, key = self.lifetime_of(envelope)
+        if now - envelope.arrival >= lifetime:
+            return (f"delivery time expired after {recipient.attempts} attempts: not delivered within "
+                    f"{_span(lifetime)} ({key})")
+        limit = self.config.queue.max_attempts
+        if limit and recipient.attempts >= limit:
+            return f"gave up after {recipient.attempts} failed attempts (queue.max_attempts = {limit})"
+        return None
 
     def _send_dsns(self, envelope: Envelope, message: bytes, now: float) -> Deferred[None]:
         """Bounce what failed and warn about what is late; most attempts have neither."""
@@ -443,7 +483,7 @@ class Scheduler(service.Service):
         if delay > 0 and not envelope.delay_warned and envelope.pending() and now - envelope.arrival >= delay:
             if envelope.sender:
                 warning = build_dsn(envelope, envelope.pending(), message, hostname=hostname, kind="delay", now=now,
-                                    retry_until=envelope.arrival + self.config.queue.lifetime)
+                                    retry_until=envelope.arrival + self.lifetime_of(envelope)[0])
                 if (yield self._send_report(envelope, warning, "delay")) is None:
                     return
             envelope.delay_warned = True
@@ -460,3 +500,11 @@ class Scheduler(service.Service):
             return None
 
         return self.intake.notify(envelope.sender, report).addCallbacks(sent, not_sent)
+
+
+def _span(seconds: float) -> str:
+    """A lifetime as the configuration would write it: "5d", "1d", "12h", "30m", "45s"."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"

@@ -10,6 +10,12 @@ tenth of the configured rate back, up to the configured rate.
 Messages over the pace are not failed and do not count an attempt: the
 Deliverer hands them back as "throttled" with the time they may go, and the
 scheduler puts them back in the queue for then.
+
+A block (a policy, authentication or content refusal: feedback.classify.BLOCKING)
+drops the rate to the floor at once and pauses the group for [bounces] block_pause:
+while it is paused every message for the group is handed back as "throttled", so a
+campaign refused for a DNS mistake waits in the queue instead of being sent into the
+same refusal 50,000 times.
 """
 
 from __future__ import annotations
@@ -52,9 +58,30 @@ class Pace:
         self._next_free = clock()
         self._last_slowdown = -CLEAN_WINDOW
         self._last_growth = clock()
+        self.paused_until = 0.0  # clock time; a block pauses the group until then
+
+    def paused_for(self) -> float:
+        """Seconds the group stays paused (0: not paused)."""
+        return max(0.0, self.paused_until - self._clock())
+
+    def block(self, pause: float) -> bool:
+        """A block: the rate drops to the floor and the group pauses for `pause` seconds (a
+        longer pause already running is kept). True when this changed something (the group
+        was not paused, or its rate was above the floor): the news worth a log line."""
+        now = self._clock()
+        newly_paused = pause > 0 and self.paused_until <= now
+        self.paused_until = max(self.paused_until, now + pause)
+        lowered = self.rate != UNLIMITED and self.rate > self.floor
+        if self.rate != UNLIMITED:
+            self.rate = self.floor
+            self._last_slowdown = now  # growth starts one clean window after the block
+        return newly_paused or lowered
 
     def reserve(self) -> float:
         """Take the next send slot; returns how many seconds from now it is (0: go now)."""
+        paused = self.paused_for()
+        if paused > 0:
+            return paused  # nothing reserved: the caller gives back nothing it did not take
         if self.rate == UNLIMITED:
             return 0.0
         now = self._clock()
@@ -65,7 +92,7 @@ class Pace:
 
     def give_back(self) -> None:
         """A reserved slot that was not used (the message was put back in the queue)."""
-        if self.rate != UNLIMITED:
+        if self.rate != UNLIMITED and not self.paused_for():
             self._next_free = max(self._clock(), self._next_free - 60.0 / self.rate)
 
     def slow_down(self) -> None:
@@ -130,7 +157,8 @@ class Throttle:
     def snapshot(self) -> dict[str, dict[str, float]]:
         """Each paced group's current and configured rate (messages/minute), for queue list and metrics."""
         return {
-            name: {"rate": pace.rate, "max_rate": pace.max_rate, "connections": pace.connections.limit}
+            name: {"rate": pace.rate, "max_rate": pace.max_rate, "connections": pace.connections.limit,
+                   "paused_for": pace.paused_for()}
             for name, pace in sorted(self.paces.items())
             if pace.max_rate != UNLIMITED
         }
@@ -149,7 +177,8 @@ def merge_snapshots(snapshots: list[dict[str, dict[str, float]]]) -> dict[str, d
         for name, values in snapshot.items():
             total = merged.setdefault(name, {key: 0.0 for key in values})
             for key, value in values.items():
-                total[key] = total.get(key, 0.0) + value
+                # A pause is the same pause in every process (each saw the block): the longest counts.
+                total[key] = max(total.get(key, 0.0), value) if key == "paused_for" else total.get(key, 0.0) + value
     return dict(sorted(merged.items()))
 
 

@@ -74,7 +74,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from mailhost.feedback.classify import HARD, suppression_effect
+from mailhost.config import BounceRule
+from mailhost.feedback.classify import HARD, classify_reply, suppression_effect
 from mailhost.feedback.events import EventLog, event_log
 from mailhost.ops.durable import write_file_atomically
 from mailhost.ops.ownership import Owner, owner_of
@@ -86,6 +87,7 @@ __all__ = [
     "SuppressionError",
     "SuppressionList",
     "address_key",
+    "entry_problem",
     "parse_dsn",
     "verp_recipient",
     "verp_sender",
@@ -274,6 +276,7 @@ class BounceReport:
     diagnostic: str
     permanent: bool
     original_recipient: str = ""
+    category: str = ""  # the bounce class when the caller classified it already; "" to classify here
 
 
 def _clean(text: str, limit: int = TEXT_LIMIT) -> str:
@@ -483,7 +486,8 @@ class SuppressionList:
     docstring for how two processes share it)."""
 
     def __init__(self, path: Path, soft_limit: int = 3, soft_window: float = 7 * 86400,
-                 owner: Owner | None = None, events: EventLog | None = None) -> None:
+                 owner: Owner | None = None, events: EventLog | None = None,
+                 rules: tuple[BounceRule, ...] = ()) -> None:
         if soft_limit < 1:
             raise ValueError(f"soft_limit must be at least 1, not {soft_limit}")
         if soft_window <= 0:
@@ -493,6 +497,7 @@ class SuppressionList:
         self.soft_window = float(soft_window)
         self.owner = owner  # the CLI run as root: the files go to the daemon's user
         self.events = events  # where each new entry is told as a "suppressed" event
+        self.rules = rules  # [[bounce_rule]]s, first in classify_reply (replaced on SIGHUP)
         self._lock_path = self.path.with_name(self.path.name + ".lock")
         self._mutex = threading.RLock()
         self._identity: tuple[int, int, int, int] | None = None
@@ -553,6 +558,23 @@ class SuppressionList:
             entry = self._put(address_key(address), status, reason, source, now, category, scope)
         self._tell(entry, now)
 
+    def add_entries(self, entries: list[SuppressionEntry]) -> int:
+        """Add entries as they are (an import: the dates and classes of another tool's list),
+        replacing the ones they match, in one write; no events are told (the list comes from
+        the tool that would hear them). Check each with `entry_problem` first."""
+        now = time.time()
+        with self._changing(now):
+            for e in entries:
+                key = address_key(e.address)
+                entry = SuppressionEntry(key, e.status, _clean(e.reason), e.date or _iso(now), e.source,
+                                         _clean(e.category, 40), scope_key(e.scope) if e.scope else "")
+                if entry.scope:
+                    self._scoped.setdefault(entry.scope, {})[key] = entry
+                else:
+                    self._soft.pop(key, None)
+                    self._suppressed[key] = entry
+        return len(entries)
+
     def remove(self, address: str, scope: str | None = None) -> bool:
         """Take `address` off the list (and forget its soft bounces): its entry for every
         sender and every scoped one, or with `scope` ("" for the unscoped entry) just that
@@ -570,15 +592,21 @@ class SuppressionList:
                     self._scoped.pop(domain, None)
             return removed
 
+    def classify(self, report: BounceReport) -> str:
+        """The report's bounce class: the one it carries, else the classifier's verdict."""
+        return report.category or classify_reply(report.status, report.diagnostic, rules=self.rules)
+
     def record_bounce(self, report: BounceReport, now: float | None = None) -> bool:
-        """Count one bounce, as feedback.classify says: a permanent failure suppresses
-        at once; soft ones (4.x.x, delayed, or no readable status) suppress when
-        `soft_limit` of them fall within `soft_window` seconds; a policy or content
-        refusal counts for nothing. True when the address is now suppressed (also
-        when it already was)."""
+        """Count one bounce, as its class says (feedback.classify): an invalid recipient
+        suppresses at once when the failure is permanent; a full or inactive mailbox (and a
+        temporary "user unknown") suppresses when `soft_limit` of them fall within
+        `soft_window` seconds; every other class (a policy, authentication or content
+        block, a rate limit, ...) counts for nothing. The entry keeps the class and the
+        reply. True when the address is now suppressed (also when it already was)."""
         now = time.time() if now is None else now
         key = address_key(report.recipient)
-        effect = suppression_effect(report.status, report.action)
+        category = self.classify(report)
+        effect = suppression_effect(category, report.permanent)
         if not _is_address(key) or report.action not in _BOUNCE_ACTIONS or effect is None:
             return self.is_suppressed(key) is not None
         with self._changing(now) as changed:
@@ -587,7 +615,7 @@ class SuppressionList:
                 return True
             if effect == HARD:
                 added = self._put(key, report.status, report.diagnostic or f"{report.action} {report.status}", "bounce",
-                                  now)
+                                  now, category)
             else:
                 recent = self._recent(self._soft.get(key, []), now) + [now]
                 if len(recent) < self.soft_limit:
@@ -597,7 +625,7 @@ class SuppressionList:
                 reason = f"{len(recent)} soft bounces in {days:g} days"
                 if report.diagnostic:
                     reason += f"; last: {report.diagnostic}"
-                added = self._put(key, report.status, reason, "bounce", now)
+                added = self._put(key, report.status, reason, "bounce", now, category)
         self._tell(added, now)
         return True
 
@@ -610,7 +638,9 @@ class SuppressionList:
     # -- internals
 
     def _recent(self, times: list[float], now: float) -> list[float]:
-        return [t for t in times if now - self.soft_window < t <= now]
+        # Times after `now` stay: another thread may have recorded one while this change
+        # (its `now` taken earlier) waited for the lock, and the write must not drop it.
+        return [t for t in times if now - self.soft_window < t]
 
     def _put(self, key: str, status: str, reason: str, source: str, now: float, category: str = "",
              scope: str = "") -> SuppressionEntry:
@@ -629,6 +659,10 @@ class SuppressionList:
         now. The body may append False to the yielded list to skip the write;
         soft bounces older than the window before `now` are dropped."""
         with self._mutex, exclusive(self._lock_path, self.owner):
+            # A change always starts from the file itself: another process's replacement can
+            # reuse the inode, size and mtime tick of the one loaded last (seen with workers
+            # recording soft bounces at once), and a change on a stale copy would lose theirs.
+            self._identity = None
             self._refresh()
             changed: list[bool] = []
             yield changed
@@ -716,6 +750,22 @@ _STORED_FIELDS = ("status", "reason", "date", "source", "class")
 def _stored(entries: dict[str, SuppressionEntry]) -> dict[str, dict[str, str]]:
     return {key: {"status": e.status, "reason": e.reason, "date": e.date, "source": e.source, "class": e.category}
             for key, e in sorted(entries.items())}
+
+
+def entry_problem(address: str, status: str, source: str, scope: str) -> str | None:
+    """Why these fields cannot make a suppression entry (the checks `add` makes), or None."""
+    address = address.strip()
+    if address.startswith("<") and address.endswith(">"):
+        address = address[1:-1].strip()
+    if not _is_address(address):
+        return f"not a mail address: {address!r}"
+    if status and not _STATUS.match(status):
+        return f"not a status code (x.y.z with x 2, 4 or 5): {status!r}"
+    if source not in SOURCES:
+        return f"not a suppression source ({', '.join(SOURCES)}): {source!r}"
+    if scope and not _HOST.match(scope_key(scope)):
+        return f"not a sender domain: {scope!r}"
+    return None
 
 
 def scope_key(sender: str) -> str:

@@ -28,7 +28,7 @@ from twisted.web.server import Site
 DELAY_BUCKETS = (1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 86400, 5 * 86400)
 SNAPSHOT_SECONDS = 1.0  # how often a worker writes its figures for the main process
 STALE_SECONDS = 10.0  # a snapshot older than this is a worker that is gone: left out
-LARGEST_NOT_SUM = frozenset({"mailhost_queue_oldest_message_age_seconds"})
+LARGEST_NOT_SUM = frozenset({"mailhost_queue_oldest_message_age_seconds", "mailhost_throttle_paused_seconds"})
 
 
 class Metrics:
@@ -45,6 +45,14 @@ class Metrics:
         self.deliveries = Counter(
             "mailhost_deliveries", "Recipient delivery results (delivered, deferred, bounced, expired)",
             ["result"], registry=r,
+        )
+        self.blocks = Counter(
+            "mailhost_blocks", "Policy, authentication and content refusals that paused a destination group, "
+            "by group (provider) and bounce class", ["group", "class"], registry=r,
+        )
+        self.bounces = Counter(
+            "mailhost_bounces", "Refusals (4xx and 5xx replies) our deliveries got, by bounce class and kind "
+            "(temporary, permanent)", ["class", "kind"], registry=r,
         )
         self.delivery_delay = Histogram(
             "mailhost_delivery_delay_seconds", "Time from arrival to delivery, per delivered recipient",
@@ -82,11 +90,15 @@ class _ThrottleCollector:
         rate = GaugeMetricFamily("mailhost_throttle_rate_per_minute", "Current pace of a destination group", labels=["group"])
         ceiling = GaugeMetricFamily("mailhost_throttle_max_rate_per_minute", "Configured pace of a destination group",
                                     labels=["group"])
+        paused = GaugeMetricFamily("mailhost_throttle_paused_seconds",
+                                   "Seconds a destination group stays paused after a block", labels=["group"])
         for group, values in self._snapshot().items():
             rate.add_metric([group], values["rate"])
             ceiling.add_metric([group], values["max_rate"])
+            paused.add_metric([group], values.get("paused_for", 0.0))
         yield rate
         yield ceiling
+        yield paused
 
 
 class _ComplaintCollector:

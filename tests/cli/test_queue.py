@@ -34,6 +34,7 @@ def reference_listing(spool: Spool, as_json: bool) -> str:
         messages.append({
             "id": e["id"], "sender": e["sender"], "arrival": iso(e["arrival"]),
             "next_attempt": iso(e["next_attempt"]), "held": e.get("held", False),
+            "expires": iso(e["arrival"] + 5 * 86400), "max_attempts": 0,
             "recipients": [{k: r.get(k, "") for k in ("address", "state", "attempts", "last_reply", "status")}
                            for r in e["recipients"]],
         })
@@ -42,7 +43,8 @@ def reference_listing(spool: Spool, as_json: bool) -> str:
     lines = []
     for m in messages:
         held = " HELD" if m["held"] else ""
-        lines.append(f"{m['id']}  {m['arrival']}  <{m['sender']}>{held}  next {m['next_attempt']}")
+        lines.append(f"{m['id']}  {m['arrival']}  <{m['sender']}>{held}  next {m['next_attempt']}  "
+                     f"expires {m['expires']}")
         for r in m["recipients"]:
             reply = f"  ({r['last_reply']})" if r["last_reply"] else ""
             lines.append(f"    {r['state']:9} {r['attempts']} attempts  <{r['address']}>{reply}")

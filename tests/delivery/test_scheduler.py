@@ -479,7 +479,7 @@ def test_flush_makes_a_deferred_message_due_now(make_queue):
 
 @pytest.mark.parametrize("reply, status, suppressed", [
     ("550 5.1.1 The email account does not exist", "5.1.1", True),
-    ("550 5.2.1 mailbox disabled", "5.2.1", True),
+    ("550 5.2.1 mailbox disabled", "5.2.1", False),  # inactive: soft, counts towards bounces.soft_limit
     ("550 5.7.26 Unauthenticated email is not accepted", "5.7.26", False),  # the sender is at fault
     ("552 5.3.4 message too big", "5.3.4", False),
     ("554 5.6.0 content refused", "5.6.0", False),

@@ -94,7 +94,7 @@ def test_a_share_of_the_pace_per_delivering_process_adds_up_to_the_configured_on
     # 5 connections over 2 processes: 3 and 2, never more than configured in all.
     assert [t.pace_for("mx.other.test").connections.limit for t in halves] == [3, 2]
     merged = merge_snapshots([t.snapshot() for t in halves])
-    assert merged == {"google": {"rate": 600.0, "max_rate": 600.0, "connections": 10}}
+    assert merged == {"google": {"rate": 600.0, "max_rate": 600.0, "connections": 10, "paused_for": 0.0}}
 
 
 @pytest.mark.parametrize("total, share", [(10, 1), (10, 2), (10, 3), (5, 2), (7, 4), (50, 3), (64, 64)])

@@ -16,6 +16,7 @@ import pytest
 
 from mailhost.feedback.dsn import build_dsn
 from mailhost.queue.envelope import FAILED, Envelope, Recipient
+from mailhost.config import BounceRule
 from mailhost.feedback.suppression import (
     BounceReport,
     SuppressionError,
@@ -542,7 +543,7 @@ def test_permanent_bounce_suppresses_at_once(path):
 def test_soft_bounces_suppress_after_the_limit_within_the_window(path):
     suppression = SuppressionList(path, soft_limit=3, soft_window=7 * DAY)
     assert not suppression.record_bounce(bounce("bob@example.com", "4.2.2"), now=T0)
-    assert not suppression.record_bounce(bounce("bob@example.com", "4.4.1", "delayed"), now=T0 + DAY)
+    assert not suppression.record_bounce(bounce("bob@example.com", "4.2.2", "delayed", "452 over quota"), now=T0 + DAY)
     assert suppression.soft_count("bob@example.com", now=T0 + DAY) == 2
     assert suppression.is_suppressed("bob@example.com") is None
     # A new instance (a daemon restart) keeps counting from the file.
@@ -564,11 +565,29 @@ def test_soft_bounces_spread_beyond_the_window_do_not_suppress(path):
     assert list(json.loads(path.read_bytes())["soft"]) == ["carol@example.com"]
 
 
-def test_failed_without_a_5xx_status_is_soft(path):
+def test_failures_that_say_nothing_against_the_address_never_count(path):
+    # Expired in someone's queue, no readable status, a block of the sender: no soft bounce either.
+    suppression = SuppressionList(path, soft_limit=1)
+    assert not suppression.record_bounce(bounce("bob@example.com", "4.4.7", diagnostic=""), now=T0)
+    assert not suppression.record_bounce(bounce("carol@example.com", "", diagnostic=""), now=T0)
+    assert not suppression.record_bounce(bounce("dave@example.com", "5.7.26", diagnostic="550 5.7.26 DMARC"), now=T0)
+    assert suppression.entries() == [] and suppression.soft_count("bob@example.com", now=T0) == 0
+
+
+def test_a_temporary_unknown_user_is_soft_and_the_entry_keeps_its_class(path):
     suppression = SuppressionList(path, soft_limit=2)
-    assert not suppression.record_bounce(bounce("bob@example.com", "4.4.7"), now=T0)
-    assert not suppression.record_bounce(bounce("carol@example.com", ""), now=T0)
-    assert suppression.record_bounce(bounce("bob@example.com", "4.4.7"), now=T0 + 60)
+    assert not suppression.record_bounce(bounce("bob@example.com", "4.1.1", "delayed", "450 4.1.1 user unknown"), now=T0)
+    assert suppression.record_bounce(bounce("bob@example.com", "4.1.1", "delayed", "450 4.1.1 user unknown"), now=T0 + 1)
+    entry = SuppressionList(path).is_suppressed("bob@example.com")
+    assert (entry.category, entry.reason) == ("invalid_recipient", "2 soft bounces in 7 days; last: 450 4.1.1 user unknown")
+
+
+def test_a_bounce_rule_decides_before_the_built_in_ones(path):
+    rule = BounceRule(re.compile("mailbox has moved", re.IGNORECASE), "invalid_recipient")
+    report = bounce("bob@example.com", "5.7.1", diagnostic="550 5.7.1 mailbox has moved, spam")
+    assert not SuppressionList(path).record_bounce(report, now=T0)  # built in: content
+    assert SuppressionList(path, rules=(rule,)).record_bounce(report, now=T0)
+    assert SuppressionList(path).is_suppressed("bob@example.com").category == "invalid_recipient"
 
 
 def test_record_bounce_keeps_an_existing_entry_and_ignores_non_bounces(path):
