@@ -27,7 +27,7 @@ TEST_JOBS ?= 4
 
 test: venv
 	tests/ensure-peers
-	$(BIN)/python -m pytest -q $(if $(filter 0,$(TEST_JOBS)),,-n $(TEST_JOBS))
+	$(BIN)/python -m pytest -q $(if $(filter 0,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadgroup)
 
 clean:
 	rm -rf $(VENV) var

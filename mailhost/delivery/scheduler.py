@@ -330,11 +330,16 @@ class Scheduler(service.Service):
     def _feed_suppression(self, envelope: Envelope, outcomes: dict[str, Outcome]) -> Deferred[None]:
         """A remote server's refusal during our own delivery says what a DSN coming back would,
         and the same classifier has read it (the deliverer): an unknown user suppresses, a full
-        or inactive mailbox counts as soft; a policy, authentication or content block, a rate
-        limit, ... suppresses nobody."""
+        or inactive mailbox counts as soft (a deferral once per message); a policy,
+        authentication or content block, a rate limit, ... suppresses nobody."""
         reports = []
+        attempts = {r.address: r.attempts for r in envelope.recipients}
         for address, outcome in outcomes.items():
             if not outcome.remote_mta or outcome.state not in ("failed", "deferred"):
+                continue
+            if outcome.state == "deferred" and attempts.get(address, 0) > 1:
+                # A deferral counts once per message, as the one "delayed" DSN a relay sends would:
+                # retries a minute apart are not soft bounces of their own.
                 continue
             category = outcome.category or classify_reply(outcome.status, outcome.reply,
                                                           rules=self.config.bounce_rules)

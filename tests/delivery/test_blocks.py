@@ -265,3 +265,13 @@ def test_max_attempts_returns_plain_deferrals_too(make):
 def words(message: bytes) -> bytes:
     """The DSN's text with its line wrapping undone."""
     return b" ".join(message.split())
+
+
+def test_a_full_mailbox_deferred_again_and_again_counts_once_per_message(make):
+    q = make()
+    q.server.answer = lambda rcpt: Reply(452, "4.2.2", "The email account that you tried to reach is over quota")
+    queue_id = q.enqueue("full@gmail.com")
+    q.clock.pump([60.0] * 40)  # tried at 0, 1, 6, 21 and 51 minutes: one message, one soft bounce
+    assert q.load(queue_id).recipients[0].attempts >= 4
+    assert q.suppression.soft_count("full@gmail.com") == 1
+    assert q.suppression.is_suppressed("full@gmail.com") is None

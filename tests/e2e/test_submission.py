@@ -29,6 +29,9 @@ from tests.e2e.test_sending import wait_for
 from tests.support.dns import DNSServer
 from tests.support.peers import Sink, make_self_signed
 
+# Module-scoped daemons, tests written to run in order: one test runner takes them all.
+pytestmark = pytest.mark.xdist_group("submission")
+
 PASSWORD = "s3cret-pass"  # what Daemon.seed_users gives everyone
 MX_PORT = free_port()
 ZONE = [("remote.test", "MX", "10 mx1.remote.test"), ("mx1.remote.test", "A", "127.0.0.5")]
@@ -362,6 +365,15 @@ def test_sighup_reloads_password_and_certificate_without_dropping_sessions(stric
 
 
 def test_no_password_in_the_logs(daemon: Daemon, strict: Daemon) -> None:
+    # One good and one bad login of its own: the test must not depend on which others ran first.
+    with smtplib.SMTP("127.0.0.1", daemon.submission_port, timeout=10, source_address=("127.0.0.9", 0)) as client:
+        client.starttls(context=no_verify())
+        client.login("alice@example.test", PASSWORD)
+    with smtplib.SMTP("127.0.0.1", daemon.submission_port, timeout=10, source_address=("127.0.0.9", 0)) as client:
+        client.starttls(context=no_verify())
+        with pytest.raises(smtplib.SMTPAuthenticationError):
+            client.login("alice@example.test", "wrong-pass")
+    wait_for(lambda: "auth failed" in daemon.log(), what="the failed login in the log")
     text = daemon.log() + strict.log()
     assert "auth ok" in text and "auth failed" in text
     for secret in (PASSWORD, "wrong-pass", "guess", "brand-new-pass", plain("alice@example.test", PASSWORD)):

@@ -28,6 +28,9 @@ from tests.e2e.test_sending import wait_for as sending_wait_for
 from tests.support.dns import DNSServer
 from tests.support.peers import Sink
 
+# Module-scoped daemons, tests written to run in order: one test runner takes them all.
+pytestmark = pytest.mark.xdist_group("workers")
+
 MX_PORT = free_port()
 ZONE = [("remote.test", "MX", "10 mx1.remote.test"), ("mx1.remote.test", "A", "127.0.0.5")]
 
