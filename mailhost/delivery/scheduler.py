@@ -428,12 +428,14 @@ class Scheduler(service.Service):
 
         def record() -> None:
             facts = message_facts(message)
+            found = []
             for r in tried:
                 kind = {DELIVERED: "delivered", FAILED: "bounced"}.get(r.state, "deferred")
                 category = "" if r.state == DELIVERED else classify_reply(r.status, r.last_reply, rules=rules)
-                events.record(kind, queue_id=envelope.id, recipient=r.address, sender=envelope.sender,
-                              status=r.status, reply=r.last_reply, remote_mta=r.remote_mta, attempts=r.attempts,
-                              **{"class": category}, **facts)
+                found.append({"event": kind, "queue_id": envelope.id, "recipient": r.address, "sender": envelope.sender,
+                              "status": r.status, "reply": r.last_reply, "remote_mta": r.remote_mta,
+                              "attempts": r.attempts, "class": category, **facts})
+            events.record_many(found)  # one write and one fsync for the whole attempt
 
         return self.writer.run(record).addErrback(
             lambda failure: log.failure("{id}: cannot record the delivery events", failure, id=envelope.id))

@@ -112,8 +112,18 @@ class EventLog:
     def record(self, kind: str, *, queue_id: str = "", recipient: str = "", sender: str = "", message_id: str = "",
                now: float | None = None, **details: Any) -> dict[str, Any]:
         """Append one event and make it durable; returns it as stored."""
-        if kind not in WEBHOOK_EVENTS:
-            raise ValueError(f"not an event kind ({', '.join(WEBHOOK_EVENTS)}): {kind!r}")
+        [event] = self.record_many([dict(details, event=kind, queue_id=queue_id, recipient=recipient, sender=sender,
+                                         message_id=message_id)], now)
+        return event
+
+    def record_many(self, events: list[dict[str, Any]], now: float | None = None) -> list[dict[str, Any]]:
+        """Append several events (each a dict with "event" and its fields) with one write and
+        one fsync: what one delivery attempt did to each of its recipients. Returns them as stored."""
+        for given in events:
+            if given.get("event") not in WEBHOOK_EVENTS:
+                raise ValueError(f"not an event kind ({', '.join(WEBHOOK_EVENTS)}): {given.get('event')!r}")
+        if not events:
+            return []
         with self._locked(fcntl.LOCK_EX):  # one writer at a time: lines never interleave, ids only grow
             try:
                 if os.stat(self.path).st_size >= self.segment_bytes:
@@ -126,17 +136,23 @@ class EventLog:
                 size = os.fstat(fd).st_size
                 tail = _read_tail(fd, size) if size else self._newest_segment_tail()
                 now = time.time() if now is None else now
-                event = {"id": _after(_last_id(tail), now), "event": kind, "time": round(now, 6),
-                         "queue_id": queue_id, "recipient": recipient, "sender": sender, "message_id": message_id,
-                         **details}
-                line = json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
+                last = _last_id(tail)
+                stored = []
+                for given in events:
+                    last = _after(last, now)
+                    fields = {k: v for k, v in given.items() if k != "event"}
+                    stored.append({"id": last, "event": given["event"], "time": round(now, 6), "queue_id": "",
+                                   "recipient": "", "sender": "", "message_id": "", **fields})
+                data = b"".join(json.dumps(e, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
+                                for e in stored)
                 if size and not tail.endswith(b"\n"):
-                    line = b"\n" + line  # a write cut short by a crash: never glue an event to it
-                os.write(fd, line)
+                    data = b"\n" + data  # a write cut short by a crash: never glue an event to it
+                while data:  # a regular file takes it whole; a short write is finished, never lost
+                    data = data[os.write(fd, data):]
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        return event
+        return stored
 
     def _rotate(self) -> None:
         """Rename the open segment after its first event's id (under the exclusive lock)."""

@@ -105,3 +105,17 @@ def test_recent_segments_stay_whatever_the_cursors(tmp_path):
     ids = [log.record("delivered", recipient=f"r{n}@example.com")["id"] for n in range(30)]
     assert log.trim(passed=ids[-1]).removed == ()  # within the retention: the API may still ask
     assert len(list(log.read())) == 30
+
+
+def test_one_attempt_is_one_write_with_ids_in_order(tmp_path):
+    log = EventLog(tmp_path / "events")
+    before = log.record("suppressed", recipient="x@example.com")
+    stored = log.record_many([{"event": "delivered", "recipient": f"r{n}@example.com", "queue_id": "q"}
+                              for n in range(3)])
+    assert [e["recipient"] for e in stored] == ["r0@example.com", "r1@example.com", "r2@example.com"]
+    ids = [before["id"], *(e["id"] for e in stored)]
+    assert ids == sorted(ids) and len(set(ids)) == 4
+    assert [e["id"] for e in log.read(before["id"])] == ids[1:]
+    with pytest.raises(ValueError, match="event kind"):
+        log.record_many([{"event": "delivered"}, {"event": "opened"}])
+    assert len(list(log.read())) == 4  # nothing of a refused batch was written
