@@ -156,7 +156,8 @@ def _rows(stream: IO[str], name: str) -> list[SuppressionEntry]:
         shown = problems[:MAX_REPORTED]
         if len(problems) > MAX_REPORTED:
             shown.append(f"... and {len(problems) - MAX_REPORTED} more")
-        raise SuppressUsageError("\n".join(shown) + f"\n{name}: {len(problems)} bad rows; nothing imported")
+        rows = "1 bad row" if len(problems) == 1 else f"{len(problems)} bad rows"
+        raise SuppressUsageError("\n".join(shown) + f"\n{name}: {rows}; nothing imported")
     return entries
 
 
