@@ -215,7 +215,9 @@ def build_inbound(config: Config, tls_options: ServerTLS, reactor: Any, parent: 
     domains = LocalDomains(config)
     spool = Spool(config.server.state_dir / "spool")
     # Password checks get their own two threads: scrypt is CPU- and memory-hard
-    # (32 MiB each), and a flood of AUTH attempts must not hold up the disk.
+    # (32 MiB each), and a flood of AUTH attempts must not hold up the disk. hashlib's
+    # scrypt releases the GIL, so two run on two cores; a burst with one credential
+    # costs one check anyway (mailhost.local.verified), and each worker has its own two.
     checks = DiskWriter(reactor, threads=2, name="mailhost-auth")
     DiskWriterService(checks).setServiceParent(parent)
     slowdown = AuthSlowdown(reactor, free=config.limits.auth_failures)
@@ -232,7 +234,7 @@ def build_inbound(config: Config, tls_options: ServerTLS, reactor: Any, parent: 
     TimerService(COMPLAINT_FLUSH_SECONDS, _flush_complaints, writer, complaints).setServiceParent(parent)
     intake = Intake(config, writer, spool, domains, signer, suppression, content_threads.run, shard,
                     unsubscribe=unsubscribe, complaint_rate=complaints)
-    context = ServerContext(config, domains, intake, tls_options, make_portal(domains, checks.run), slowdown, metrics)
+    context = ServerContext(config, domains, intake, tls_options, make_portal(domains, checks.run, reactor), slowdown, metrics)
     return Inbound(writer, domains, spool, intake, suppression, context, unsubscribe)
 
 

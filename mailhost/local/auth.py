@@ -3,6 +3,7 @@
 The scrypt check (~0.1 s of CPU and 32 MiB) runs on a small thread pool, never
 on the reactor thread. A name that is no user is checked against a dummy hash
 of the same cost, so the time to a 535 does not tell whether a user exists.
+A burst of logins with one credential costs one scrypt (mailhost.local.verified).
 """
 
 from __future__ import annotations
@@ -21,10 +22,8 @@ from twisted.internet.interfaces import IReactorTime
 from zope.interface import Attribute, Interface, implementer
 
 from mailhost.local.mailbox import LocalDomains
-from mailhost.local.users import hash_password, verify_password
-
-# Blocking work off the reactor: run(function, *args) -> Deferred of its result.
-Runner = Callable[..., Deferred]
+from mailhost.local.users import hash_password
+from mailhost.local.verified import PasswordVerifier, Runner, VerifiedCache
 
 
 class IMailSubmitter(Interface):
@@ -59,9 +58,12 @@ class UsersFileChecker:
 
     credentialInterfaces = (IUsernamePassword,)
 
-    def __init__(self, domains: LocalDomains, run: Runner, dummy_hash: str | None = None) -> None:
+    def __init__(self, domains: LocalDomains, run: Runner, dummy_hash: str | None = None,
+                 clock: IReactorTime | None = None) -> None:
         self._domains = domains
-        self._run = run
+        if clock is None:
+            from twisted.internet import reactor as clock  # type: ignore[assignment]
+        self._verifier = PasswordVerifier(run, VerifiedCache(clock))
         # Same parameters as a real user's hash, so an unknown user costs the same.
         self._dummy_hash = dummy_hash or hash_password(secrets.token_urlsafe(16))
 
@@ -76,15 +78,17 @@ class UsersFileChecker:
                 raise UnauthorizedLogin("bad username or password")
             return entry.address
 
-        return self._run(verify_password, password, stored).addCallback(decided)
+        # The dummy hash's check is never cached: an unknown name always costs a full scrypt.
+        name = entry.address if entry is not None else username
+        return self._verifier.verify(name, password, stored, cacheable=entry is not None).addCallback(decided)
 
 
 def _text(value: bytes | str) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else value
 
 
-def make_portal(domains: LocalDomains, run: Runner) -> Portal:
-    return Portal(SubmitterRealm(), [UsersFileChecker(domains, run)])
+def make_portal(domains: LocalDomains, run: Runner, clock: IReactorTime | None = None) -> Portal:
+    return Portal(SubmitterRealm(), [UsersFileChecker(domains, run, clock=clock)])
 
 
 @dataclass
