@@ -16,7 +16,9 @@ import smtplib
 import socket
 import ssl
 import subprocess
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -229,6 +231,30 @@ def test_lockout_after_the_failures(daemon: Daemon) -> None:
     assert "auth failed client=[127.0.0.4]" in daemon.log()
 
 
+def test_ten_logins_at_once_all_succeed_and_a_wrong_one_among_them_is_refused(daemon: Daemon) -> None:
+    # A campaign tool opening its connections together, all with one account (one scrypt serves them:
+    # tests/smtp/test_server_auth.py counts the checks); a guess arrives in the same burst.
+    start = threading.Barrier(11)
+
+    def login(password: str, source: str) -> int:
+        with smtplib.SMTP("127.0.0.1", daemon.submission_port, timeout=30, source_address=(source, 0)) as client:
+            client.starttls(context=no_verify())
+            client.ehlo()
+            client.user, client.password = "news@example.test", password
+            start.wait(timeout=30)
+            try:
+                return client.auth("PLAIN", client.auth_plain)[0]
+            except smtplib.SMTPAuthenticationError as error:
+                return error.smtp_code
+
+    with ThreadPoolExecutor(11) as pool:
+        right = [pool.submit(login, PASSWORD, "127.0.0.1") for _ in range(10)]
+        wrong = pool.submit(login, "campaign-guess", "127.0.0.12")
+        assert [f.result() for f in right] == [235] * 10
+        assert wrong.result() == 535
+    assert "auth failed client=[127.0.0.12]" in daemon.log()
+
+
 def test_sending_as_someone_else_is_refused(daemon: Daemon) -> None:
     with smtplib.SMTP_SSL("127.0.0.1", daemon.submissions_port, context=no_verify(), timeout=10) as client:
         client.login("alice@example.test", PASSWORD)
@@ -338,7 +364,7 @@ def peer_common_name(port: int) -> str:
 def test_sighup_reloads_password_and_certificate_without_dropping_sessions(strict: Daemon, tmp_path: Path) -> None:
     user = "dave@example.test"
     open_session = smtplib.SMTP_SSL("127.0.0.1", strict.submissions_port, context=no_verify(), timeout=10)
-    open_session.login(user, PASSWORD)
+    open_session.login(user, PASSWORD)  # a success the daemon now remembers for a few minutes ...
     assert peer_common_name(strict.submissions_port) == "mail.example.test"
 
     strict.cli("user", "passwd", user, "--password-stdin", input="brand-new-pass\n")
@@ -352,7 +378,7 @@ def test_sighup_reloads_password_and_certificate_without_dropping_sessions(stric
     with smtplib.SMTP_SSL("127.0.0.1", strict.submissions_port, context=no_verify(), timeout=10) as client:
         client.ehlo()  # smtplib's auth() does not say EHLO itself (and takes a 503 for success)
         client.user, client.password = user, PASSWORD
-        with pytest.raises(smtplib.SMTPAuthenticationError):
+        with pytest.raises(smtplib.SMTPAuthenticationError):  # ... but not past a password change
             client.auth("PLAIN", client.auth_plain)
     with smtplib.SMTP("127.0.0.1", strict.submission_port, timeout=10) as client:
         client.starttls(context=no_verify())

@@ -102,6 +102,26 @@ def test_default_dummy_hash_has_the_real_cost(domains: LocalDomains) -> None:
     assert stored.split("$")[2] == hash_password("x").split("$")[2]
 
 
+def test_a_repeated_login_is_remembered_until_the_password_changes(domains: LocalDomains, tmp_path: Path) -> None:
+    runner = Runner()
+    checker = UsersFileChecker(domains, runner, dummy_hash=DUMMY, clock=Clock())
+    right = UsernamePassword(b"alice@example.test", b"right")
+    assert outcome(checker.requestAvatarId(right)) == "alice@example.test"
+    assert outcome(checker.requestAvatarId(right)) == "alice@example.test"
+    assert len(runner.calls) == 1  # the second login cost no scrypt
+    # `mailhost user passwd`, then SIGHUP: the stored hash changed, so the old password is checked, and refused.
+    write_users(tmp_path / "users", {"alice@example.test": UserEntry("alice@example.test", hash_password("new", log_n=CHEAP))})
+    domains.reload_users()
+    assert outcome(checker.requestAvatarId(right)).check(UnauthorizedLogin)
+    assert outcome(checker.requestAvatarId(UsernamePassword(b"alice@example.test", b"new"))) == "alice@example.test"
+    # Removed: the dummy hash is checked, never a remembered success.
+    write_users(tmp_path / "users", {})
+    domains.reload_users()
+    calls = len(runner.calls)
+    assert outcome(checker.requestAvatarId(UsernamePassword(b"alice@example.test", b"new"))).check(UnauthorizedLogin)
+    assert len(runner.calls) == calls + 1
+
+
 def test_realm_gives_a_submitter() -> None:
     interface, avatar, logout = SubmitterRealm().requestAvatar("alice@example.test", None, IMailSubmitter)
     assert interface is IMailSubmitter and avatar == Submitter("alice@example.test")

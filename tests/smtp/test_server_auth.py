@@ -103,8 +103,10 @@ class Runner:
     def __init__(self) -> None:
         self.hold = False
         self.held: list[tuple[defer.Deferred, Callable[[], Any]]] = []
+        self.calls = 0
 
     def __call__(self, function: Callable[..., Any], *args: Any) -> defer.Deferred:
+        self.calls += 1
         if not self.hold:
             return defer.maybeDeferred(function, *args)
         deferred: defer.Deferred = defer.Deferred()
@@ -161,7 +163,7 @@ class World:
         self.domains = LocalDomains(self.config)
         self.clock = Clock()
         self.runner = Runner()
-        checker = UsersFileChecker(self.domains, self.runner, dummy_hash=hash_password("x", log_n=CHEAP))
+        checker = UsersFileChecker(self.domains, self.runner, dummy_hash=hash_password("x", log_n=CHEAP), clock=self.clock)
         suppression = SuppressionList(root / "suppression.json")
         self.intake = RecordingIntake(self.config, None, None, self.domains, Signer(root), suppression, self.runner,
                                       EVERYTHING)
@@ -307,6 +309,36 @@ def test_failures_lock_out_then_slow_the_address(world: World) -> None:
     other = world.session("submission", source="192.0.2.99")
     other.send("EHLO client.test")
     assert other.send(f"AUTH PLAIN {PLAIN_OK}").startswith("235 2.7.0")
+
+
+def test_ten_sessions_at_once_with_one_credential_cost_one_password_check(world: World) -> None:
+    # A campaign tool's burst: ten sessions send the same AUTH before any check has finished.
+    sessions = [world.session("submission", source=f"192.0.2.{n}") for n in range(10)]
+    wrong = world.session("submission", source="198.51.100.7")
+    for session in sessions + [wrong]:
+        session.send("EHLO client.test")
+    world.runner.hold = True
+    for session in sessions:
+        assert session.send(f"AUTH PLAIN {PLAIN_OK}") == ""
+    assert wrong.send(f"AUTH PLAIN {PLAIN_BAD}") == ""
+    assert world.runner.calls == 2  # one scrypt for the ten, one for the wrong password
+    world.runner.release()
+    assert [s.read()[:9] for s in sessions] == ["235 2.7.0"] * 10
+    assert wrong.read().startswith("535 5.7.8")
+    # A later login with the same credential is answered without a check; a wrong one never is.
+    world.runner.hold = False
+    assert world.session("submission", source="192.0.2.50").send(f"EHLO c\r\nAUTH PLAIN {PLAIN_OK}").endswith(
+        "235 2.7.0 Authentication successful\r\n")
+    assert world.runner.calls == 2
+    for _ in range(2):
+        assert wrong.send(f"AUTH PLAIN {PLAIN_BAD}").startswith("535 5.7.8")
+    assert world.runner.calls == 4
+    # The wrong password's address is slowed as before: its next attempt, even the right one, waits.
+    late = world.session("submission", source="198.51.100.7")
+    late.send("EHLO client.test")
+    assert late.send(f"AUTH PLAIN {PLAIN_OK}") == ""
+    world.clock.advance(1.0)
+    assert late.read().startswith("235 2.7.0")
 
 
 def test_pipelined_commands_wait_for_the_password_check(world: World) -> None:
