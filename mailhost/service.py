@@ -234,7 +234,8 @@ def build_inbound(config: Config, tls_options: ServerTLS, reactor: Any, parent: 
     TimerService(COMPLAINT_FLUSH_SECONDS, _flush_complaints, writer, complaints).setServiceParent(parent)
     intake = Intake(config, writer, spool, domains, signer, suppression, content_threads.run, shard,
                     unsubscribe=unsubscribe, complaint_rate=complaints)
-    context = ServerContext(config, domains, intake, tls_options, make_portal(domains, checks.run, reactor), slowdown, metrics)
+    portal = make_portal(domains, checks.run, reactor)
+    context = ServerContext(config, domains, intake, tls_options, portal, slowdown, metrics)
     return Inbound(writer, domains, spool, intake, suppression, context, unsubscribe)
 
 

@@ -110,7 +110,8 @@ def test_a_repeated_login_is_remembered_until_the_password_changes(domains: Loca
     assert outcome(checker.requestAvatarId(right)) == "alice@example.test"
     assert len(runner.calls) == 1  # the second login cost no scrypt
     # `mailhost user passwd`, then SIGHUP: the stored hash changed, so the old password is checked, and refused.
-    write_users(tmp_path / "users", {"alice@example.test": UserEntry("alice@example.test", hash_password("new", log_n=CHEAP))})
+    changed = UserEntry("alice@example.test", hash_password("new", log_n=CHEAP))
+    write_users(tmp_path / "users", {"alice@example.test": changed})
     domains.reload_users()
     assert outcome(checker.requestAvatarId(right)).check(UnauthorizedLogin)
     assert outcome(checker.requestAvatarId(UsernamePassword(b"alice@example.test", b"new"))) == "alice@example.test"

@@ -124,7 +124,7 @@ def test_entries_are_bounded_oldest_out_first(clock: Clock) -> None:
     (ALICE, STORED, "wrong"),                           # another password
     (ALICE, STORED, "Right"),
     (ALICE, STORED, "right "),
-])
+], ids=["other-user", "password-set-again", "wrong", "case", "trailing-space"])  # salts are random: fixed ids
 def test_key_matches_only_the_same_user_hash_and_password(clock: Clock, user: str, stored: str, password: str) -> None:
     remembered = VerifiedCache(clock)
     remembered.add(remembered.key(ALICE, STORED, "right"))

@@ -163,7 +163,8 @@ class World:
         self.domains = LocalDomains(self.config)
         self.clock = Clock()
         self.runner = Runner()
-        checker = UsersFileChecker(self.domains, self.runner, dummy_hash=hash_password("x", log_n=CHEAP), clock=self.clock)
+        checker = UsersFileChecker(self.domains, self.runner, dummy_hash=hash_password("x", log_n=CHEAP),
+                                   clock=self.clock)
         suppression = SuppressionList(root / "suppression.json")
         self.intake = RecordingIntake(self.config, None, None, self.domains, Signer(root), suppression, self.runner,
                                       EVERYTHING)
