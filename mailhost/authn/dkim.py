@@ -158,10 +158,9 @@ def discover(state_dir: Path) -> dict[str, DkimKey | DkimKeyError]:
 def sign(message: bytes, key: DkimKey, now: int | None = None) -> bytes:
     """The DKIM-Signature header line(s) for `message` (LF line endings), ending in LF; b""
     (the message goes unsigned, with a warning) when its header section cannot be read.
+    What is signed is the message as smtp.wire sends it (see _as_sent).
     `now` is the t= timestamp (default: the current time)."""
-    if b"\r" in message:
-        message = message.replace(b"\r\n", b"\n")  # a line ends at CRLF or LF (dkimpy's reading)
-    head, body = _split(message)
+    head, body = _split(_as_sent(message))
     try:
         fields = _header_fields(head)
     except _Unreadable as e:
@@ -180,6 +179,14 @@ def sign(message: bytes, key: DkimKey, now: int | None = None) -> bytes:
     ]
     signature = _sign_digest(key, hashlib.sha256(_signed_header_data(fields, names, tags)).digest())
     return b"DKIM-Signature: " + _fold(_tag_list(tags + [(b"b", base64.b64encode(signature))]) + b"\n", b"\n")
+
+
+def _as_sent(message: bytes) -> bytes:
+    """The lines receivers verify, LF-terminated: smtp.wire.stuff_from_lf sends CRLF, a bare CR
+    and a bare LF each as a line end, and ends the last line (RFC 5321 2.3.8, 4.1.1.4)."""
+    if b"\r" in message:
+        message = message.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    return message if not message or message.endswith(b"\n") else message + b"\n"
 
 
 class _Unreadable(ValueError):
@@ -255,12 +262,9 @@ def _relaxed_header(name: bytes, value: bytes) -> bytes:
 
 
 def _relaxed_body(body: bytes) -> bytes:
-    """RFC 6376 3.4.4 on an LF-only body, returned with CRLF line ends. A last line without
-    its LF is taken as ending in one, as it will on the wire (RFC 5321 4.1.1.4)."""
+    """RFC 6376 3.4.4 on a body of LF-terminated lines, returned with CRLF line ends."""
     if b"\t" in body or b"  " in body:
         body = _WSP_TO_SQUEEZE.sub(b" ", body)  # (b) WSP runs within a line become one SP
-    if body and not body.endswith(b"\n"):
-        body += b"\n"
     if b" \n" in body:
         body = body.replace(b" \n", b"\n")  # (a) no WSP at line ends (runs are single SPs by now)
     body = body.rstrip(b"\n")  # (c) no empty lines at the end; an empty body hashes as nothing
