@@ -292,14 +292,17 @@ _B_PLACEHOLDER = b"0" * 60  # dkimpy's, so the folds (and the header) come out a
 
 def _fold(value: bytes, linesep: bytes) -> bytes:
     """The DKIM-Signature value folded as dkimpy folds it: lines of at most 72 characters with
-    the field name on the first, broken at the last space that fits, or inside a word longer
-    than a line (RFC 5322 2.2.3: a fold is a line end before WSP)."""
+    the field name on the first, broken at the last space that fits; a word longer than a line
+    is broken inside only in b= (RFC 6376 3.5 allows FWS there), elsewhere at the next space
+    (dkimpy broke d= of a domain over 68 characters, and no verifier read it)."""
     width = 72 - len(b"DKIM-Signature")
     if len(value) <= width:
         return value
     lines = []
     while len(value) > width:
         space = value.rfind(b" ", 0, width)
+        if space < 0:
+            space = value.find(b" ", width)  # none left: this is b=, which is last
         if space < 0:
             lines.append(value[:width])
             value = value[width:]
