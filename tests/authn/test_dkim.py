@@ -230,3 +230,74 @@ def test_corner_cases_match_dkimpy(message):
     private, _ = made_key(RSA)
     key = DkimKey("example.test", "s1", RSA, private)
     assert sign(message, key, 1_800_000_000) == dkimpy_header(message, key, 1_800_000_000)
+
+
+# --- the signatures against OpenDKIM and Mail::DKIM ---------------------------------------------
+
+import random  # noqa: E402
+
+from tests.support.dkim_verifiers import mail_dkim, opendkim  # noqa: E402
+
+
+def newsletter(size: int) -> bytes:
+    """A campaign-shaped message of about `size` bytes: text and indented HTML parts."""
+    head = (b"From: Example News <news@example.test>\nTo: reader@remote.test\nSubject: November news\n"
+            b"Date: Sun, 29 Nov 2026 10:00:00 +0000\nMessage-ID: <n1@example.test>\nMIME-Version: 1.0\n"
+            b"List-Unsubscribe: <https://example.test/u?c=2026-11>,\n <mailto:unsub@example.test>\n"
+            b"List-Unsubscribe-Post: List-Unsubscribe=One-Click\n"
+            b'Content-Type: multipart/alternative; boundary="=_p"\n\n--=_p\nContent-Type: text/plain\n\n')
+    text = b"The quick brown fox jumps over a lazy dog \xe2\x80\x94 and ships.\n"
+    html = b"  <p>\tThe   quick brown fox</p>   \n"
+    half = max(0, (size - len(head)) // 2)
+    return head + text * (half // len(text)) + b"--=_p\nContent-Type: text/html\n\n" + html * (half // len(html)) + b"--=_p--\n"
+
+
+def odd_message(rng: random.Random) -> bytes:
+    """Random fields and lines from the same pieces as the Hypothesis strategy above."""
+    pieces = [b"a", b"Zz", b" ", b"\t", b"  \t", b"\xc3\xa9", b";", b"=", b":", b"<x@y.test>", b".", b"\r", b"From "]
+    text = lambda: b"".join(rng.choice(pieces) for _ in range(rng.randrange(12)))  # noqa: E731
+    # (a bare CR in a field would end its line on the wire, and the message go unsigned)
+    field_text = lambda: text().replace(b"\r", b"")  # noqa: E731
+    names = [b"To", b"Cc", b"Subject", b"subject", b"Reply-To", b"X-Mailer", b"References", b"Content-Type"]
+    head = b"From: News <news@example.test>\n" + b"".join(
+        rng.choice(names) + b":" + rng.choice([b"", b" ", b"\t "]) + field_text()
+        + b"".join(b"\n" + rng.choice([b" ", b"\t"]) + field_text() for _ in range(rng.randrange(3))) + b"\n"
+        for _ in range(rng.randrange(8)))
+    body = b"".join(text() + rng.choice([b"\n", b"\r\n", b" \n", b"\t\r\n"]) for _ in range(rng.randrange(12)))
+    return head + b"\n" + body + rng.choice([b"", b"\n\n", b" \n\t\n", b"no final newline", b"trailing WSP \t"])
+
+
+CORPUS = [
+    MESSAGE, newsletter(4 * 1024), newsletter(100 * 1024),
+    b"From: a@example.test\n\n", b"From: a@example.test\n", b"From: a@example.test\n\n\n\n",
+    b"From: a@example.test\n\n \t \n\t\n", b"From: a@example.test\n\nno final newline  \t",
+    b"From: a@example.test\n\nbare\rCR\n", b"From: a@example.test\r\nSubject: CRLF\r\n\r\nstored with CRLF\r\n",
+    b"From: a@example.test\nSubject: one\nSubject: two\nTo: x@y.test\n  folded\tonce\n\t\tand twice\n\nbody\n",
+    b"From: a@example.test\nSubject: =?utf-8?q?caf=C3=A9?=\n\n8-bit \xc3\xa9\xe2\x82\xac\xff body\n.leading dot\n",
+    b"From: a@example.test\nSubject: " + b"long " * 300 + b"\n\n" + b"x" * 990 + b"\n",
+] + [odd_message(random.Random(seed)) for seed in range(40)]
+
+
+@pytest.mark.parametrize("algorithm", [RSA, ED25519])
+def test_opendkim_and_mail_dkim_verify_every_signature(tmp_path, algorithm):
+    """The corpus, signed and sent as smtp.wire sends it, verifies with OpenDKIM (both
+    algorithms) and Mail::DKIM (rsa-sha256; Debian's knows no ed25519); one altered body
+    fails with both, so a pass means they checked."""
+    private, record = made_key(algorithm)
+    key = DkimKey("example.test", "s1", algorithm, private)
+    files = []
+    for index, message in enumerate(CORPUS + [b"From: a@example.test\n\naltered\n"]):
+        header = sign(message, key, 1_700_000_000)
+        assert header, message[:80]
+        received = as_received(header + message)
+        if index == len(CORPUS):
+            received = received.replace(b"altered", b"alter3d")
+        files.append(tmp_path / f"{index:02}.eml")
+        files[-1].write_bytes(received)
+    records = {"s1._domainkey.example.test": record}
+    verifiers = {"opendkim": opendkim(files, records)}
+    if algorithm == RSA:
+        verifiers["Mail::DKIM"] = mail_dkim(files, records)
+    for name, results in verifiers.items():
+        failed = {path.name: result for path, result in results.items() if result != "pass"}
+        assert list(failed) == [files[-1].name], f"{name}: {failed}"
