@@ -1,13 +1,22 @@
-"""DKIM signatures verify with dkimpy against the record served by the test DNS."""
+"""DKIM signatures: they verify with dkimpy (records from the test DNS), OpenDKIM and Mail::DKIM,
+and the header is byte for byte the one dkimpy makes."""
 
 from __future__ import annotations
+
+import random
+from collections import Counter
+from unittest import mock
 
 import dkim
 import dns.resolver
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
-from mailhost.authn.dkim import ED25519, RSA, DkimKeyError, Signer, generate, sign
+from mailhost.authn.dkim import (ED25519, OVERSIGNED, RSA, SIGNED_HEADERS, DkimKey, DkimKeyError, Signer, generate,
+                                  load_key, sign)
 from mailhost.message import from_domain
+from mailhost.smtp.wire import stuff_from_lf
+from tests.support.dkim_verifiers import mail_dkim, opendkim
 from tests.support.dns import DNSServer
 
 MESSAGE = (
@@ -122,23 +131,15 @@ def test_a_copy_with_one_more_signed_field_does_not_verify(tmp_path, field):
 
 # --- the signer against dkimpy, byte for byte ----------------------------------------------------
 
-import functools  # noqa: E402
-import tempfile  # noqa: E402
-from pathlib import Path  # noqa: E402
-from unittest import mock  # noqa: E402
 
-from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
-
-from mailhost.authn.dkim import OVERSIGNED, SIGNED_HEADERS, DkimKey  # noqa: E402
-from mailhost.smtp.wire import stuff_from_lf  # noqa: E402
-
-
-@functools.lru_cache(maxsize=None)
-def made_key(algorithm: str) -> tuple[bytes, str]:
-    """(private key as the key file holds it, the TXT record), made once per test run."""
-    from mailhost.authn.dkim import load_key
-    path, record = generate(Path(tempfile.mkdtemp(prefix="dkim-test-")), "example.test", "s1", algorithm)
-    return load_key(path, "example.test", "s1").private, record
+@pytest.fixture(scope="session")
+def made_keys(tmp_path_factory) -> dict[str, tuple[bytes, str]]:
+    """Per algorithm: (the private key as the key file holds it, the TXT record), made once."""
+    keys = {}
+    for algorithm in (RSA, ED25519):
+        path, record = generate(tmp_path_factory.mktemp("dkim"), "example.test", "s1", algorithm)
+        keys[algorithm] = load_key(path, "example.test", "s1").private, record
+    return keys
 
 
 def as_received(message: bytes) -> bytes:
@@ -164,8 +165,6 @@ def dkimpy_header(message: bytes, key: DkimKey, now: int) -> bytes:
                            signature_algorithm=key.algorithm.encode(), linesep=b"\n")
     return header if header.endswith(b"\n") else header + b"\n"
 
-
-from collections import Counter  # noqa: E402
 
 WSP = st.sampled_from([b" ", b"\t", b"  ", b" \t ", b""])
 TEXT = st.lists(st.sampled_from([b"a", b"Zz", b" ", b"\t", b"  \t", b"\xc3\xa9", b";", b"=", b":", b"<x@y.test>",
@@ -204,10 +203,10 @@ KEY_NAMES = st.sampled_from([("example.test", "s1"), ("mail." + "d" * 60 + ".exa
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(message=messages(), algorithm=st.sampled_from([RSA, ED25519]), names=KEY_NAMES,
        now=st.integers(1_000_000_000, 1_700_000_000))  # t= in the past: dkimpy refuses a future one
-def test_the_signature_header_is_dkimpys_byte_for_byte(message, algorithm, names, now):
+def test_the_signature_header_is_dkimpys_byte_for_byte(made_keys, message, algorithm, names, now):
     """Same key, h= list and t=: the header equals dkimpy's for the form receivers get
     (RSASSA-PKCS1-v1_5 and Ed25519 are deterministic), and dkimpy verifies it there."""
-    private, record = made_key(algorithm)
+    private, record = made_keys[algorithm]
     key = DkimKey(names[0], names[1], algorithm, private)
     ours, theirs = sign(message, key, now), dkimpy_header(message, key, now)
     assert bool(ours) == bool(theirs)
@@ -226,17 +225,13 @@ def test_the_signature_header_is_dkimpys_byte_for_byte(message, algorithm, names
     b"From: a@example.test\n\nno final newline  \t", b"From: a@example.test\nSubject: a\rb\n\nbare CR in a field\n",
     b"From: a@example.test\nSubject: one\nSubject: two\nTo: x@y.test\n  folded\tonce\n\t\tand twice\n\nbody\n",
 ], ids=lambda m: repr(m[:24]))
-def test_corner_cases_match_dkimpy(message):
-    private, _ = made_key(RSA)
+def test_corner_cases_match_dkimpy(made_keys, message):
+    private, _ = made_keys[RSA]
     key = DkimKey("example.test", "s1", RSA, private)
     assert sign(message, key, 1_800_000_000) == dkimpy_header(message, key, 1_800_000_000)
 
 
 # --- the signatures against OpenDKIM and Mail::DKIM ---------------------------------------------
-
-import random  # noqa: E402
-
-from tests.support.dkim_verifiers import mail_dkim, opendkim  # noqa: E402
 
 
 def newsletter(size: int) -> bytes:
@@ -279,11 +274,11 @@ CORPUS = [
 
 
 @pytest.mark.parametrize("algorithm", [RSA, ED25519])
-def test_opendkim_and_mail_dkim_verify_every_signature(tmp_path, algorithm):
+def test_opendkim_and_mail_dkim_verify_every_signature(made_keys, tmp_path, algorithm):
     """The corpus, signed and sent as smtp.wire sends it, verifies with OpenDKIM (both
     algorithms) and Mail::DKIM (rsa-sha256; Debian's knows no ed25519); one altered body
     fails with both, so a pass means they checked."""
-    private, record = made_key(algorithm)
+    private, record = made_keys[algorithm]
     key = DkimKey("example.test", "s1", algorithm, private)
     files = []
     for index, message in enumerate(CORPUS + [b"From: a@example.test\n\naltered\n"]):
