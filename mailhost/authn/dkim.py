@@ -294,7 +294,7 @@ def _fold(value: bytes, linesep: bytes) -> bytes:
     """The DKIM-Signature value folded as dkimpy folds it: lines of at most 72 characters with
     the field name on the first, broken at the last space that fits; a word longer than a line
     is broken inside only in b= (RFC 6376 3.5 allows FWS there), elsewhere at the next space
-    (dkimpy broke d= of a domain over 68 characters, and no verifier read it)."""
+    (dkimpy broke d= and i= of a domain over 68 characters: even dkimpy then refused them)."""
     width = 72 - len(b"DKIM-Signature")
     if len(value) <= width:
         return value
