@@ -221,7 +221,7 @@ def build_inbound(config: Config, tls_options: ServerTLS, reactor: Any, parent: 
     checks = DiskWriter(reactor, threads=2, name="mailhost-auth")
     DiskWriterService(checks).setServiceParent(parent)
     slowdown = AuthSlowdown(reactor, free=config.limits.auth_failures)
-    # DNS for SPF/DKIM/DMARC and RSA signing (dkimpy's is pure Python) run here.
+    # DNS for SPF/DKIM/DMARC and DKIM signing (RSA in OpenSSL, which releases the GIL) run here.
     content_threads = DiskWriter(reactor, threads=4, name="mailhost-content")
     DiskWriterService(content_threads).setServiceParent(parent)
     events = event_log(config.server.state_dir)
