@@ -337,11 +337,13 @@ class SmtpSink:
 
     `-c` prints "sess=N quit=N mesg=N" (CR-terminated, unbuffered) each time a
     session ends or a "." is received; `messages` is the last mesg= seen.
+    `dump_template` (smtp-sink's -d, run as nobody) also writes each message to a file.
     """
 
     COUNTERS = re.compile(rb"sess=(\d+) quit=(\d+) mesg=(\d+)")
 
-    def __init__(self, address: str, port: int, backlog: int = 1024, max_connections: int = 512) -> None:
+    def __init__(self, address: str, port: int, backlog: int = 1024, max_connections: int = 512,
+                 dump_template: str | None = None) -> None:
         self.address = address
         self.port = port
         self.messages = 0
@@ -350,7 +352,9 @@ class SmtpSink:
         self._cond = threading.Condition()
         # -u: smtp-sink refuses to run as root without a user to switch to.
         self.process = subprocess.Popen(
-            ["smtp-sink", "-u", "nobody", "-c", "-m", str(max_connections), f"{address}:{port}", str(backlog)],
+            ["smtp-sink", "-u", "nobody", "-c", "-m", str(max_connections),
+             # -d: every message also to a file of its own, for checks after the run
+             *(["-d", dump_template] if dump_template else []), f"{address}:{port}", str(backlog)],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
         threading.Thread(target=self._read, daemon=True).start()
