@@ -275,6 +275,11 @@ def process_cpu(roots: list[int]) -> dict[int, float]:
     return cpu
 
 
+def harness_cpu(servers: list[int]) -> float:
+    """CPU seconds of this script and its children (clients once joined, sinks, DNS), servers left out."""
+    return sum(seconds for pid, seconds in process_cpu([os.getpid()]).items() if pid not in servers)
+
+
 def machine_busy() -> float:
     """CPU seconds the whole machine has spent not idle (all cores), from /proc/stat."""
     fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
@@ -305,7 +310,8 @@ class Result:
     cpu: dict[str, float]  # process label -> CPU seconds during the run
     verified: Verified | None = None
     split: dict[str, int] = field(default_factory=dict)  # process label -> connections it took
-    others: float = 0.0  # cores busy with anything but the server under test (client, sinks, other jobs)
+    harness: float = 0.0  # cores the client, sinks and DNS server kept busy
+    others: float = 0.0  # cores busy with anything else: other jobs on a shared machine
 
     @property
     def rate(self) -> float | None:
@@ -334,10 +340,10 @@ class Result:
 
 
 def measure(side: str, port: int, args, sinks: list[SmtpSink],
-            roots: list[int]) -> tuple[float | None, list[Connection], dict[int, float], float]:
+            roots: list[int]) -> tuple[float | None, list[Connection], dict[int, float], tuple[float, float]]:
     """Run the campaign against `port`; returns seconds until the sinks had it all, the connections,
-    CPU per pid, and the cores the rest of the machine kept busy meanwhile (a shared machine shows here)."""
-    before, busy = process_cpu(roots), machine_busy()
+    CPU per pid, and the cores the harness and the rest of the machine kept busy meanwhile."""
+    before, busy, harness = process_cpu(roots), machine_busy(), harness_cpu(roots)
     base = sum(s.messages for s in sinks)
     began, connections = run_campaign(port, args)
     for c in connections:
@@ -346,8 +352,9 @@ def measure(side: str, port: int, args, sinks: list[SmtpSink],
     end = wait_for_sinks(sinks, base + args.messages, began, args.stall_timeout)
     cpu = cpu_used(before, process_cpu(roots))
     wall = time.monotonic() - began
-    others = (machine_busy() - busy - sum(cpu.values())) / wall
-    return (end - began if end is not None else None), connections, cpu, others
+    harness = harness_cpu(roots) - harness
+    others = (machine_busy() - busy - sum(cpu.values()) - harness) / wall
+    return (end - began if end is not None else None), connections, cpu, (harness / wall, others)
 
 
 # --- mailhost ------------------------------------------------------------------------------
@@ -401,6 +408,23 @@ def mailhost_labels(log_text: str, main_pid: int) -> dict[int, str]:
     return labels
 
 
+def wait_until_listening(daemon: Mailhost, workers: int | None, timeout: float = 60) -> None:
+    """The port accepts and every worker the log says was started also says it listens
+    (`workers` None: however many the config's default makes)."""
+    deadline = time.monotonic() + timeout
+    if workers and workers > 1:
+        daemon.wait_for_log(r"(?s)(worker \d+ listening.*){%d}" % (workers - 1), timeout=timeout)
+    while time.monotonic() < deadline:
+        text = daemon.log()
+        started = set(re.findall(r"worker (\d+) started", text))
+        if daemon.accepts() and started <= set(re.findall(r"worker (\d+) listening", text)):
+            return
+        if not daemon.alive():
+            break
+        time.sleep(0.1)
+    raise RuntimeError(f"mailhost did not listen within {timeout:.0f}s:\n{tail(daemon.log_file)}")
+
+
 def run_mailhost(root: Path, args, workers: int | None, tls: tuple[Path, Path], record_out: list[str],
                  sinks: list[SmtpSink], nameserver: str) -> Result:
     from mailhost.authn.dkim import generate
@@ -416,13 +440,9 @@ def run_mailhost(root: Path, args, workers: int | None, tls: tuple[Path, Path], 
     label = f"mailhost workers={workers or 'default'}"
     try:
         daemon.start()
-        daemon.wait_for_log(r"listening", timeout=60)
-        if workers and workers > 1:
-            daemon.wait_for_log(r"(?s)(worker \d+ listening.*){%d}" % (workers - 1), timeout=60)
-        while not daemon.accepts():
-            time.sleep(0.05)
+        wait_until_listening(daemon, workers)
         log(f"{label} (pid {daemon.process.pid}) on 127.0.0.1:{daemon.port}; campaign starts")
-        seconds, connections, cpu, others = measure(label, daemon.port, args, sinks, [daemon.process.pid])
+        seconds, connections, cpu, load = measure(label, daemon.port, args, sinks, [daemon.process.pid])
         text = daemon.log()
         names = mailhost_labels(text, daemon.process.pid)
         split, per_process = mailhost_split(text)
@@ -432,7 +452,7 @@ def run_mailhost(root: Path, args, workers: int | None, tls: tuple[Path, Path], 
     if seconds is None:
         log(f"  STALLED: sinks at {sum(s.messages for s in sinks)}; log tail:\n{tail(daemon.log_file)}")
     return Result(label, args.messages, seconds, connections,
-                  {names.get(pid, f"pid {pid}"): s for pid, s in cpu.items()}, split=split, others=others)
+                  {names.get(pid, f"pid {pid}"): s for pid, s in cpu.items()}, split=split, harness=load[0], others=load[1])
 
 
 # --- Postfix + OpenDKIM ------------------------------------------------------------------------
@@ -551,7 +571,7 @@ def run_postfix(root: Path, args, tls: tuple[Path, Path], key: Path, sinks: list
         instance.start()
         log(f"{label} (master pid {instance.master_pid}, opendkim pid {opendkim.process.pid}) on "
             f"127.0.0.1:{instance.port}; campaign starts")
-        seconds, connections, cpu, others = measure(label, instance.port, args, sinks,
+        seconds, connections, cpu, load = measure(label, instance.port, args, sinks,
                                             [instance.master_pid, opendkim.process.pid])
         labels = {pid: "opendkim" if pid == opendkim.process.pid else
                   "master + exited children" if pid == instance.master_pid else process_name(pid) for pid in cpu}
@@ -567,7 +587,7 @@ def run_postfix(root: Path, args, tls: tuple[Path, Path], key: Path, sinks: list
     by_name: Counter[str] = Counter()
     for pid, seconds_used in cpu.items():
         by_name[labels[pid]] += seconds_used
-    return Result(label, args.messages, seconds, connections, dict(by_name), others=others)
+    return Result(label, args.messages, seconds, connections, dict(by_name), harness=load[0], others=load[1])
 
 
 # --- main ---------------------------------------------------------------------------------
@@ -612,7 +632,7 @@ def report(r: Result) -> None:
     cpu = ", ".join(f"{name} {seconds:.1f}" for name, seconds in sorted(r.cpu.items(), key=lambda x: -x[1])[:8])
     log(f"{r.side}: " + (f"{r.messages} in {r.seconds:.1f}s = {r.rate:.0f} msg/s" if r.seconds else "did not finish")
         + f"; CPU {r.cpu_ms:.2f} ms/msg ({cpu}); AUTH all done {fmt(r.auth_all, 's', 2)}, slowest "
-        f"{fmt(r.auth_slowest, 's', 2)}; split {r.split or '-'}; other load {r.others:.2f} cores; "
+        f"{fmt(r.auth_slowest, 's', 2)}; split {r.split or '-'}; harness {r.harness:.2f} cores, other jobs {r.others:.2f} cores; "
         + (f"arrived {v.arrived}, duplicates {v.duplicates}, missing {v.missing}, DKIM {v.dkim_checked - v.dkim_failed}"
            f"/{v.dkim_checked} verify" if v else "not verified"))
 
@@ -624,7 +644,7 @@ def fmt(value: float | None, unit: str = "", digits: int = 0) -> str:
 def print_table(results: dict[str, list[Result]], args) -> None:
     postfix = median([r.rate for r in results.get("postfix + opendkim", [])])
     rows = [("side", "msg/s (median)", "runs", "ratio to postfix", "CPU ms/msg", "AUTH all (s)", "AUTH slowest (s)",
-             "connection split", "other load (cores)", "verified")]
+             "connection split", "other jobs (cores)", "verified")]
     for side, runs in results.items():
         rate = median([r.rate for r in runs])
         splits = " | ".join(",".join(f"{p}:{n}" for p, n in r.split.items()) for r in runs) or "-"
