@@ -34,7 +34,6 @@ import pwd
 import random
 import re
 import shutil
-import signal
 import smtplib
 import ssl
 import statistics
@@ -50,7 +49,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import REPO, Mailhost, SmtpSink, ZoneServer, log, tree_env, wait_for_quiet_disk, write_json  # noqa: E402
+from common import (  # noqa: E402
+    REPO, Mailhost, SmtpSink, ZoneServer, exit_on_signals, log, stop_process, tree_env, wait_for_quiet_disk, write_json,
+)
 from tests.support.postfix import MAIL_OWNER, Postfix, PostfixError, free_port, tail, unavailable  # noqa: E402
 
 DOMAIN = "example.test"  # the sender's domain: the one both sides sign for
@@ -520,13 +521,7 @@ class OpenDkim:
             time.sleep(0.05)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
 
 
 def private_sasl(folder: Path) -> Path:
@@ -714,11 +709,7 @@ def main() -> int:
     args = parse_args()
     args.venv = args.venv.resolve()
     check_prerequisites(args)
-
-    def on_signal(signum: int, _frame) -> None:
-        raise SystemExit(128 + signum)
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGHUP, on_signal)
+    exit_on_signals()
 
     tmp = Path(tempfile.mkdtemp(prefix="mailhost-bench-campaign-"))
     tmp.chmod(0o711)  # opendkim and Postfix's daemons run as postfix and must reach their folders

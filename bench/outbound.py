@@ -23,7 +23,6 @@ import argparse
 import os
 import re
 import shutil
-import signal
 import smtplib
 import subprocess
 import sys
@@ -36,7 +35,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
-    REPO, SENDER, Mailhost, SmtpSink, ZoneServer, cpu_seconds, fill_spool, log, make_message, spool_size, write_json,
+    REPO, SENDER, Mailhost, SmtpSink, ZoneServer, cpu_seconds, exit_on_signals, fill_spool, log, make_message,
+    spool_size, write_json,
 )
 from tests.support.postfix import Postfix, PostfixError, free_port, tail, unavailable  # noqa: E402
 
@@ -324,11 +324,7 @@ def main() -> int:
     if args.profile:
         args.profile = args.profile.resolve()
     check_prerequisites(args)
-
-    def on_signal(signum: int, _frame) -> None:
-        raise SystemExit(128 + signum)
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGHUP, on_signal)
+    exit_on_signals()
 
     tmp = Path(tempfile.mkdtemp(prefix="mailhost-bench-outbound-"))
     records = zone_records(args.domains, args.mx_hosts)
