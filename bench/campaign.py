@@ -34,6 +34,7 @@ import pwd
 import random
 import re
 import shutil
+import signal
 import smtplib
 import ssl
 import statistics
@@ -358,6 +359,51 @@ def measure(side: str, port: int, args, sinks: list[SmtpSink],
     return (end - began if end is not None else None), connections, cpu, (harness / wall, others)
 
 
+# --- where mailhost's CPU goes (py-spy) ---------------------------------------------------------
+
+# The step a sample belongs to: the frame nearest the leaf that names one of these (file path fragments).
+STEPS = (
+    ("DKIM signing", ("authn/dkim", "/dkim/")),
+    ("AUTH (scrypt)", ("local/auth", "hashlib", "sasl")),
+    ("TLS", ("/ssl.py", "OpenSSL/", "twisted/protocols/tls", "ops/tls")),
+    ("spool, fsync", ("queue/", "ops/durable")),
+    ("delivery", ("delivery/", "smtp/client")),
+    ("intake", ("intake/",)),
+    ("SMTP server", ("smtp/server", "smtp/wire", "smtp/transport")),
+    ("logging", ("twisted/logger", "ops/logs")),
+)
+
+
+def start_profiler(pid: int, out: Path) -> subprocess.Popen:
+    """py-spy sampling the daemon and its workers (non-blocking: it does not pause them), raw stacks to `out`."""
+    return subprocess.Popen([shutil.which("py-spy") or "py-spy", "record", "--pid", str(pid), "--subprocesses",
+                             "--nonblocking", "--rate", "100", "--format", "raw", "--output", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def stop_profiler(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        stop_process(process)
+
+
+def profile_steps(raw: Path) -> dict[str, float]:
+    """Share of the samples per step, from py-spy's raw output ("frame;frame;... count" lines, root first)."""
+    counts: Counter[str] = Counter()
+    for line in raw.read_text(errors="replace").splitlines():
+        stack, _, number = line.rpartition(" ")
+        if not number.isdigit():
+            continue
+        frames = stack.split(";")
+        step = next((name for frame in reversed(frames) for name, parts in STEPS
+                     if any(part in frame for part in parts)), "reactor, other")
+        counts[step] += int(number)
+    total = sum(counts.values()) or 1
+    return {step: count / total for step, count in counts.most_common()}
+
+
 # --- mailhost ------------------------------------------------------------------------------
 
 MAILHOST_TOML = """\
@@ -443,7 +489,15 @@ def run_mailhost(root: Path, args, workers: int | None, tls: tuple[Path, Path], 
         daemon.start()
         wait_until_listening(daemon, workers)
         log(f"{label} (pid {daemon.process.pid}) on 127.0.0.1:{daemon.port}; campaign starts")
-        seconds, connections, cpu, load = measure(label, daemon.port, args, sinks, [daemon.process.pid])
+        profiler = start_profiler(daemon.process.pid, root / "py-spy.txt") if args.py_spy else None
+        try:
+            seconds, connections, cpu, load = measure(label, daemon.port, args, sinks, [daemon.process.pid])
+        finally:
+            if profiler is not None:
+                stop_profiler(profiler)
+        if profiler is not None and (root / "py-spy.txt").exists():
+            log("  py-spy, samples by step: " + ", ".join(f"{step} {100 * share:.0f}%" for step, share
+                                                            in profile_steps(root / "py-spy.txt").items()))
         text = daemon.log()
         names = mailhost_labels(text, daemon.process.pid)
         split, per_process = mailhost_split(text)
@@ -687,6 +741,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--stall-timeout", type=float, default=60.0, help="give up when nothing arrives for this long")
     p.add_argument("--no-disk-wait", action="store_true", help="do not wait for a quiet disk before each side")
     p.add_argument("--venv", type=Path, default=REPO / ".venv", help="virtualenv with twistd and mailhost")
+    p.add_argument("--py-spy", action="store_true",
+                   help="sample mailhost with py-spy during the run and print the share of each step "
+                        "(costs CPU: not for the figures)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, maillog)")
     p.add_argument("--json", type=Path, help="also write the figures to this file (for bench/targets.py)")
     return p.parse_args()
