@@ -374,9 +374,10 @@ STEPS = (
 )
 
 
-def start_profiler(pid: int, out: Path) -> subprocess.Popen:
+def start_profiler(pid: int, out: Path, venv: Path) -> subprocess.Popen:
     """py-spy sampling the daemon and its workers (non-blocking: it does not pause them), raw stacks to `out`."""
-    return subprocess.Popen([shutil.which("py-spy") or "py-spy", "record", "--pid", str(pid), "--subprocesses",
+    found = venv / "bin" / "py-spy"  # where `pip install py-spy` into the venv puts it
+    return subprocess.Popen([str(found) if found.exists() else "py-spy", "record", "--pid", str(pid), "--subprocesses",
                              "--nonblocking", "--rate", "100", "--format", "raw", "--output", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -489,7 +490,7 @@ def run_mailhost(root: Path, args, workers: int | None, tls: tuple[Path, Path], 
         daemon.start()
         wait_until_listening(daemon, workers)
         log(f"{label} (pid {daemon.process.pid}) on 127.0.0.1:{daemon.port}; campaign starts")
-        profiler = start_profiler(daemon.process.pid, root / "py-spy.txt") if args.py_spy else None
+        profiler = start_profiler(daemon.process.pid, root / "py-spy.txt", args.venv) if args.py_spy else None
         try:
             seconds, connections, cpu, load = measure(label, daemon.port, args, sinks, [daemon.process.pid])
         finally:
