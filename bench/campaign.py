@@ -697,7 +697,7 @@ def print_table(results: dict[str, list[Result]], args) -> None:
              "connection split", "other jobs (cores)", "verified")]
     for side, runs in results.items():
         rate = median([r.rate for r in runs])
-        splits = " | ".join(",".join(f"{p}:{n}" for p, n in r.split.items()) for r in runs) or "-"
+        splits = " | ".join(",".join(f"{p}:{n}" for p, n in r.split.items()) for r in runs if r.split) or "-"
         rows.append((side, fmt(rate), " ".join(fmt(r.rate) for r in runs),
                      f"{rate / postfix:.2f}x" if rate and postfix else "-",
                      fmt(median([r.cpu_ms for r in runs]), "", 2), fmt(median([r.auth_all for r in runs]), "", 2),
