@@ -38,6 +38,25 @@ def log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
+def stop_process(process: subprocess.Popen, timeout: float = 10) -> None:
+    """SIGTERM to one process we started, SIGKILL if it is still there after `timeout` seconds."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def exit_on_signals() -> None:
+    """SIGTERM and SIGHUP end the benchmark through SystemExit, so its finally: blocks stop what it started."""
+    def on_signal(signum: int, _frame) -> None:
+        raise SystemExit(128 + signum)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
+
+
 # --- messages ---------------------------------------------------------------------
 
 
@@ -318,13 +337,7 @@ class ZoneServer:
         return f"{self.address}:{self.port}"
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
         if self.process.stdout is not None:
             self.process.stdout.close()
 
@@ -337,11 +350,13 @@ class SmtpSink:
 
     `-c` prints "sess=N quit=N mesg=N" (CR-terminated, unbuffered) each time a
     session ends or a "." is received; `messages` is the last mesg= seen.
+    `dump_template` (smtp-sink's -d, run as nobody) also writes each message to a file.
     """
 
     COUNTERS = re.compile(rb"sess=(\d+) quit=(\d+) mesg=(\d+)")
 
-    def __init__(self, address: str, port: int, backlog: int = 1024, max_connections: int = 512) -> None:
+    def __init__(self, address: str, port: int, backlog: int = 1024, max_connections: int = 512,
+                 dump_template: str | None = None) -> None:
         self.address = address
         self.port = port
         self.messages = 0
@@ -350,7 +365,9 @@ class SmtpSink:
         self._cond = threading.Condition()
         # -u: smtp-sink refuses to run as root without a user to switch to.
         self.process = subprocess.Popen(
-            ["smtp-sink", "-u", "nobody", "-c", "-m", str(max_connections), f"{address}:{port}", str(backlog)],
+            ["smtp-sink", "-u", "nobody", "-c", "-m", str(max_connections),
+             # -d: every message also to a file of its own, for checks after the run
+             *(["-d", dump_template] if dump_template else []), f"{address}:{port}", str(backlog)],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
         threading.Thread(target=self._read, daemon=True).start()
@@ -397,13 +414,7 @@ class SmtpSink:
             return self.changed
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
 
 
 # --- a disk in its usual state ----------------------------------------------------

@@ -23,7 +23,6 @@ import argparse
 import os
 import re
 import shutil
-import signal
 import smtplib
 import subprocess
 import sys
@@ -36,7 +35,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
-    REPO, SENDER, Mailhost, SmtpSink, ZoneServer, cpu_seconds, fill_spool, log, make_message, spool_size, write_json,
+    REPO, SENDER, Mailhost, SmtpSink, ZoneServer, cpu_seconds, exit_on_signals, fill_spool, log, make_message,
+    spool_size, write_json,
 )
 from tests.support.postfix import Postfix, PostfixError, free_port, tail, unavailable  # noqa: E402
 
@@ -57,6 +57,7 @@ class Result:
     connections: int  # SMTP sessions the sink saw from this MTA
     cpu_seconds: float | None  # CPU the MTA used from release until drained
     sink_cpu_seconds: float | None = None  # CPU smtp-sink used meanwhile (the shared ceiling)
+    mx_resolved: int | None = None  # Postfix: deliveries whose relay= names an MX host from DNS, not a fixed [address]
 
     @property
     def rate(self) -> float | None:
@@ -210,10 +211,20 @@ def run_postfix(root: Path, args, sink: SmtpSink, routing: str) -> Result:
         while (left := queued_count(instance)) and time.monotonic() < deadline:
             time.sleep(0.2)
         delivered = len(re.findall(r" status=sent ", instance.log()))
+        resolved = mx_resolved(instance.log())
+        log(f"  Postfix delivered {resolved} of {delivered} through an MX host it looked up in the test DNS")
     finally:
         instance.stop()
     time.sleep(0.5)
-    return Result("postfix", args.messages, fill, None, drain, delivered, left, sink.sessions - sessions, cpu, sink_cpu)
+    return Result("postfix", args.messages, fill, None, drain, delivered, left, sink.sessions - sessions, cpu, sink_cpu,
+                  resolved)
+
+
+def mx_resolved(maillog: str) -> int:
+    """Deliveries whose relay= is a host name from an MX lookup ("mx.sink.test[127.0.0.20]"),
+    not a transport_maps next hop ("127.0.0.20[127.0.0.20]")."""
+    return sum(1 for name in re.findall(r" relay=([^\[\s,]+)\[[^\]]*\][^ ]*, .* status=sent ", maillog)
+               if not re.fullmatch(r"[\d.]+", name))
 
 
 # --- main ----------------------------------------------------------------------------------
@@ -228,6 +239,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--postfix-routing", choices=("dns", "transport"), default="dns",
                    help="dns (default): Postfix asks the same test DNS server through a private "
                         "resolv.conf; transport: a transport_maps table instead")
+    p.add_argument("--mx-hosts", choices=("shared", "per-domain"), default="shared",
+                   help="shared (default): every domain's MX is mx.sink.test; per-domain: d<n>.test has its "
+                        "own MX host mx<n>.d<n>.test (all on the sink's address), as distinct receivers have")
     p.add_argument("--stall-timeout", type=float, default=60.0,
                    help="give up when the sink counts nothing new for this long (default 60 s)")
     p.add_argument("--venv", type=Path, default=REPO / ".venv", help="virtualenv with twistd and mailhost")
@@ -294,21 +308,26 @@ def print_table(results: dict[str, Result], args, routing: str) -> None:
               "one next hop for all domains.")
 
 
+def zone_records(domains: int, mx_hosts: str) -> list[list[str]]:
+    """Each d<n>.test's MX: the one shared host, or a host of its own; every MX host is the sink's address."""
+    if mx_hosts == "shared":
+        return [*([f"d{n}.test", "MX", f"10 {MX_HOST}"] for n in range(domains)), [MX_HOST, "A", SINK_ADDRESS]]
+    records = []
+    for n in range(domains):
+        records += [[f"d{n}.test", "MX", f"10 mx{n}.d{n}.test"], [f"mx{n}.d{n}.test", "A", SINK_ADDRESS]]
+    return records
+
+
 def main() -> int:
     args = parse_args()
     args.venv = args.venv.resolve()
     if args.profile:
         args.profile = args.profile.resolve()
     check_prerequisites(args)
-
-    def on_signal(signum: int, _frame) -> None:
-        raise SystemExit(128 + signum)
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGHUP, on_signal)
+    exit_on_signals()
 
     tmp = Path(tempfile.mkdtemp(prefix="mailhost-bench-outbound-"))
-    records = [[f"d{n}.test", "MX", f"10 {MX_HOST}"] for n in range(args.domains)]
-    records.append([MX_HOST, "A", SINK_ADDRESS])
+    records = zone_records(args.domains, args.mx_hosts)
     results: dict[str, Result] = {}
     routing = args.postfix_routing
     dns = sink = None
@@ -321,7 +340,7 @@ def main() -> int:
                 log(f"{e}\nfalling back to --postfix-routing transport (and a DNS port of its own for mailhost)")
             routing = "transport"
             dns = ZoneServer(tmp / "dns", records, "127.0.0.1", 0)
-        log(f"test DNS server on {dns.nameserver}: {args.domains} domains, MX {MX_HOST} -> {SINK_ADDRESS}")
+        log(f"test DNS server on {dns.nameserver}: {args.domains} domains, MX hosts {args.mx_hosts} -> {SINK_ADDRESS}")
         sink = SmtpSink(SINK_ADDRESS, free_port(SINK_ADDRESS))
         log(f"smtp-sink (pid {sink.process.pid}) on {SINK_ADDRESS}:{sink.port}")
         for name in (["mailhost", "postfix"] if not args.only else [args.only]):
@@ -348,6 +367,7 @@ def main() -> int:
     print_table(results, args, routing)
     if args.json:
         write_json(args.json, {"workers": args.workers, "ok": not failed and all(r.ok for r in results.values()),
+                               "routing": routing, "mx_hosts": args.mx_hosts,
                                **{name: r.rate for name, r in results.items()}})
     return 1 if failed else 0
 

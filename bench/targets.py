@@ -6,6 +6,7 @@ prints one row per target:
 
     inbound.py     20 sessions (1 msg/conn, reused), 1 session     >= 2.0x, 2.0x, 1.0x Postfix
     outbound.py    5000 queued x 4 KiB to 200 domains               >= 1.5x Postfix
+    campaign.py    10,000 x 4 KiB, 10 AUTH conns, DKIM, 100 MX      >= 1.5x Postfix + OpenDKIM
     queue_scale.py 100,000 queued: ready, resident, `queue list`   < 10 s, < 300 MB, < 5 s
     idle_sessions.py  1,000 idle sessions                          < 100 MB more than none
 
@@ -62,6 +63,7 @@ def main() -> int:
         out = Path(folder)
         inbound = run("inbound.py", workers, out / "inbound.json")
         outbound = run("outbound.py", workers, out / "outbound.json")
+        campaign = run("campaign.py", workers, out / "campaign.json")
         queue = run("queue_scale.py", [*(["--dir", str(args.queue_dir)] if args.queue_dir else []),
                                        *(["--postfix"] if args.postfix_queue else [])], out / "queue.json")
         idle = run("idle_sessions.py", [], out / "idle.json")
@@ -74,8 +76,13 @@ def main() -> int:
         met = "yes" if m and p and m / p >= goal else "no"
         rows.append((f"inbound, {name}, msg/s", f">= {goal:.1f}x", number(m), number(p), ratio(m, p), met))
     m, p = outbound.get("mailhost"), outbound.get("postfix")
-    rows.append(("outbound, 5000 queued to 200 domains, msg/s", ">= 1.5x", number(m), number(p), ratio(m, p),
-                 "yes" if m and p and m / p >= 1.5 else "no"))
+    # Only a Postfix that looked each MX up itself is the production comparison.
+    routed = outbound.get("routing", "dns") == "dns"
+    rows.append((f"outbound, 5000 queued to 200 domains, msg/s{'' if routed else ' (postfix: fixed next hop)'}",
+                 ">= 1.5x", number(m), number(p), ratio(m, p), "yes" if m and p and m / p >= 1.5 and routed else "no"))
+    m, p = campaign.get("mailhost"), campaign.get("postfix")
+    rows.append(("campaign, 10,000 via 587 + DKIM to 100 MX, msg/s (vs Postfix + OpenDKIM)", ">= 1.5x", number(m),
+                 number(p), ratio(m, p), "yes" if m and p and m / p >= 1.5 else "no"))
     count = queue.get("messages", 100000)
     for label, key, goal, limit, unit, digits in (
             (f"{count:,} queued: ready for SMTP", "greeting", "< 10 s", 10.0, " s", 2),
@@ -97,7 +104,8 @@ def main() -> int:
         print("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths))))
         if i == 0:
             print("  ".join("-" * w for w in widths))
-    broken = [name for name, figures in (("inbound", inbound), ("outbound", outbound), ("queue_scale", queue),
+    broken = [name for name, figures in (("inbound", inbound), ("outbound", outbound), ("campaign", campaign),
+                                         ("queue_scale", queue),
                                          ("idle_sessions", idle)) if not figures.get("ok")]
     if broken:
         print(f"not verified (see their output above): {', '.join(broken)}")
