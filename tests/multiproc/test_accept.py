@@ -10,23 +10,9 @@ from pathlib import Path
 import pytest
 from twisted.internet import tcp, unix
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.testing import MemoryReactorClock
 
 from mailhost.multiproc.accept import PAUSE_SECONDS, balance
-
-
-class Reactor(MemoryReactorClock):
-    """Real listening ports (no reactor runs), the readers registered, the connections handed over."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.reading: set = set()
-
-    def addReader(self, reader) -> None:
-        self.reading.add(reader)
-
-    def removeReader(self, reader) -> None:
-        self.reading.discard(reader)
+from tests.test_service import ReadingReactor as Reactor  # real ports, the readers registered
 
 
 def tcp_port(reactor: Reactor) -> tcp.Port:
