@@ -122,8 +122,16 @@ class BalancedAccepts:
                 return
             with connection:
                 connection.setblocking(False)
-                # It copies the descriptor: ours closes at the end of the block.
-                self.reactor.adoptStreamConnection(connection.fileno(), connection.family, self._factory)
+                # It copies the descriptor: ours closes at the end of the block. Whatever it
+                # raises stays here: an exception out of doRead would make the reactor drop
+                # this reader, and this process would accept nothing more.
+                try:
+                    self.reactor.adoptStreamConnection(connection.fileno(), connection.family, self._factory)
+                except OSError:
+                    continue  # the client reset it before we took it (getpeername: ENOTCONN)
+                except Exception:
+                    log.failure("cannot start a session on {where}", where=str(self.port.getHost()))
+                    continue
             built, self._factory.built = self._factory.built, None
             if built is not None and built.transport is not None:
                 self._adopted(built.transport)

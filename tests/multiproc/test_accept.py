@@ -89,3 +89,33 @@ def test_out_of_descriptors_it_pauses_and_comes_back(monkeypatch: pytest.MonkeyP
     port.stopListening()
     reactor.advance(0)
 
+
+
+class GoneClients(Reactor):
+    """Every connection it is handed is already reset by its client, or its session fails to start."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__()
+        self.error = error
+
+    def adoptStreamConnection(self, fileDescriptor, addressFamily, factory):
+        raise self.error
+
+
+@pytest.mark.parametrize("error", [OSError(errno.ENOTCONN, "Transport endpoint is not connected"),
+                                   RuntimeError("a session that cannot start")])
+def test_a_connection_that_fails_to_start_does_not_stop_the_accepting(error: Exception) -> None:
+    reactor = GoneClients(error)
+    port = tcp_port(reactor)
+    accepts = balance(port, port.factory, reactor)
+    clients = [connect(port) for _ in range(2)]
+    accepts.doRead()  # raising out of doRead would make the real reactor drop the reader
+    accepts.doRead()
+    assert accepts in reactor.reading
+    with pytest.raises(BlockingIOError):  # both were taken off the queue
+        port.socket.accept()
+    accepts.stop()
+    port.stopListening()
+    reactor.advance(0)
+    for client in clients:
+        client.close()
