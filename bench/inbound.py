@@ -160,9 +160,9 @@ def start_mailhost(root: Path, venv_bin: Path, workers: int = 1, profile: Path |
     root.mkdir(parents=True)
     port = free_port()
     cfg = root / "mailhost.toml"
-    # (no workers line for 1, so that a tree from before the key can be measured too)
+    # (always written: the default is "auto", one process per core)
     cfg.write_text(MAILHOST_TOML.format(root=root, port=port,
-                                        workers_line=f"workers = {workers}" if workers > 1 else ""))
+                                        workers_line=f"workers = {workers}"))
     # The code of this tree, whatever the venv has installed.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     run(

@@ -86,10 +86,10 @@ def flush_mailhost(daemon: Mailhost) -> None:
 
 
 def run_mailhost(root: Path, args, sink: SmtpSink, nameserver: str) -> Result:
-    # (no workers line for 1, so that a tree from before the key can be measured too)
+    # (always written: the default is "auto", one process per core)
     daemon = Mailhost(root, args.venv / "bin", nameserver=nameserver, mx_port=sink.port, retry=["1h"],
                       queue_extra="\n".join(args.mailhost_queue), profile=args.profile,
-                      server_extra=f"workers = {args.workers}" if args.workers > 1 else "")
+                      server_extra=f"workers = {args.workers}")
     log(f"mailhost: writing {args.messages} messages into its spool (daemon stopped) ...")
     fill = fill_spool(daemon.spool_dir, args.messages, recipient(args.domains), args.size,
                       next_attempt=time.time() + 86400, progress=False)

@@ -7,6 +7,7 @@ what was found and what is allowed; callers print it and exit 1.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import socket
 import tomllib
@@ -23,6 +24,16 @@ MAX_WORKERS = 64
 
 _DURATION = re.compile(r"([0-9]+)([smhd])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def usable_cores() -> int:
+    """What `workers = "auto"` means: the cores this process may run on (its CPU affinity, which
+    taskset, cgroup cpusets and systemd's CPUAffinity= narrow), at most MAX_WORKERS."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no affinity on this platform (macOS): every core
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, MAX_WORKERS))
 
 
 class ConfigError(Exception):
@@ -55,6 +66,7 @@ class ServerConfig:
     tls_cert: Path | None
     tls_key: Path | None
     workers: int = 1  # reactor processes sharing the listeners: this one and workers - 1 more
+    workers_auto: bool = False  # workers = "auto" (the default): `workers` is the number of usable cores
 
 
 @dataclass(frozen=True)
@@ -460,8 +472,13 @@ class _Reader:
         for name, tls_path in (("tls_cert", cert_path), ("tls_key", key_path)):
             if tls_path is not None and not tls_path.is_file():
                 raise ConfigError(f"{self.path}: server.{name}: {tls_path} is not a readable file")
-        workers = self.integer(table, "server", "workers", 1, 1, MAX_WORKERS)
-        return ServerConfig(hostname.lower(), state_dir, cert_path, key_path, workers)
+        workers = table.get("workers", "auto")
+        auto = workers == "auto"
+        if auto:
+            workers = usable_cores()
+        elif isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= MAX_WORKERS:
+            raise self.fail("server.workers", workers, f'"auto" (one per usable core) or a whole number from 1 to {MAX_WORKERS}')
+        return ServerConfig(hostname.lower(), state_dir, cert_path, key_path, workers, auto)
 
     def listeners(self, value: Any) -> tuple[ListenerConfig, ...]:
         if not isinstance(value, list) or not value:

@@ -45,8 +45,9 @@ from mailhost.doors.http.site import https_factory
 from mailhost.doors.http.unsubscribe import UnsubscribeResource
 from mailhost.delivery.throttle import Throttle, share_of
 from mailhost.ops.tls import ServerTLS, TLSSetupError, ensure_tls_pair, tls_pair_paths
-from mailhost.smtp.transport import send_eagerly
-from mailhost.multiproc.parent import ShardedQueue, WorkerPool
+from mailhost.smtp.transport import make_eager_server, send_eagerly
+from mailhost.multiproc.accept import BalancedAccepts, balance
+from mailhost.multiproc.parent import ShardedQueue, WorkerPool, shareable
 
 log = Logger(namespace="mailhost.service")
 
@@ -76,10 +77,14 @@ class ListenerService(service.Service):
     on (tcp, tcp6, unix, ssl, systemd) bind at once, so listen()'s Deferred has fired by
     the time privilegedStartService returns, before twistd drops privileges."""
 
-    def __init__(self, description: str, factory: Any, reactor: Any) -> None:
+    def __init__(self, description: str, factory: Any, reactor: Any, balanced: bool = False) -> None:
         self.description = description
         self.factory = factory
+        self.reactor = reactor
         self.endpoint = endpoints.serverFromString(reactor, description)
+        # Shared with workers: accept one connection per wake-up, so a burst spreads (mailhost.multiproc.accept).
+        self.balanced = balanced
+        self._accepts: BalancedAccepts | None = None
         self._listening: Deferred[Any] | None = None
         self._port: Any = None
 
@@ -114,9 +119,15 @@ class ListenerService(service.Service):
         self._port = port
         # The log has the line about a reply before the client has the reply (mailhost.ops.logs).
         send_eagerly(port, before_write=flush_pending)
+        if self.balanced:
+            self._accepts = balance(port, self.factory, self.reactor,
+                                    adopted=lambda transport: make_eager_server(transport, flush_pending))
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()
+        if self._accepts is not None:
+            self._accepts.stop()  # before the port closes the socket
+            self._accepts = None
         port, listening = self._port, self._listening
         self._port = self._listening = None
         if port is not None:
@@ -235,7 +246,8 @@ def build_inbound(config: Config, tls_options: ServerTLS, reactor: Any, parent: 
     intake = Intake(config, writer, spool, domains, signer, suppression, content_threads.run, shard,
                     unsubscribe=unsubscribe, complaint_rate=complaints)
     portal = make_portal(domains, checks.run, reactor)
-    context = ServerContext(config, domains, intake, tls_options, portal, slowdown, metrics)
+    context = ServerContext(config, domains, intake, tls_options, portal, slowdown, metrics,
+                            process=shard.index if shard.count > 1 else None)
     return Inbound(writer, domains, spool, intake, suppression, context, unsubscribe)
 
 
@@ -287,7 +299,8 @@ def build(config: Config, tls_options: ServerTLS, reactor: Any) -> MailhostDaemo
     listeners = []
     for listener in config.listeners:
         factory = listener_factory(listener.role, inbound.context, reactor)
-        listeners.append(ListenerService(listener.endpoint, factory, reactor))
+        listeners.append(ListenerService(listener.endpoint, factory, reactor,
+                                         balanced=config.server.workers > 1 and shareable(listener.endpoint)))
     # Webhooks post from the main process only: the event log is shared by every process.
     webhooks = WebhookService(inbound.suppression.events or event_log(config.server.state_dir),
                               prepare(config.webhooks), writer.run, reactor)

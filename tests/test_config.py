@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mailhost.config import ConfigError, load, parse_duration
+from mailhost.config import MAX_WORKERS, ConfigError, load, parse_duration, usable_cores
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -49,7 +49,7 @@ def test_minimal_config_gets_the_documented_defaults(tmp_path: Path, monkeypatch
     assert config.server.hostname == socket.getfqdn().lower()
     assert config.server.state_dir == var
     assert config.server.tls_cert is None and config.server.tls_key is None
-    assert config.server.workers == 1
+    assert config.server.workers == usable_cores() and config.server.workers_auto  # workers = "auto"
 
     assert [(lst.role, lst.endpoint) for lst in config.listeners] == [("mx", "tcp:2525:interface=127.0.0.1")]
 
@@ -86,6 +86,23 @@ def test_minimal_config_gets_the_documented_defaults(tmp_path: Path, monkeypatch
     assert queue.retry == (60, 300, 900, 1800, 3600, 7200)
     assert queue.lifetime == 5 * 86400
     assert queue.delay_warning == 4 * 3600
+
+
+@pytest.mark.parametrize("cores, expected", [({0}, 1), ({0, 1}, 2), ({1, 3, 5}, 3), (set(range(200)), MAX_WORKERS)])
+def test_workers_auto_is_one_process_per_usable_core(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     cores: set[int], expected: int) -> None:
+    # The cores this process may run on (taskset, cpusets), not all the machine has.
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: cores)
+    for text in ("", "[server]\nworkers = 'auto'\n"):
+        server = load(write(tmp_path, text + MINIMAL)).server
+        assert (server.workers, server.workers_auto) == (expected, True)
+
+
+def test_workers_as_a_number(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    for number in (1, 3, MAX_WORKERS):
+        server = load(write(tmp_path, f"[server]\nworkers = {number}\n" + MINIMAL)).server
+        assert (server.workers, server.workers_auto) == (number, False)
 
 
 def test_the_example_configuration_loads() -> None:
@@ -185,7 +202,10 @@ MISTAKES = [
     ("server not a table", 'server = "mail.example.test"\n' + MINIMAL, ["server"]),
     ("hostname not a string", "[server]\nhostname = 5\n" + MINIMAL, ["server.hostname"]),
     ("state_dir not a string", "[server]\nstate_dir = ['var']\n" + MINIMAL, ["server.state_dir"]),
-    ("workers a string", "[server]\nworkers = '2'\n" + MINIMAL, ["server.workers", "1 to 64"]),
+    ("workers a string", "[server]\nworkers = '2'\n" + MINIMAL, ["server.workers", "1 to 64", '"auto"']),
+    ("workers a word", "[server]\nworkers = 'all'\n" + MINIMAL, ["server.workers", "'all'", '"auto"']),
+    ("workers Auto", "[server]\nworkers = 'Auto'\n" + MINIMAL, ["server.workers"]),
+    ("workers true", "[server]\nworkers = true\n" + MINIMAL, ["server.workers"]),
     ("message_size a string", "[limits]\nmessage_size = 'big'\n" + MINIMAL, ["limits.message_size"]),
     ("message_size a float", "[limits]\nmessage_size = 1.5e6\n" + MINIMAL, ["limits.message_size"]),
     ("recipients a boolean", "[limits]\nrecipients = true\n" + MINIMAL, ["limits.recipients"]),

@@ -67,6 +67,35 @@ def test_the_port_is_bound_before_the_daemon_starts_and_held_until_it_stops() ->
     assert stopped.called and listener.port() is None and refused(address)
 
 
+class ReadingReactor(BindingReactor):
+    """Also keeps the readers registered."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reading: set = set()
+
+    def addReader(self, reader) -> None:
+        self.reading.add(reader)
+
+    def removeReader(self, reader) -> None:
+        self.reading.discard(reader)
+
+
+def test_a_listener_shared_with_workers_accepts_one_connection_per_wake_up() -> None:
+    reactor = ReadingReactor()
+    listener = ListenerService("tcp:0:interface=127.0.0.1", Factory.forProtocol(Protocol), reactor, balanced=True)
+    listener.privilegedStartService()
+    port = listener.port()
+    # Twisted's port keeps the socket but no longer reads it (it would take a whole burst):
+    # mailhost.multiproc.accept's reader does, on a copy of the descriptor.
+    [reader] = reactor.reading
+    assert reader is not port and reader.fileno() not in (-1, port.fileno())
+    listener.startService()
+    stopped = listener.stopService()
+    reactor.advance(0)
+    assert stopped.called and not reactor.reading and reader.fileno() == -1
+
+
 def test_started_without_privileges_it_binds_then() -> None:
     reactor = BindingReactor()
     listener = ListenerService("tcp:0:interface=127.0.0.1", Factory.forProtocol(Protocol), reactor)

@@ -186,7 +186,10 @@ def check_config(config: Config) -> int:
         configured_keys(config.dkim)  # each [[dkim]] key signs a probe message, or says why not
     except DkimKeyError as e:
         raise UserError(str(e)) from None
-    print(f"{config.path}: ok ({len(config.domains)} domains, {len(config.listeners)} listeners)")
+    workers = config.server.workers
+    processes = f"{workers} process{'es' if workers > 1 else ''}" + (" (workers = auto: one per usable core)"
+                                                                     if config.server.workers_auto else "")
+    print(f"{config.path}: ok ({len(config.domains)} domains, {len(config.listeners)} listeners, {processes})")
     return 0
 
 

@@ -37,7 +37,8 @@ from mailhost.queue.spool import SpoolError
 from mailhost.service import Outbound, build_inbound, build_outbound, reloader
 from mailhost.smtp.server import listener_factory
 from mailhost.ops.tls import ServerTLS, tls_pair_paths
-from mailhost.smtp.transport import send_eagerly
+from mailhost.smtp.transport import make_eager_server
+from mailhost.multiproc.accept import BalancedAccepts, balance
 
 log = Logger(namespace="mailhost.worker")
 
@@ -55,6 +56,7 @@ class Worker:
         self.tls: ServerTLS | None = None
         self.reloader: ReloadOnHangup | None = None
         self.ports: list[Any] = []
+        self.accepts: list[BalancedAccepts] = []
         self.failed = False
         self.outbound: Outbound | None = None
 
@@ -77,9 +79,12 @@ class Worker:
         self.top.startService()
         for role, fd in self.fds:
             factory = listener_factory(role, inbound.context, self.reactor)
-            self.ports.append(self.reactor.adoptStreamPort(fd, _family(fd), factory))
-            send_eagerly(self.ports[-1], before_write=flush_pending)
+            port = self.reactor.adoptStreamPort(fd, _family(fd), factory)
+            self.ports.append(port)
             _close(fd)  # adoptStreamPort holds its own copy
+            # One connection per wake-up, as the main process: a burst spreads (mailhost.multiproc.accept).
+            self.accepts.append(balance(port, factory, self.reactor,
+                                        adopted=lambda transport: make_eager_server(transport, flush_pending)))
         log.info("worker {number} listening: {listeners}", number=self.number,
                  listeners=" ".join(f"{role}={_where(port)}" for (role, _), port in zip(self.fds, self.ports)))
 
@@ -105,6 +110,9 @@ class Worker:
         return self.outbound.throttle.snapshot() if self.outbound is not None else {}
 
     def stop(self) -> Deferred | None:
+        for accepts in self.accepts:
+            accepts.stop()  # before the ports close their sockets
+        self.accepts = []
         for port in self.ports:
             port.stopListening()
         self.ports = []

@@ -1,11 +1,12 @@
-"""`[server] workers = N`: more reactor processes sharing the listening sockets.
+"""`[server] workers = N` ("auto": one per usable core): more reactor processes sharing the listening sockets.
 
 The main process (twistd) binds the listeners as always. Once its queue is
 loaded (so that its start-up clean-up of the spool cannot meet a worker's write
 in progress), it starts N - 1 worker processes, `python -m mailhost.multiproc.child`,
 each inheriting the listening sockets and one end of a private socket pair as
-file descriptors. Every process accepts on the same sockets; the kernel gives
-each new connection to one of them. A worker serves its sessions with its own
+file descriptors. Every process accepts on the same sockets, one connection per
+wake-up (mailhost.multiproc.accept), so that connections arriving together spread
+over the processes. A worker serves its sessions with its own
 SMTPServerFactory, writes Maildir copies and spool entries itself through
 Intake (the same fsyncs before the same 250), and delivers its own shard of the
 queue (mailhost.multiproc.shard): the messages it accepted, whose ids it picks in its

@@ -95,6 +95,13 @@ class ServerContext:
     slowdown: AuthSlowdown  # AUTH: shared by every listener, keyed by client address
     metrics: Metrics
     open_sessions: int = 0  # over every listener of this process, for limits.connections
+    # With server.workers > 1, which process this is (0 the main one, N worker N): the log's
+    # connect and accepted lines say which took the connection, for every log format.
+    process: int | None = None
+
+    @property
+    def process_field(self) -> str:
+        return "" if self.process is None else f" process={self.process}"
 
 
 @dataclass
@@ -204,6 +211,8 @@ class SMTPServer(Protocol, TimeoutMixin):
         self.context.open_sessions += 1
         self._counted = True
         self.context.metrics.sessions.labels(self.factory.role).inc()
+        log.info("connect client=[{client}] role={role}{process}", client=self.client_ip, role=self.factory.role,
+                 process=self.context.process_field)
         if self.factory.implicit_tls:
             self.context.metrics.tls_sessions.labels(self.factory.role).inc()
         limits = self.config.limits
@@ -866,9 +875,9 @@ class SMTPServer(Protocol, TimeoutMixin):
     def _accepted(self, receipt: Receipt, transaction: Transaction, size: int) -> Reply:
         log.info(
             "{id}: accepted client=[{client}] helo={helo} tls={tls} from=<{sender}> to={rcpts} size={size}"
-            " local={local} queued={queued}{user}",
+            " local={local} queued={queued}{user}{process}",
             id=receipt.queue_id, client=self.client_ip, helo=self.helo, tls=self._tls_version() or "no",
-            user=f" user={self.user.address}" if self.user is not None else "",
+            user=f" user={self.user.address}" if self.user is not None else "", process=self.context.process_field,
             sender=str(transaction.sender), rcpts=",".join(f"<{r}>" for r, _ in transaction.recipients), size=size,
             local=receipt.local, queued=receipt.queued,
         )

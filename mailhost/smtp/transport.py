@@ -23,6 +23,9 @@ Twisted 24.3 to 26.x; `internals_present()` checks them at import):
   the socket) or the connection is closing.
 - `tcp.Port.transport`: the class a listening port builds each accepted connection
   with (tcp.Server); send_eagerly() sets it to EagerServer.
+- A tcp.Server's class: a connection handed over with the reactor's
+  adoptStreamConnection (mailhost.multiproc.accept) is a plain tcp.Server;
+  make_eager_server() switches `__class__` on it, as make_eager() does for a client.
 - A tcp.Client's class: the connector builds a plain tcp.Client with no way to
   choose the class, so make_eager() switches `__class__` on the instance once it
   is connected (EagerClient adds no state of its own, only methods).
@@ -154,6 +157,13 @@ def make_eager(transport: Any) -> None:
     left alone, and all of them with the plain transport). Called once connected."""
     if not _plain and type(transport) is tcp.Client:
         transport.__class__ = EagerClient
+
+
+def make_eager_server(transport: Any, before_write: Callable[[], None] | None = None) -> None:
+    """Turn a plain accepted TCP transport into an EagerServer calling `before_write` (TLS-wrapped,
+    unix or other ones are left alone, and all of them with the plain transport)."""
+    if not _plain and type(transport) is tcp.Server:
+        transport.__class__ = server_class(before_write)
 
 
 def send_eagerly(port: Any, before_write: Callable[[], None] | None = None) -> None:

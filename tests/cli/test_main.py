@@ -97,6 +97,15 @@ def test_check_config_ok(setup: Setup) -> None:
     assert str(setup.config) in result.stdout and "ok" in result.stdout
 
 
+@pytest.mark.parametrize("line, says", [("", "(workers = auto: one per usable core)"), ("workers = 3", "3 processes)"),
+                                        ("workers = 1", "1 process)")])
+def test_check_config_says_how_many_processes(setup: Setup, line: str, says: str) -> None:
+    setup.config.write_text(setup.config.read_text().replace("[server]\n", f"[server]\n{line}\n", 1))
+    result = setup.run("check-config")
+    assert result.returncode == 0, result.stderr
+    assert says in result.stdout
+
+
 BROKEN = [
     ("[limits]\ngreet_pauze = '1s'\n" + CONFIG, "greet_pauze"),
     ("[queue]\nlifetime = 'forever'\n" + CONFIG, "queue.lifetime"),
@@ -105,6 +114,7 @@ BROKEN = [
     (CONFIG + "[relay]\nnetworks = ['10.0.0.0/33']\n", "relay.networks"),
     (CONFIG.replace('name = "other.test"', 'name = "example.test"'), "domain[1].name"),
     (CONFIG + "[[listener]\n", "line"),
+    (CONFIG.replace("[server]\n", "[server]\nworkers = 'many'\n", 1), "server.workers"),
 ]
 
 

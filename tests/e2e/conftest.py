@@ -97,7 +97,8 @@ class Daemon:
     """One mailhost process with its own folder, config, users and log."""
 
     def __init__(self, root: Path, extra: str = "", limits: str = "", domains: str = DEFAULT_DOMAIN,
-                 relay_networks: str = '["127.0.0.1/32", "::1/128"]', prelude: str = "", submission: bool = False) -> None:
+                 relay_networks: str = '["127.0.0.1/32", "::1/128"]', prelude: str = "", submission: bool = False,
+                 workers: int = 1) -> None:
         self.root = root
         self.port = free_port()
         # submission=True: also a submission (STARTTLS) and a submissions (implicit TLS) listener.
@@ -119,6 +120,7 @@ endpoint = "tcp:{self.submissions_port}:interface=127.0.0.1"
 [server]
 hostname = "mail.example.test"
 state_dir = "state"
+workers = {workers}  # one process unless a test asks: "auto" would double every daemon on a 2-core runner
 
 [[listener]]
 role = "mx"

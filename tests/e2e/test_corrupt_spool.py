@@ -26,9 +26,8 @@ BROKEN = {
 @pytest.mark.parametrize("workers", [1, 2])
 def test_corrupt_envelopes_are_set_aside_logged_listed_and_counted(make_daemon, workers):
     port = free_port()
-    daemon = make_daemon(start=False, prelude=f'[metrics]\nendpoint = "tcp:{port}:interface=127.0.0.1"\n')
-    if workers > 1:  # each process sets aside the corrupt envelopes of its own shard
-        daemon.config.write_text(daemon.config.read_text().replace('state_dir = "state"', f'state_dir = "state"\nworkers = {workers}', 1))
+    # With workers, each process sets aside the corrupt envelopes of its own shard.
+    daemon = make_daemon(start=False, prelude=f'[metrics]\nendpoint = "tcp:{port}:interface=127.0.0.1"\n', workers=workers)
     spool = Spool(daemon.root / "state" / "spool")
     later = time.time() + 86400
     good = Envelope(new_queue_id(), "alice@example.test", [Recipient("bob@remote.test")], time.time(), later)

@@ -101,8 +101,7 @@ def test_json_lines_logger(make_daemon):
 
 def test_json_lines_logger_with_a_worker(make_daemon):
     """With --logger, a worker's events reach the main process as JSON and are logged its way, marked."""
-    daemon = make_daemon(start=False)
-    daemon.config.write_text(daemon.config.read_text().replace('state_dir = "state"', 'state_dir = "state"\nworkers = 2', 1))
+    daemon = make_daemon(start=False, workers=2)
     with open(daemon.root / "json.log", "wb") as out:
         process = subprocess.Popen([TWISTD, "-n", "--pidfile=", "--logger=mailhost.ops.logs.json_lines", "mailhost",
                                     "--config", str(daemon.config)], cwd=daemon.root, stdout=out, stderr=subprocess.STDOUT)
@@ -204,7 +203,7 @@ def test_sighup_reloads_aliases_and_a_broken_config_keeps_the_running_one(daemon
     assert rcpt("newsletter@example.test") == 250  # still serving, with the last good configuration
     assert daemon.process.poll() is None
     # A new number of workers needs a restart (the queue's shards follow the starting count): say so.
-    daemon.config.write_text(good.replace('state_dir = "state"', 'state_dir = "state"\nworkers = 3', 1))
+    daemon.config.write_text(good.replace("workers = 1", "workers = 3", 1))
     daemon.process.send_signal(signal.SIGHUP)
     wait_for(lambda: "server.workers changed; those take effect at the next restart" in daemon.log(),
              what="the warning about server.workers")

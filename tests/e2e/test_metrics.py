@@ -45,8 +45,8 @@ def test_metrics_add_up_every_process_with_workers(make_daemon, dns, sinks):  # 
 
     port = free_port()
     mx1 = sinks("127.0.0.5")
-    daemon = make_daemon(start=False, extra=relay_config(dns), prelude=f'[metrics]\nendpoint = "tcp:{port}:interface=127.0.0.1"\n')
-    daemon.config.write_text(daemon.config.read_text().replace('state_dir = "state"', 'state_dir = "state"\nworkers = 2', 1))
+    daemon = make_daemon(start=False, extra=relay_config(dns), prelude=f'[metrics]\nendpoint = "tcp:{port}:interface=127.0.0.1"\n',
+                         workers=2)
     daemon.start()
     wait_for(lambda: "worker 1 listening" in daemon.log(), what="the worker to listen")
     jobs = [(["alice@example.test"], f"local {n}") for n in range(6)] + [(["bob@remote.test"], f"remote {n}") for n in range(6)]

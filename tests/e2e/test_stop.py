@@ -34,8 +34,7 @@ def keep_busy(port: int, stop: threading.Event) -> None:
 
 @pytest.mark.parametrize("round", range(STOPS))
 def test_sigterm_to_the_process_group_of_a_busy_daemon_with_workers(make_daemon, round):
-    daemon = make_daemon(start=False)
-    daemon.config.write_text(daemon.config.read_text().replace('state_dir = "state"', 'state_dir = "state"\nworkers = 2', 1))
+    daemon = make_daemon(start=False, workers=2)
     daemon.start(preexec=os.setsid)  # a process group of its own: the daemon and its worker, nothing else
     wait_for(lambda: "worker 1 listening" in daemon.log(), timeout=30, what="the worker to listen")
     [worker] = worker_pids(daemon)

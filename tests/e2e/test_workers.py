@@ -1,6 +1,7 @@
 """`[server] workers = 2`: a worker process shares the listeners, stores mail itself, and
 delivers its own shard of the queue; queue commands reach the process holding the message;
-a killed worker is started again and loads its shard."""
+a killed worker is started again and loads its shard; connections arriving together are
+spread over the processes."""
 
 from __future__ import annotations
 
@@ -9,8 +10,11 @@ import os
 import re
 import signal
 import smtplib
+import socket
 import ssl
+import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -54,8 +58,7 @@ wait_for = partial(sending_wait_for, timeout=30.0)
 
 def start_with_workers(make_daemon, dns: DNSServer, retry: str = "1s", more: str = "", before_start=None, **kwargs):
     daemon = make_daemon(start=False, extra=f'nameservers = ["{dns.nameserver}"]\nmx_port = {MX_PORT}\n'
-                                            f'[queue]\nretry = ["{retry}"]\n{more}', **kwargs)
-    daemon.config.write_text(daemon.config.read_text().replace('state_dir = "state"', 'state_dir = "state"\nworkers = 2', 1))
+                                            f'[queue]\nretry = ["{retry}"]\n{more}', workers=2, **kwargs)
     if before_start is not None:
         before_start(daemon)
     daemon.start()
@@ -258,3 +261,42 @@ def test_queue_commands_and_paces_reach_the_process_holding_the_message(make_dae
         wait_for(lambda: queue_listing(daemon)["messages"] == [], what="an empty queue")
     finally:
         mx.stop()
+
+
+def burst(port: int, count: int) -> list[socket.socket]:
+    """`count` connections started back to back (no waiting for each handshake): they reach the
+    listening socket together, as a campaign tool's do."""
+    sockets = []
+    for _ in range(count):
+        client = socket.socket()
+        client.setblocking(False)
+        client.connect_ex(("127.0.0.1", port))
+        sockets.append(client)
+    return sockets
+
+
+def greeted(client: socket.socket, barrier: threading.Barrier) -> None:
+    barrier.wait()
+    client.setblocking(True)
+    client.settimeout(20)
+    assert client.recv(1024).startswith(b"220")
+
+
+def test_connections_arriving_together_are_spread_over_the_processes(make_daemon, dns):
+    """10 connections at once, held open: both processes take some, round after round (before,
+    one process took all ten in most rounds: it accepted every pending connection at once)."""
+    daemon = start_with_workers(make_daemon, dns)
+    rounds = []
+    for _ in range(5):
+        before = len(re.findall(r"connect client=\S+ role=mx process=\d", daemon.log()))
+        clients = burst(daemon.port, 10)
+        barrier = threading.Barrier(10)
+        with ThreadPoolExecutor(10) as pool:
+            list(pool.map(greeted, clients, [barrier] * 10))  # each holds a session now
+        wait_for(lambda: len(re.findall(r"connect client=\S+ role=mx process=\d", daemon.log())) == before + 10,
+                 what="a connect line for each connection")
+        taken = re.findall(r"connect client=\S+ role=mx process=(\d)", daemon.log())[before:]
+        rounds.append(sorted(Counter(taken).items()))
+        for client in clients:
+            client.close()
+    assert all(len(split) == 2 for split in rounds), rounds  # e.g. [('0', 6), ('1', 4)] in each round
