@@ -279,7 +279,7 @@ def _signed_header_data(fields: list[tuple[bytes, bytes]], names: list[bytes],
                         tags: list[tuple[bytes, bytes]]) -> bytes:
     """What the signature covers (RFC 6376 3.7): the selected fields canonicalised, each with
     CRLF, then this DKIM-Signature field with an empty b= and no CRLF (3.5, 3.7 step 2). The
-    field is folded as it is sent, with a placeholder b= that keeps the folds before b= as they
+    field is folded as it is sent, with a stand-in b= value that keeps the folds before b= as they
     will be, and relaxed canonicalisation takes the folds out again."""
     folded = _fold(_tag_list(tags + [(b"b", _B_PLACEHOLDER)]), b"\r\n")
     unsigned = folded.removesuffix(_B_PLACEHOLDER).replace(b"\r\n", b"")
