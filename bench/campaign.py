@@ -364,7 +364,8 @@ def measure(side: str, port: int, args, sinks: list[SmtpSink],
 # The step a sample belongs to: the frame nearest the leaf that names one of these (file path fragments).
 STEPS = (
     ("DKIM signing", ("authn/dkim", "/dkim/")),
-    ("AUTH (scrypt)", ("local/auth", "hashlib", "sasl")),
+    # scrypt runs on the auth threads, whose stacks start in the thread pool: users.py is the frame.
+    ("AUTH (scrypt)", ("local/users", "local/verified", "local/auth", "hashlib", "sasl")),
     ("TLS", ("/ssl.py", "OpenSSL/", "twisted/protocols/tls", "ops/tls")),
     ("spool, fsync", ("queue/", "ops/durable")),
     ("delivery", ("delivery/", "smtp/client")),
