@@ -22,7 +22,7 @@ from mailhost.multiproc.shard import Shard
 from mailhost.config import Config
 from mailhost.feedback.classify import INVALID_RECIPIENT, MAILBOX_FULL, classify_reply
 from mailhost.feedback.dsn import build_dsn
-from mailhost.feedback.events import message_facts
+from mailhost.feedback.events import GroupCommit, message_facts
 from mailhost.ops.durable import DiskWriter
 from mailhost.queue.envelope import DELIVERED, DEFERRED, FAILED, Envelope
 from mailhost.feedback.suppression import BounceReport, SuppressionList
@@ -65,6 +65,7 @@ class Scheduler(service.Service):
         self._held_meanwhile: dict[str, bool] = {}  # hold/release said during a running attempt
         self._timer: Any = None
         self._timer_at: float | None = None
+        self._events: GroupCommit | None = None  # the delivery events' group commit
         self.ready: Deferred[None] = Deferred()
 
     # --- life cycle --------------------------------------------------------------
@@ -426,7 +427,7 @@ class Scheduler(service.Service):
 
         rules = self.config.bounce_rules
 
-        def record() -> None:
+        def make() -> list[dict[str, Any]]:
             facts = message_facts(message)
             found = []
             for r in tried:
@@ -435,9 +436,12 @@ class Scheduler(service.Service):
                 found.append({"event": kind, "queue_id": envelope.id, "recipient": r.address, "sender": envelope.sender,
                               "status": r.status, "reply": r.last_reply, "remote_mta": r.remote_mta,
                               "attempts": r.attempts, "class": category, **facts})
-            events.record_many(found)  # one write and one fsync for the whole attempt
+            return found
 
-        return self.writer.run(record).addErrback(
+        if self._events is None or self._events.log is not events:
+            self._events = GroupCommit(events, self.writer.run)
+        # With the other attempts' events: one write and one fsync for all of them.
+        return self._events.record(make).addErrback(
             lambda failure: log.failure("{id}: cannot record the delivery events", failure, id=envelope.id))
 
     def lifetime_of(self, envelope: Envelope) -> tuple[float, str]:

@@ -119,3 +119,35 @@ def test_one_attempt_is_one_write_with_ids_in_order(tmp_path):
     with pytest.raises(ValueError, match="event kind"):
         log.record_many([{"event": "delivered"}, {"event": "opened"}])
     assert len(list(log.read())) == 4  # nothing of a refused batch was written
+
+
+def test_attempts_that_end_together_share_one_write(tmp_path):
+    from twisted.internet.defer import Deferred
+
+    from mailhost.feedback.events import GroupCommit
+
+    log = EventLog(tmp_path / "events")
+    writes = []
+    pending: list[tuple[Deferred, object]] = []
+
+    def run(function):  # a disk thread that finishes when the test says so
+        done = Deferred()
+        pending.append((done, function))
+        return done
+
+    def finish():
+        done, function = pending.pop(0)
+        writes.append(function())
+        done.callback(None)
+
+    group = GroupCommit(log, run)
+    fired = []
+    for n in range(3):
+        group.record(lambda n=n: [{"event": "delivered", "recipient": f"r{n}@example.com"}]).addCallback(fired.append)
+    assert len(pending) == 1 and fired == []  # the first is being written; the other two wait
+    finish()
+    assert len(fired) == 1 and len(pending) == 1  # the first is durable; the two others go together
+    finish()
+    assert len(fired) == 3 and pending == []
+    assert len(writes) == 2
+    assert [e["recipient"] for e in log.read()] == ["r0@example.com", "r1@example.com", "r2@example.com"]
