@@ -22,10 +22,30 @@ TWISTD = str(BIN / "twistd")
 MAILHOST = str(BIN / "mailhost")
 
 
+# Ports handed out here come from below the kernel's ephemeral range (32768 and up, where every
+# outgoing connection's local port and every bind to port 0 come from), one slice per test runner
+# (pytest-xdist's gw0, gw1, ...): a port picked here and bound by a daemon a moment later cannot
+# be taken meanwhile by another runner or by a connection.
+PORT_BASE = 20000
+PORT_SLICE = 1500
+_next_port: list[int] = []
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    if not _next_port:
+        runner = os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:]
+        _next_port.append(PORT_BASE + (int(runner) % 8 if runner.isdigit() else 0) * PORT_SLICE)
+    for _ in range(PORT_SLICE):
+        port = _next_port[0]
+        start = port - (port - PORT_BASE) % PORT_SLICE
+        _next_port[0] = start + (port - start + 1) % PORT_SLICE  # the next one, within this runner's slice
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue  # in use (a daemon of an earlier test still holds it): the next
+            return port
+    raise RuntimeError(f"no free port left in {PORT_SLICE} tried")
 
 
 def wait_for_port(port: int, process: subprocess.Popen, host: str = "127.0.0.1", timeout: float = 20.0) -> None:
