@@ -38,15 +38,21 @@ def log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
-def stop_process(process: subprocess.Popen, timeout: float = 10) -> None:
-    """SIGTERM to one process we started, SIGKILL if it is still there after `timeout` seconds."""
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+def stop_process(process: subprocess.Popen, timeout: float = 10, name: str = "") -> bool:
+    """SIGTERM to one process we started, SIGKILL if it is still there after `timeout` seconds
+    (logged when it has a `name`). True when it had to be killed."""
+    if process.poll() is not None:
+        return False
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+        return False
+    except subprocess.TimeoutExpired:
+        if name:
+            log(f"{name} (pid {process.pid}) ignored SIGTERM for {timeout:g} s; sending SIGKILL")
+        process.kill()
+        process.wait()
+        return True
 
 
 def exit_on_signals() -> None:
@@ -242,16 +248,8 @@ class Mailhost:
             return False
 
     def stop(self) -> None:
-        process = self.process
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            log(f"mailhost (pid {process.pid}) ignored SIGTERM for 30 s; sending SIGKILL")
-            process.kill()
-            process.wait()
+        if self.process is not None:
+            stop_process(self.process, 30, "mailhost")
 
     def rss_kib(self) -> int:
         """VmRSS of the daemon, from /proc/PID/status."""

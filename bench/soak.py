@@ -41,7 +41,6 @@ import resource
 import select
 import selectors
 import shutil
-import signal
 import smtplib
 import socket
 import statistics
@@ -57,7 +56,7 @@ from email.utils import formatdate, make_msgid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import tree_env  # noqa: E402
+from common import stop_process, tree_env  # noqa: E402
 
 from tests.support.dns import DNSServer  # noqa: E402
 from tests.support.postfix import free_port, tail  # noqa: E402
@@ -208,17 +207,8 @@ class Daemon:
         return found
 
     def stop(self) -> None:
-        process = self.process
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            say(f"mailhost (pid {process.pid}) still running 30 s after SIGTERM; sending SIGKILL")
+        if self.process is not None and stop_process(self.process, 30, "mailhost"):
             self.killed = True
-            process.kill()
-            process.wait()
 
     def delivered(self) -> list[int]:
         """The soak numbers of the messages in the recipient's Maildir (new/ and cur/)."""
