@@ -232,7 +232,8 @@ def build_inbound(config: Config, tls_options: ServerTLS, reactor: Any, parent: 
     checks = DiskWriter(reactor, threads=2, name="mailhost-auth")
     DiskWriterService(checks).setServiceParent(parent)
     slowdown = AuthSlowdown(reactor, free=config.limits.auth_failures)
-    # DNS for SPF/DKIM/DMARC and DKIM signing (RSA in OpenSSL, which releases the GIL) run here.
+    # DNS for SPF/DKIM/DMARC runs here. DKIM signing runs on the disk thread that commits the
+    # message (one thread trip a message; the RSA step is OpenSSL's, which releases the GIL).
     content_threads = DiskWriter(reactor, threads=4, name="mailhost-content")
     DiskWriterService(content_threads).setServiceParent(parent)
     events = event_log(config.server.state_dir)
@@ -277,7 +278,12 @@ def build_outbound(config: Config, inbound: Inbound, reactor: Any, parent: servi
                         index=shard.index)
     metrics.watch_throttle(throttle.snapshot)
     deliverer = Deliverer(config, router, pool, throttle, reactor, metrics)
-    scheduler = Scheduler(config, inbound.spool, inbound.writer, deliverer, inbound.intake, reactor, metrics, shard,
+    # The queue runner's disk work (loading due messages, the delivery events, removals) has
+    # threads of its own: a draining queue keeps them busy, and a message arriving meanwhile
+    # must not wait behind that work for its commit and its 250.
+    queue_writer = DiskWriter(reactor, threads=4, name="mailhost-queue")
+    DiskWriterService(queue_writer).setServiceParent(parent)
+    scheduler = Scheduler(config, inbound.spool, queue_writer, deliverer, inbound.intake, reactor, metrics, shard,
                           inbound.suppression, max_in_flight=share_of(config.queue.concurrency, shard.count, shard.index),
                           recover_spool=main)
     inbound.intake.on_queued = scheduler.queued

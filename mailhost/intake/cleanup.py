@@ -37,7 +37,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 
-from mailhost.authn.dkim import Signer, sign
+from mailhost.authn.dkim import DkimKey, Signer, sign
 from mailhost.authn.inbound import evaluate, strip_forged_results
 from mailhost.config import Config, UnsubscribeConfig
 from mailhost.feedback.arf import Complaint, is_feedback_report, parse_arf
@@ -265,11 +265,8 @@ class Intake:
 
         def sign_and_commit(found: tuple[list[str], bool]) -> Deferred[Receipt]:
             suppressed, complained = found
-            signed = self._sign(message, origin)
-            if isinstance(signed, Deferred):
-                return signed.addCallback(lambda result: self._commit(
-                    queue_id, result, incoming, origin, accepted, refused, suppressed, complained))
-            return self._commit(queue_id, signed, incoming, origin, accepted, refused, suppressed, complained)
+            return self._commit(queue_id, message, incoming, origin, accepted, refused, suppressed, complained,
+                                self._signing_key(message, origin))
 
         def reports(_: object = None) -> Deferred[Receipt]:
             if is_report or is_complaint:
@@ -287,14 +284,13 @@ class Intake:
             return RecipientVerdict(e.reply)
         return self.recipient_verdict(parsed, origin, sender)
 
-    def _sign(self, message: bytes, origin: Origin) -> bytes | Deferred[bytes]:
-        """A DKIM-Signature: when the From: domain has a key (not for mail from outside)."""
+    def _signing_key(self, message: bytes, origin: Origin) -> DkimKey | None:
+        """The DKIM key that signs this message (None: not signed): the From: domain's, and
+        never for mail from outside. The signature is made on the disk thread that commits the
+        message (store), so a message costs one thread trip, not two."""
         if origin.from_outside or not self.signer.has_keys():
-            return message
-        key = self.signer.key_for(from_domain(message))
-        if key is None:
-            return message
-        return self._run(sign, message, key).addCallback(lambda header: header + message)
+            return None
+        return self.signer.key_for(from_domain(message))
 
     def _list_unsubscribe(self, message: bytes, incoming: Incoming, origin: Origin,
                           accepted: list[tuple[str, Resolution]]) -> bytes:
@@ -395,7 +391,7 @@ class Intake:
 
     def _commit(self, queue_id: str, message: bytes, incoming: Incoming, origin: Origin,
                 accepted: list[tuple[str, Resolution]], refused: list[tuple[str, Reply]],
-                suppressed: list[str], complained: bool = False) -> Deferred[Receipt]:
+                suppressed: list[str], complained: bool = False, signing_key: DkimKey | None = None) -> Deferred[Receipt]:
         date = received_date()
         copies: list[Copy] = []
         remote: list[str] = []
@@ -433,13 +429,15 @@ class Intake:
                 self.on_queued(envelope)
             return receipt
 
-        return self.store(copies, envelope, outbound_headers, message).addCallback(stored)
+        return self.store(copies, envelope, outbound_headers, message, signing_key).addCallback(stored)
 
-    def store(self, copies: list[Copy], envelope: Envelope | None, outbound_headers: bytes, body: bytes) -> Deferred[None]:
-        """Deliver `copies` locally and queue `envelope` (None: nothing remote); every part or none.
+    def store(self, copies: list[Copy], envelope: Envelope | None, outbound_headers: bytes, body: bytes,
+              signing_key: DkimKey | None = None) -> Deferred[None]:
+        """DKIM-sign `body` with `signing_key` (None: as it is), deliver `copies` locally and
+        queue `envelope` (None: nothing remote); every part or none, in one disk thread trip.
 
-        The queued message is `outbound_headers` (our Received:) followed by `body`."""
-        return self._writer.run(_commit, self._spool, copies, envelope, outbound_headers, body)
+        The queued message is `outbound_headers` (our Received:) followed by the signed body."""
+        return self._writer.run(_commit, self._spool, copies, envelope, outbound_headers, body, signing_key)
 
     def received(self, origin: Origin, queue_id: str, recipient: str | None, date: str, incoming: Incoming) -> bytes:
         """Our RFC 5321 4.4 trace header; `for` only when it names one recipient.
@@ -468,7 +466,15 @@ def _header_safe(text: str) -> str:
     return "".join(c if c.isprintable() else " " for c in text)[:200]
 
 
-def _commit(spool: Spool, copies: list[Copy], envelope: Envelope | None, outbound_headers: bytes, body: bytes) -> None:
+def signed_body(body: bytes, signing_key: DkimKey | None) -> bytes:
+    """`body` with its DKIM-Signature: on top (RFC 6376 5), or as it is without a key. Blocking:
+    the signature is made on the thread that stores the message."""
+    return body if signing_key is None else sign(body, signing_key) + body
+
+
+def _commit(spool: Spool, copies: list[Copy], envelope: Envelope | None, outbound_headers: bytes, body: bytes,
+            signing_key: DkimKey | None = None) -> None:
+    body = signed_body(body, signing_key)
     if envelope is not None:
         spool.store(envelope, (outbound_headers, body))
     if copies:
