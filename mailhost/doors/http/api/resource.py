@@ -13,6 +13,7 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 from urllib.parse import unquote
 
@@ -199,12 +200,12 @@ class ApiResource(Resource):
 
     async def get_queue(self, request: Any, key: ApiKey) -> tuple[int, Any]:
         query = queue.queue_query(request.args)
-        return 200, await self.context.run(queue.list_queue, self.context.spool, self.context.config().bounce_rules,
-                                           **query)
+        return 200, await self.context.run(partial(queue.list_queue, self.context.spool,
+                                                   self.context.config().bounce_rules, **query))
 
     async def get_suppressions(self, request: Any, key: ApiKey) -> tuple[int, Any]:
         query = suppressions.list_query(request.args)
-        return 200, await self.context.run(suppressions.list_entries, self.context.suppression, **query)
+        return 200, await self.context.run(partial(suppressions.list_entries, self.context.suppression, **query))
 
     async def post_suppression(self, request: Any, key: ApiKey) -> tuple[int, Any]:
         if messages.media_type(request.getHeader(b"content-type")) != "application/json":
