@@ -11,7 +11,8 @@ from typing import Any
 class TokenBuckets:
     def __init__(self, clock: Any) -> None:
         self.clock = clock
-        self._buckets: dict[str, tuple[float, float]] = {}  # key name -> (tokens, at)
+        # key name -> (tokens, at): as many as keys were used since the start (names come from the key file)
+        self._buckets: dict[str, tuple[float, float]] = {}
 
     def take(self, name: str, rate: float, burst: float) -> int:
         """Spend one request of key `name`: 0 when allowed, else the whole seconds to wait
@@ -24,8 +25,3 @@ class TokenBuckets:
             return 0
         self._buckets[name] = (tokens, now)
         return max(1, math.ceil((1.0 - tokens) / rate))
-
-    def forget(self, names: set[str]) -> None:
-        """Drop the buckets of keys that no longer exist (the dict stays as small as the key file)."""
-        for name in [n for n in self._buckets if n not in names]:
-            del self._buckets[name]
