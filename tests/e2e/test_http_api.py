@@ -11,7 +11,8 @@ from pathlib import Path
 import dkim
 import pytest
 
-from tests.e2e.conftest import free_port
+from mailhost.doors.http.api.keys import ApiKeys
+from tests.e2e.conftest import free_port, wait_for_port
 from tests.e2e.test_deliverability import ZONE, dns_zone, dnsfunc, relay_extra  # noqa: F401  (fixtures)
 from tests.e2e.test_sending import sinks, wait_for  # noqa: F401  (fixtures)
 
@@ -49,27 +50,35 @@ def queued(daemon) -> list[dict]:
 
 
 @pytest.fixture
-def api_daemon(make_daemon, dns_zone, sinks):
-    sink = sinks("127.0.0.5")
-    port = free_port()
-    extra = relay_extra(dns_zone) + (f'[http]\nendpoint = "tcp:{port}:interface=127.0.0.1"\n'
-                                     '[unsubscribe]\nadd_headers = true\nsenders = ["@example.test"]\n')
-    daemon = make_daemon(start=False, extra=extra, limits=f"message_size = {MESSAGE_SIZE}")
-    record_line = daemon.cli("dkim", "keygen", "example.test", "--selector", "s1").stdout.splitlines()[-1]
-    dns_zone.update(ZONE + [("s1._domainkey.example.test", "TXT", "".join(record_line.split('"')[1::2]))])
-    keys = {
-        "send": daemon.cli("apikey", "add", "crm", "--sender", "@example.test").stdout.strip(),
-        "read": daemon.cli("apikey", "add", "dashboard", "--scope", "read").stdout.strip(),
-    }
-    daemon.start()
-    from tests.e2e.conftest import wait_for_port
+def start_api(make_daemon, dns_zone, sinks):
+    """A daemon with [http], a sink MX for remote.test and two keys: "send" (crm, may send as
+    @example.test) and "read" (dashboard). `signed`: with a DKIM key for example.test, and the
+    keys made by the real command (the other tests make them in-process, to start faster)."""
 
-    wait_for_port(port, daemon.process)
-    return daemon, Api(daemon, port), keys, sink
+    def start(signed: bool = False):
+        sink = sinks("127.0.0.5")
+        port = free_port()
+        extra = relay_extra(dns_zone) + (f'[http]\nendpoint = "tcp:{port}:interface=127.0.0.1"\n'
+                                         '[unsubscribe]\nadd_headers = true\nsenders = ["@example.test"]\n')
+        daemon = make_daemon(start=False, extra=extra, limits=f"message_size = {MESSAGE_SIZE}")
+        if signed:
+            record_line = daemon.cli("dkim", "keygen", "example.test", "--selector", "s1").stdout.splitlines()[-1]
+            dns_zone.update(ZONE + [("s1._domainkey.example.test", "TXT", "".join(record_line.split('"')[1::2]))])
+            keys = {"send": daemon.cli("apikey", "add", "crm", "--sender", "@example.test").stdout.strip(),
+                    "read": daemon.cli("apikey", "add", "dashboard", "--scope", "read").stdout.strip()}
+        else:
+            stored = ApiKeys(daemon.root / "state")
+            keys = {"send": stored.add("crm", ("send",), ("@example.test",)),
+                    "read": stored.add("dashboard", ("read",), ())}
+        daemon.start()
+        wait_for_port(port, daemon.process)
+        return daemon, Api(daemon, port), keys, sink
+
+    return start
 
 
-def test_a_posted_message_is_delivered_signed_and_listed(api_daemon, dns_zone):
-    daemon, api, keys, sink = api_daemon
+def test_a_posted_message_is_delivered_signed_and_listed(start_api, dns_zone):
+    daemon, api, keys, sink = start_api(signed=True)
     body = json.dumps({"from": "Shop <news@example.test>", "to": ["Bob <bob@remote.test>"], "bcc": "audit@remote.test",
                        "subject": "Spring offer", "text": "Hello Bob.", "html": "<p>Hello Bob.</p>",
                        "headers": {"X-Campaign": "spring"},
@@ -128,8 +137,8 @@ BAD_REQUESTS = [  # (what is wrong, status, error code, field)
 ]
 
 
-def test_bad_requests_get_json_errors_and_queue_nothing(api_daemon):
-    daemon, api, keys, sink = api_daemon
+def test_bad_requests_get_json_errors_and_queue_nothing(start_api):
+    daemon, api, keys, sink = start_api()
     good = {"from": "news@example.test", "to": "bob@remote.test", "subject": "s", "text": "hi"}
     for case, status, code, field in BAD_REQUESTS:
         key, body, content_type = keys["send"], json.dumps(good).encode(), "application/json"
@@ -164,8 +173,8 @@ def test_bad_requests_get_json_errors_and_queue_nothing(api_daemon):
     assert not list((daemon.root / "state" / "spool").rglob("*.json"))
 
 
-def test_read_routes_and_suppressions(api_daemon):
-    daemon, api, keys, sink = api_daemon
+def test_read_routes_and_suppressions(start_api):
+    daemon, api, keys, sink = start_api()
     admin = daemon.cli("apikey", "add", "ops", "--scope", "admin").stdout.strip()  # counts without a restart
     status, answer, _ = api.call("POST", "/suppressions", admin, json.dumps({"address": "eve@remote.test",
                                                                             "reason": "asked"}).encode())
