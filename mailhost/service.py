@@ -43,6 +43,8 @@ from mailhost.feedback.webhooks import WebhookService, WebhookSetupError, prepar
 from mailhost.feedback.unsubscribe import UnsubscribeKeyError, UnsubscribeTokens, daemon_tokens
 from mailhost.doors.http.site import https_factory
 from mailhost.doors.http.unsubscribe import UnsubscribeResource
+from mailhost.doors.http.api.keys import api_keys
+from mailhost.doors.http.api.resource import ApiContext, ApiResource
 from mailhost.delivery.throttle import Throttle, share_of
 from mailhost.ops.tls import ServerTLS, TLSSetupError, ensure_tls_pair, tls_pair_paths
 from mailhost.smtp.transport import make_eager_server, send_eagerly
@@ -335,7 +337,7 @@ def build(config: Config, tls_options: ServerTLS, reactor: Any) -> MailhostDaemo
         ListenerService(config.metrics.endpoint, site, reactor).setServiceParent(top)
     if config.http.endpoint is not None:
         # The main process only, also with workers: nothing here is busy enough to share.
-        factory = https_factory(http_resources(inbound), tls_options, reactor)
+        factory = https_factory(http_resources(inbound, reactor), tls_options, reactor)
         ListenerService(config.http.endpoint, factory, reactor).setServiceParent(top)
     for each in listeners:
         each.setServiceParent(top)
@@ -355,10 +357,16 @@ def build(config: Config, tls_options: ServerTLS, reactor: Any) -> MailhostDaemo
     return top
 
 
-def http_resources(inbound: Inbound) -> dict[bytes, Any]:
+def http_resources(inbound: Inbound, reactor: Any) -> dict[bytes, Any]:
     """What the `[http] endpoint` serves, by first path segment (the site adds TLS,
     the security headers and the limits to each)."""
-    return {b"unsubscribe": UnsubscribeResource(inbound.unsubscribe, inbound.suppression, inbound.writer.run)}
+    # --- the HTTP API (/api/v1, mailhost.doors.http.api): in the main process, which alone serves
+    # [http]; it reads the spool and event log every process writes, and takes mail in by its intake.
+    state_dir = inbound.context.config.server.state_dir
+    api = ApiResource(ApiContext(lambda: inbound.context.config, api_keys(state_dir), inbound.intake, inbound.spool,
+                                 inbound.suppression, inbound.suppression.events, inbound.writer.run, reactor))
+    return {b"unsubscribe": UnsubscribeResource(inbound.unsubscribe, inbound.suppression, inbound.writer.run),
+            b"api": api}
 
 
 def reloader(tls: ServerTLS, reactor: Any, inbound: Inbound, outbound: Outbound,

@@ -8,8 +8,9 @@ The steps, in order, each written once here (cf. Postfix's cleanup(8)):
    Feedback-ID: (Gmail's feedback loop) when `[unsubscribe] feedback_id` is set; never for
    mail from outside;
 3. sender ownership: an authenticated user's originator fields (From:, Sender:, Resent-From:,
-   Resent-Sender:) name only its own addresses in our domains, and its header section reads
-   one way only (RFC 5322, obsolete syntax included);
+   Resent-Sender:) name only its own addresses in our domains, an API key's envelope sender
+   and originator fields only its allowed senders, and the header section reads one way
+   only (RFC 5322, obsolete syntax included);
 4. inbound authentication for mail from outside: SPF, DKIM, DMARC into
    Authentication-Results:, forged ones removed, DMARC p=reject honoured when configured;
 5. per-recipient policy and suppression (the SMTP door asked the same question at RCPT);
@@ -46,7 +47,7 @@ from mailhost.feedback.suppression import SuppressionList, address_key, parse_ds
 from mailhost.feedback.unsubscribe import (Unsubscribe, UnsubscribeTokens, base_url, list_unsubscribe_headers,
                                            record_unsubscribe)
 from mailhost.intake.origin import DSN, SMTP, Origin
-from mailhost.intake.policy import RecipientVerdict, check_originators, recipient_verdict
+from mailhost.intake.policy import RecipientVerdict, check_key_sender, check_originators, recipient_verdict
 from mailhost.intake.submission import feedback_id, missing_headers
 from mailhost.local.mailbox import Copy, LocalDomains, Resolution, deliver_copies
 from mailhost.message import (HOP_LIMIT, domain_of, from_addresses, from_domain, has_fields, read_headers,
@@ -202,13 +203,16 @@ class Intake:
             return message  # built whole by feedback.dsn
         template = self.settings.feedback_id
         wanted = (b"message-id", b"date") if template is None else (b"message-id", b"date", b"feedback-id")
-        if origin.user is None and has_fields(message, wanted):
+        if origin.user is None and origin.may_send_as is None and has_fields(message, wanted):
             return message  # the common case for a campaign tool: nothing to parse
         headers = read_headers(message)
-        if origin.user is not None:
+        refusal = None
+        if origin.may_send_as is not None:  # the API: the key's senders
+            refusal = check_key_sender(origin.submitter, origin.may_send_as, incoming.sender, headers, self.domains)
+        elif origin.user is not None:
             refusal = check_originators(origin.user, headers, self.domains)
-            if refusal is not None:
-                raise Refused(refusal)
+        if refusal is not None:
+            raise Refused(refusal)
         added = missing_headers(headers, self.settings.hostname)
         if template is not None:
             # Before DKIM signs it (step 7), which over-signs Feedback-ID.
