@@ -53,7 +53,7 @@ from mailhost.local.mailbox import Copy, LocalDomains, Resolution, deliver_copie
 from mailhost.message import (HOP_LIMIT, domain_of, from_addresses, from_domain, has_fields, read_headers,
                               too_many_hops)
 from mailhost.multiproc.shard import Shard
-from mailhost.ops.durable import DiskWriter
+from mailhost.ops.durable import DiskWriter, GroupSync
 from mailhost.queue.envelope import Envelope, Recipient
 from mailhost.queue.spool import Spool
 from mailhost.smtp.wire import Address, Reply, SMTPError, parse_path
@@ -144,6 +144,7 @@ class Intake:
         self.settings = IntakeSettings.of(config)
         self._writer = writer
         self._spool = spool
+        self._group: GroupSync | None = None  # made at the first queued-only commit
         self.domains = domains
         self.signer = signer
         self.suppression = suppression
@@ -441,7 +442,14 @@ class Intake:
         queue `envelope` (None: nothing remote); every part or none, in one disk thread trip.
 
         The queued message is `outbound_headers` (our Received:) followed by the signed body."""
-        return self._writer.run(_commit, self._spool, copies, envelope, outbound_headers, body, signing_key)
+        if copies or envelope is None:
+            return self._writer.run(_commit, self._spool, copies, envelope, outbound_headers, body, signing_key)
+        # Queued only (a campaign's mail): committed with the messages arriving meanwhile, one
+        # file system sync for the batch, each 250 after it (ops.durable.GroupSync).
+        if self._group is None:
+            self._group = GroupSync(self._writer.run, self._spool.root)
+        return self._group.submit(partial(_place, self._spool, envelope, outbound_headers, body, signing_key),
+                                  partial(self._spool.discard, envelope.id))
 
     def received(self, origin: Origin, queue_id: str, recipient: str | None, date: str, incoming: Incoming) -> bytes:
         """Our RFC 5321 4.4 trace header; `for` only when it names one recipient.
@@ -474,6 +482,10 @@ def signed_body(body: bytes, signing_key: DkimKey | None) -> bytes:
     """`body` with its DKIM-Signature: on top (RFC 6376 5), or as it is without a key. Blocking:
     the signature is made on the thread that stores the message."""
     return body if signing_key is None else sign(body, signing_key) + body
+
+
+def _place(spool: Spool, envelope: Envelope, outbound_headers: bytes, body: bytes, signing_key: DkimKey | None) -> None:
+    spool.place(envelope, (outbound_headers, signed_body(body, signing_key)))
 
 
 def _commit(spool: Spool, copies: list[Copy], envelope: Envelope | None, outbound_headers: bytes, body: bytes,

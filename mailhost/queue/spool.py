@@ -28,7 +28,7 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from mailhost.ops.durable import fsync_directory, write_and_sync
+from mailhost.ops.durable import fsync_directory, write_and_sync, write_unsynced
 from mailhost.ops.ownership import Owner, make_dirs
 from mailhost.queue.envelope import Envelope
 
@@ -178,6 +178,33 @@ class Spool:
             for path in (message_tmp, envelope_tmp, envelope_path, message_path):
                 _unlink(path)
             raise
+
+    def place(self, envelope: Envelope, chunks: Iterable[bytes]) -> None:
+        """Write a new message and its envelope, and rename both into place (the message
+        first), without fsync: for a GroupSync batch, whose one sync makes it durable before
+        anyone is told. A crash before that sync leaves what store's docstring lists, and no
+        acknowledged message."""
+        self._ensure_dir(self.tmp)
+        message_path = self.message_path(envelope.id)
+        envelope_path = self.envelope_path(envelope.id)
+        self._ensure_dir(message_path.parent)
+        self._ensure_dir(envelope_path.parent)
+        message_tmp = self.tmp / f"{envelope.id}.msg"
+        envelope_tmp = self.tmp / f"{envelope.id}.{os.getpid()}.{time.monotonic_ns()}.env"
+        write_unsynced(str(message_tmp), chunks, owner=self.owner)
+        try:
+            write_unsynced(str(envelope_tmp), [envelope.to_json()], owner=self.owner)
+            os.rename(message_tmp, message_path)
+            os.replace(envelope_tmp, envelope_path)
+        except BaseException:
+            for path in (message_tmp, envelope_tmp, envelope_path, message_path):
+                _unlink(path)
+            raise
+
+    def discard(self, queue_id: str) -> None:
+        """Remove a message that was placed but never acknowledged (its batch's sync failed)."""
+        _unlink(self.envelope_path(queue_id))
+        _unlink(self.message_path(queue_id))
 
     def update(self, envelope: Envelope) -> None:
         """Replace an envelope atomically (a crash leaves the old or the new one, never half)."""
