@@ -100,12 +100,17 @@ def _name(path: str) -> str:
     return "standard input" if path == "-" else path
 
 
+def write_csv(entries: list[SuppressionEntry], stream: IO[str]) -> None:
+    """The entries as CSV with a header row (CSV_COLUMNS): the export of this command and the web console."""
+    out = csv.writer(stream, lineterminator="\n")
+    out.writerow(CSV_COLUMNS)
+    for e in entries:
+        out.writerow([e.address, e.category, e.reason, e.source, e.date, e.scope, e.status])
+
+
 def _export(entries: list[SuppressionEntry], path: str) -> None:
     def write(stream: IO[str]) -> None:
-        out = csv.writer(stream, lineterminator="\n")
-        out.writerow(CSV_COLUMNS)
-        for e in entries:
-            out.writerow([e.address, e.category, e.reason, e.source, e.date, e.scope, e.status])
+        write_csv(entries, stream)
 
     if path == "-":
         write(sys.stdout)
