@@ -10,13 +10,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from twisted.internet.interfaces import IOpenSSLContextFactory
+from twisted.internet.interfaces import IOpenSSLContextFactory, IProtocolNegotiationFactory
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web import pages
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
+from zope.interface import implementer
 
 log = Logger(namespace="mailhost.http")
 
@@ -99,8 +100,17 @@ class _Deadline(ProtocolWrapper):
         super().connectionLost(reason)
 
 
+@implementer(IProtocolNegotiationFactory)
 class _DeadlineFactory(WrappingFactory):
+    """Also says which protocol to pick in the TLS handshake (ALPN, RFC 7301): without an
+    answer Twisted's ALPN callback selects nothing and OpenSSL ends every handshake from a
+    client that offers ALPN (every browser, curl) with an internal-error alert. HTTP/1.1
+    only: the body limits and deadlines here are HTTP/1.1's."""
+
     protocol = _Deadline
+
+    def acceptableProtocols(self) -> list[bytes]:
+        return [b"http/1.1"]
 
     def __init__(self, wrapped: Any, reactor: Any) -> None:
         super().__init__(wrapped)

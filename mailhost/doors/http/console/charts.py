@@ -49,7 +49,8 @@ def line_chart(title: str, first: int, step: int, series: dict[str, list[int]]) 
             if 0 <= index < points:
                 x = LEFT + plot_w * index / max(points - 1, 1)
                 label = time.strftime("%H:%M", time.gmtime(first + index * step))
-                parts.append(f'<text class="axis" x="{x:.1f}" y="{HEIGHT - 4}" text-anchor="middle">{label}</text>')
+                anchor = "end" if hours_back == 0 else "middle"  # the newest at the right edge, not cut off
+                parts.append(f'<text class="axis" x="{x:.1f}" y="{HEIGHT - 4}" text-anchor="{anchor}">{label}</text>')
     for number, (name, values) in enumerate(series.items()):
         coords = " ".join(f"{LEFT + plot_w * i / max(points - 1, 1):.1f},{TOP + plot_h * (1 - v / top):.1f}"
                           for i, v in enumerate(values))
