@@ -58,7 +58,8 @@ async def log_in(ctx: ConsoleContext, session: Session, form: dict[str, str], cl
     entry = ctx.domains.user(user) if user else None
     if entry is None or not entry.admin:
         failures = ctx.slowdown.failed(client)
-        # The name is logged only when it is a real user (a typed password may land in the name box).
+        # The name is logged only when its password was right (an admin flag missing): a mistyped
+        # password may have landed in the name box.
         log.info("console login failed client=[{client}] user={user} address_failures={failures}",
                  client=client, user=user or "-", failures=failures)
         return None, login_form(session, "Wrong address or password, or not a console admin.", address)
