@@ -17,10 +17,9 @@ from datetime import datetime, timezone
 from typing import IO, Any
 
 from mailhost.config import BOUNCE_CLASSES, Config
-from mailhost.feedback.suppression import (SuppressionEntry, SuppressionError, entry_problem, scope_key,
-                                           suppression_list)
+from mailhost.feedback.suppression import (CSV_COLUMNS, SuppressionEntry, SuppressionError, entry_problem, scope_key,
+                                           suppression_list, write_csv)
 
-CSV_COLUMNS = ("address", "class", "reason", "source", "since", "scope", "status")
 # A bounce class, or what a complaint or an unsubscription is filed under.
 CLASSES = (*BOUNCE_CLASSES, "complaint", "unsubscribe")
 MAX_REPORTED = 20  # bad rows listed before "... and N more"
@@ -98,14 +97,6 @@ def _json_entry(entry: SuppressionEntry) -> dict[str, str]:
 
 def _name(path: str) -> str:
     return "standard input" if path == "-" else path
-
-
-def write_csv(entries: list[SuppressionEntry], stream: IO[str]) -> None:
-    """The entries as CSV with a header row (CSV_COLUMNS): the export of this command and the web console."""
-    out = csv.writer(stream, lineterminator="\n")
-    out.writerow(CSV_COLUMNS)
-    for e in entries:
-        out.writerow([e.address, e.category, e.reason, e.source, e.date, e.scope, e.status])
 
 
 def _export(entries: list[SuppressionEntry], path: str) -> None:

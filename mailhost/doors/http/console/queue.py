@@ -69,8 +69,8 @@ def queue_list(ctx: ConsoleContext, session: Session, envelopes: list[dict[str, 
     found = [e for e in envelopes if matches(e, state, destination, sender)]
     options = "".join(f'<option value="{s}"{" selected" if s == state else ""}>{s or "any state"}</option>' for s in STATES)
     body = [f'<form method="get" action="/console/queue" class="filters"><select name="state">{options}</select>'
-            f'<input name="destination" placeholder="destination domain" value="{escape(destination)}">'
-            f'<input name="sender" placeholder="sender" value="{escape(sender)}"><button type="submit">Filter</button></form>',
+            f'<label>Destination domain <input name="destination" value="{escape(destination)}"></label>'
+            f'<label>Sender <input name="sender" value="{escape(sender)}"></label><button type="submit">Filter</button></form>',
             f'<p>{len(found)} of {len(envelopes)} messages{" (the first " + str(SHOWN) + " shown)" if len(found) > SHOWN else ""}. '
             f'{button_form("/console/queue", session, "Flush the queue (retry every message now)", {"action": "flush"})}</p>']
     rows = []

@@ -11,11 +11,10 @@ from html import escape
 
 from twisted.logger import Logger
 
-from mailhost.cli.suppress import write_csv
 from mailhost.doors.http.console.context import ConsoleContext, Refused, Response, redirect
 from mailhost.doors.http.console.layout import button_form, csrf_field, page, table
 from mailhost.doors.http.console.sessions import Session
-from mailhost.feedback.suppression import SuppressionEntry
+from mailhost.feedback.suppression import SuppressionEntry, write_csv
 
 log = Logger(namespace="mailhost.console")
 
@@ -28,12 +27,12 @@ async def suppressions_page(ctx: ConsoleContext, session: Session, query: dict[s
     entries: list[SuppressionEntry] = await ctx.run(ctx.suppression.entries)
     found = [e for e in entries if search in e.address or (search and search in e.scope)]
     body = [f'<form method="get" action="/console/suppressions" class="filters">'
-            f'<input name="q" placeholder="address or domain" value="{escape(search)}"><button type="submit">Search</button>'
+            f'<label>Address or domain <input name="q" value="{escape(search)}"></label><button type="submit">Search</button>'
             f' <a href="/console/suppressions.csv">Export CSV</a></form>',
             f'<form method="post" action="/console/suppressions" class="filters">{csrf_field(session)}'
             '<input type="hidden" name="action" value="add">'
-            '<input name="address" type="email" placeholder="address to suppress" required>'
-            '<input name="reason" placeholder="reason" value="added in the console">'
+            '<label>Suppress <input name="address" type="email" required></label>'
+            '<label>Reason <input name="reason" value="added in the console"></label>'
             '<button type="submit">Add</button></form>',
             f"<p>{len(found)} of {len(entries)} suppressed addresses"
             f"{' (the first ' + str(SHOWN) + ' shown)' if len(found) > SHOWN else ''}.</p>"]
