@@ -27,7 +27,9 @@ from tests.support.dns import DNSServer
 
 webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.wait import WebDriverWait  # noqa: E402
 
 ZONE = [("gmail.test", "MX", "10 gmail-smtp-in.l.google.com"), ("gmail-smtp-in.l.google.com", "A", "127.0.0.5"),
         ("outlook.test", "MX", "10 mail.protection.outlook.com"), ("mail.protection.outlook.com", "A", "127.0.0.6")]
@@ -51,6 +53,23 @@ def browser(tmp_path):
     browser.set_page_load_timeout(20)
     yield browser
     browser.quit()
+
+
+def shows(browser, css_class: str, text: str) -> None:
+    """Wait until the page (the one a click led to, not the one before) shows `text` in an
+    element of `css_class`: a click does not wait for the next page."""
+
+    def found(driver) -> bool:
+        try:
+            return text in driver.find_element(By.CLASS_NAME, css_class).text
+        except (NoSuchElementException, StaleElementReferenceException):
+            return False
+
+    WebDriverWait(browser, 10).until(found, f"{text!r} in .{css_class}")
+
+
+def arrives(browser, url: str) -> None:
+    WebDriverWait(browser, 10).until(lambda driver: driver.current_url == url, f"at {url}")
 
 
 def send_campaign(port: int, recipients: list[str]) -> None:
@@ -123,12 +142,12 @@ def test_console_in_a_real_browser(make_daemon, sinks, browser, tmp_path):  # no
         browser.find_element(By.NAME, "address").send_keys("bob@example.test")
         browser.find_element(By.NAME, "password").send_keys(PASSWORD)
         browser.find_element(By.CSS_SELECTOR, "form.login button").click()
-        assert "Wrong address or password" in browser.find_element(By.CLASS_NAME, "problem").text
+        shows(browser, "problem", "Wrong address or password")
         browser.find_element(By.NAME, "address").clear()
         browser.find_element(By.NAME, "address").send_keys("alice@example.test")
         browser.find_element(By.NAME, "password").send_keys(PASSWORD)
         browser.find_element(By.CSS_SELECTOR, "form.login button").click()
-        assert browser.current_url == f"{base}/"
+        arrives(browser, f"{base}/")
         cookie = browser.get_cookie("mailhost_console")
         assert cookie["secure"] and cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["path"] == "/console"
 
@@ -157,24 +176,25 @@ def test_console_in_a_real_browser(make_daemon, sinks, browser, tmp_path):  # no
         assert len(links) == 2
         queue_id = links[0].text
         links[0].click()
+        shows(browser, "attempts", "451 4.7.1 Try again later")
         assert "451 4.7.1 Try again later" in browser.find_element(By.CSS_SELECTOR, "table.attempts").text
         assert "Subject: Spring offer" in browser.find_element(By.CSS_SELECTOR, "pre.headers").text
         browser.find_element(By.XPATH, "//button[text()='Hold']").click()
-        assert f"{queue_id}: held." in browser.find_element(By.CLASS_NAME, "notice").text
+        shows(browser, "notice", f"{queue_id}: held.")
         assert envelope(daemon, queue_id)["held"] is True
         if os.environ.get("MAILHOST_SCREENSHOTS"):
             browser.save_screenshot(str(DOCS / "console-message.png"))
         browser.find_element(By.XPATH, "//button[text()='Release']").click()
-        assert f"{queue_id}: released." in browser.find_element(By.CLASS_NAME, "notice").text
+        shows(browser, "notice", f"{queue_id}: released.")
         assert envelope(daemon, queue_id)["held"] is False
 
         # Suppressions: add one, find it, remove it.
         browser.get(f"{base}/suppressions")
         browser.find_element(By.NAME, "address").send_keys("reader3@gmail.test")
         browser.find_element(By.XPATH, "//button[text()='Add']").click()
-        assert "reader3@gmail.test suppressed." in browser.find_element(By.CLASS_NAME, "notice").text
+        shows(browser, "notice", "reader3@gmail.test suppressed.")
         browser.find_element(By.XPATH, "//table[contains(@class,'suppressions')]//button[text()='Remove']").click()
-        assert "may be sent to again" in browser.find_element(By.CLASS_NAME, "notice").text
+        shows(browser, "notice", "may be sent to again")
 
         # A POST without the CSRF token (or with another), with the admin's own cookie: 403, nothing changed.
         session = cookie["value"]
@@ -196,7 +216,7 @@ def test_console_in_a_real_browser(make_daemon, sinks, browser, tmp_path):  # no
         # Log out: the old session id opens nothing any more.
         browser.get(f"{base}/")
         browser.find_element(By.XPATH, "//button[text()='Log out']").click()
-        assert browser.current_url == f"{base}/login"
+        arrives(browser, f"{base}/login")
         connection.request("GET", "/console/", headers={"Cookie": f"mailhost_console={session}"})
         response = connection.getresponse()
         response.read()
