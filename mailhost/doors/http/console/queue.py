@@ -125,7 +125,7 @@ def message_page(ctx: ConsoleContext, session: Session, details: tuple[dict[str,
                            {"action": "release" if envelope["held"] else "hold"}),
                button_form(action, session, "Flush (retry now)", {"action": "flush"}),
                button_form(action, session, "Delete", {"action": "delete"}, css="danger")]
-    facts = table(("", ""), [
+    facts = table(("Field", "Value"), [
         ("Sender", escape(envelope["sender"] or "<>")), ("Arrived", escape(when(envelope["arrival"]))),
         ("Next attempt", escape("held" if envelope["held"] else when(envelope["next_attempt"]))),
         ("From client", escape(envelope["client"])), ("State", "held" if envelope["held"] else "queued")], "facts")
