@@ -46,9 +46,9 @@ async def dashboard(ctx: ConsoleContext, session: Session) -> Response:
              ("Deferred 24 h", str(totals["deferred"])), ("Bounced 24 h", str(totals["bounced"]))]
     body = ['<section class="cards">', *(f'<div class="card"><span>{escape(name)}</span><strong>{escape(value)}</strong></div>'
                                          for name, value in cards), "</section>"]
-    body.append('<section id="flow"><h2>Received and delivered per minute (24 h)</h2>')
+    body.append('<section id="flow"><h2>Messages received and recipients delivered per minute (24 h)</h2>')
     body.append(line_chart("Received and delivered per minute", first, BUCKET_SECONDS, flow))
-    body.append('</section><section id="groups"><h2>Delivered per minute by destination group</h2>')
+    body.append('</section><section id="groups"><h2>Recipients delivered per minute by destination group</h2>')
     body.append(line_chart("Delivered per minute by destination group", first, BUCKET_SECONDS, by("delivered")))
     body.append('</section><section id="failures"><h2>Deferrals and bounces by class (24 h)</h2>')
     body.append(bar_chart("Deferrals and bounces by class", failures))
