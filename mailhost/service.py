@@ -45,6 +45,14 @@ from mailhost.doors.http.site import https_factory
 from mailhost.doors.http.unsubscribe import UnsubscribeResource
 from mailhost.doors.http.api.keys import api_keys
 from mailhost.doors.http.api.resource import ApiContext, ApiResource
+# --- web console (issue 16) ---
+from mailhost.doors.http.console.context import ConsoleContext
+from mailhost.doors.http.console.resource import ConsoleResource
+from mailhost.doors.http.console.sessions import SessionStore
+from mailhost.feedback.traffic import FLUSH_SECONDS as TRAFFIC_FLUSH_SECONDS, GroupOf, Traffic, traffic as traffic_figures
+from mailhost.delivery.throttle import group_of
+from mailhost.feedback.complaints import provider_of
+# --- end web console ---
 from mailhost.delivery.throttle import Throttle, share_of
 from mailhost.ops.tls import ServerTLS, TLSSetupError, ensure_tls_pair, tls_pair_paths
 from mailhost.smtp.transport import make_eager_server, send_eagerly
@@ -217,6 +225,7 @@ class Inbound:
     suppression: SuppressionList
     context: ServerContext
     unsubscribe: UnsubscribeTokens
+    traffic: Traffic | None = None  # the web console's per-minute figures
 
 
 def build_inbound(config: Config, tls_options: ServerTLS, reactor: Any, parent: service.MultiService,
@@ -246,12 +255,55 @@ def build_inbound(config: Config, tls_options: ServerTLS, reactor: Any, parent: 
     complaints = complaint_rate(config.server.state_dir, owner_of(config.server.state_dir))
     # Every process adds its counts to the shared figures every few seconds (feedback.complaints).
     TimerService(COMPLAINT_FLUSH_SECONDS, _flush_complaints, writer, complaints).setServiceParent(parent)
+    # The web console's per-minute figures: counted where messages are committed (intake) and
+    # where delivery events are written (the event log), added to state_dir/traffic.json by every process.
+    traffic = traffic_figures(config.server.state_dir, destination_group(lambda: context.config),
+                              owner_of(config.server.state_dir))
+    events.observers.append(traffic.count_events)
+    TrafficService(writer, traffic).setServiceParent(parent)
     intake = Intake(config, writer, spool, domains, signer, suppression, content_threads.run, shard,
-                    unsubscribe=unsubscribe, complaint_rate=complaints)
+                    unsubscribe=unsubscribe, complaint_rate=complaints, traffic=traffic)
     portal = make_portal(domains, checks.run, reactor)
     context = ServerContext(config, domains, intake, tls_options, portal, slowdown, metrics,
                             process=shard.index if shard.count > 1 else None)
-    return Inbound(writer, domains, spool, intake, suppression, context, unsubscribe)
+    inbound = Inbound(writer, domains, spool, intake, suppression, context, unsubscribe, traffic)
+    return inbound
+
+
+class TrafficService(TimerService):
+    """Adds this process's traffic counts to state_dir/traffic.json every minute (on a disk
+    thread), and once more when the daemon stops, so a restart loses none."""
+
+    def __init__(self, writer: DiskWriter, traffic: Traffic) -> None:
+        super().__init__(TRAFFIC_FLUSH_SECONDS, self._flush)
+        self.writer = writer
+        self.traffic = traffic
+
+    def _flush(self) -> Deferred[Any]:
+        return self.writer.run(self.traffic.flush).addErrback(
+            lambda failure: log.failure("cannot update the traffic figures", failure))
+
+    def stopService(self) -> Deferred[Any] | None:
+        stopped = super().stopService()
+        try:
+            self.traffic.flush()  # the disk threads may be stopping: a small file, written here
+        except OSError as e:
+            log.error("cannot update the traffic figures: {error}", error=e)
+        return stopped
+
+
+def destination_group(config_of: Any) -> GroupOf:
+    """The destination group of a delivery event, as the throttle names it: the [[throttle]]
+    rule matching the MX host that answered (google, microsoft, ...), else the MX's parent
+    domain; with no host name (an address literal, or nothing reached), the recipient's provider."""
+
+    def group(recipient: str, remote_mta: str) -> str:
+        host = remote_mta.strip().lower().rstrip(".")
+        if host and not host.replace(".", "").isdigit() and ":" not in host:
+            return group_of(host, config_of().throttles)[0]
+        return provider_of(recipient)
+
+    return group
 
 
 def _flush_complaints(writer: DiskWriter, complaints: ComplaintRate) -> Deferred[Any]:
@@ -337,7 +389,10 @@ def build(config: Config, tls_options: ServerTLS, reactor: Any) -> MailhostDaemo
         ListenerService(config.metrics.endpoint, site, reactor).setServiceParent(top)
     if config.http.endpoint is not None:
         # The main process only, also with workers: nothing here is busy enough to share.
-        factory = https_factory(http_resources(inbound, reactor), tls_options, reactor)
+        console = ConsoleContext(inbound.context.portal, domains, inbound.context.slowdown, inbound.spool, queue, paces,
+                                 inbound.suppression, inbound.suppression.events, inbound.traffic, intake.complaint_rate,
+                                 writer.run, reactor, SessionStore(reactor))
+        factory = https_factory(http_resources(inbound, reactor, console), tls_options, reactor)
         ListenerService(config.http.endpoint, factory, reactor).setServiceParent(top)
     for each in listeners:
         each.setServiceParent(top)
@@ -357,7 +412,7 @@ def build(config: Config, tls_options: ServerTLS, reactor: Any) -> MailhostDaemo
     return top
 
 
-def http_resources(inbound: Inbound, reactor: Any) -> dict[bytes, Any]:
+def http_resources(inbound: Inbound, reactor: Any, console: ConsoleContext | None = None) -> dict[bytes, Any]:
     """What the `[http] endpoint` serves, by first path segment (the site adds TLS,
     the security headers and the limits to each)."""
     # --- the HTTP API (/api/v1, mailhost.doors.http.api): in the main process, which alone serves
@@ -365,8 +420,12 @@ def http_resources(inbound: Inbound, reactor: Any) -> dict[bytes, Any]:
     state_dir = inbound.context.config.server.state_dir
     api = ApiResource(ApiContext(lambda: inbound.context.config, api_keys(state_dir), inbound.intake, inbound.spool,
                                  inbound.suppression, inbound.suppression.events, inbound.writer.run, reactor))
-    return {b"unsubscribe": UnsubscribeResource(inbound.unsubscribe, inbound.suppression, inbound.writer.run),
-            b"api": api}
+    resources: dict[bytes, Any] = {b"unsubscribe": UnsubscribeResource(inbound.unsubscribe, inbound.suppression,
+                                                                       inbound.writer.run),
+                                   b"api": api}
+    if console is not None:
+        resources[b"console"] = ConsoleResource(console)  # the web console (login required)
+    return resources
 
 
 def reloader(tls: ServerTLS, reactor: Any, inbound: Inbound, outbound: Outbound,

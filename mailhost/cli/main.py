@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     user = commands.add_parser("user", help="manage mailbox users").add_subparsers(
-        dest="user_command", required=True, metavar="add|passwd|del|list|may-send-as", parser_class=_Parser
+        dest="user_command", required=True, metavar="add|passwd|del|list|may-send-as|admin", parser_class=_Parser
     )
     for name, text in (("add", "create a user and its Maildir"), ("passwd", "set a user's password")):
         sub = user.add_parser(name, help=text)
@@ -61,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     send_as.add_argument("address")
     send_as.add_argument("senders", nargs="*", metavar="SENDER", help="an address, or @domain for all of a domain")
     send_as.add_argument("--clear", action="store_true", help="remove them all")
+    # --- web console (issue 16) ---
+    admin = user.add_parser("admin", help="let a user log in to the web console (--off: no longer)")
+    admin.add_argument("address")
+    admin.add_argument("--off", action="store_true", help="take the console login away")
+    # --- end web console ---
 
     dkim = commands.add_parser("dkim", help="DKIM signing keys").add_subparsers(
         dest="dkim_command", required=True, metavar="keygen", parser_class=_Parser
@@ -113,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return run_queue_command(config, args)
         commands = {"add": user_add, "passwd": user_passwd, "del": user_del, "list": user_list,
-                    "may-send-as": user_may_send_as}
+                    "may-send-as": user_may_send_as, "admin": user_admin}
         return commands[args.user_command](config, args)
     except (ConfigError, UserError, UsersFileError, SpoolError) as e:
         sys.stderr.write(f"mailhost: {e}\n")
@@ -300,6 +305,15 @@ def user_may_send_as(config: Config, args: argparse.Namespace) -> int:
         write_users(domain.users, entries, owner_of(config.server.state_dir))
     senders = entries[address].may_send_as
     print(f"{address} may send as: {' '.join(senders) if senders else '(its own addresses only)'}")
+    return 0
+
+
+def user_admin(config: Config, args: argparse.Namespace) -> int:
+    """Set or clear the user's console flag (web console, /console/login)."""
+    address, _, domain, entries = _existing_user(config, args.address)
+    entries[address] = dataclasses.replace(entries[address], admin=not args.off)
+    write_users(domain.users, entries, owner_of(config.server.state_dir))
+    print(f"{address} {'may no longer' if args.off else 'may now'} log in to the web console")
     return 0
 
 

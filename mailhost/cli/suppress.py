@@ -17,10 +17,9 @@ from datetime import datetime, timezone
 from typing import IO, Any
 
 from mailhost.config import BOUNCE_CLASSES, Config
-from mailhost.feedback.suppression import (SuppressionEntry, SuppressionError, entry_problem, scope_key,
-                                           suppression_list)
+from mailhost.feedback.suppression import (CSV_COLUMNS, SuppressionEntry, SuppressionError, entry_problem, scope_key,
+                                           suppression_list, write_csv)
 
-CSV_COLUMNS = ("address", "class", "reason", "source", "since", "scope", "status")
 # A bounce class, or what a complaint or an unsubscription is filed under.
 CLASSES = (*BOUNCE_CLASSES, "complaint", "unsubscribe")
 MAX_REPORTED = 20  # bad rows listed before "... and N more"
@@ -102,10 +101,7 @@ def _name(path: str) -> str:
 
 def _export(entries: list[SuppressionEntry], path: str) -> None:
     def write(stream: IO[str]) -> None:
-        out = csv.writer(stream, lineterminator="\n")
-        out.writerow(CSV_COLUMNS)
-        for e in entries:
-            out.writerow([e.address, e.category, e.reason, e.source, e.date, e.scope, e.status])
+        write_csv(entries, stream)
 
     if path == "-":
         write(sys.stdout)

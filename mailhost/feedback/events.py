@@ -96,6 +96,8 @@ class EventLog:
         self.owner = owner  # the CLI run as root: files go to the daemon's user
         self.segment_bytes = segment_bytes
         self._mutex = threading.Lock()
+        # Told each batch once it is durable (the console's traffic figures count them here).
+        self.observers: list[Callable[[list[dict[str, Any]]], None]] = []
 
     # --- writing -------------------------------------------------------------------
 
@@ -155,6 +157,8 @@ class EventLog:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+        for observer in self.observers:
+            observer(stored)
         return stored
 
     def _rotate(self) -> None:

@@ -58,6 +58,7 @@ overwritten: the list would be lost).
 from __future__ import annotations
 
 import base64
+import csv
 import email.message
 import email.parser
 import hashlib
@@ -72,7 +73,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from mailhost.config import BounceRule
 from mailhost.feedback.classify import HARD, classify_reply, suppression_effect
@@ -777,3 +778,16 @@ def scope_key(sender: str) -> str:
 def suppression_list(state_dir: Path) -> SuppressionList:
     """The daemon's and the CLI's shared list: state_dir/suppression.json."""
     return SuppressionList(state_dir / "suppression.json", owner=owner_of(state_dir), events=event_log(state_dir))
+
+
+# The list as CSV: `mailhost suppress export` and the web console's export write the same file,
+# which `mailhost suppress import` reads back.
+CSV_COLUMNS = ("address", "class", "reason", "source", "since", "scope", "status")
+
+
+def write_csv(entries: list[SuppressionEntry], stream: IO[str]) -> None:
+    """The entries as CSV with a header row (CSV_COLUMNS)."""
+    out = csv.writer(stream, lineterminator="\n")
+    out.writerow(CSV_COLUMNS)
+    for e in entries:
+        out.writerow([e.address, e.category, e.reason, e.source, e.date, e.scope, e.status])

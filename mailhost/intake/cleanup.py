@@ -44,6 +44,7 @@ from mailhost.config import Config, UnsubscribeConfig
 from mailhost.feedback.arf import Complaint, is_feedback_report, parse_arf
 from mailhost.feedback.complaints import ComplaintRate, provider_of
 from mailhost.feedback.suppression import SuppressionList, address_key, parse_dsn
+from mailhost.feedback.traffic import Traffic
 from mailhost.feedback.unsubscribe import (Unsubscribe, UnsubscribeTokens, base_url, list_unsubscribe_headers,
                                            record_unsubscribe)
 from mailhost.intake.origin import DSN, SMTP, Origin
@@ -140,7 +141,8 @@ class Intake:
     def __init__(self, config: Config, writer: DiskWriter, spool: Spool, domains: LocalDomains, signer: Signer,
                  suppression: SuppressionList, run_content: Callable[..., Deferred[Any]], shard: Shard,
                  on_queued: Callable[[Envelope], None] = lambda envelope: None,
-                 unsubscribe: UnsubscribeTokens | None = None, complaint_rate: ComplaintRate | None = None) -> None:
+                 unsubscribe: UnsubscribeTokens | None = None, complaint_rate: ComplaintRate | None = None,
+                 traffic: Traffic | None = None) -> None:
         self.settings = IntakeSettings.of(config)
         self._writer = writer
         self._spool = spool
@@ -153,6 +155,7 @@ class Intake:
         self.on_queued = on_queued
         self.unsubscribe = unsubscribe  # None: no headers added, no unsubscribe+TOKEN addresses
         self.complaint_rate = complaint_rate  # complaints counted here, deliveries by the scheduler
+        self.traffic = traffic  # messages received per minute (the web console's charts)
 
     def reconfigure(self, config: Config, signer: Signer | None = None) -> list[str]:
         """Take the new settings (SIGHUP); returns the names of the sections that changed."""
@@ -430,6 +433,8 @@ class Intake:
         outbound_headers = self.received(origin, queue_id, only, date, incoming)
 
         def stored(_: object) -> Receipt:
+            if self.traffic is not None:
+                self.traffic.received()
             if envelope is not None:
                 self.on_queued(envelope)
             return receipt

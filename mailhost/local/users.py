@@ -1,9 +1,10 @@
 """The users file: one `address:password-hash` line per mailbox owner.
 
-A line may go on with options, `:name=value` each; the only one is
-`may_send_as=a@x,@y` (addresses, or whole domains written `@domain`, this user
-may also send as on the submission ports). Lines without options are what
-earlier versions wrote, and still mean the same.
+A line may go on with options, `:name=value` each: `may_send_as=a@x,@y`
+(addresses, or whole domains written `@domain`, this user may also send as on
+the submission ports) and `admin=yes` (may log in to the web console,
+`mailhost user admin`). Lines without options are what earlier versions wrote,
+and still mean the same.
 
 Passwords are stored only as salted scrypt hashes (memory-hard, in the
 stdlib). Several domains may share one file; each line names its full address.
@@ -77,6 +78,7 @@ class UserEntry:
     address: str  # local@domain, lower case
     password_hash: str
     may_send_as: tuple[str, ...] = ()  # lower case "a@x" or "@domain"
+    admin: bool = False  # may log in to the web console
 
 
 LOCAL_PART_MAX = 64  # octets (RFC 5321 4.5.3.1.1)
@@ -137,6 +139,8 @@ def parse_send_as(text: str) -> tuple[str, ...]:
 
 def _format_line(entry: UserEntry) -> str:
     options = f":may_send_as={','.join(entry.may_send_as)}" if entry.may_send_as else ""
+    if entry.admin:
+        options += ":admin=yes"
     return f"{entry.address}:{entry.password_hash}{options}\n"
 
 
@@ -158,15 +162,20 @@ def _parse_line(path: Path, number: int, line: str) -> UserEntry:
     # scrypt hashes hold no ":", so what follows the hash are options.
     password_hash, *options = rest.split(":")
     may_send_as: tuple[str, ...] = ()
+    admin = False
     for option in options:
         name, eq, value = option.partition("=")
+        if name.strip() == "admin" and eq and value.strip() in ("yes", "no"):
+            admin = value.strip() == "yes"
+            continue
         if name.strip() != "may_send_as" or not eq:
-            raise UsersFileError(f"{path}:{number}: unknown option {name.strip()!r} (allowed: may_send_as=a@x,@y)")
+            raise UsersFileError(f"{path}:{number}: unknown option {name.strip()!r} "
+                                 "(allowed: may_send_as=a@x,@y and admin=yes)")
         try:
             may_send_as = parse_send_as(value)
         except ValueError as e:
             raise UsersFileError(f"{path}:{number}: may_send_as: {e} is not an address or @domain") from None
-    return UserEntry(address.lower(), password_hash, may_send_as)
+    return UserEntry(address.lower(), password_hash, may_send_as, admin)
 
 
 def read_users(path: Path) -> dict[str, UserEntry]:

@@ -392,3 +392,16 @@ def test_suppress_add_list_remove(tmp_path):
     assert run("remove", "bob@remote.test").returncode == 0
     again = run("remove", "bob@remote.test")
     assert again.returncode == 1 and again.stderr.count("\n") == 1
+
+
+def test_user_admin_on_off_and_kept_by_passwd(setup: Setup) -> None:
+    assert setup.add("ann@example.test").returncode == 0
+    result = setup.run("user", "admin", "ann@example.test")
+    assert result.returncode == 0 and "may now log in to the web console" in result.stdout
+    assert read_users(setup.users)["ann@example.test"].admin is True
+    assert setup.run("user", "passwd", "ann@example.test", "--password-stdin", input="other\n").returncode == 0
+    assert read_users(setup.users)["ann@example.test"].admin is True
+    off = setup.run("user", "admin", "ann@example.test", "--off")
+    assert off.returncode == 0 and "may no longer" in off.stdout
+    assert read_users(setup.users)["ann@example.test"].admin is False
+    assert_one_line_error(setup.run("user", "admin", "nobody@example.test"), 1, "nobody@example.test")

@@ -179,3 +179,19 @@ def test_the_daemon_serves_the_good_lines_of_a_file_it_never_read_whole(tmp_path
     assert sorted(users.entries()) == ["alice@example.test", "carol@example.test"]
     path.write_text(f"alice@example.test:{HASH}\nbroken line\n")
     assert sorted(users.entries()) == ["alice@example.test", "carol@example.test"]
+
+
+def test_admin_flag_round_trip(tmp_path: Path) -> None:
+    """The web console's flag: a further option, written after may_send_as; `admin=no` reads as none."""
+    path = tmp_path / "users"
+    entries = {"ann@example.test": UserEntry("ann@example.test", HASH, ("@campaign.test",), admin=True),
+               "bob@example.test": UserEntry("bob@example.test", HASH)}
+    write_users(path, entries)
+    assert path.read_text().splitlines() == [f"ann@example.test:{HASH}:may_send_as=@campaign.test:admin=yes",
+                                             f"bob@example.test:{HASH}"]
+    assert read_users(path) == entries
+    path.write_text(f"bob@example.test:{HASH}:admin=no\n")
+    assert read_users(path)["bob@example.test"].admin is False
+    path.write_text(f"bob@example.test:{HASH}:admin=maybe\n")
+    with pytest.raises(UsersFileError, match="admin=yes"):
+        read_users(path)

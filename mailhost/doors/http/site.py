@@ -148,6 +148,11 @@ class _Deadline(ProtocolWrapper):
 
 @implementer(IProtocolNegotiationFactory)
 class _DeadlineFactory(WrappingFactory):
+    """Also says which protocol to pick in the TLS handshake (ALPN, RFC 7301): without an
+    answer Twisted's ALPN callback selects nothing and OpenSSL ends every handshake from a
+    client that offers ALPN (every browser, curl) with an internal-error alert. HTTP/1.1
+    only: the body limits and deadlines here are HTTP/1.1's."""
+
     protocol = _Deadline
 
     def acceptableProtocols(self) -> list[bytes]:
