@@ -12,7 +12,6 @@ from twisted.application.internet import TimerService
 from twisted.internet import endpoints
 from twisted.internet import error as internet_error
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
-from twisted.internet.threads import deferToThread
 from twisted.logger import ILogObserver, Logger
 from twisted.python.failure import Failure
 
@@ -302,12 +301,12 @@ def outbound_tls(config: Config, inbound: Inbound, router: Router, reactor: Any,
     interval = config.relay.tls_report_interval
     flush_every = min(TLS_FLUSH_SECONDS, interval)
     results = TlsResults(state / "tlsrpt", process, interval)
-    TlsResultsService(results, flush_every).setServiceParent(parent)
+    TlsResultsService(results, flush_every, inbound.writer.run).setServiceParent(parent)
     if main:
         reporter = TlsReporter(state / "tlsrpt", router, inbound.intake.notify, config.server.hostname, interval,
-                               grace=flush_every + 1)
+                               grace=flush_every + 1, run_blocking=inbound.writer.run)
         TimerService(min(3600.0, interval), reporter.run).setServiceParent(parent)
-        TimerService(86400.0, deferToThread, mta_sts.store.forget_expired).setServiceParent(parent)
+        TimerService(86400.0, inbound.writer.run, mta_sts.store.forget_expired).setServiceParent(parent)
     return TlsPolicies(config.relay, router, mta_sts, results)
 
 
@@ -317,12 +316,13 @@ TLS_FLUSH_SECONDS = 60.0
 class TlsResultsService(TimerService):
     """Writes the TLS-RPT counts every `every` seconds, and once more at stop."""
 
-    def __init__(self, results: TlsResults, every: float) -> None:
+    def __init__(self, results: TlsResults, every: float, run: Any) -> None:
         super().__init__(every, self._flush)
         self.results = results
+        self._run = run  # the disk threads
 
     def _flush(self) -> Deferred[None]:
-        return deferToThread(self.results.flush).addErrback(
+        return self._run(self.results.flush).addErrback(
             lambda failure: log.failure("cannot write the TLS-RPT counts", failure))
 
     def stopService(self) -> Deferred[None] | None:

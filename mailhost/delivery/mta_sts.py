@@ -170,6 +170,7 @@ class PolicyStore:
         return self.folder / f"{domain}.json" if _DOMAIN_FILE.fullmatch(domain) else None
 
     def load(self, domain: str) -> Policy | None:
+        domain = domain.lower()
         path = self._path(domain)
         if path is None:
             return None

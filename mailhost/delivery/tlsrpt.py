@@ -227,8 +227,10 @@ class TlsReporter:
     """Sends the reports of the periods that have ended (the main process; a TimerService calls `run`)."""
 
     def __init__(self, folder: Path, dns: Any, notify: Callable[[str, bytes], Deferred[str]], hostname: str,
-                 interval: float = 86400.0, grace: float = 60.0, clock: Callable[[], float] = time.time) -> None:
+                 interval: float = 86400.0, grace: float = 60.0, clock: Callable[[], float] = time.time,
+                 run_blocking: Callable[..., Deferred[Any]] = deferToThread) -> None:
         self.folder = folder
+        self._blocking = run_blocking  # file work off the reactor (the daemon's disk threads)
         self._dns = dns  # delivery.routing.Router
         self._notify = notify  # intake.notify: into the queue from <>
         self._hostname = hostname
@@ -252,7 +254,7 @@ class TlsReporter:
     async def _run(self) -> None:
         now = self._clock()
         try:
-            names = await deferToThread(os.listdir, self.folder)
+            names = await self._blocking(os.listdir, self.folder)
         except OSError:
             return
         for name in sorted(names):
@@ -264,7 +266,7 @@ class TlsReporter:
                 continue  # still being counted
             complete = await self._send_period(start, end)
             if complete or now - end > KEEP_PERIODS * self.interval:
-                await deferToThread(shutil.rmtree, self.folder / name, True)
+                await self._blocking(shutil.rmtree, self.folder / name, True)
 
     async def _send_period(self, start: int, end: int) -> bool:
         """Send this period's reports; True once nothing is left to send."""
@@ -275,12 +277,12 @@ class TlsReporter:
             for path in sorted(folder.glob("p*.json")):
                 _merge(merged, _read(path).values())
 
-        await deferToThread(read_all)
+        await self._blocking(read_all)
         by_domain: dict[str, list[dict[str, Any]]] = {}
         for entry in merged.values():
             by_domain.setdefault(json.loads(entry["policy"])[0], []).append(entry)
         sent_file = folder / "sent.json"
-        sent = set(await deferToThread(lambda: _read_list(sent_file)))
+        sent = set(await self._blocking(lambda: _read_list(sent_file)))
         complete = True
         for domain, entries in sorted(by_domain.items()):
             if domain in sent:
@@ -300,7 +302,7 @@ class TlsReporter:
                 log.info("{id}: TLS report for {domain} to {rua} ({sessions} sessions)", id=queue_id, domain=domain,
                          rua=address, sessions=sum(e["success"] + e["failure"] for e in entries))
             sent.add(domain)
-            await deferToThread(write_file_atomically, sent_file, json.dumps(sorted(sent)).encode("utf-8"))
+            await self._blocking(write_file_atomically, sent_file, json.dumps(sorted(sent)).encode("utf-8"))
         return complete
 
 
