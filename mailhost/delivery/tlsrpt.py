@@ -24,6 +24,7 @@ import os
 import re
 import secrets
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -100,6 +101,7 @@ class TlsResults:
         self.interval = interval
         self._clock = clock
         self._counts: dict[int, dict[str, dict[str, Any]]] = {}
+        self._writing = threading.Lock()  # the timer's flush and the one at stop may overlap
 
     def record(self, policy: ReportPolicy, failure: TlsFailure | None, mx_host: str = "", receiving_ip: str = "",
                sending_ip: str = "") -> None:
@@ -122,6 +124,10 @@ class TlsResults:
     def flush(self) -> None:
         """Add the counts to this process's files (blocking: run it in a thread)."""
         counts, self._counts = self._counts, {}
+        with self._writing:
+            self._write(counts)
+
+    def _write(self, counts: dict[int, dict[str, dict[str, Any]]]) -> None:
         for start, policies in counts.items():
             folder = self.folder / str(start)
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
