@@ -252,6 +252,13 @@ class _Body(Protocol):
             self._done.errback(FetchError("sts-policy-fetch-error", f"policy body cut short: {reason.getErrorMessage()}"))
 
 
+def _discard(response: Any) -> None:
+    """Read and drop the body of a response we do not use (bounded as any body)."""
+    ignored: Deferred[bytes] = Deferred()
+    ignored.addErrback(lambda failure: None)
+    response.deliverBody(_Body(ignored))
+
+
 def _is_tls_failure(error: BaseException) -> bool:
     """Did the connection fail in TLS (the certificate, the handshake)? The Agent wraps the
     cause in ResponseNeverReceived / RequestTransmissionFailed, whose `reasons` list it."""
@@ -361,11 +368,11 @@ class MtaSts:
                 raise FetchError("sts-webpki-invalid", f"https://{host}/: TLS: {e}") from None
             raise FetchError("sts-policy-fetch-error", f"https://{host}/: {e}") from None
         if response.code != 200:  # 3.3: redirects are not followed; anything but 200 is a failure
-            response.deliverBody(_Body(Deferred()))
+            _discard(response)
             raise FetchError("sts-policy-fetch-error", f"https://{host}/.well-known/mta-sts.txt: HTTP {response.code}")
         kind = (response.headers.getRawHeaders(b"content-type") or [b""])[0].split(b";")[0].strip().lower()
         if kind != b"text/plain":
-            response.deliverBody(_Body(Deferred()))
+            _discard(response)
             raise FetchError("sts-policy-invalid", f"policy of {domain} is {kind.decode('latin-1')!r}, not text/plain")
         done: Deferred[bytes] = Deferred()
         done.addTimeout(FETCH_TIMEOUT, self._reactor)

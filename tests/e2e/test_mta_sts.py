@@ -174,3 +174,17 @@ def test_a_cached_policy_outlives_the_policy_server_and_a_restart(make_daemon, w
                      ["last_reply"], what="a deferral")
     assert "MTA-STS policy of sts.test (enforce)" in reply
     assert not wrong.messages()
+
+
+def test_a_policy_that_cannot_be_fetched_is_no_policy_and_is_reported(make_daemon, world):
+    # The TXT record says there is a policy, but the HTTPS server has none (404).
+    mx1 = world["mx"](MX1, "wrong", "elsewhere.test")
+    daemon = make_daemon(extra=relay(world, interval="2s"))
+    submit(daemon, ["bob@sts.test"], "no policy after all")
+    [got] = wait_for(mx1.messages, what="delivery as without MTA-STS")
+    assert got["rcpt_to"] == ["bob@sts.test"]
+    (_, report), *_ = wait_for(lambda: reports_of(world["reports"]), what="the TLS report")
+    [entry] = report["policies"]
+    assert entry["policy"]["policy-type"] == "sts" and entry["policy"]["policy-string"] == []
+    [detail] = entry["failure-details"]
+    assert detail["result-type"] == "sts-policy-fetch-error" and "HTTP 404" in detail["failure-reason-code"]
