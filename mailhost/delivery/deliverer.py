@@ -262,7 +262,8 @@ class Deliverer:
                     session = yield self.pool.take(hop, address, tls_mode, trust, self._auth_for(hop.smarthost), hop_tls)
                 except SessionError as e:
                     last_error = self._session_failure(e, hop, relay, smarthost, e.tls_version or "")
-                    if hop_tls is not None and hop_tls.report is not None and policies is not None:
+                    if hop_tls is not None and e.tls_failure is not None and policies is not None:
+                        # A TLS failure counts; a refused connection or a timeout is no TLS session.
                         policies.record(hop_tls.report, e.tls_failure, hop.host, address)
                     if hop_tls is not None and hop_tls.enforce and e.tls_failure is not None:
                         last_error = Outcome("deferred", f"{hop_tls.label}: {e.reason}", TLS_STATUS, hop.host, relay,

@@ -287,7 +287,10 @@ class MtaSts:
         self._ca_file, self._port, self._trust = ca_file, port, None
 
     def policy(self, domain: str) -> Deferred[PolicyResult]:
-        domain = domain.lower()
+        try:
+            domain = domain.lower().encode("idna").decode("ascii")  # the A-labels name the policy host
+        except UnicodeError:
+            return defer.succeed(PolicyResult(None))
         known = self._memory.get(domain)
         now = time.time()
         if known is not None and known[0] + TXT_RECHECK_SECONDS > now and (

@@ -828,8 +828,10 @@ async def _open(reactor: Any, *, host: str, address: str, port: int, helo: str, 
     options = tls_options(tls, host, trust_root)
     if peer_check is not None and tls in ("opportunistic", "required"):
         # The check reads the chain itself; the server still learns which name we want (SNI,
-        # RFC 7672 8.1), so that it shows the certificate for that name.
-        options = _WithServerName(options, host)
+        # RFC 7672 8.1), so that it shows the certificate for that name. An enforced policy
+        # also means TLS 1.2 or newer (RFC 8461 4.2: "TLS version 1.2 or higher").
+        minimum = {"raiseMinimumTo": ssl.TLSVersion.TLSv1_2} if enforce_check else {}
+        options = _WithServerName(ssl.CertificateOptions(verify=False, **minimum), host)
     endpoint: Any = (TCP6ClientEndpoint if ipaddress.ip_address(address).version == 6 else TCP4ClientEndpoint)(
         reactor, address, port, timeout=connect_timeout)
     if tls == "implicit-verify":
