@@ -84,7 +84,7 @@ def reports_of(sink: Sink) -> list[tuple[email.message.EmailMessage, dict]]:
 def test_enforce_delivers_to_a_listed_mx_with_a_valid_certificate_and_reports_it(make_daemon, world):
     world["server"].publish("mta-sts.sts.test", policy("enforce", "*.sts.test"))
     mx1 = world["mx"](MX1, "mx1", "mx1.sts.test")
-    daemon = make_daemon(extra=relay(world, interval="2s"))
+    daemon = make_daemon(extra=relay(world, interval="1s"))
     submit(daemon, ["bob@sts.test"], "enforced")
     [got] = wait_for(mx1.messages, what="delivery to mx1")
     assert got["rcpt_to"] == ["bob@sts.test"]
@@ -110,7 +110,7 @@ def test_enforce_delivers_to_a_listed_mx_with_a_valid_certificate_and_reports_it
 def test_enforce_defers_when_the_certificate_does_not_name_the_mx(make_daemon, world):
     world["server"].publish("mta-sts.sts.test", policy("enforce", "mx1.sts.test"))
     mx1 = world["mx"](MX1, "wrong", "elsewhere.test")
-    daemon = make_daemon(extra=relay(world, interval="2s"))
+    daemon = make_daemon(extra=relay(world, interval="1s"))
     submit(daemon, ["bob@sts.test"], "not for a stranger")
 
     def deferred() -> str:
@@ -124,7 +124,7 @@ def test_enforce_defers_when_the_certificate_does_not_name_the_mx(make_daemon, w
     assert not mx1.messages()
     assert not [c for c in mx1.commands() if c["line"].startswith("MAIL")]
 
-    # (Each 2 s period with an attempt has its report; the first one is enough.)
+    # (Each 1 s period with an attempt has its report; the first one is enough.)
     (_, report), *_ = wait_for(lambda: reports_of(world["reports"]), what="the TLS report")
     [entry] = report["policies"]
     assert entry["summary"]["total-successful-session-count"] == 0
@@ -148,7 +148,7 @@ def test_enforce_skips_an_mx_the_policy_does_not_list(make_daemon, world):
 def test_testing_mode_delivers_despite_a_bad_certificate(make_daemon, world):
     world["server"].publish("mta-sts.sts.test", policy("testing", "mx1.sts.test"))
     mx1 = world["mx"](MX1, "wrong", "elsewhere.test")
-    daemon = make_daemon(extra=relay(world, interval="2s"))
+    daemon = make_daemon(extra=relay(world, interval="1s"))
     submit(daemon, ["bob@sts.test"], "testing only")
     [got] = wait_for(mx1.messages, what="delivery to mx1")
     assert got["rcpt_to"] == ["bob@sts.test"]
@@ -179,7 +179,7 @@ def test_a_cached_policy_outlives_the_policy_server_and_a_restart(make_daemon, w
 def test_a_policy_that_cannot_be_fetched_is_no_policy_and_is_reported(make_daemon, world):
     # The TXT record says there is a policy, but the HTTPS server has none (404).
     mx1 = world["mx"](MX1, "wrong", "elsewhere.test")
-    daemon = make_daemon(extra=relay(world, interval="2s"))
+    daemon = make_daemon(extra=relay(world, interval="1s"))
     submit(daemon, ["bob@sts.test"], "no policy after all")
     [got] = wait_for(mx1.messages, what="delivery as without MTA-STS")
     assert got["rcpt_to"] == ["bob@sts.test"]
