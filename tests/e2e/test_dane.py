@@ -14,12 +14,12 @@ from tests.e2e.conftest import free_port
 from tests.e2e.test_sending import queue, submit, wait_for
 from tests.support.dnssec import ValidatingDNS, missing_tools
 from tests.support.peers import Sink
-from tests.support.pki import TestCA, cert_sha256, spki_sha256
+from tests.support.pki import PolicyServer, TestCA, cert_sha256, spki_sha256
 
 pytestmark = pytest.mark.skipif(bool(missing_tools()), reason=f"needs {missing_tools()} (tests/ensure-peers)")
 
 MX_PORT = free_port()
-GOOD, BAD, TA = "127.0.0.51", "127.0.0.52", "127.0.0.53"
+GOOD, BAD, TA, POLICY_HOST = "127.0.0.51", "127.0.0.52", "127.0.0.53", "127.0.0.54"
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +36,16 @@ def dane_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         f"_{MX_PORT}._tcp.mxbad IN TLSA 3 1 1 {spki_sha256(decoy[0])}",
         "ta IN MX 10 mxta.dane.test.", f"mxta IN A {TA}",
         f"_{MX_PORT}._tcp.mxta IN TLSA 2 0 1 {cert_sha256(ca.pem)}",
+        # both: DANE for its MX, and an MTA-STS policy that does not list that MX.
+        "both IN MX 10 mxgood.dane.test.", '_mta-sts.both IN TXT "v=STSv1; id=1"', f"mta-sts.both IN A {POLICY_HOST}",
     ]
-    with ValidatingDNS(folder / "dns", "dane.test", records) as dns:
-        yield {"dns": dns, "certs": certs, "folder": folder}
+    policies = PolicyServer(folder / "policies", POLICY_HOST, *ca.issue("sts", "mta-sts.both.dane.test"))
+    policies.publish("mta-sts.both.dane.test", "version: STSv1\nmode: enforce\nmx: mx9.dane.test\nmax_age: 86400\n")
+    try:
+        with ValidatingDNS(folder / "dns", "dane.test", records) as dns:
+            yield {"dns": dns, "certs": certs, "folder": folder, "ca": ca, "policies": policies}
+    finally:
+        policies.stop()
 
 
 @pytest.fixture
@@ -56,8 +63,8 @@ def mx(dane_world: dict, tmp_path: Path) -> Iterator:
         sink.stop()
 
 
-def relay(dane_world: dict) -> str:
-    return (f'nameservers = ["{dane_world["dns"].nameserver}"]\nmx_port = {MX_PORT}\ndane = true\n'
+def relay(dane_world: dict, more: str = "") -> str:
+    return (f'nameservers = ["{dane_world["dns"].nameserver}"]\nmx_port = {MX_PORT}\ndane = true\n{more}'
             '[queue]\nretry = ["1s"]\n')
 
 
@@ -98,3 +105,15 @@ def test_deferred_when_the_certificate_does_not_match_its_tlsa_record(make_daemo
     assert queue(daemon)[0]["recipients"][0]["state"] == "deferred"
     assert not bad.messages()
     assert not [c for c in bad.commands() if c["line"].startswith("MAIL")]
+
+
+def test_dane_wins_over_mta_sts(make_daemon, dane_world, mx):
+    # both.dane.test's MTA-STS policy (enforce) lists only mx9, but its MX has TLSA records:
+    # RFC 8461 2 leaves that MX to DANE, which it passes.
+    good = mx(GOOD, "good")
+    daemon = make_daemon(extra=relay(dane_world, f'mta_sts = true\nca_file = "{dane_world["ca"].path}"\n'
+                                                 f'mta_sts_port = {dane_world["policies"].port}\n'))
+    submit(daemon, ["bob@both.dane.test"], "DANE first")
+    [got] = wait_for(good.messages, what="delivery to mxgood under DANE")
+    assert got["rcpt_to"] == ["bob@both.dane.test"]
+    assert "mta-sts.both.dane.test /.well-known/mta-sts.txt" in dane_world["policies"].requests()
