@@ -117,6 +117,12 @@ class RelayConfig:
     tls: str = "opportunistic"
     smarthosts: tuple[SmartHostConfig, ...] = ()
     verp: bool = False  # per-recipient envelope sender bounces+<rcpt>@<sender domain> for local senders
+    # --- MTA-STS, DANE, TLS-RPT (outbound) ---
+    mta_sts: bool = True  # honour MTA-STS policies (RFC 8461) and send TLS-RPT reports (RFC 8460)
+    dane: bool = False  # require TLSA matches when the validating resolver says they are authentic (RFC 7672)
+    ca_file: Path | None = None  # trust these CAs (not the system's) for MTA-STS fetches and verified MX TLS
+    mta_sts_port: int = 443  # the port of https://mta-sts.DOMAIN/ (tests; RFC 8461 says 443)
+    tls_report_interval: float = 86400.0  # the TLS-RPT report period (RFC 8460: a UTC day)
 
 
 @dataclass(frozen=True)
@@ -344,7 +350,9 @@ class _Reader:
         listeners = self.listeners(data.get("listener"))
         limits = self.limits(self.table(data, "limits", set(LimitsConfig.__dataclass_fields__)))
         domains = self.domains(data.get("domain"), server.state_dir)
-        relay = self.relay(self.table(data, "relay", {"networks", "mx_port", "nameservers", "tls", "smarthost", "verp"}))
+        relay = self.relay(self.table(data, "relay", {"networks", "mx_port", "nameservers", "tls", "smarthost", "verp",
+                                                          "mta_sts", "dane", "ca_file", "mta_sts_port",
+                                                          "tls_report_interval"}))
         queue = self.queue(self.table(data, "queue", {"retry", "lifetime", "delay_warning", "concurrency", "per_destination",
                                                       "max_attempts", "marketing_lifetime"}))
         metrics_table = self.table(data, "metrics", {"endpoint"})
@@ -591,7 +599,29 @@ class _Reader:
             tls=self.choice(table, "relay", "tls", "opportunistic", RELAY_TLS),
             smarthosts=tuple(self.smarthost(raw, f"relay.smarthost[{i}]") for i, raw in enumerate(smarthosts)),
             verp=self.boolean(table, "relay", "verp", False),
+            mta_sts=self.boolean(table, "relay", "mta_sts", True),
+            dane=self.boolean(table, "relay", "dane", False),
+            ca_file=self.readable_file(table, "relay", "ca_file"),
+            mta_sts_port=self.integer(table, "relay", "mta_sts_port", 443, 1, 65535),
+            tls_report_interval=self.report_interval(table),
         )
+
+    def report_interval(self, table: dict) -> float:
+        interval = self.duration(table, "relay", "tls_report_interval", 86400.0)
+        if not 1 <= interval <= 86400 or 86400 % interval:
+            raise self.fail("relay.tls_report_interval", table.get("tls_report_interval"),
+                            'a duration that divides a day, such as "1d" (the default), "1h" or "10s"')
+        return interval
+
+    def readable_file(self, table: dict, key: str, name: str) -> Path | None:
+        """An optional file key, resolved against the config's folder; it must exist now."""
+        value = self.string(table, key, name)
+        if value is None:
+            return None
+        path = self.resolve(value)
+        if not path.is_file():
+            raise ConfigError(f"{self.path}: {key}.{name}: {path} is not a readable file")
+        return path
 
     def dkim(self, value: Any) -> tuple[DkimConfig, ...]:
         """[[dkim]] entries: a signing key per domain (keys made by `mailhost dkim keygen` need none)."""

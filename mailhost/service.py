@@ -29,6 +29,9 @@ from mailhost.ops.statelock import AlreadyRunning, StateLock, lock_state_dir
 from mailhost.intake.cleanup import Intake
 from mailhost.local.mailbox import LocalDomains
 from mailhost.delivery.deliverer import Deliverer, SessionPool
+from mailhost.delivery.mta_sts import MtaSts, PolicyStore
+from mailhost.delivery.tls_policy import TlsPolicies
+from mailhost.delivery.tlsrpt import TlsReporter, TlsResults
 from mailhost.delivery.routing import Router
 from mailhost.delivery.scheduler import Scheduler
 from mailhost.ops.reload import ReloadError, ReloadOnHangup, changed_sections
@@ -331,7 +334,8 @@ def build_outbound(config: Config, inbound: Inbound, reactor: Any, parent: servi
     throttle = Throttle(config.throttles, default_connections=config.queue.per_destination, share=shard.count,
                         index=shard.index)
     metrics.watch_throttle(throttle.snapshot)
-    deliverer = Deliverer(config, router, pool, throttle, reactor, metrics)
+    deliverer = Deliverer(config, router, pool, throttle, reactor, metrics,
+                          outbound_tls(config, inbound, router, reactor, parent, shard.index, main))
     # The queue runner's disk work (loading due messages, the delivery events, removals) has
     # threads of its own: a draining queue keeps them busy, and a message arriving meanwhile
     # must not wait behind that work for its commit and its 250.
@@ -343,6 +347,52 @@ def build_outbound(config: Config, inbound: Inbound, reactor: Any, parent: servi
     inbound.intake.on_queued = scheduler.queued
     scheduler.setServiceParent(parent)
     return Outbound(scheduler, throttle, deliverer)
+
+
+# --- MTA-STS, DANE, TLS-RPT (outbound) ---
+def outbound_tls(config: Config, inbound: Inbound, router: Router, reactor: Any, parent: service.MultiService,
+                 process: int, main: bool) -> TlsPolicies:
+    """The TLS policies for MX delivery: MTA-STS policies cached in state_dir/mta-sts (every
+    process fetches on its own miss), TLS-RPT counts in state_dir/tlsrpt (a file per process,
+    written every TLS_FLUSH_SECONDS and at stop), and in the main process the reporter that
+    sends each ended period's reports through the intake (Intake.notify, as our DSNs)."""
+    state = config.server.state_dir
+    mta_sts = MtaSts(PolicyStore(state / "mta-sts"), router, reactor, config.relay.ca_file, config.relay.mta_sts_port)
+    interval = config.relay.tls_report_interval
+    flush_every = min(TLS_FLUSH_SECONDS, interval)
+    results = TlsResults(state / "tlsrpt", process, interval)
+    TlsResultsService(results, flush_every, inbound.writer.run).setServiceParent(parent)
+    if main:
+        reporter = TlsReporter(state / "tlsrpt", router, inbound.intake.notify, config.server.hostname, interval,
+                               grace=flush_every + 1, run_blocking=inbound.writer.run)
+        TimerService(min(3600.0, interval), reporter.run).setServiceParent(parent)
+        TimerService(86400.0, inbound.writer.run, mta_sts.store.forget_expired).setServiceParent(parent)
+    return TlsPolicies(config.relay, router, mta_sts, results)
+
+
+TLS_FLUSH_SECONDS = 60.0
+
+
+class TlsResultsService(TimerService):
+    """Writes the TLS-RPT counts every `every` seconds, and once more at stop."""
+
+    def __init__(self, results: TlsResults, every: float, run: Any) -> None:
+        super().__init__(every, self._flush)
+        self.results = results
+        self._run = run  # the disk threads
+
+    def _flush(self) -> Deferred[None]:
+        return self._run(self.results.flush).addErrback(
+            lambda failure: log.failure("cannot write the TLS-RPT counts", failure))
+
+    def stopService(self) -> Deferred[None] | None:
+        stopped = super().stopService()
+        try:
+            self.results.flush()  # small, and the reactor is stopping anyway
+        except OSError as e:
+            log.error("cannot write the TLS-RPT counts: {error}", error=e)
+        return stopped
+# --- end MTA-STS, DANE, TLS-RPT ---
 
 
 def build(config: Config, tls_options: ServerTLS, reactor: Any) -> MailhostDaemon:

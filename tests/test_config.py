@@ -446,3 +446,32 @@ marketing_lifetime = "12h"
     hook = config.webhooks[0]
     assert hook.secret_file == tmp_path / "etc" / "hook.secret" and hook.events == ("bounced", "complained")
     assert config.queue.max_attempts == 8 and config.queue.marketing_lifetime == 43200.0
+
+
+# --- MTA-STS, TLS-RPT, DANE ([relay]) --------------------------------------------
+
+
+def test_relay_tls_policy_keys(tmp_path: Path) -> None:
+    relay = load(write(tmp_path, MINIMAL)).relay
+    assert (relay.mta_sts, relay.dane, relay.ca_file, relay.mta_sts_port, relay.tls_report_interval) == (
+        True, False, None, 443, 86400.0)
+    write(tmp_path, "-----BEGIN CERTIFICATE-----\n", "etc/ca.pem")
+    relay = load(write(tmp_path, MINIMAL + '[relay]\nmta_sts = false\ndane = true\nca_file = "ca.pem"\n'
+                       'mta_sts_port = 8443\ntls_report_interval = "1h"\n')).relay
+    assert (relay.mta_sts, relay.dane, relay.ca_file, relay.mta_sts_port, relay.tls_report_interval) == (
+        False, True, tmp_path / "etc" / "ca.pem", 8443, 3600.0)
+
+
+@pytest.mark.parametrize("text, words", [
+    ('dane = "yes"', ["relay.dane", "true or false"]),
+    ('mta_sts = 1', ["relay.mta_sts"]),
+    ('ca_file = "missing.pem"', ["relay.ca_file", "missing.pem"]),
+    ('mta_sts_port = 0', ["relay.mta_sts_port"]),
+    ('tls_report_interval = "7s"', ["relay.tls_report_interval", "divides a day"]),
+    ('tls_report_interval = "2d"', ["relay.tls_report_interval"]),
+])
+def test_relay_tls_policy_errors_name_the_key(tmp_path: Path, text: str, words: list[str]) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load(write(tmp_path, MINIMAL + f"[relay]\n{text}\n"))
+    message = str(caught.value)
+    assert "\n" not in message and all(word in message for word in words)

@@ -5,6 +5,7 @@ recipient. The scheduler decides what the results mean for the queue."""
 from __future__ import annotations
 
 import time
+import weakref
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,11 +18,13 @@ from twisted.logger import Logger
 from mailhost.config import Config, SmartHostConfig
 from mailhost.queue.envelope import Envelope, Recipient
 from mailhost.delivery.routing import Hop, RouteError, Router
-from mailhost.smtp.client import ClientSession, SendResult, SessionError, open_session
+from mailhost.smtp.client import ClientSession, SendResult, SessionError, TlsFailure, open_session
 from mailhost.smtp.wire import Reply
 from mailhost.feedback.classify import BLOCKING, RATE_LIMIT, classify_reply
 from mailhost.feedback.suppression import verp_sender
 from mailhost.delivery.throttle import Pace, Throttle, is_slow_down_signal
+from mailhost.delivery.mta_sts import PolicyResult
+from mailhost.delivery.tls_policy import TLS_STATUS, HopTls, TlsPolicies
 from mailhost.ops.metrics import Metrics
 
 log = Logger(namespace="mailhost.outbound")
@@ -68,11 +71,13 @@ class SessionPool:
     def __init__(self, reactor: Any, helo: str) -> None:
         self._reactor = reactor
         self._helo = helo
-        self._idle: dict[tuple[str, str, int], list[tuple[ClientSession, float]]] = defaultdict(list)
+        self._idle: dict[tuple[str, str, int, str], list[tuple[ClientSession, float]]] = defaultdict(list)
         self._sweep: Any = None
 
-    def take(self, hop: Hop, address: str, tls: str, trust_root: Any, auth: tuple[str, str] | None) -> Deferred[ClientSession]:
-        idle = self._idle.get((hop.host, address, hop.port))
+    def take(self, hop: Hop, address: str, tls: str, trust_root: Any, auth: tuple[str, str] | None,
+             hop_tls: HopTls | None = None) -> Deferred[ClientSession]:
+        """An idle session to the same place opened under the same TLS policy, or a new one."""
+        idle = self._idle.get((hop.host, address, hop.port, hop_tls.pool_key if hop_tls else ""))
         while idle:
             session, _ = idle.pop()
             if session.usable:
@@ -81,13 +86,15 @@ class SessionPool:
         return open_session(
             self._reactor, host=hop.host, address=address, port=hop.port, helo=self._helo,
             tls=tls, trust_root=trust_root, auth=auth,
+            peer_check=hop_tls.check if hop_tls else None, enforce_check=hop_tls.enforce if hop_tls else False,
         )
 
-    def give_back(self, hop: Hop, address: str, session: ClientSession) -> None:
+    def give_back(self, hop: Hop, address: str, session: ClientSession, hop_tls: HopTls | None = None) -> None:
         if not session.usable:
             session.abort()
             return
-        self._idle[(hop.host, address, hop.port)].append((session, self._reactor.seconds() + IDLE_REUSE_SECONDS))
+        key = (hop.host, address, hop.port, hop_tls.pool_key if hop_tls else "")
+        self._idle[key].append((session, self._reactor.seconds() + IDLE_REUSE_SECONDS))
         if self._sweep is None or not self._sweep.active():
             self._sweep = self._reactor.callLater(SWEEP_SECONDS, self._expire)
 
@@ -139,8 +146,10 @@ class Deliverer:
     """Delivers a message's pending remote recipients, domain by domain, in parallel."""
 
     def __init__(self, config: Config, router: Router, pool: SessionPool, throttle: Throttle, reactor: Any,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, tls_policies: TlsPolicies | None = None) -> None:
         self.config = config
+        self.tls_policies = tls_policies  # MTA-STS, DANE, TLS-RPT for MX delivery (None: relay.tls only)
+        self._counted: weakref.WeakSet[ClientSession] = weakref.WeakSet()  # sessions TLS-RPT has counted
         self.metrics = metrics
         self.router = router
         self.pool = pool
@@ -156,6 +165,8 @@ class Deliverer:
         self._local_domains = {d.name for d in config.domains}
         self._smarthost_secrets.clear()
         self._trust_roots.clear()
+        if self.tls_policies is not None:
+            self.tls_policies.reconfigure(config.relay)
 
     def deliver(self, envelope: Envelope, message: bytes,
                 recipients: list[Recipient] | None = None) -> Deferred[dict[str, Outcome]]:
@@ -190,6 +201,10 @@ class Deliverer:
             return self._logged(envelope, {a: Outcome("deferred", f"routing failed: {e}", "4.4.3") for a in addresses},
                                 started)
         smarthost = bool(route.hops) and route.hops[0].smarthost is not None
+        sts = PolicyResult(None)
+        if not smarthost and self.tls_policies is not None:
+            # Before the pace and the connection slot: a policy fetch may take seconds.
+            sts = yield self.tls_policies.for_domain(domain)
         pace = self.throttle.pace_for(route.hops[0].host if route.hops else domain)
         wait = pace.reserve()
         if wait > THROTTLE_WAIT_MAX:
@@ -206,7 +221,7 @@ class Deliverer:
             return {a: Outcome("throttled", f"{pace.name} paused after a block", "4.7.0", retry_in=paused)
                     for a in addresses}
         try:
-            outcomes = yield self._try_hops(envelope, message, route.hops, addresses, smarthost, pace, slot)
+            outcomes = yield self._try_hops(envelope, message, route.hops, addresses, smarthost, pace, slot, domain, sts)
         finally:
             slot.release()
         return outcomes
@@ -219,12 +234,22 @@ class Deliverer:
 
     @inlineCallbacks
     def _try_hops(self, envelope: Envelope, message: bytes, hops: tuple[Hop, ...], addresses: list[str], smarthost: bool,
-                  pace: Pace, slot: _Slot):
+                  pace: Pace, slot: _Slot, domain: str = "", sts: PolicyResult = PolicyResult(None)):
         outcomes: dict[str, Outcome] = {}
         remaining = list(addresses)
         last_error = Outcome("deferred", "no server could be reached", "4.4.1")
         attempt_started = time.monotonic()
+        policies = self.tls_policies
         for hop in hops:
+            hop_tls: HopTls | None = None
+            if policies is not None and not smarthost and remaining:
+                hop_tls = yield policies.for_hop(domain, sts, hop)
+                if hop_tls.refusal:
+                    log.info("{id}: {reason}", id=envelope.id, reason=hop_tls.refusal)
+                    if hop_tls.refusal_type:
+                        policies.record(hop_tls.report, TlsFailure(hop_tls.refusal_type, hop_tls.refusal), hop.host)
+                    last_error = Outcome("deferred", hop_tls.refusal, TLS_STATUS, hop.host, category="tls")
+                    continue
             for address in hop.addresses:
                 if not remaining:
                     return outcomes
@@ -233,22 +258,38 @@ class Deliverer:
                 relay = f"{hop.host}[{address}]:{hop.port}"
                 started = time.monotonic()
                 try:
-                    session = yield self.pool.take(hop, address, *self._tls_for(hop), self._auth_for(hop.smarthost))
+                    tls_mode, trust = self._tls_for(hop) if hop_tls is None else (hop_tls.tls, None)
+                    session = yield self.pool.take(hop, address, tls_mode, trust, self._auth_for(hop.smarthost), hop_tls)
                 except SessionError as e:
                     last_error = self._session_failure(e, hop, relay, smarthost, e.tls_version or "")
+                    if hop_tls is not None and e.tls_failure is not None and policies is not None:
+                        # A TLS failure counts; a refused connection or a timeout is no TLS session.
+                        policies.record(hop_tls.report, e.tls_failure, hop.host, address)
+                    if hop_tls is not None and hop_tls.enforce and e.tls_failure is not None:
+                        last_error = Outcome("deferred", f"{hop_tls.label}: {e.reason}", TLS_STATUS, hop.host, relay,
+                                             category="tls")
                     log.info("{id}: {relay}: {reason}", id=envelope.id, relay=relay, reason=e.reason)
                     self._react(envelope, pace, hop, e.reply, e.refused)
                     if last_error.state == "failed":
                         return {**outcomes, **self._logged(envelope, {a: last_error for a in remaining}, attempt_started)}
                     continue
                 tls = session.tls_version or ""
+                if hop_tls is not None and hop_tls.report is not None and session not in self._counted:
+                    self._counted.add(session)  # one count per session (RFC 8460 4.4), not per message
+                    if policies is not None:
+                        policies.record(hop_tls.report, session.tls_failure, hop.host, address)
+                    if session.tls_failure is not None:
+                        log.info("{id}: {relay}: {label}: {detail} ({type}); delivering anyway (testing)",
+                                 id=envelope.id, relay=relay, label=hop_tls.label, detail=session.tls_failure.detail,
+                                 type=session.tls_failure.result_type)
                 handed_over = []
 
-                def hand_over(hop: Hop = hop, address: str = address, session: ClientSession = session) -> None:
+                def hand_over(hop: Hop = hop, address: str = address, session: ClientSession = session,
+                              hop_tls: HopTls | None = hop_tls) -> None:
                     # Our body is written: the connection and our connection slot go to the next
                     # message now, so its commands share the send with our end of data.
                     handed_over.append(True)
-                    self.pool.give_back(hop, address, session)
+                    self.pool.give_back(hop, address, session, hop_tls)
                     slot.release()
 
                 try:
@@ -260,7 +301,7 @@ class Deliverer:
                     self._react(envelope, pace, hop, e.reply, e.refused)
                     continue
                 if not handed_over:
-                    self.pool.give_back(hop, address, session)
+                    self.pool.give_back(hop, address, session, hop_tls)
                 delay = time.monotonic() - started
                 retry_here: list[str] = []
                 for rcpt in remaining:

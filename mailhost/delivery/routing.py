@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import dns.exception
+import dns.flags
 import dns.name
 import dns.nameserver
 import dns.rdatatype
@@ -73,6 +74,9 @@ class Hop:
     port: int
     preference: int | None  # MX preference; None for the implicit MX and smart hosts
     smarthost: SmartHostConfig | None = None  # set when this hop is a configured smart host
+    # DNSSEC (relay.dane): the MX RRset and this host's address records were all authenticated
+    # by the validating resolver (its AD bit), so its TLSA records may be looked up (RFC 7672 2.2).
+    secure: bool = False
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,23 @@ class _Lookup:
     transient: bool = False  # some lookup failed in a way that may pass
     nxdomain: bool = False  # the name does not exist
     reason: str = ""  # why there is no address, when there is none
+    secure: bool = False  # every answer found carried the AD bit
+
+
+@dataclass(frozen=True)
+class Records:
+    """An answer for `Router.records()`: the records (presentation text), none for
+    NXDOMAIN or no data, and whether the validating resolver authenticated the answer."""
+
+    texts: tuple[str, ...]
+    secure: bool
+    rdatas: tuple[Any, ...] = ()
+
+
+def _authenticated(response: Any) -> bool:
+    """The AD bit of a resolver's answer (RFC 4035 3.2.3): trusted as Postfix trusts it, so
+    relay.nameservers must be a validating resolver on a path we trust (loopback)."""
+    return response is not None and bool(response.flags & dns.flags.AD)
 
 
 _TYPE_NAMES = {dns.rdatatype.MX: "MX", dns.rdatatype.A: "A", dns.rdatatype.AAAA: "AAAA"}
@@ -215,6 +236,10 @@ class Router:
                 resolver = dns.resolver.Resolver(configure=False)  # no servers: every lookup is 4.4.3
         resolver.lifetime = self._timeout
         resolver.timeout = min(resolver.timeout, self._timeout)
+        if self._relay.dane:
+            # Ask for DNSSEC (DO) and for the resolver's verdict (AD, RFC 6840 5.7).
+            resolver.use_edns(0, dns.flags.DO, 1232)
+            resolver.flags = dns.flags.RD | dns.flags.AD
         # Answers are kept for their TTL: a campaign to one domain asks DNS once, not per message.
         resolver.cache = dns.resolver.Cache()
         return resolver
@@ -286,6 +311,37 @@ class Router:
             return self._smarthost_route(domain)
         return self._mx_route(domain, name)
 
+    def records(self, name: str, rdtype: str) -> Deferred[Records]:
+        """The `rdtype` records of `name` (TXT strings joined per record), looked up through
+        relay.nameservers off the reactor; none for NXDOMAIN or no data. Fails with the
+        resolver's DNSException (SERVFAIL, timeout: try later) or ValueError for a bad name."""
+        return self._in_thread(self._records, name, rdtype)
+
+    def _records(self, name: str, rdtype: str) -> Records:
+        qname = self._name(name)
+        kind = dns.rdatatype.from_text(rdtype)
+        try:
+            answer = self._query(qname, kind)
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer) as error:
+            try:
+                response = error.response() if isinstance(error, dns.resolver.NoAnswer) else error.response(qname)
+            except (KeyError, IndexError):
+                response = None
+            return Records((), _authenticated(response))
+        if kind == dns.rdatatype.TXT:
+            texts = tuple(b"".join(rdata.strings).decode("utf-8", "replace") for rdata in answer)
+        else:
+            texts = tuple(rdata.to_text() for rdata in answer)
+        return Records(texts, _authenticated(answer.response), tuple(answer))
+
+    def txt(self, name: str) -> Deferred[list[str]]:
+        """The TXT records of `name`, each one's strings joined (RFC 7208 3.3 style)."""
+        return self.records(name, "TXT").addCallback(lambda found: list(found.texts))
+
+    def addresses(self, name: str) -> Deferred[list[str]]:
+        """Every AAAA then A address of host `name` (none when it has none)."""
+        return self._in_thread(lambda: list(self._lookup_addresses(self._name(name)).addresses))
+
     def _domain(self, domain: str) -> dns.name.Name:
         if domain.startswith("[") or _ip(domain) is not None:
             raise RouteError(True, "5.1.2", f"{domain}: mail to address literals is not routed")
@@ -314,6 +370,7 @@ class Router:
         addresses: list[str] = []
         reasons: list[str] = []
         transient: list[str] = []
+        secure = True
         for rdtype in (dns.rdatatype.AAAA, dns.rdatatype.A):
             try:
                 answer = self._query(name, rdtype)
@@ -321,15 +378,18 @@ class Router:
                 return _Lookup((), nxdomain=True, reason=_dns_reason(error, name, rdtype))
             except dns.resolver.NoAnswer as error:
                 reasons.append(_dns_reason(error, name, rdtype))
+                secure = secure and _authenticated(error.response())
                 continue
             except dns.exception.DNSException as error:
                 transient.append(_dns_reason(error, name, rdtype))
+                secure = False
                 continue
+            secure = secure and _authenticated(answer.response)
             for rdata in answer:
                 if rdata.address not in addresses:
                     addresses.append(rdata.address)
         if addresses:
-            return _Lookup(tuple(addresses))
+            return _Lookup(tuple(addresses), secure=secure)
         if transient:
             return _Lookup((), transient=True, reason=transient[-1])
         return _Lookup((), reason=reasons[-1])  # the A lookup's
@@ -351,13 +411,14 @@ class Router:
     def _mx_route(self, domain: str, name: dns.name.Name) -> Route:
         try:
             answer = self._query(name, dns.rdatatype.MX)
-        except dns.resolver.NoAnswer:
-            return self._implicit_mx_route(domain, name)
+        except dns.resolver.NoAnswer as error:
+            return self._implicit_mx_route(domain, name, _authenticated(error.response()))
         except dns.resolver.NXDOMAIN as error:
             raise RouteError(True, "5.1.2", _dns_reason(error, name, dns.rdatatype.MX)) from None
         except dns.exception.DNSException as error:
             raise RouteError(False, "4.4.3", _dns_reason(error, name, dns.rdatatype.MX)) from None
 
+        mx_secure = _authenticated(answer.response)
         best: dict[dns.name.Name, int] = {}  # a host listed twice counts at its best preference
         for rdata in answer:
             if rdata.exchange not in best or rdata.preference < best[rdata.exchange]:
@@ -376,7 +437,8 @@ class Router:
         resolved = []
         for preference, exchange in records:
             found = self._lookup_addresses(exchange)
-            hop = Hop(exchange.to_text(omit_final_dot=True), found.addresses, self._relay.mx_port, preference)
+            hop = Hop(exchange.to_text(omit_final_dot=True), found.addresses, self._relay.mx_port, preference,
+                      secure=mx_secure and found.secure)
             if found.addresses and self._is_ours(hop):
                 cut = preference if cut is None else min(cut, preference)
             resolved.append((hop, found))
@@ -393,7 +455,7 @@ class Router:
             raise RouteError(False, "4.4.3", transient[0].reason)
         raise RouteError(True, "5.4.4", failures[0].reason)
 
-    def _implicit_mx_route(self, domain: str, name: dns.name.Name) -> Route:
+    def _implicit_mx_route(self, domain: str, name: dns.name.Name, denial_secure: bool = False) -> Route:
         """RFC 5321 5.1: no MX records, so the domain is its own mail host."""
         if name == self._our_name:
             raise self._loop_error(domain)
@@ -402,7 +464,8 @@ class Router:
             if found.transient:
                 raise RouteError(False, "4.4.3", found.reason)
             raise RouteError(True, "5.1.2" if found.nxdomain else "5.4.4", found.reason)
-        hop = Hop(name.to_text(omit_final_dot=True), found.addresses, self._relay.mx_port, None)
+        hop = Hop(name.to_text(omit_final_dot=True), found.addresses, self._relay.mx_port, None,
+                  secure=denial_secure and found.secure)
         if self._is_ours(hop):
             raise self._loop_error(domain)
         return Route((hop,))

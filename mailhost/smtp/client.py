@@ -27,7 +27,7 @@ from twisted.internet import error as net_error
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol, wrapClientTLS
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IPushProducer
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -64,6 +64,20 @@ class SessionError(Exception):
         self.permanent = permanent
         self.refused = refused  # the TCP connection was refused (a throttling signal)
         self.tls_version: str | None = None  # set when the session had TLS when it failed (for the log)
+        self.tls_failure: TlsFailure | None = None  # set when TLS failed or a required peer check refused it
+
+
+@dataclass(frozen=True)
+class TlsFailure:
+    """Why a session's TLS fell short: an RFC 8460 4.3 result type and a readable detail."""
+
+    result_type: str  # starttls-not-supported, certificate-host-mismatch, validation-failure, ...
+    detail: str
+
+
+# A check of the server's certificate chain (leaf first, as presented), run once TLS is up
+# and before any mail: None when it passes (MTA-STS, DANE: mailhost.delivery.tls_checks).
+PeerCheck = Callable[[list[Any]], "TlsFailure | None"]
 
 
 @dataclass
@@ -149,6 +163,8 @@ class SMTPClientProtocol(Protocol):
         self._body = None
         if self.error is None:
             self.error = SessionError(self._describe_loss(reason))
+            if self._tls_unconfirmed:
+                self.error.tls_failure = TlsFailure("validation-failure", self.error.reason)
         self._fail_waiters(self.error)
         lost, self._lost = self._lost, []
         for deferred in lost:
@@ -373,6 +389,15 @@ class SMTPClientProtocol(Protocol):
         self.encrypted = True
         self._tls_unconfirmed = True
 
+    def peer_chain(self) -> list[Any]:
+        """The certificates the server presented (pyOpenSSL X509, leaf first); [] without TLS."""
+        if not self.encrypted or self.transport is None:
+            return []
+        try:
+            return self.transport.getHandle().get_peer_cert_chain() or []
+        except AttributeError:  # a transport without an OpenSSL handle
+            return []
+
     @property
     def tls_version(self) -> str | None:
         if not self.encrypted or self._tls_unconfirmed:
@@ -458,9 +483,14 @@ class ClientSession:
     """One connection to one server, greeted (and encrypted, authenticated) and ready for mail."""
 
     def __init__(self, protocol: SMTPClientProtocol, *, peer: str, helo: str, tls: str,
-                 command_timeout: float, data_timeout: float) -> None:
+                 command_timeout: float, data_timeout: float, peer_check: PeerCheck | None = None,
+                 enforce_check: bool = False) -> None:
         self._protocol = protocol
         self.peer = peer
+        self._peer_check = peer_check
+        self._enforce_check = enforce_check
+        # What the peer check found (TLS-RPT): None when there was none or it passed.
+        self.tls_failure: TlsFailure | None = None
         self.extensions: dict[str, str] = {}
         self._helo = helo
         self._tls_mode = tls
@@ -486,9 +516,30 @@ class ClientSession:
             raise SessionError(f"{self.peer} refused the session: {greeting}", greeting, permanent=greeting.permanent)
         await self._hello()
         if self._tls_mode not in ("none", "implicit-verify"):
-            await self._start_tls(tls_options)
+            try:
+                await self._start_tls(tls_options)
+            except SessionError as e:
+                if e.tls_failure is None and self._peer_check is not None and not self._protocol.encrypted:
+                    e.tls_failure = TlsFailure("starttls-not-supported", e.reason)
+                raise
+        if self._peer_check is not None:
+            self._check_peer()
         if auth is not None:
             await self._authenticate(*auth)
+
+    def _check_peer(self) -> None:
+        """Run the peer check on the TLS now up (after the EHLO inside it, before any mail).
+        Enforced, a failure ends the session; otherwise it is only noted (MTA-STS testing)."""
+        assert self._peer_check is not None
+        if not self._protocol.encrypted:
+            failure: TlsFailure | None = TlsFailure("starttls-not-supported", f"{self.peer} does not offer STARTTLS")
+        else:
+            failure = self._peer_check(self._protocol.peer_chain())
+        self.tls_failure = failure
+        if failure is not None and self._enforce_check:
+            error = SessionError(f"{self.peer}: {failure.detail} ({failure.result_type})")
+            error.tls_failure = failure
+            raise error
 
     async def _hello(self) -> None:
         reply = await self._command(f"EHLO {self._helo}", "EHLO")
@@ -752,22 +803,35 @@ def _b64(text: str) -> str:
 def open_session(reactor: Any, *, host: str, address: str, port: int, helo: str, tls: str,
                  trust_root: Any = None, auth: tuple[str, str] | None = None,
                  connect_timeout: float = 30, command_timeout: float = 300, data_timeout: float = 600,
+                 peer_check: PeerCheck | None = None, enforce_check: bool = False,
                  ) -> Deferred[ClientSession]:
-    """Connect to `address`:`port` (the server named `host`), greet, negotiate TLS, authenticate."""
+    """Connect to `address`:`port` (the server named `host`), greet, negotiate TLS, authenticate.
+
+    With `peer_check`, the certificate chain is checked once TLS is up: `enforce_check`
+    makes a failure (or no TLS) a SessionError carrying `tls_failure`; otherwise the
+    session goes on and keeps the result in `tls_failure` (MTA-STS testing mode)."""
     if tls not in TLS_MODES:
         raise ValueError(f"tls must be one of {', '.join(TLS_MODES)}, not {tls!r}")
     ipaddress.ip_address(address)  # ValueError now, not a failed Deferred later
     return Deferred.fromCoroutine(_open(
         reactor, host=host, address=address, port=port, helo=helo, tls=tls, trust_root=trust_root, auth=auth,
         connect_timeout=connect_timeout, command_timeout=command_timeout, data_timeout=data_timeout,
+        peer_check=peer_check, enforce_check=enforce_check,
     ))
 
 
 async def _open(reactor: Any, *, host: str, address: str, port: int, helo: str, tls: str, trust_root: Any,
                 auth: tuple[str, str] | None, connect_timeout: float, command_timeout: float, data_timeout: float,
+                peer_check: PeerCheck | None = None, enforce_check: bool = False,
                 ) -> ClientSession:
     peer = f"{host}[{address}]:{port}"
     options = tls_options(tls, host, trust_root)
+    if peer_check is not None and tls in ("opportunistic", "required"):
+        # The check reads the chain itself; the server still learns which name we want (SNI,
+        # RFC 7672 8.1), so that it shows the certificate for that name. An enforced policy
+        # also means TLS 1.2 or newer (RFC 8461 4.2: "TLS version 1.2 or higher").
+        minimum = {"raiseMinimumTo": ssl.TLSVersion.TLSv1_2} if enforce_check else {}
+        options = _WithServerName(ssl.CertificateOptions(verify=False, **minimum), host)
     endpoint: Any = (TCP6ClientEndpoint if ipaddress.ip_address(address).version == 6 else TCP4ClientEndpoint)(
         reactor, address, port, timeout=connect_timeout)
     if tls == "implicit-verify":
@@ -781,7 +845,8 @@ async def _open(reactor: Any, *, host: str, address: str, port: int, helo: str, 
     except Exception as e:
         refused = isinstance(e, (ConnectionRefusedError, net_error.ConnectionRefusedError))
         raise SessionError(f"connect to {peer}: {describe_connect_failure(e, connect_timeout)}", refused=refused) from None
-    session = ClientSession(protocol, peer=peer, helo=helo, tls=tls, command_timeout=command_timeout, data_timeout=data_timeout)
+    session = ClientSession(protocol, peer=peer, helo=helo, tls=tls, command_timeout=command_timeout,
+                            data_timeout=data_timeout, peer_check=peer_check, enforce_check=enforce_check)
     try:
         await session._start(auth, options)
     except Exception as e:
@@ -805,6 +870,29 @@ def tls_options(mode: str, host: str, trust_root: Any) -> Any:
         host, trust_root if trust_root is not None else ssl.platformTrust(),
         extraCertificateOptions={"raiseMinimumTo": ssl.TLSVersion.TLSv1_2},
     )
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _WithServerName:
+    """Unverified client TLS options that also send SNI for `host`."""
+
+    def __init__(self, options: ssl.CertificateOptions, host: str) -> None:
+        self._options = options
+        self._name = host.encode("idna") if not _is_address(host) else b""
+
+    def clientConnectionForTLS(self, tls_protocol: Any) -> SSL.Connection:
+        connection = self._options.clientConnectionForTLS(tls_protocol)
+        if self._name:
+            connection.set_tlsext_host_name(self._name)
+        return connection
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def describe_connect_failure(error: Exception, timeout: float) -> str:

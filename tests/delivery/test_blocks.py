@@ -104,7 +104,7 @@ class Server:
     def take(self, *args: Any) -> defer.Deferred:
         return defer.succeed(Session(self))
 
-    def give_back(self, hop: Hop, address: str, session: Session) -> None:
+    def give_back(self, hop: Hop, address: str, session: Session, hop_tls: Any = None) -> None:
         pass
 
     def close_all(self) -> None:
