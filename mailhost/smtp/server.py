@@ -128,10 +128,6 @@ class Transaction:
     chunked_size: int = 0
     refusal: Reply | None = None  # a BDAT chunk was refused: every later one gets this too
 
-    def dsn_of(self, address: Address) -> tuple[list[str] | None, str | None]:
-        key = str(address)
-        return self.notify.get(key), self.orcpt.get(key)
-
 
 class ChunkReader:
     """The octets of one BDAT chunk, as they arrive (RFC 3030 2: exactly `size` of them,
