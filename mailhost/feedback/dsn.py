@@ -256,6 +256,7 @@ def _human_text(
     kind: str,
     now: float,
     retry_until: float | None,
+    full: bool = False,
 ) -> str:
     out = [f"This is the mail system at host {hostname}.", ""]
     if kind in (DELIVERED, RELAYED):
@@ -268,7 +269,8 @@ def _human_text(
     elif kind == FAILURE:
         out += [
             "I'm sorry to have to inform you that your message could not",
-            "be delivered to one or more recipients. Its headers are attached below.",
+            "be delivered to one or more recipients. "
+            + ("It is attached below." if full else "Its headers are attached below."),
         ]
     else:
         out += [
@@ -405,8 +407,9 @@ def build_dsn(
             human_lines.append(f"<{address}>: delivery delayed (no further details)")
 
     # Part 1: for people.
+    full = kind == FAILURE and envelope.ret == "FULL" and len(original) <= RETURN_FULL_LIMIT
     text = _human_text(
-        envelope, human_lines, hostname=hostname, kind=kind, now=now, retry_until=retry_until
+        envelope, human_lines, hostname=hostname, kind=kind, now=now, retry_until=retry_until, full=full
     )
     notification = MIMEPart(policy=policy)
     plain = text.isascii() and max(map(len, text.split("\n"))) <= _SOFT_LINE
@@ -426,7 +429,7 @@ def build_dsn(
     # Part 3: what was sent.
     returned = MIMEPart(policy=policy)
     headers = _lf(original_headers(original))
-    if kind == FAILURE and envelope.ret == "FULL" and len(original) <= RETURN_FULL_LIMIT:
+    if full:
         # RFC 3461 4.3: the whole message. Parsed with compat32 and written back without
         # refolding, its lines come back as they were.
         returned["Content-Type"] = "message/rfc822"
@@ -440,7 +443,6 @@ def build_dsn(
             charset="utf-8",
             cte="quoted-printable",
         )
-    full = returned.get_content_type() == "message/rfc822"
     returned["Content-Description"] = (
         ("Undelivered Message" if full else "Undelivered Message Headers") if kind == FAILURE
         else "Delayed Message Headers" if kind == DELAY else "Message Headers"

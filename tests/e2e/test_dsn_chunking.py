@@ -168,6 +168,17 @@ def test_notify_never_sends_no_bounce_and_ret_full_returns_the_message(world) ->
     assert "to=<nobody@pfx.test>" in daemon.log()  # tried, failed, and not reported
 
 
+def test_mailhost_sendmail_n_success_gets_a_delivered_report(make_daemon) -> None:
+    from tests.e2e.test_sendmail import sendmail
+
+    daemon = make_daemon()
+    sendmail(daemon, ["-N", "success", "-V", "job-17", "-f", "alice@example.test", "bob@example.test"],
+             b"Subject: from cron\n\nhello\n")
+    wait_for(lambda: daemon.messages("bob"), daemon.log)
+    [report] = wait_for(lambda: reports(daemon.messages("alice")), daemon.log)
+    assert "Original-Envelope-Id: job-17" in report and "Action: delivered" in report
+
+
 # --- BDAT into mailhost --------------------------------------------------------------
 
 
