@@ -139,11 +139,11 @@ class ChunkReader:
         self.last = last
         self._keep = keep  # None: read and drop (a refused chunk)
 
-    def feed(self, data: bytes | bytearray, start: int) -> int:
-        """Take what belongs to the chunk from `data[start:]`; returns the octets taken."""
-        taken = min(self.remaining, len(data) - start)
+    def feed(self, data: bytes | bytearray) -> int:
+        """Take what belongs to the chunk from the start of `data`; returns the octets taken."""
+        taken = min(self.remaining, len(data))
         if self._keep is not None:
-            self._keep += data[start : start + taken]
+            self._keep += data[:taken]
         self.remaining -= taken
         return taken
 
@@ -363,7 +363,7 @@ class SMTPServer(Protocol, TimeoutMixin):
             self._end_of_data()
         elif self._chunk is not None and not self._busy and not self._buffer and not self._write_blocked:
             # The same for a BDAT chunk.
-            taken = self._chunk.feed(data, 0)
+            taken = self._chunk.feed(data)
             if self._chunk.remaining:
                 return
             self._buffer += data[taken:]
@@ -438,7 +438,7 @@ class SMTPServer(Protocol, TimeoutMixin):
                 self._end_of_data()
                 continue
             if self._chunk is not None:
-                taken = self._chunk.feed(self._buffer, 0)
+                taken = self._chunk.feed(self._buffer)
                 del self._buffer[:taken]
                 if self._chunk.remaining:
                     break
