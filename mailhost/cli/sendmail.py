@@ -3,8 +3,10 @@ Git and scripts use. Reads a message on stdin and exits 0 once it is safely
 in the pickup folder (durable, as a 250 is).
 
 Flags: -f SENDER, -F NAME, -t (recipients from To/Cc/Bcc; Bcc removed),
--i / -oi (a "." line does not end the message); -B, -o*, -od* and -v are
-accepted and ignored, as Postfix's sendmail does.
+-i / -oi (a "." line does not end the message), and as Postfix's sendmail the RFC 3461
+delivery notification requests: -N never|success,failure,delay (NOTIFY, for every
+recipient), -R full|hdrs (RET) and -V ENVID; -B, -o*, -od* and -v are accepted and
+ignored, as Postfix's sendmail does.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from mailhost.local.mailbox import LocalDomains
 from mailhost.local.users import read_users_leniently
 from mailhost.message import drop_field
 from mailhost.smtp.wire import Address as ParsedAddress
-from mailhost.smtp.wire import SMTPError, parse_path
+from mailhost.smtp.wire import ENVID_MAX, SMTPError, parse_notify, parse_path, parse_ret
 
 
 class SendmailError(Exception):
@@ -43,6 +45,31 @@ class SendmailArgs:
     from_headers: bool = False  # -t
     dot_ends: bool = True  # no -i
     recipients: list[str] = field(default_factory=list)
+    notify: list[str] | None = None  # -N
+    ret: str | None = None  # -R
+    envid: str | None = None  # -V
+
+
+def _option_value(item: str, items) -> str:
+    value = item[2:] or next(items, None)
+    if value is None:
+        raise SendmailError(f"{item} needs a value")
+    return value
+
+
+def _notify_option(value: str) -> list[str]:
+    """-N as RFC 3461 words (what Postfix's sendmail takes); a one-line error else."""
+    try:
+        return list(parse_notify(value.replace(" ", "")))
+    except SMTPError as e:
+        raise SendmailError(f"-N {value}: {e.reply.text}") from None
+
+
+def _ret_option(value: str) -> str:
+    try:
+        return parse_ret(value)
+    except SMTPError as e:
+        raise SendmailError(f"-R {value}: {e.reply.text}") from None
 
 
 def parse_args(argv: list[str]) -> SendmailArgs:
@@ -57,6 +84,15 @@ def parse_args(argv: list[str]) -> SendmailArgs:
             args.sender = item[2:] or next(items, None)
             if args.sender is None:
                 raise SendmailError(f"{item} needs an address")
+        elif item.startswith("-N"):
+            args.notify = _notify_option(_option_value(item, items))
+        elif item.startswith("-R"):
+            args.ret = _ret_option(_option_value(item, items))
+        elif item.startswith("-V"):
+            envid = _option_value(item, items)
+            if not envid.isascii() or not envid.isprintable() or len(envid) > ENVID_MAX:
+                raise SendmailError(f"-V: the envelope id must be at most {ENVID_MAX} printable ASCII characters")
+            args.envid = envid
         elif item.startswith("-F"):
             args.full_name = item[2:] or next(items, "")
         elif item.startswith("-B"):
@@ -153,7 +189,9 @@ def run(config: Config, argv: list[str], stdin=None) -> int:
             raise SendmailError(f"{e}; nothing was sent") from None
         if not verdict.accepted:
             raise SendmailError(f"{verdict.reply.text}; nothing was sent")
-    drop(config.server.state_dir, sender, recipients, submitter, message)
+    dsn = {"notify": args.notify, "ret": args.ret, "envid": args.envid}
+    drop(config.server.state_dir, sender, recipients, submitter, message,
+         {key: value for key, value in dsn.items() if value is not None})
     try:
         send_queue_command(config.server.state_dir, "pickup", None, timeout=5)
     except DaemonNotRunning:

@@ -18,7 +18,7 @@ from twisted.logger import Logger
 from mailhost.config import Config, SmartHostConfig
 from mailhost.queue.envelope import Envelope, Recipient
 from mailhost.delivery.routing import Hop, RouteError, Router
-from mailhost.smtp.client import ClientSession, SendResult, SessionError, TlsFailure, open_session
+from mailhost.smtp.client import ClientSession, DSNParameters, SendResult, SessionError, TlsFailure, open_session
 from mailhost.smtp.wire import Reply
 from mailhost.feedback.classify import BLOCKING, RATE_LIMIT, classify_reply
 from mailhost.feedback.suppression import verp_sender
@@ -48,6 +48,7 @@ class Outcome:
     retry_in: float = 0.0  # for "throttled": seconds until the group's next send slot
     tls: str = ""  # the TLS version of the session that answered ("TLSv1.3"), "" for none
     category: str = ""  # the bounce class of a remote refusal (feedback.classify), "" otherwise
+    dsn_passed: bool = False  # the next hop offered DSN and got the RFC 3461 parameters
 
 
 def log_outcome(queue_id: str, recipient: str, outcome: Outcome, delay: float) -> None:
@@ -307,7 +308,7 @@ class Deliverer:
                 for rcpt in remaining:
                     reply: Reply = result.replies[rcpt]
                     category = self._react(envelope, pace, hop, reply, False) if reply.code >= 400 else ""
-                    outcome = _from_reply(reply, hop.host, relay, tls, category)
+                    outcome = _from_reply(reply, hop.host, relay, tls, category, result.dsn)
                     if outcome.state == "deferred" and smarthost and _has_next(hops, hop):
                         # A smart host's 4xx sends the recipient on to the backup. Its line says
                         # so; the recipient's status= line is the attempt's last answer, as for an MX.
@@ -330,7 +331,8 @@ class Deliverer:
               hand_over: Callable[[], None]) -> Deferred[SendResult]:
         """One transaction for all recipients; with VERP, one per recipient, each with its own return path.
         The last transaction hands the session over once its body is written (ClientSession.send)."""
-        options = {"body_8bit": envelope.body_8bit, "smtputf8": envelope.smtputf8}
+        options: dict[str, Any] = {"body_8bit": envelope.body_8bit, "smtputf8": envelope.smtputf8,
+                                   "dsn": dsn_parameters(envelope)}
         sender_domain = recipient_domain(envelope.sender) if envelope.sender else ""
         if not (self.config.relay.verp and sender_domain in self._local_domains):
             return session.send(envelope.sender, recipients, message, body_written=hand_over, **options)
@@ -338,14 +340,15 @@ class Deliverer:
 
     @inlineCallbacks
     def _send_verp(self, session: ClientSession, sender_domain: str, recipients: list[str], message: bytes,
-                   hand_over: Callable[[], None], options: dict[str, bool]):
+                   hand_over: Callable[[], None], options: dict[str, Any]):
         replies = {}
+        result = SendResult({})
         for n, rcpt in enumerate(recipients):
             last = n == len(recipients) - 1
             result = yield session.send(verp_sender(sender_domain, rcpt), [rcpt], message,
                                         body_written=hand_over if last else None, **options)
             replies.update(result.replies)
-        return SendResult(replies)
+        return SendResult(replies, dsn=result.dsn, chunked=result.chunked)
 
     def _react(self, envelope: Envelope, pace: Pace, hop: Hop, reply: Reply | None, refused: bool) -> str:
         """What a refusal (or a refused connection) tells the destination group; returns the
@@ -414,9 +417,18 @@ class Deliverer:
         return self._smarthost_secrets[key]
 
 
-def _from_reply(reply: Reply, host: str, relay: str, tls: str, category: str = "") -> Outcome:
+def dsn_parameters(envelope: Envelope) -> DSNParameters | None:
+    """The RFC 3461 parameters to pass on for `envelope`; None when it has none."""
+    notify = {r.address: r.notify for r in envelope.recipients if r.notify is not None}
+    orcpt = {r.address: r.orcpt for r in envelope.recipients if r.orcpt is not None}
+    if not (envelope.ret or envelope.envid or notify or orcpt):
+        return None
+    return DSNParameters(envelope.ret, envelope.envid, notify, orcpt)
+
+
+def _from_reply(reply: Reply, host: str, relay: str, tls: str, category: str = "", dsn: bool = False) -> Outcome:
     if reply.code < 400:
-        return Outcome("delivered", str(reply), reply.effective_status, host, relay, tls=tls)
+        return Outcome("delivered", str(reply), reply.effective_status, host, relay, tls=tls, dsn_passed=dsn)
     # A block or a rate limit is about us, not the recipient: even a 5xx one keeps the mail
     # queued (it bounces only when queue.lifetime or queue.max_attempts runs out).
     failed = reply.permanent and category not in BLOCKING and category != RATE_LIMIT

@@ -410,6 +410,7 @@ class Scheduler(service.Service):
                      reply=recipient.last_reply)
         yield self._record_events(envelope, message, outcomes, given_up)
         yield self._send_dsns(envelope, message, now)
+        yield self._report_relayed(envelope, message, outcomes, now)
         if envelope.done and not self._reports_owed(envelope):
             yield self.writer.run_together(self.spool.remove, envelope.id, False)
             self.arrivals.pop(envelope.id, None)
@@ -476,6 +477,18 @@ class Scheduler(service.Service):
             return f"gave up after {recipient.attempts} failed attempts (queue.max_attempts = {limit})"
         return None
 
+    def _report_relayed(self, envelope: Envelope, message: bytes, outcomes: dict[str, Outcome],
+                        now: float) -> Deferred[None]:
+        """RFC 3461 NOTIFY=SUCCESS for recipients handed this attempt to a next hop that does not
+        speak DSN: a "relayed" report (one that does got NOTIFY and reports itself)."""
+        relayed = [r for r in envelope.recipients if r.state == DELIVERED and r.wants("SUCCESS")
+                   and r.address in outcomes and outcomes[r.address].state == "delivered"
+                   and not outcomes[r.address].dsn_passed]
+        if not relayed or not envelope.sender:
+            return succeed(None)
+        report = build_dsn(envelope, relayed, message, hostname=self.config.server.hostname, kind="relayed", now=now)
+        return self._send_report(envelope, report, "relayed").addCallback(lambda _: None)
+
     def _send_dsns(self, envelope: Envelope, message: bytes, now: float) -> Deferred[None]:
         """Bounce what failed and warn about what is late; most attempts have neither."""
         delay = self.config.queue.delay_warning
@@ -495,6 +508,10 @@ class Scheduler(service.Service):
         the next attempt, and the recipients' states are kept either way (never a second delivery)."""
         hostname = self.config.server.hostname
         failed = [r for r in envelope.recipients if r.state == FAILED and not r.bounced]
+        for recipient in failed:
+            if not recipient.wants("FAILURE"):
+                recipient.bounced = True  # RFC 3461 4.1: NOTIFY without FAILURE (or NEVER): no report
+        failed = [r for r in failed if not r.bounced]
         if failed:
             if envelope.sender:
                 bounce = build_dsn(envelope, failed, message, hostname=hostname, kind="failure", now=now)
@@ -505,8 +522,9 @@ class Scheduler(service.Service):
                 recipient.bounced = True
         delay = self.config.queue.delay_warning
         if delay > 0 and not envelope.delay_warned and envelope.pending() and now - envelope.arrival >= delay:
-            if envelope.sender:
-                warning = build_dsn(envelope, envelope.pending(), message, hostname=hostname, kind="delay", now=now,
+            late = [r for r in envelope.pending() if r.wants("DELAY")]  # RFC 3461 4.1
+            if envelope.sender and late:
+                warning = build_dsn(envelope, late, message, hostname=hostname, kind="delay", now=now,
                                     retry_until=envelope.arrival + self.lifetime_of(envelope)[0])
                 if (yield self._send_report(envelope, warning, "delay")) is None:
                     return

@@ -2,8 +2,8 @@
 pickup folder (durably: the same promise as a 250), and the daemon collects
 it from there, whether it was running at the time or starts later.
 
-A pickup file is one JSON line (sender, recipients, who submitted it)
-followed by the message. The sendmail command pokes the running daemon over
+A pickup file is one JSON line (sender, recipients, who submitted it, and the
+RFC 3461 requests of sendmail's -N, -R and -V when given) followed by the message. The sendmail command pokes the running daemon over
 the control socket, so a message is on its way within a second; the daemon
 also collects at start and on a slow timer, for a poke that found it down.
 """
@@ -26,7 +26,7 @@ from mailhost.ops.durable import DiskWriter, fsync_directory, write_and_sync
 from mailhost.ops.ownership import make_dirs, owner_of
 from mailhost.queue.envelope import FAILED, Envelope, Recipient
 from mailhost.queue.spool import new_queue_id
-from mailhost.smtp.wire import Reply
+from mailhost.smtp.wire import ENVID_MAX, Reply
 
 log = Logger(namespace="mailhost.pickup")
 
@@ -38,19 +38,25 @@ class PickupEntry:
     recipients: list[str]
     submitter: str  # "uid 1000 (alice)"
     message: bytes
+    notify: list[str] | None = None  # RFC 3461 NOTIFY for every recipient (sendmail -N)
+    ret: str | None = None  # sendmail -R
+    envid: str | None = None  # sendmail -V
 
 
 def pickup_dir(state_dir: Path) -> Path:
     return state_dir / "spool" / "pickup"
 
 
-def drop(state_dir: Path, sender: str, recipients: list[str], submitter: str, message: bytes) -> str:
-    """Write a message into the pickup folder durably; returns its pickup id."""
+def drop(state_dir: Path, sender: str, recipients: list[str], submitter: str, message: bytes,
+         dsn: dict[str, object] | None = None) -> str:
+    """Write a message into the pickup folder durably; returns its pickup id. `dsn`: "notify",
+    "ret", "envid" (RFC 3461), each only when given."""
     folder = pickup_dir(state_dir)
     owner = owner_of(state_dir)  # sendmail run as root: the daemon's user must read what it drops
     make_dirs(folder, 0o700, owner)
     pickup_id = new_queue_id()
-    head = json.dumps({"sender": sender, "recipients": recipients, "submitter": submitter, "time": time.time()})
+    head = json.dumps({"sender": sender, "recipients": recipients, "submitter": submitter, "time": time.time(),
+                       **(dsn or {})})
     temporary = folder / f".{pickup_id}.tmp"
     write_and_sync(str(temporary), [head.encode("utf-8"), b"\n", message], owner=owner)
     os.rename(temporary, folder / pickup_id)
@@ -86,7 +92,9 @@ def scan(state_dir: Path) -> Scan:
             data = path.read_bytes()
             head, _, message = data.partition(b"\n")
             meta = json.loads(head)
-            found.append(PickupEntry(path, meta["sender"], list(meta["recipients"]), meta.get("submitter", ""), message))
+            found.append(PickupEntry(path, meta["sender"], list(meta["recipients"]), meta.get("submitter", ""), message,
+                                     _notify(meta.get("notify")), _word(meta.get("ret"), ("FULL", "HDRS")),
+                                     _text(meta.get("envid"))))
             continue
         except FileNotFoundError:
             continue  # taken meanwhile
@@ -104,6 +112,21 @@ def scan(state_dir: Path) -> Scan:
         problems.append(f"pickup {entry.name}: {reason}; nothing was sent, the file is kept as {aside} "
                         f"(to send it, make it readable and move it back into {folder})")
     return Scan(found, problems)
+
+
+def _notify(value: object) -> list[str] | None:
+    """NOTIFY as sendmail wrote it; anything else (a hand-made file) counts as not given."""
+    if isinstance(value, list) and value and all(v in ("NEVER", "SUCCESS", "FAILURE", "DELAY") for v in value):
+        return [str(v) for v in value]
+    return None
+
+
+def _word(value: object, allowed: tuple[str, ...]) -> str | None:
+    return value if isinstance(value, str) and value in allowed else None
+
+
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) and value.isascii() and value.isprintable() and 0 < len(value) <= ENVID_MAX else None
 
 
 def _mtime(entry: os.DirEntry) -> float:
@@ -173,7 +196,9 @@ class PickupCollector:
 
     async def _take(self, entry: PickupEntry) -> None:
         origin = Origin(SENDMAIL, submitter=entry.submitter)
-        incoming = Incoming(entry.sender, entry.recipients, entry.message, body_8bit=not entry.message.isascii())
+        incoming = Incoming(entry.sender, entry.recipients, entry.message, body_8bit=not entry.message.isascii(),
+                            ret=entry.ret, envid=entry.envid,
+                            notify={r: entry.notify for r in entry.recipients} if entry.notify else {})
         try:
             receipt = await self.intake.receive(incoming, origin)
         except Refused as e:
@@ -192,9 +217,14 @@ class PickupCollector:
         """What sendmail checked may have changed before the daemon collected it (a user removed,
         an address suppressed): those recipients go back to the sender in a DSN."""
         now = time.time()
-        failed = [Recipient(address, state=FAILED, status=reply.status, last_reply=f"{reply.code} {reply.status} {reply.text}")
+        failed = [Recipient(address, state=FAILED, status=reply.status, last_reply=f"{reply.code} {reply.status} {reply.text}",
+                            notify=entry.notify)
                   for address, reply in refused]
-        envelope = Envelope(self.intake.shard.new_queue_id(), entry.sender, failed, now, now, client=entry.submitter)
+        failed = [r for r in failed if r.wants("FAILURE")]  # RFC 3461 4.1 (sendmail -N)
+        if not failed:
+            return
+        envelope = Envelope(self.intake.shard.new_queue_id(), entry.sender, failed, now, now, client=entry.submitter,
+                            ret=entry.ret, envid=entry.envid)
         bounce = build_dsn(envelope, failed, entry.message, hostname=self.hostname, kind="failure", now=now)
         bounce_id = await self.intake.notify(entry.sender, bounce)
         for address, reply in refused:

@@ -1,4 +1,5 @@
-"""Delivery status notifications (RFC 3464): bounces and delay warnings.
+"""Delivery status notifications (RFC 3464): bounces, delay warnings and, when the sender
+asked with NOTIFY=SUCCESS (RFC 3461), "delivered" and "relayed" reports.
 
 `build_dsn` turns a queued message's envelope and the recipients to report on
 into a multipart/report message, built with the stdlib `email` package:
@@ -6,7 +7,9 @@ into a multipart/report message, built with the stdlib `email` package:
     multipart/report; report-type=delivery-status
       1. text/plain                 what happened, for a person (Postfix wording)
       2. message/delivery-status    the same, for a program (RFC 3464 fields)
-      3. text/rfc822-headers        the original header block
+      3. text/rfc822-headers        the original header block, or message/rfc822 (the
+                                    whole message) in a failure report when the sender
+                                    asked RET=FULL and it is within RETURN_FULL_LIMIT
 
 Output format (chosen here, relied on by callers): bytes with LF line endings,
 the form our Maildir and spool files hold; `wire.stuff_from_lf` makes CRLF for
@@ -38,9 +41,13 @@ What it is safe to assume about the output:
 Dates are UTC ("+0000"). Received-From-MTA (RFC 3464 2.2.4) carries
 `envelope.client` when it is set.
 
-The SMTP server does not take RFC 3461's parameters (RET, ENVID, ORCPT,
-NOTIFY) yet, so a report always returns the header block and has no
-Original-Envelope-Id or Original-Recipient field.
+RFC 3461's parameters come from the envelope: ENVID becomes Original-Envelope-Id
+(RFC 3464 2.2.1) and a recipient's ORCPT its Original-Recipient (2.3.1), both
+xtext-decoded as stored and cleaned like any text from outside; RET=FULL returns the
+whole message in a failure report (RFC 3461 4.3: RET is about "failed" DSNs; every
+other report and RET=HDRS return the header block, and so does a failure report
+without RET, as before). Which recipients a report names (NOTIFY) is the caller's
+choice. A returned message/rfc822 part keeps the message's own lines as they are.
 
 `Recipient` has no time of its last attempt, so Last-Attempt-Date is `now`
 for a recipient with `attempts > 0` (the report is built right after the
@@ -56,7 +63,9 @@ import time
 import unicodedata
 from datetime import datetime, timezone
 from email.generator import BytesGenerator
+from email import message_from_bytes
 from email.message import EmailMessage, Message, MIMEPart
+from email.policy import compat32
 from email.policy import default as _default_policy
 from email.utils import format_datetime, make_msgid
 
@@ -65,13 +74,20 @@ from mailhost.queue.envelope import Envelope, Recipient
 
 __all__ = [
     "DELAY",
+    "DELIVERED",
     "FAILURE",
+    "RELAYED",
     "REPLY_LIMIT",
     "build_dsn",
 ]
 
 FAILURE = "failure"
 DELAY = "delay"
+DELIVERED = "delivered"  # NOTIFY=SUCCESS, delivered to a mailbox here
+RELAYED = "relayed"  # NOTIFY=SUCCESS, handed to a next hop that does not speak DSN
+_ACTIONS = {FAILURE: "failed", DELAY: "delayed", DELIVERED: "delivered", RELAYED: "relayed"}
+# As Postfix's bounce_size_limit: RET=FULL returns a bigger message's headers only.
+RETURN_FULL_LIMIT = 50000  # octets
 
 REPLY_LIMIT = 1000  # characters of a remote reply / local reason kept
 ADDRESS_LIMIT = 320  # characters of an address kept (RFC 5321 4.5.3.1: 64 + 1 + 255)
@@ -229,7 +245,7 @@ def _status(recipient: Recipient, reply: str, kind: str) -> str:
     match = _SMTP_REPLY.match(reply)
     if match and match.group(1) in "45":
         return f"{match.group(1)}.0.0"
-    return "5.0.0" if kind == FAILURE else "4.0.0"
+    return {FAILURE: "5.0.0", DELAY: "4.0.0"}.get(kind, "2.0.0")
 
 
 def _human_text(
@@ -240,12 +256,21 @@ def _human_text(
     kind: str,
     now: float,
     retry_until: float | None,
+    full: bool = False,
 ) -> str:
     out = [f"This is the mail system at host {hostname}.", ""]
-    if kind == FAILURE:
+    if kind in (DELIVERED, RELAYED):
+        out += [
+            "Your message was successfully delivered to the destination(s)",
+            "listed below. If the message was delivered to mailbox you will",
+            "receive no further notifications. Otherwise you may still receive",
+            "notifications of mail delivery errors from other systems.",
+        ]
+    elif kind == FAILURE:
         out += [
             "I'm sorry to have to inform you that your message could not",
-            "be delivered to one or more recipients. Its headers are attached below.",
+            "be delivered to one or more recipients. "
+            + ("It is attached below." if full else "Its headers are attached below."),
         ]
     else:
         out += [
@@ -292,9 +317,11 @@ def build_dsn(
     """A delivery status notification for `recipients` (of `envelope`) to the
     envelope sender, as LF-terminated bytes (see the module docstring).
 
-    `kind` is "failure" (a bounce, Action: failed) or "delay" (a warning,
-    Action: delayed; `retry_until`, epoch seconds, adds Will-Retry-Until).
-    `original` is the queued message; its header block is returned.
+    `kind` is "failure" (a bounce, Action: failed), "delay" (a warning,
+    Action: delayed; `retry_until`, epoch seconds, adds Will-Retry-Until),
+    "delivered" or "relayed" (NOTIFY=SUCCESS reports).
+    `original` is the queued message; its header block is returned (the whole
+    of it in a failure report with RET=FULL, see the module docstring).
     `hostname` is this host's name
     (Reporting-MTA, MAILER-DAEMON@hostname, Message-ID). `now` defaults to the
     current time.
@@ -305,8 +332,8 @@ def build_dsn(
     """
     if envelope.sender == "":
         raise ValueError("no DSN for the null sender <>")
-    if kind not in (FAILURE, DELAY):
-        raise ValueError(f"kind must be {FAILURE!r} or {DELAY!r}, not {kind!r}")
+    if kind not in _ACTIONS:
+        raise ValueError(f"kind must be one of {', '.join(map(repr, _ACTIONS))}, not {kind!r}")
     if retry_until is not None and kind != DELAY:
         raise ValueError("retry_until is for a delay warning only")
     if not recipients:
@@ -321,11 +348,15 @@ def build_dsn(
     if not sender:
         raise ValueError("no DSN for an empty sender address")
     policy = _POLICY if sender.isascii() else _POLICY_UTF8
-    action = "failed" if kind == FAILURE else "delayed"
+    action = _ACTIONS[kind]
 
     # Part 2 first: it decides what part 1 says about each recipient.
     blocks: list[Message] = []
     per_message = Message(policy=policy)
+    envid = _ascii(_clean(envelope.envid or "", ID_LIMIT))
+    if envid:
+        # RFC 3464 2.2.1: the ENVID the sender gave, first in the per-message fields.
+        _set(per_message, "Original-Envelope-Id", envid)
     _set(per_message, "Reporting-MTA", f"dns; {hostname}")
     queue_id = _ascii(_clean(envelope.id, ID_LIMIT))
     if queue_id:
@@ -344,6 +375,10 @@ def build_dsn(
         is_smtp = bool(_SMTP_REPLY.match(reply))
 
         block = Message(policy=policy)
+        orcpt_type, _, orcpt = (recipient.orcpt or "").partition(";")
+        orcpt = _ascii(_clean(orcpt, ADDRESS_LIMIT))
+        if orcpt and re.fullmatch(r"[A-Za-z0-9-]{1,40}", orcpt_type):
+            _set(block, "Original-Recipient", f"{orcpt_type}; {orcpt}")  # RFC 3464 2.3.1
         _set(block, "Final-Recipient", _typed_address(address))
         _set(block, "Action", action)
         _set(block, "Status", _status(recipient, reply, kind))
@@ -357,7 +392,12 @@ def build_dsn(
             _set(block, "Will-Retry-Until", _date(retry_until))
         blocks.append(block)
 
-        if is_smtp and remote:
+        if kind == RELAYED:
+            human_lines.append(f"<{address}>: relayed to {remote or 'the next host'}, which does not"
+                               f" offer delivery notifications (RFC 3461)" + (f": {reply}" if reply else ""))
+        elif kind == DELIVERED:
+            human_lines.append(f"<{address}>: {reply or 'delivered to the mailbox'}")
+        elif is_smtp and remote:
             human_lines.append(f"<{address}>: host {remote} said: {reply}")
         elif reply:
             human_lines.append(f"<{address}>: {reply}")
@@ -367,8 +407,9 @@ def build_dsn(
             human_lines.append(f"<{address}>: delivery delayed (no further details)")
 
     # Part 1: for people.
+    full = kind == FAILURE and envelope.ret == "FULL" and len(original) <= RETURN_FULL_LIMIT
     text = _human_text(
-        envelope, human_lines, hostname=hostname, kind=kind, now=now, retry_until=retry_until
+        envelope, human_lines, hostname=hostname, kind=kind, now=now, retry_until=retry_until, full=full
     )
     notification = MIMEPart(policy=policy)
     plain = text.isascii() and max(map(len, text.split("\n"))) <= _SOFT_LINE
@@ -388,7 +429,12 @@ def build_dsn(
     # Part 3: what was sent.
     returned = MIMEPart(policy=policy)
     headers = _lf(original_headers(original))
-    if headers.isascii():
+    if full:
+        # RFC 3461 4.3: the whole message. Parsed with compat32 and written back without
+        # refolding, its lines come back as they were.
+        returned["Content-Type"] = "message/rfc822"
+        returned.set_payload([message_from_bytes(_lf(original), policy=compat32)])
+    elif headers.isascii():
         returned.set_content(headers, "text", "rfc822-headers", cte="7bit")
     else:
         returned.set_content(
@@ -398,15 +444,17 @@ def build_dsn(
             cte="quoted-printable",
         )
     returned["Content-Description"] = (
-        "Undelivered Message Headers" if kind == FAILURE else "Delayed Message Headers"
+        ("Undelivered Message" if full else "Undelivered Message Headers") if kind == FAILURE
+        else "Delayed Message Headers" if kind == DELAY else "Message Headers"
     )
 
     message = EmailMessage(policy=policy)
     message["From"] = f"Mail Delivery System <MAILER-DAEMON@{hostname}>"
     _set(message, "To", f"<{sender}>")
-    message["Subject"] = (
-        "Undelivered Mail Returned to Sender" if kind == FAILURE else "Delayed Mail (still being retried)"
-    )
+    message["Subject"] = {
+        FAILURE: "Undelivered Mail Returned to Sender",
+        DELAY: "Delayed Mail (still being retried)",
+    }.get(kind, "Successful Mail Delivery Report")
     message["Date"] = _date(now)
     message["Message-ID"] = make_msgid(domain=hostname)
     message["Auto-Submitted"] = "auto-replied"

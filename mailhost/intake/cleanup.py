@@ -55,7 +55,8 @@ from mailhost.message import (HOP_LIMIT, domain_of, from_addresses, from_domain,
                               too_many_hops)
 from mailhost.multiproc.shard import Shard
 from mailhost.ops.durable import DiskWriter, GroupSync
-from mailhost.queue.envelope import Envelope, Recipient
+from mailhost.feedback.dsn import DELIVERED as DELIVERED_REPORT, build_dsn
+from mailhost.queue.envelope import DELIVERED, Envelope, Recipient
 from mailhost.queue.spool import Spool
 from mailhost.smtp.wire import Address, Reply, SMTPError, parse_path
 
@@ -98,6 +99,18 @@ class Incoming:
     body_8bit: bool = False
     smtputf8: bool = False
     resolved: dict[str, Resolution] = field(default_factory=dict)
+    # RFC 3461, as the door was given them: RET, ENVID, and NOTIFY / ORCPT per recipient address.
+    ret: str | None = None
+    envid: str | None = None
+    notify: dict[str, list[str]] = field(default_factory=dict)
+    orcpt: dict[str, str] = field(default_factory=dict)
+
+    def recipient_dsn(self, address: str, final: str) -> dict[str, Any]:
+        """NOTIFY and ORCPT for `final`, a queued address that RCPT `address` became: an alias
+        passes its recipient's on (RFC 3461 6.2.7.3), and the alias itself is the original
+        recipient when the client named none."""
+        orcpt = self.orcpt.get(address) or (f"rfc822;{address}" if final != address else None)
+        return {"notify": self.notify.get(address), "orcpt": orcpt}
 
 
 @dataclass
@@ -403,6 +416,8 @@ class Intake:
         date = received_date()
         copies: list[Copy] = []
         remote: list[str] = []
+        remote_dsn: dict[str, dict[str, Any]] = {}
+        delivered: list[Recipient] = []  # local recipients who asked for NOTIFY=SUCCESS
         seen: set[str] = set()
         for address, resolution in accepted:
             if resolution.bounce_for:
@@ -418,14 +433,22 @@ class Intake:
                     seen.add(mailbox.address)
                     headers = delivery_headers(incoming.sender, mailbox.address)
                     copies.append(Copy(mailbox, headers + self.received(origin, queue_id, address, date, incoming)))
-            remote.extend(r for r in resolution.remote if r not in remote)
+            if resolution.mailboxes and "SUCCESS" in incoming.notify.get(address, ()):
+                delivered.append(Recipient(address, state=DELIVERED, status="2.0.0", notify=["SUCCESS"],
+                                           last_reply="delivered to the mailbox", orcpt=incoming.orcpt.get(address)))
+            for r in resolution.remote:
+                if r not in remote_dsn:
+                    remote.append(r)
+                    remote_dsn[r] = incoming.recipient_dsn(address, r)
         envelope = None
         if remote:
             now = time.time()
-            envelope = Envelope(id=queue_id, sender=incoming.sender, recipients=[Recipient(r) for r in remote],
+            envelope = Envelope(id=queue_id, sender=incoming.sender,
+                                recipients=[Recipient(r, **remote_dsn[r]) for r in remote],
                                 arrival=now, next_attempt=now, client=origin.client,
                                 body_8bit=incoming.body_8bit or not message.isascii(),
-                                smtputf8=incoming.smtputf8 or not all(r.isascii() for r in remote))
+                                smtputf8=incoming.smtputf8 or not all(r.isascii() for r in remote),
+                                ret=incoming.ret, envid=incoming.envid)
         receipt = Receipt(queue_id, len(copies), len(remote), refused, suppressed)
         if not copies and envelope is None:
             return succeed(receipt)
@@ -437,9 +460,29 @@ class Intake:
                 self.traffic.received()
             if envelope is not None:
                 self.on_queued(envelope)
+            if delivered and incoming.sender:
+                self._report_delivered(queue_id, incoming, origin, delivered, message)
             return receipt
 
         return self.store(copies, envelope, outbound_headers, message, signing_key).addCallback(stored)
+
+    def _report_delivered(self, queue_id: str, incoming: Incoming, origin: Origin, delivered: list[Recipient],
+                          message: bytes) -> None:
+        """RFC 3461 NOTIFY=SUCCESS for local recipients: a "delivered" DSN once their copies are
+        durable. The message's own 250 does not wait for it; a report that cannot be sent is logged."""
+        now = time.time()
+        envelope = Envelope(id=queue_id, sender=incoming.sender, recipients=delivered, arrival=now, next_attempt=now,
+                            client=origin.client, ret=incoming.ret, envid=incoming.envid)
+        try:
+            report = build_dsn(envelope, delivered, message, hostname=self.settings.hostname, kind=DELIVERED_REPORT,
+                               now=now)
+        except ValueError as e:
+            log.warn("{id}: no delivery notification for <{sender}>: {error}", id=queue_id, sender=incoming.sender,
+                     error=str(e))
+            return
+        self.notify(incoming.sender, report).addCallbacks(
+            lambda report_id: log.info("{id}: sender delivery notification: {report}", id=queue_id, report=report_id),
+            lambda failure: log.failure("{id}: cannot send the delivery notification", failure, id=queue_id))
 
     def store(self, copies: list[Copy], envelope: Envelope | None, outbound_headers: bytes, body: bytes,
               signing_key: DkimKey | None = None) -> Deferred[None]:

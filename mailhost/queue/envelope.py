@@ -23,6 +23,16 @@ class Recipient:
     status: str = ""  # enhanced status of the last result, e.g. "4.4.1"
     remote_mta: str = ""  # host name of the last server that answered
     bounced: bool = False  # a failure DSN already told the sender about it
+    # RFC 3461: the client's NOTIFY (None: not given, which means FAILURE and DELAY here, as
+    # in Postfix) and ORCPT ("addr-type;address", decoded), for our DSNs and the next hop.
+    notify: list[str] | None = None
+    orcpt: str | None = None
+
+    def wants(self, event: str) -> bool:
+        """Whether a DSN for `event` ("SUCCESS", "FAILURE", "DELAY") is asked for (RFC 3461 4.1)."""
+        if self.notify is None:
+            return event != "SUCCESS"
+        return event in self.notify
 
     @property
     def is_final(self) -> bool:
@@ -41,6 +51,8 @@ class Envelope:
     smtputf8: bool = False
     delay_warned: bool = False
     held: bool = False
+    ret: str | None = None  # RFC 3461 RET: "FULL", "HDRS" or None (not given)
+    envid: str | None = None  # RFC 3461 ENVID, decoded
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -55,20 +67,15 @@ class Envelope:
 
     @classmethod
     def from_json(cls, data: bytes) -> Envelope:
+        # Envelopes written before the DSN fields carry them as null or not at all: both load.
         raw = json.loads(data)
-        for key in _RETIRED_ENVELOPE_KEYS:
-            raw.pop(key, None)
-        raw["recipients"] = [Recipient(**_without_retired(r)) for r in raw["recipients"]]
+        raw["recipients"] = [Recipient(**_notify_as_list(r)) for r in raw["recipients"]]
         return cls(**raw)
 
 
-# RFC 3461 fields that envelopes written before they were dropped carry (as null: nothing set
-# them); loading ignores them. The DSN extension brings them back as real fields.
-_RETIRED_ENVELOPE_KEYS = ("ret", "envid")
-_RETIRED_RECIPIENT_KEYS = ("notify", "orcpt")
-
-
-def _without_retired(recipient: dict[str, Any]) -> dict[str, Any]:
-    for key in _RETIRED_RECIPIENT_KEYS:
-        recipient.pop(key, None)
+def _notify_as_list(recipient: dict[str, Any]) -> dict[str, Any]:
+    """NOTIFY as the list this version writes; a file may hold it as RFC 3461 writes it ("SUCCESS,DELAY")."""
+    notify = recipient.get("notify")
+    if isinstance(notify, str):
+        recipient["notify"] = [word.strip().upper() for word in notify.split(",") if word.strip()]
     return recipient

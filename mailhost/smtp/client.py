@@ -1,4 +1,5 @@
-"""The outbound SMTP client: mailhost's own protocol (RFC 5321, PIPELINING, STARTTLS, AUTH).
+"""The outbound SMTP client: mailhost's own protocol (RFC 5321, PIPELINING, STARTTLS, AUTH,
+DSN parameters (RFC 3461) and BDAT (RFC 3030) where the server offers them).
 
 `open_session` connects to one address, reads the greeting, says EHLO (HELO when
 EHLO is refused), negotiates TLS as asked and authenticates; the returned
@@ -7,7 +8,8 @@ each with a reply per recipient.
 
 Reply lines are found in whole network buffers with bytes.find, and each reply
 becomes a wire.Reply (wire.parse_reply, the codec the server encodes with); the
-body goes out as one dot-stuffed buffer (wire.stuff_from_lf), never stuffed per chunk.
+body goes out as one dot-stuffed buffer (wire.stuff_from_lf), never stuffed per chunk, or
+to a server that offers CHUNKING as one `BDAT n LAST` chunk with no stuffing at all.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailhost.smtp.wire import Reply, parse_reply, stuff_from_lf
+from mailhost.smtp.wire import Reply, crlf_from_lf, format_orcpt, parse_reply, stuff_from_lf, xtext_encode
 from mailhost.smtp.transport import make_eager
 
 TLS_MODES = ("none", "opportunistic", "required", "starttls-verify", "implicit-verify")
@@ -82,9 +84,35 @@ PeerCheck = Callable[[list[Any]], "TlsFailure | None"]
 
 @dataclass
 class SendResult:
-    """The final reply per recipient address, as the addresses were passed in."""
+    """The final reply per recipient address, as the addresses were passed in; whether the
+    server took the DSN parameters (it offered DSN), and whether the body went by BDAT."""
 
     replies: dict[str, Reply]
+    dsn: bool = False
+    chunked: bool = False
+
+
+@dataclass(frozen=True)
+class DSNParameters:
+    """What RFC 3461 passes on to a next hop that offers DSN: RET and ENVID for the
+    transaction, NOTIFY and ORCPT ("addr-type;address", decoded) per recipient address."""
+
+    ret: str | None = None
+    envid: str | None = None
+    notify: dict[str, list[str]] | None = None
+    orcpt: dict[str, str] | None = None
+
+    def mail(self) -> list[str]:
+        params = [f"RET={self.ret}"] if self.ret else []
+        return params + ([f"ENVID={xtext_encode(self.envid)}"] if self.envid else [])
+
+    def rcpt(self, address: str) -> list[str]:
+        notify = (self.notify or {}).get(address)
+        orcpt = (self.orcpt or {}).get(address)
+        if orcpt is None and notify is not None and address.isascii():
+            orcpt = f"rfc822;{address}"  # RFC 3461 4.2: MAY be added, with the address as received
+        params = [f"NOTIFY={','.join(notify)}"] if notify else []
+        return params + ([f"ORCPT={format_orcpt(orcpt)}"] if orcpt else [])
 
 
 # --- the protocol ------------------------------------------------------------
@@ -607,14 +635,16 @@ class ClientSession:
     # --- mail ----------------------------------------------------------------
 
     def send(self, sender: str, recipients: list[str], message: bytes, *, body_8bit: bool = False,
-             smtputf8: bool = False, body_written: Callable[[], None] | None = None) -> Deferred[SendResult]:
+             smtputf8: bool = False, body_written: Callable[[], None] | None = None,
+             dsn: DSNParameters | None = None) -> Deferred[SendResult]:
         """One transaction: the final reply for each recipient (SendResult), or SessionError.
+        `dsn` goes on the MAIL and RCPT commands when the server offers DSN (RFC 3461 5.2).
 
         With PIPELINING, `body_written` is called once the body is written, before
         its reply: the session is then free for the next transaction, whose
         commands follow the end of data in the same send (RFC 2920 3.1: the
         message content may be the first "command" of a group)."""
-        return self._exclusive(self._send(sender, recipients, message, body_8bit, smtputf8, body_written))
+        return self._exclusive(self._send(sender, recipients, message, body_8bit, smtputf8, body_written, dsn))
 
     def reset(self) -> Deferred[None]:
         """RSET; SessionError unless the server says 250."""
@@ -648,26 +678,38 @@ class ClientSession:
         return Deferred.fromCoroutine(coroutine).addBoth(done)
 
     async def _send(self, sender: str, recipients: list[str], message: bytes, body_8bit: bool, smtputf8: bool,
-                    body_written: Callable[[], None] | None = None) -> SendResult:
+                    body_written: Callable[[], None] | None = None, dsn: DSNParameters | None = None) -> SendResult:
         unique = list(dict.fromkeys(recipients))
         if not unique:
             return SendResult({})
         refusal = self._refuse_before_sending(sender, unique, smtputf8)
         if refusal is not None:
             return SendResult({recipient: refusal for recipient in unique})
-        wire = stuff_from_lf(message)
-        size = message_size(wire)
+        # RFC 3030: to a server that offers CHUNKING the body goes as one BDAT LAST chunk
+        # (no dot-stuffing, so nothing in it can end it early); BINARYMIME is not needed.
+        chunking = "CHUNKING" in self.extensions
+        wire = crlf_from_lf(message) if chunking else stuff_from_lf(message)
+        size = len(wire) if chunking else message_size(wire)
         limit = self.extensions.get("SIZE", "")
         if limit.isdigit() and 0 < int(limit) < size:
             refused = Reply(552, "5.3.4", f"Message of {size} octets exceeds the limit of {limit} at {self.peer} (RFC 1870)")
             return SendResult({recipient: refused for recipient in unique})
-        lines = [self._mail_command(sender, size, body_8bit, smtputf8), *(f"RCPT TO:<{r}>" for r in unique), "DATA"]
-        labels = ["MAIL", *("RCPT" for _ in unique), "DATA"]
+        passes_dsn = dsn is not None and "DSN" in self.extensions
+        mail = self._mail_command(sender, size, body_8bit, smtputf8, dsn.mail() if passes_dsn and dsn else [])
+        rcpts = [" ".join([f"RCPT TO:<{r}>", *(dsn.rcpt(r) if passes_dsn and dsn else [])]) for r in unique]
+        lines = [mail, *rcpts] + ([] if chunking else ["DATA"])
+        labels = ["MAIL", *("RCPT" for _ in unique)] + ([] if chunking else ["DATA"])
         if "PIPELINING" in self.extensions:
             replies = await self._pipelined(lines, labels)
         else:
-            replies = await self._one_by_one(lines, labels)
-        return await self._finish(unique, replies, wire, body_written if "PIPELINING" in self.extensions else None)
+            replies = await self._one_by_one(lines, labels, data=not chunking)
+        written = body_written if "PIPELINING" in self.extensions else None
+        if chunking:
+            result = await self._finish_chunked(unique, replies, wire, written)
+        else:
+            result = await self._finish(unique, replies, wire, written)
+        result.dsn = "DSN" in self.extensions
+        return result
 
     def _refuse_before_sending(self, sender: str, recipients: list[str], smtputf8: bool) -> Reply | None:
         """A permanent reply for a transaction that must not be attempted here, else None."""
@@ -678,8 +720,8 @@ class ClientSession:
             return Reply(553, "5.1.3", "Control character in an address; not sent")
         return None
 
-    def _mail_command(self, sender: str, size: int, body_8bit: bool, smtputf8: bool) -> str:
-        params = []
+    def _mail_command(self, sender: str, size: int, body_8bit: bool, smtputf8: bool, extra: list[str]) -> str:
+        params = list(extra)
         if "SIZE" in self.extensions:
             params.append(f"SIZE={size}")
         if body_8bit and "8BITMIME" in self.extensions:
@@ -692,17 +734,21 @@ class ClientSession:
         """RFC 2920: MAIL, every RCPT and DATA in one write, the replies read in order."""
         return await self._protocol.commands(lines, labels, self._command_timeout)
 
-    async def _one_by_one(self, lines: list[str], labels: list[str]) -> list[Reply]:
+    async def _one_by_one(self, lines: list[str], labels: list[str], data: bool = True) -> list[Reply]:
         """Without PIPELINING: wait for each reply; stop early when the transaction is lost.
-        Commands not sent get the reply that made them pointless."""
+        Commands not sent get the reply that made them pointless. `data`: the last line is
+        DATA (else every line after MAIL is a RCPT)."""
         mail = await self._command(lines[0], labels[0])
         if not _positive(mail):
             return [mail] * len(lines)
         replies = [mail]
-        for line, label in zip(lines[1:-1], labels[1:-1]):
+        end = len(lines) - 1 if data else len(lines)
+        for line, label in zip(lines[1:end], labels[1:end]):
             replies.append(await self._command(line, label))
             if replies[-1].code == 421:
                 return replies + [replies[-1]] * (len(lines) - len(replies))
+        if not data:
+            return replies
         if not any(_positive(reply) for reply in replies[1:]):
             return replies + [replies[-1]]  # no DATA without a recipient
         replies.append(await self._command(lines[-1], labels[-1]))
@@ -722,10 +768,21 @@ class ClientSession:
                 final = end
         else:
             await self._reset_quietly(mail)
-        results: dict[str, Reply] = {}
-        for recipient, rcpt in zip(recipients, rcpts):
-            results[recipient] = mail if not _positive(mail) else rcpt if not _positive(rcpt) else final
-        return SendResult(results)
+        return _results(recipients, mail, rcpts, final)
+
+    async def _finish_chunked(self, recipients: list[str], replies: list[Reply], wire: bytes,
+                              body_written: Callable[[], None] | None = None) -> SendResult:
+        """After MAIL and RCPT to a CHUNKING server: the message as `BDAT n LAST` (RFC 3030 2)."""
+        mail, rcpts = replies[0], replies[1:]
+        if not (_positive(mail) and any(_positive(reply) for reply in rcpts)):
+            await self._reset_quietly(mail)
+            return _results(recipients, mail, rcpts, mail)
+        then = self._hand_over(body_written) if body_written is not None else None
+        chunk = f"BDAT {len(wire)} LAST\r\n".encode("ascii") + wire
+        final = await self._protocol.write_body(chunk, self._command_timeout, self._data_timeout, then)
+        result = _results(recipients, mail, rcpts, final)
+        result.chunked = True
+        return result
 
     def _hand_over(self, body_written: Callable[[], None]) -> Callable[[], None]:
         def hand_over() -> None:
@@ -787,6 +844,12 @@ def message_size(wire: bytes) -> int:
     """RFC 1870's size: octets with CRLFs, without the stuffed dots and the terminating dot."""
     body = wire[:-3]
     return len(body) - (b"\r\n" + body).count(b"\r\n.")
+
+
+def _results(recipients: list[str], mail: Reply, rcpts: list[Reply], final: Reply) -> SendResult:
+    """Each recipient's reply: MAIL's refusal, else its RCPT's refusal, else the end of data's."""
+    return SendResult({recipient: mail if not _positive(mail) else rcpt if not _positive(rcpt) else final
+                       for recipient, rcpt in zip(recipients, rcpts)})
 
 
 def _positive(reply: Reply) -> bool:

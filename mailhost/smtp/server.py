@@ -48,8 +48,14 @@ from mailhost.smtp.wire import (
     Reply,
     SMTPError,
     check_body,
+    chunked_to_lf,
+    parse_bdat,
+    parse_envid,
+    parse_notify,
+    parse_orcpt,
     parse_parameters,
     parse_path,
+    parse_ret,
     split_command,
     unstuff_to_lf,
 )
@@ -78,7 +84,7 @@ JUNK = frozenset({"NOOP", "RSET", "VRFY", "HELP", "HELO", "EHLO"})
 # does) up to this many times limits.message_size; past that it is refused and closed.
 DATA_CAP = 2
 # Commands that start or belong to a transaction: 530 before AUTH on the submission roles (RFC 4954 6).
-NEEDS_AUTH = frozenset({"MAIL", "RCPT", "DATA", "VRFY", "EXPN"})
+NEEDS_AUTH = frozenset({"MAIL", "RCPT", "DATA", "BDAT", "VRFY", "EXPN"})
 
 OK = Reply(250, "2.0.0", "Ok")
 
@@ -110,6 +116,36 @@ class Transaction:
     utf8: bool
     body_8bit: bool
     recipients: list[tuple[Address, Any]] = field(default_factory=list)
+    # RFC 3461: RET and ENVID from MAIL; NOTIFY and ORCPT per RCPT address (str of the Address).
+    ret: str | None = None
+    envid: str | None = None
+    notify: dict[str, list[str]] = field(default_factory=dict)
+    orcpt: dict[str, str] = field(default_factory=dict)
+    # RFC 3030: the message so far in BDAT chunks (None: no BDAT yet), in check_body's form
+    # (a leading CRLF). Past limits.message_size the chunks are counted, not kept.
+    chunks: bytearray | None = None
+    chunk_count: int = 0
+    chunked_size: int = 0
+    refusal: Reply | None = None  # a BDAT chunk was refused: every later one gets this too
+
+
+class ChunkReader:
+    """The octets of one BDAT chunk, as they arrive (RFC 3030 2: exactly `size` of them,
+    whatever they contain). They go to the transaction's message while it is within the
+    size limit, else are counted and dropped: memory stays bounded by the limit."""
+
+    def __init__(self, size: int, last: bool, keep: bytearray | None) -> None:
+        self.remaining = size
+        self.last = last
+        self._keep = keep  # None: read and drop (a refused chunk)
+
+    def feed(self, data: bytes | bytearray) -> int:
+        """Take what belongs to the chunk from the start of `data`; returns the octets taken."""
+        taken = min(self.remaining, len(data))
+        if self._keep is not None:
+            self._keep += data[:taken]
+        self.remaining -= taken
+        return taken
 
 
 class SMTPServerFactory(Factory):
@@ -158,6 +194,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         self.reactor = factory.reactor
         self._buffer = bytearray()
         self._reader: MessageReader | None = None
+        self._chunk: ChunkReader | None = None  # mid-way through a BDAT chunk
         self._busy = False
         self._paused = False  # we paused the transport: it does not read the client
         self._write_blocked = False  # the transport paused us: the client does not read
@@ -324,6 +361,13 @@ class SMTPServer(Protocol, TimeoutMixin):
                 return
             self._buffer += data[used:]
             self._end_of_data()
+        elif self._chunk is not None and not self._busy and not self._buffer and not self._write_blocked:
+            # The same for a BDAT chunk.
+            taken = self._chunk.feed(data)
+            if self._chunk.remaining:
+                return
+            self._buffer += data[taken:]
+            self._end_of_chunk()
         else:
             self._buffer += data
         self._process()
@@ -393,6 +437,13 @@ class SMTPServer(Protocol, TimeoutMixin):
                 self._buffer += data[used:]
                 self._end_of_data()
                 continue
+            if self._chunk is not None:
+                taken = self._chunk.feed(self._buffer)
+                del self._buffer[:taken]
+                if self._chunk.remaining:
+                    break
+                self._end_of_chunk()
+                continue
             if not self._run_command_lines():
                 break
 
@@ -401,7 +452,8 @@ class SMTPServer(Protocol, TimeoutMixin):
         buffer = self._buffer
         position = 0
         try:
-            while not self._busy and not self._closing and self._reader is None and not self._write_blocked:
+            while (not self._busy and not self._closing and self._reader is None and self._chunk is None
+                   and not self._write_blocked):
                 if self._out_size >= FLUSH_AT:
                     self._flush()  # may pause us (pauseProducing): then the rest waits
                     continue
@@ -527,6 +579,9 @@ class SMTPServer(Protocol, TimeoutMixin):
             self._reply(Reply(554, "5.7.0", "This is an SMTP server; HTTP is not spoken here"))
             self._close()
             return
+        if verb_text == "BDAT":
+            self._bdat(argument)  # its chunk is read whatever the answer (so BDAT checks AUTH itself)
+            return
         handler: Callable[[str], Reply | Deferred[Reply] | None] | None = getattr(self, f"smtp_{verb_text}", None)
         if handler is None or not verb_text.isalpha():
             self._reply(Reply(500, "5.5.1", "Unknown command"))
@@ -588,6 +643,8 @@ class SMTPServer(Protocol, TimeoutMixin):
             "8BITMIME",
             "ENHANCEDSTATUSCODES",
             "SMTPUTF8",
+            "DSN",  # RFC 3461
+            "CHUNKING",  # RFC 3030 (BDAT; not BINARYMIME)
         ]
         if self.context.tls_options is not None and not self.tls:
             lines.append("STARTTLS")
@@ -612,6 +669,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         sender, rest = parse_path(path, utf8=utf8 and self.esmtp, null_ok=True, kind="sender")
         params = parse_parameters(rest)
         body_8bit = False
+        ret = envid = None
         for key, value in params.items():
             if not self.esmtp:
                 return Reply(555, "5.5.4", "MAIL parameters need EHLO")
@@ -628,6 +686,10 @@ class SMTPServer(Protocol, TimeoutMixin):
             elif key == "SMTPUTF8":
                 if value is not None:
                     return Reply(555, "5.5.4", "SMTPUTF8 takes no value")
+            elif key == "RET":
+                ret = parse_ret(value)
+            elif key == "ENVID":
+                envid = parse_envid(value)
             else:
                 return Reply(555, "5.5.4", f"Unsupported MAIL parameter {key}")
         if self.user is not None:
@@ -636,7 +698,7 @@ class SMTPServer(Protocol, TimeoutMixin):
                 log.info("refused client=[{client}] user={user} from=<{sender}> reply={reply}", client=self.client_ip,
                          user=self.user.address, sender=str(sender), reply=f"{refusal.code} {refusal.status}")
                 return refusal
-        self.transaction = Transaction(sender, utf8, body_8bit)
+        self.transaction = Transaction(sender, utf8, body_8bit, ret=ret, envid=envid)
         return Reply(250, "2.1.0", "Sender ok")
 
     def smtp_RCPT(self, argument: str) -> Reply | None:
@@ -645,13 +707,21 @@ class SMTPServer(Protocol, TimeoutMixin):
         if argument[:3].upper() != "TO:":
             return Reply(501, "5.5.4", "Syntax: RCPT TO:<address>")
         path = argument[3:].lstrip(" ")
-        if path[:12].lower() == "<postmaster>" and path[12:].strip(" ") == "":
+        if path[:12].lower() == "<postmaster>" and path[12:13] in ("", " "):
             # RFC 5321 4.5.1: <Postmaster> without a domain must be accepted.
-            recipient, rest = Address("postmaster", self.context.domains.primary), ""
+            recipient, rest = Address("postmaster", self.context.domains.primary), path[12:].strip(" ")
         else:
             recipient, rest = parse_path(path, utf8=self.transaction.utf8, null_ok=False, kind="recipient")
-        if rest:
-            return Reply(555, "5.5.4", f"Unsupported RCPT parameter {rest.split('=')[0][:40]}")
+        notify = orcpt = None
+        for key, value in parse_parameters(rest).items():
+            if not self.esmtp:
+                return Reply(555, "5.5.4", "RCPT parameters need EHLO")
+            if key == "NOTIFY":
+                notify = list(parse_notify(value))
+            elif key == "ORCPT":
+                orcpt = parse_orcpt(value)
+            else:
+                return Reply(555, "5.5.4", f"Unsupported RCPT parameter {key[:40]}")
         if len(self.transaction.recipients) >= self.config.limits.recipients:
             # As Postfix's smtpd_recipient_overshoot_limit: a loop of these moves no mail.
             if self._junk():
@@ -666,6 +736,10 @@ class SMTPServer(Protocol, TimeoutMixin):
             )
             return verdict.reply
         self.transaction.recipients.append((recipient, verdict.resolution))
+        if notify is not None:
+            self.transaction.notify[str(recipient)] = notify
+        if orcpt is not None:
+            self.transaction.orcpt[str(recipient)] = orcpt
         return verdict.reply
 
     def smtp_DATA(self, argument: str) -> Reply:
@@ -673,6 +747,9 @@ class SMTPServer(Protocol, TimeoutMixin):
             return Reply(501, "5.5.4", "Syntax: DATA (no argument)")
         if self.transaction is None:
             return Reply(503, "5.5.1", "Error: need MAIL command first")
+        if self.transaction.chunk_count:
+            # RFC 3030 2: DATA and BDAT are not mixed within a transaction.
+            return Reply(503, "5.5.1", "Error: DATA after BDAT")
         if not self.transaction.recipients:
             return Reply(554, "5.5.1", "Error: no valid recipients")
         size = self.config.limits.message_size
@@ -700,7 +777,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         return Reply(502, "5.5.1", "EXPN is not available")
 
     def smtp_HELP(self, argument: str) -> Reply:
-        return Reply(214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS AUTH")
+        return Reply(214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS AUTH")
 
     def smtp_STARTTLS(self, argument: str) -> Reply:
         if self.context.tls_options is None:
@@ -827,6 +904,97 @@ class SMTPServer(Protocol, TimeoutMixin):
         self._reply(refusal)
         return Reply(421, "4.7.0", f"{self.config.server.hostname} Too many authentication failures, closing connection")
 
+    # --- BDAT (RFC 3030) ----------------------------------------------------------
+
+    def _bdat(self, argument: str) -> None:
+        """BDAT chunk-size [LAST]: the chunk's octets follow the command line at once
+        (pipelined), so they are read to their end whatever the answer, and never taken
+        for commands."""
+        try:
+            size, last = parse_bdat(argument)
+        except ValueError:
+            # Without a size the chunk's end is unknown, and what follows cannot be told apart
+            # from commands: refuse and close, as Postfix does (521 5.5.4).
+            self._reply(Reply(521, "5.5.4", "Syntax: BDAT chunk-size [LAST]; closing connection"))
+            self._close()
+            return
+        limit = self.config.limits.message_size
+        transaction = self.transaction
+        total = size + (transaction.chunked_size if transaction is not None else 0)
+        if total > DATA_CAP * limit:
+            # Not worth reading (the DATA path's cap): refuse and close, without waiting for it.
+            self.transaction = None
+            reply = Reply(552, "5.3.4", f"Message size exceeds fixed limit of {limit} octets; closing connection")
+            if transaction is not None:
+                self._refuse_message(transaction, total, reply)
+            else:
+                self._reply(reply)
+            self._close()
+            return
+        refusal = self._bdat_refusal()
+        if size == 0 and not last and self._junk():
+            return  # a loop of empty chunks moves no mail
+        if transaction is not None and (refusal is None or refusal is transaction.refusal):
+            transaction.chunked_size = total
+            transaction.chunk_count += 1
+            if refusal is None and total > limit:
+                # Read to its end (to answer and go on, as for DATA), keeping nothing.
+                transaction.refusal = refusal = Reply(
+                    552, "5.3.4", f"Message size exceeds fixed limit of {limit} octets")
+                transaction.chunks = None
+            elif refusal is None and transaction.chunks is None:
+                transaction.chunks = bytearray(b"\r\n")  # check_body's form, as MessageReader keeps it
+        keep = transaction.chunks if refusal is None and transaction is not None else None
+        self._chunk = ChunkReader(size, last, keep)
+        self._chunk_refusal = refusal
+        self.setTimeout(self.config.limits.data_timeout)
+        if size == 0:
+            self._end_of_chunk()
+
+    _chunk_refusal: Reply | None = None
+
+    def _bdat_refusal(self) -> Reply | None:
+        """Why this BDAT's chunk is not taken (it is read and dropped all the same), or None."""
+        refusal = auth_required(self.factory.role, self.user is not None, self.tls)
+        if refusal is not None:
+            return refusal
+        transaction = self.transaction
+        if transaction is None:
+            return Reply(503, "5.5.1", "Error: need MAIL command first")
+        if not transaction.recipients:
+            return Reply(554, "5.5.1", "Error: no valid recipients")
+        return transaction.refusal  # RFC 3030 3: once a chunk is refused, the transaction has failed
+
+    def _end_of_chunk(self) -> None:
+        chunk, self._chunk = self._chunk, None
+        refusal, self._chunk_refusal = self._chunk_refusal, None
+        self.setTimeout(self.config.limits.command_timeout)
+        assert chunk is not None
+        transaction = self.transaction
+        if refusal is not None:
+            if chunk.last and transaction is not None:
+                self.transaction = None  # the client takes BDAT LAST's answer as the transaction's
+                if transaction.refusal is refusal:
+                    self._refuse_message(transaction, transaction.chunked_size, refusal)
+                    return
+            self._reply(refusal)
+            return
+        assert transaction is not None and transaction.chunks is not None
+        if not chunk.last:
+            self._reply(Reply(250, "2.0.0", f"Ok: {transaction.chunked_size} octets received"))
+            return
+        self.transaction = None
+        body = transaction.chunks
+        if not body.endswith(b"\r\n"):
+            body += b"\r\n"  # the last line ends (a bare CR before it is still refused below)
+        message = bytes(body)
+        transaction.chunks = None
+        problem = check_body(message)
+        if problem is not None:
+            self._refuse_message(transaction, transaction.chunked_size, problem)
+            return
+        self._receive(transaction, chunked_to_lf(message), transaction.chunked_size)
+
     # --- end of DATA ---------------------------------------------------------
 
     def _data_overflowed(self) -> None:
@@ -851,10 +1019,15 @@ class SMTPServer(Protocol, TimeoutMixin):
         if problem is not None:
             self._refuse_message(transaction, reader.size, problem)
             return
+        self._receive(transaction, unstuff_to_lf(reader.body), reader.size)
+
+    def _receive(self, transaction: Transaction, message: bytes, size: int) -> None:
+        """Hand a whole message (LF line endings) to the intake; its reply waits for the disk."""
         resolved = {str(address): resolution for address, resolution in transaction.recipients}
-        incoming = Incoming(str(transaction.sender), list(resolved), unstuff_to_lf(reader.body),
-                            body_8bit=transaction.body_8bit, smtputf8=transaction.utf8, resolved=resolved)
-        size = reader.size
+        incoming = Incoming(str(transaction.sender), list(resolved), message,
+                            body_8bit=transaction.body_8bit, smtputf8=transaction.utf8, resolved=resolved,
+                            ret=transaction.ret, envid=transaction.envid, notify=transaction.notify,
+                            orcpt=transaction.orcpt)
         deferred = self.context.intake.receive(incoming, self._origin())
         self._wait_for(deferred.addCallbacks(self._accepted, self._not_accepted, callbackArgs=(transaction, size),
                                              errbackArgs=(transaction, size)))
@@ -875,11 +1048,12 @@ class SMTPServer(Protocol, TimeoutMixin):
     def _accepted(self, receipt: Receipt, transaction: Transaction, size: int) -> Reply:
         log.info(
             "{id}: accepted client=[{client}] helo={helo} tls={tls} from=<{sender}> to={rcpts} size={size}"
-            " local={local} queued={queued}{user}{process}",
+            " local={local} queued={queued}{chunks}{user}{process}",
             id=receipt.queue_id, client=self.client_ip, helo=self.helo, tls=self._tls_version() or "no",
             user=f" user={self.user.address}" if self.user is not None else "", process=self.context.process_field,
             sender=str(transaction.sender), rcpts=",".join(f"<{r}>" for r, _ in transaction.recipients), size=size,
             local=receipt.local, queued=receipt.queued,
+            chunks=f" bdat_chunks={transaction.chunk_count}" if transaction.chunk_count else "",
         )
         self.context.metrics.received.labels(self.factory.role, "accepted").inc()
         self.junk = 0  # a session that moves mail may go on (RSET, NOOP between messages)

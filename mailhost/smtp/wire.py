@@ -350,8 +350,128 @@ def stuff_from_lf(message: bytes) -> bytes:
 
     Whole-buffer work, so a dot can never escape stuffing at a chunk boundary.
     """
+    wire = (b"\n" + _lf_lines(message)).replace(b"\n.", b"\n..").replace(b"\n", b"\r\n")
+    return wire[2:] + b".\r\n"
+
+
+# --- DSN parameters (RFC 3461) -------------------------------------------------
+
+NOTIFY_NEVER = "NEVER"
+NOTIFY_EVENTS = ("SUCCESS", "FAILURE", "DELAY")
+RET_VALUES = ("FULL", "HDRS")
+ENVID_MAX = 100  # characters of the decoded ENVID (RFC 3461 4.4)
+ORCPT_MAX = 500  # characters of the ORCPT value as sent (RFC 3461 4.2)
+_HEX = "0123456789ABCDEFabcdef"
+_ADDR_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
+
+
+def xtext_decode(text: str) -> str:
+    """RFC 3461 4: `+XX` is the octet XX, every other character is itself (only "!" to
+    "~" without "+" and "="); ValueError on anything else."""
+    out = []
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "+":
+            pair = text[i + 1 : i + 3]
+            if len(pair) != 2 or pair[0] not in _HEX or pair[1] not in _HEX:
+                raise ValueError("bad +XX escape in xtext")
+            out.append(chr(int(pair, 16)))
+            i += 3
+            continue
+        if not "!" <= ch <= "~" or ch == "=":
+            raise ValueError("character not allowed in xtext")
+        out.append(ch)
+        i += 1
+    return "".join(out)
+
+
+def xtext_encode(text: str) -> str:
+    """The xtext form of an ASCII `text`: "+", "=" and anything outside "!".."~" as +XX."""
+    return "".join(ch if "!" <= ch <= "~" and ch not in "+=" else f"+{ord(ch):02X}" for ch in text)
+
+
+def _dsn_error(text: str) -> SMTPError:
+    return SMTPError(501, "5.5.4", text)
+
+
+def parse_notify(value: str | None) -> tuple[str, ...]:
+    """NOTIFY=NEVER, or a comma list of SUCCESS, FAILURE, DELAY (RFC 3461 4.1)."""
+    words = [word.upper() for word in (value or "").split(",")]
+    if words == [NOTIFY_NEVER]:
+        return (NOTIFY_NEVER,)
+    if not value or any(word not in NOTIFY_EVENTS for word in words) or len(set(words)) != len(words):
+        raise _dsn_error("Syntax: NOTIFY=NEVER or NOTIFY=SUCCESS,FAILURE,DELAY (RFC 3461 4.1)")
+    return tuple(event for event in NOTIFY_EVENTS if event in words)
+
+
+def parse_orcpt(value: str | None) -> str:
+    """ORCPT=addr-type;xtext (RFC 3461 4.2) -> "addr-type;decoded address"."""
+    addr_type, _, encoded = (value or "").partition(";")
+    try:
+        if not encoded or len(value or "") > ORCPT_MAX or not _ADDR_TYPE.fullmatch(addr_type):
+            raise ValueError(value)
+        address = xtext_decode(encoded)
+    except ValueError:
+        raise _dsn_error("Syntax: ORCPT=addr-type;xtext (RFC 3461 4.2)") from None
+    if not address.isprintable() or not address.isascii():
+        raise _dsn_error("ORCPT address must be printable ASCII (RFC 3461 4.2)")
+    return f"{addr_type.lower()};{address}"
+
+
+def format_orcpt(orcpt: str) -> str:
+    """A stored "addr-type;address" as the ORCPT parameter's value again."""
+    addr_type, _, address = orcpt.partition(";")
+    return f"{addr_type};{xtext_encode(address)}"
+
+
+def parse_ret(value: str | None) -> str:
+    if value is None or value.upper() not in RET_VALUES:
+        raise _dsn_error("Syntax: RET=FULL or RET=HDRS (RFC 3461 4.3)")
+    return value.upper()
+
+
+def parse_envid(value: str | None) -> str:
+    """ENVID=xtext (RFC 3461 4.4) -> the decoded id: at most 100 printable ASCII characters."""
+    try:
+        envid = xtext_decode(value or "")
+    except ValueError:
+        envid = ""
+    if not envid or len(envid) > ENVID_MAX or not envid.isascii() or not envid.isprintable():
+        raise _dsn_error(f"Syntax: ENVID=xtext, at most {ENVID_MAX} printable characters (RFC 3461 4.4)")
+    return envid
+
+
+# --- BDAT (RFC 3030) -------------------------------------------------------------
+
+CHUNK_SIZE_DIGITS = 18  # a chunk size with more digits is not a size any host would take
+
+
+def parse_bdat(argument: str) -> tuple[int, bool]:
+    """`BDAT chunk-size [LAST]` -> (size, last); ValueError on bad syntax."""
+    words = argument.split(" ")
+    if not 1 <= len(words) <= 2 or not words[0].isdigit() or not words[0].isascii() \
+            or len(words[0]) > CHUNK_SIZE_DIGITS or (len(words) == 2 and words[1].upper() != "LAST"):
+        raise ValueError(argument)
+    return int(words[0]), len(words) == 2
+
+
+def chunked_to_lf(body: bytes) -> bytes:
+    """A BDAT message as check_body wants it and as a Maildir file holds it: BDAT has no
+    dot-stuffing (RFC 3030 2), so only the line endings change.
+
+    `body` is the check_body form: a leading CRLF, and a CRLF at the end of the last line."""
+    return body.replace(b"\r\n", b"\n")[1:]
+
+
+def crlf_from_lf(message: bytes) -> bytes:
+    """A stored message as one BDAT chunk: every line ending in CRLF, no dot-stuffing."""
+    return _lf_lines(message).replace(b"\n", b"\r\n")
+
+
+def _lf_lines(message: bytes) -> bytes:
+    """`message` with every line ending (CRLF, CR, LF) as LF, the last line ended too."""
     text = message.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
     if text and not text.endswith(b"\n"):
         text += b"\n"
-    wire = (b"\n" + text).replace(b"\n.", b"\n..").replace(b"\n", b"\r\n")
-    return wire[2:] + b".\r\n"
+    return text

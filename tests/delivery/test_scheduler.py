@@ -12,7 +12,7 @@ from __future__ import annotations
 import gc
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -119,7 +119,8 @@ class Notice:
     @property
     def kind(self) -> str:
         action = re.search(rb"^Action: (\w+)", self.message, re.MULTILINE)
-        return {b"failed": "failure", b"delayed": "delay"}.get(action.group(1) if action else b"", "?")
+        return {b"failed": "failure", b"delayed": "delay", b"relayed": "relayed"}.get(
+            action.group(1) if action else b"", "?")
 
     @property
     def statuses(self) -> list[str]:
@@ -158,11 +159,13 @@ class Queue:
     def suppression(self) -> SuppressionList:
         return self.scheduler.suppression
 
-    def enqueue(self, *recipients: str, sender: str = SENDER, due_in: float = 0.0) -> str:
-        """Commit a message and tell the scheduler, as the intake does; returns its queue id."""
+    def enqueue(self, *recipients: str, sender: str = SENDER, due_in: float = 0.0,
+                notify: dict[str, list[str]] | None = None) -> str:
+        """Commit a message and tell the scheduler, as the intake does; returns its queue id.
+        `notify`: RFC 3461 NOTIFY by recipient."""
         now = self.clock.seconds()
-        envelope = Envelope(new_queue_id(), sender, [Recipient(r) for r in recipients], now, now + due_in,
-                            client="client.example (127.0.0.1)")
+        envelope = Envelope(new_queue_id(), sender, [Recipient(r, notify=(notify or {}).get(r)) for r in recipients],
+                            now, now + due_in, client="client.example (127.0.0.1)")
         self.spool.store(envelope, [MESSAGE])
         self.scheduler.queued(envelope)
         return envelope.id
@@ -351,6 +354,36 @@ def test_delay_warning_then_bounce_at_expiry(make_queue):
     q.run_attempts(queue_id, 3)
     assert not q.is_queued(queue_id)
     assert q.intake.kinds() == ["delay", "failure"]
+
+
+# --- RFC 3461 NOTIFY --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("notify, kinds", [
+    (None, ["delay", "failure"]),  # not given: failures and delays, as always
+    (["NEVER"], []),
+    (["SUCCESS"], []),
+    (["DELAY"], ["delay"]),
+    (["FAILURE"], ["failure"]),
+    (["FAILURE", "DELAY"], ["delay", "failure"]),
+])
+def test_notify_decides_which_reports_are_sent(make_queue, notify, kinds):
+    q = make_queue(retry=("10m",), lifetime="30m", delay_warning="15m")
+    queue_id = q.enqueue("bob@remote.test", notify={"bob@remote.test": notify})
+    q.run_attempts(queue_id, 3)
+    assert not q.is_queued(queue_id)  # given up either way, and nothing owed
+    assert q.intake.kinds() == kinds
+
+
+@pytest.mark.parametrize("dsn_passed, kinds", [(False, ["relayed"]), (True, [])])
+def test_notify_success_is_reported_relayed_when_the_next_hop_lacks_dsn(make_queue, dsn_passed, kinds):
+    q = make_queue()
+    q.deliverer.respond = lambda address: replace(SENT, dsn_passed=dsn_passed)
+    queue_id = q.enqueue("bob@remote.test", "carol@remote.test", notify={"bob@remote.test": ["SUCCESS"]})
+    assert not q.is_queued(queue_id)
+    assert q.intake.kinds() == kinds
+    if kinds:
+        assert b"bob@remote.test" in q.intake.notices[0].message and b"carol@" not in q.intake.notices[0].message
 
 
 # --- pace re-queues -------------------------------------------------------------------

@@ -147,7 +147,7 @@ def test_per_message_fields():
     assert per_message["X-Mailhost-Queue-ID"] == "0A1B2C3D"
     assert per_message["Received-From-MTA"] == "dns; client.example.test ([192.0.2.7])"
     assert per_message["Arrival-Date"] == "Tue, 14 Nov 2023 22:13:20 +0000"
-    assert "Original-Envelope-Id" not in per_message  # no ENVID until the DSN extension
+    assert "Original-Envelope-Id" not in per_message  # no ENVID given
 
 
 def test_per_message_fields_without_client():
@@ -493,3 +493,51 @@ def test_too_many_hops_agrees_with_the_count(message, looped):
     from mailhost.intake.cleanup import too_many_hops
 
     assert too_many_hops(message) is looped
+
+
+# --- RFC 3461: ENVID, ORCPT, RET, and the success reports -----------------------------
+
+
+def test_envid_and_orcpt_become_original_fields():
+    env = envelope([rcpt(last_reply="550 5.1.1 x", orcpt="rfc822;Bob+tag@remote.test")], envid="QQ 314\r\nBcc: x")
+    per_message, [block] = blocks(build(env.recipients, env=env))
+    assert per_message["Original-Envelope-Id"] == "QQ 314 Bcc: x"  # cleaned: one line
+    assert block["Original-Recipient"] == "rfc822; Bob+tag@remote.test"
+    assert list(block.keys())[:2] == ["Original-Recipient", "Final-Recipient"]  # RFC 3464 2.3 order
+
+
+def test_ret_full_returns_the_whole_message_in_a_failure_report():
+    env = envelope([rcpt(last_reply="550 5.1.1 x")], ret="FULL")
+    data = build(env.recipients, env=env)
+    _, (_, _, returned) = parts(data)
+    assert returned.get_content_type() == "message/rfc822"
+    [inner] = returned.get_payload()
+    assert inner["Subject"] == "Quarterly numbers"
+    assert "the numbers are attached." in inner.get_content()
+
+
+@pytest.mark.parametrize("ret, kind, original", [
+    ("HDRS", "failure", ORIGINAL),
+    (None, "failure", ORIGINAL),
+    ("FULL", "delay", ORIGINAL),  # RFC 3461 4.3: RET is about failed reports
+    ("FULL", "failure", ORIGINAL + b"x" * 60000),  # over RETURN_FULL_LIMIT
+])
+def test_other_reports_return_the_headers_only(ret, kind, original):
+    recipients = [rcpt(last_reply="451 4.7.1 later", state=DEFERRED)] if kind == "delay" else None
+    env = envelope(recipients or [rcpt(last_reply="550 5.1.1 x")], ret=ret)
+    _, (_, _, returned) = parts(build(env.recipients, original, env=env, kind=kind))
+    assert returned.get_content_type() == "text/rfc822-headers"
+
+
+@pytest.mark.parametrize("kind, action, said", [
+    ("delivered", "delivered", "delivered to the mailbox"),
+    ("relayed", "relayed", "does not offer delivery notifications"),
+])
+def test_success_reports(kind, action, said):
+    recipient = rcpt(state="delivered", status="", last_reply="delivered to the mailbox" if kind == "delivered"
+                     else "250 2.0.0 Ok: queued", remote_mta="" if kind == "delivered" else "mx1.remote.test")
+    data = build([recipient], kind=kind)
+    assert parse(data)["Subject"] == "Successful Mail Delivery Report"
+    _, [block] = blocks(data)
+    assert block["Action"] == action and block["Status"] == "2.0.0"
+    assert said in " ".join(human(data).split())

@@ -27,12 +27,19 @@ from mailhost.smtp.wire import (
     Reply,
     SMTPError,
     check_body,
+    parse_bdat,
+    parse_envid,
+    parse_notify,
+    parse_orcpt,
     parse_parameters,
     parse_path,
     parse_reply,
+    parse_ret,
     split_command,
     stuff_from_lf,
     unstuff_to_lf,
+    xtext_decode,
+    xtext_encode,
 )
 
 
@@ -316,3 +323,27 @@ def test_message_reader_same_answer_for_every_split(stream: bytes, limit: int, d
             assert reader.body == whole[: end + 2]
     assert reader.oversized == (reader.size > limit)
 
+
+
+# --- RFC 3461 parameters and RFC 3030 chunk sizes -------------------------------------
+
+
+@given(st.text(alphabet=st.characters(max_codepoint=127)))
+def test_xtext_round_trips_any_ascii(text: str) -> None:
+    encoded = xtext_encode(text)
+    assert all("!" <= ch <= "~" and ch != "=" for ch in encoded)
+    assert xtext_decode(encoded) == text
+
+
+@given(joined(["NEVER", "SUCCESS", "FAILURE", "DELAY", ",", "rfc822;", "+2B", "+", "=", "LAST", " ", "0", "9"]))
+def test_dsn_and_bdat_parsers_answer_or_refuse_with_501(text: str) -> None:
+    for parse in (parse_notify, parse_orcpt, parse_ret, parse_envid):
+        try:
+            parse(text)
+        except SMTPError as e:
+            assert (e.reply.code, e.reply.status) == (501, "5.5.4")
+    try:
+        size, last = parse_bdat(text)
+    except ValueError:
+        return
+    assert size >= 0 and isinstance(last, bool)
