@@ -292,7 +292,7 @@ def test_the_250_after_bdat_last_waits_for_the_disk(tmp_path: Path) -> None:
     world = World(tmp_path)
     held: list[defer.Deferred] = []
 
-    def store(copies, envelope, outbound_headers, body) -> defer.Deferred:
+    def store(copies, envelope, outbound_headers, body, signing_key=None) -> defer.Deferred:
         world.intake.accepted.append((copies, envelope, outbound_headers, body))
         held.append(defer.Deferred())
         return held[-1]
