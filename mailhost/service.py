@@ -43,6 +43,9 @@ from mailhost.feedback.webhooks import WebhookService, WebhookSetupError, prepar
 from mailhost.feedback.unsubscribe import UnsubscribeKeyError, UnsubscribeTokens, daemon_tokens
 from mailhost.doors.http.site import https_factory
 from mailhost.doors.http.unsubscribe import UnsubscribeResource
+from mailhost.doors.http.mta_sts import well_known
+from mailhost.intake.srs import daemon_srs
+from mailhost.ops.keyfile import KeyFileError
 from mailhost.delivery.throttle import Throttle, share_of
 from mailhost.ops.tls import ServerTLS, TLSSetupError, ensure_tls_pair, tls_pair_paths
 from mailhost.smtp.transport import make_eager_server, send_eagerly
@@ -184,7 +187,8 @@ def make_service(config_path: str, reactor: Any = None, twistd_options: Any = No
         # the signal handler and could deadlock on the log's lock: ours replace them.
         StopOnSignal(reactor).install_when_running()
         return daemon
-    except (ConfigError, TLSSetupError, DkimKeyError, AlreadyRunning, WebhookSetupError, UnsubscribeKeyError) as e:
+    except (ConfigError, TLSSetupError, DkimKeyError, AlreadyRunning, WebhookSetupError, UnsubscribeKeyError,
+            KeyFileError) as e:
         sys.stderr.write(f"mailhost: {e}\n")
         raise SystemExit(1) from None
     except OSError as e:
@@ -243,8 +247,9 @@ def build_inbound(config: Config, tls_options: ServerTLS, reactor: Any, parent: 
     complaints = complaint_rate(config.server.state_dir, owner_of(config.server.state_dir))
     # Every process adds its counts to the shared figures every few seconds (feedback.complaints).
     TimerService(COMPLAINT_FLUSH_SECONDS, _flush_complaints, writer, complaints).setServiceParent(parent)
+    srs = daemon_srs(config.server.state_dir, config.srs.max_age_days)  # like the unsubscribe key: made once
     intake = Intake(config, writer, spool, domains, signer, suppression, content_threads.run, shard,
-                    unsubscribe=unsubscribe, complaint_rate=complaints)
+                    unsubscribe=unsubscribe, complaint_rate=complaints, srs=srs)
     portal = make_portal(domains, checks.run, reactor)
     context = ServerContext(config, domains, intake, tls_options, portal, slowdown, metrics,
                             process=shard.index if shard.count > 1 else None)
@@ -352,7 +357,8 @@ def build(config: Config, tls_options: ServerTLS, reactor: Any) -> MailhostDaemo
 def http_resources(inbound: Inbound) -> dict[bytes, Any]:
     """What the `[http] endpoint` serves, by first path segment (the site adds TLS,
     the security headers and the limits to each)."""
-    return {b"unsubscribe": UnsubscribeResource(inbound.unsubscribe, inbound.suppression, inbound.writer.run)}
+    return {b"unsubscribe": UnsubscribeResource(inbound.unsubscribe, inbound.suppression, inbound.writer.run),
+            b".well-known": well_known(lambda: inbound.context.config)}  # MTA-STS policy (RFC 8461 3.3)
 
 
 def reloader(tls: ServerTLS, reactor: Any, inbound: Inbound, outbound: Outbound,
@@ -364,7 +370,7 @@ def reloader(tls: ServerTLS, reactor: Any, inbound: Inbound, outbound: Outbound,
         running = context.config
         changed = changed_sections(running, config, (
             "server.hostname", "limits", "domains", "submission", "inbound", "bounces", "bounce_rules", "dkim", "relay",
-            "queue", "throttles", "server.tls_cert", "server.tls_key", "webhooks", "http.public_url", "unsubscribe"))
+            "queue", "throttles", "server.tls_cert", "server.tls_key", "webhooks", "http.public_url", "unsubscribe", "mta_sts", "srs"))
         # Build what can fail first, so that a bad key changes nothing.
         try:
             signer = Signer(config.server.state_dir, configured_keys(config.dkim)) if "dkim" in changed else None
@@ -374,6 +380,8 @@ def reloader(tls: ServerTLS, reactor: Any, inbound: Inbound, outbound: Outbound,
         inbound.domains.replace(config)
         context.config = config  # limits, hostname: read by each new session
         inbound.intake.reconfigure(config, signer)
+        if inbound.intake.srs is not None:
+            inbound.intake.srs.max_age_days = config.srs.max_age_days
         inbound.suppression.soft_limit = config.bounces.soft_limit
         inbound.suppression.soft_window = config.bounces.soft_window
         inbound.suppression.rules = config.bounce_rules  # the deliverer reads its config's on each reply

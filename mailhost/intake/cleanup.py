@@ -18,7 +18,9 @@ The steps, in order, each written once here (cf. Postfix's cleanup(8)):
    address unsubscribes (consumed: never stored);
 7. unsubscribe headers (RFC 8058) for our marketing senders' mail to one recipient;
 8. DKIM signing when the From: domain has a key, except for mail from outside;
-9. Received: (RFC 5321 4.4), split into local copies and a spool envelope, durable commit.
+9. Received: (RFC 5321 4.4), split into local copies and a spool envelope, durable commit;
+   what an alias forwards to remote addresses gets an SRS return path in the alias's
+   domain (intake.srs), in an envelope of its own.
 
 A refusal comes back as a `Refused` failure carrying the SMTP reply; any other failure is
 an error the door answers with 451 4.3.0.
@@ -47,6 +49,7 @@ from mailhost.feedback.unsubscribe import (Unsubscribe, UnsubscribeTokens, base_
                                            record_unsubscribe)
 from mailhost.intake.origin import DSN, SMTP, Origin
 from mailhost.intake.policy import RecipientVerdict, check_originators, recipient_verdict
+from mailhost.intake.srs import Srs
 from mailhost.intake.submission import feedback_id, missing_headers
 from mailhost.local.mailbox import Copy, LocalDomains, Resolution, deliver_copies
 from mailhost.message import (HOP_LIMIT, domain_of, from_addresses, from_domain, has_fields, read_headers,
@@ -125,6 +128,7 @@ class IntakeSettings:
     unsubscribe_url: str | None = None  # base of the https links: [http] public_url or the endpoint
     feedback_addresses: tuple[str, ...] = ()  # [feedback] addresses
     feedback_id: str | None = None  # [unsubscribe] feedback_id
+    srs: bool = True  # [srs] enabled: rewrite the return path of mail aliases forward
 
     @classmethod
     def of(cls, config: Config) -> IntakeSettings:
@@ -132,14 +136,15 @@ class IntakeSettings:
                    config.relay.nameservers, config.submission.hide_client, config.relay.verp,
                    config.bounces.consume, config.unsubscribe,
                    base_url(config.http.public_url, config.http.endpoint, config.server.hostname),
-                   config.feedback.addresses, config.unsubscribe.feedback_id)
+                   config.feedback.addresses, config.unsubscribe.feedback_id, config.srs.enabled)
 
 
 class Intake:
     def __init__(self, config: Config, writer: DiskWriter, spool: Spool, domains: LocalDomains, signer: Signer,
                  suppression: SuppressionList, run_content: Callable[..., Deferred[Any]], shard: Shard,
                  on_queued: Callable[[Envelope], None] = lambda envelope: None,
-                 unsubscribe: UnsubscribeTokens | None = None, complaint_rate: ComplaintRate | None = None) -> None:
+                 unsubscribe: UnsubscribeTokens | None = None, complaint_rate: ComplaintRate | None = None,
+                 srs: Srs | None = None) -> None:
         self.settings = IntakeSettings.of(config)
         self._writer = writer
         self._spool = spool
@@ -151,6 +156,9 @@ class Intake:
         self.on_queued = on_queued
         self.unsubscribe = unsubscribe  # None: no headers added, no unsubscribe+TOKEN addresses
         self.complaint_rate = complaint_rate  # complaints counted here, deliveries by the scheduler
+        # None: no SRS. Bounces to SRS addresses are verified also with [srs] enabled = false,
+        # so that turning it off does not lose the bounces of mail already forwarded.
+        self.srs = srs
 
     def reconfigure(self, config: Config, signer: Signer | None = None) -> list[str]:
         """Take the new settings (SIGHUP); returns the names of the sections that changed."""
@@ -181,7 +189,7 @@ class Intake:
         """The RCPT decision (intake.policy.recipient_verdict) with this intake's lists, for a
         message from envelope `sender`."""
         return recipient_verdict(address, origin, self.domains, self.suppression, self.settings.verp, sender,
-                                 self.unsubscribe, self.settings.feedback_addresses)
+                                 self.unsubscribe, self.settings.feedback_addresses, self.srs)
 
     def notify(self, recipient: str, report: bytes) -> Deferred[str]:
         """Send a report this host wrote (a DSN, a delay warning) from <> to `recipient`;
@@ -399,6 +407,8 @@ class Intake:
         date = received_date()
         copies: list[Copy] = []
         remote: list[str] = []
+        forwarded: list[str] = []  # what aliases send on to remote addresses (SRS, below)
+        forwarding_domain = ""
         seen: set[str] = set()
         for address, resolution in accepted:
             if resolution.bounce_for:
@@ -414,7 +424,15 @@ class Intake:
                     seen.add(mailbox.address)
                     headers = delivery_headers(incoming.sender, mailbox.address)
                     copies.append(Copy(mailbox, headers + self.received(origin, queue_id, address, date, incoming)))
-            remote.extend(r for r in resolution.remote if r not in remote)
+            if resolution.remote and self.domains.is_local(domain_of(address)):
+                forwarding_domain = forwarding_domain or domain_of(address)
+                forwarded.extend(r for r in resolution.remote if r not in remote and r not in forwarded)
+            else:
+                remote.extend(r for r in resolution.remote if r not in remote and r not in forwarded)
+        srs_sender = self._srs_sender(incoming.sender, forwarding_domain) if forwarded else None
+        if srs_sender is None:
+            remote.extend(forwarded)
+            forwarded = []
         envelope = None
         if remote:
             now = time.time()
@@ -422,11 +440,14 @@ class Intake:
                                 arrival=now, next_attempt=now, client=origin.client,
                                 body_8bit=incoming.body_8bit or not message.isascii(),
                                 smtputf8=incoming.smtputf8 or not all(r.isascii() for r in remote))
-        receipt = Receipt(queue_id, len(copies), len(remote), refused, suppressed)
-        if not copies and envelope is None:
-            return succeed(receipt)
+        receipt = Receipt(queue_id, len(copies), len(remote) + len(forwarded), refused, suppressed)
         only = remote[0] if len(remote) == 1 else None
         outbound_headers = self.received(origin, queue_id, only, date, incoming)
+        if forwarded and srs_sender is not None:
+            return self._commit_forwarded(srs_sender, forwarded, copies, envelope, outbound_headers, message, origin,
+                                          date, incoming, receipt)
+        if not copies and envelope is None:
+            return succeed(receipt)
 
         def stored(_: object) -> Receipt:
             if envelope is not None:
@@ -434,6 +455,54 @@ class Intake:
             return receipt
 
         return self.store(copies, envelope, outbound_headers, message).addCallback(stored)
+
+    # --- SRS for what aliases forward (intake.srs) ---
+    def _srs_sender(self, sender: str, domain: str) -> str | None:
+        """The SRS return path for mail from `sender` forwarded by an alias of `domain`, or None
+        to keep `sender`: a bounce (<>), a sender of ours (SPF passes already), SRS off, or an
+        address that does not fit in an SRS local part (logged: SPF may fail at the destination)."""
+        if self.srs is None or not self.settings.srs or not sender or self.domains.is_local(domain_of(sender)):
+            return None
+        rewritten = self.srs.forward(sender, domain)
+        if rewritten is None:
+            log.warn("forwarded mail from <{sender}> keeps its return path: it does not fit in an SRS address "
+                     "(64 octets, no quoting)", sender=sender)
+        return rewritten
+
+    def _commit_forwarded(self, srs_sender: str, forwarded: list[str], copies: list[Copy], envelope: Envelope | None,
+                          outbound_headers: bytes, message: bytes, origin: Origin, date: str, incoming: Incoming,
+                          receipt: Receipt) -> Deferred[Receipt]:
+        """Commit with the forwarded recipients in an envelope of their own, from `srs_sender`:
+        that envelope first, then the rest as usual; when the rest fails, the forwarded part is
+        taken back, so the client's retry makes no second copy."""
+        # The receipt's id when nothing else is queued; a second one beside the direct recipients'.
+        queue_id = receipt.queue_id if envelope is None else self.shard.new_queue_id()
+        now = time.time()
+        srs_envelope = Envelope(id=queue_id, sender=srs_sender, recipients=[Recipient(r) for r in forwarded],
+                                arrival=now, next_attempt=now, client=origin.client,
+                                body_8bit=incoming.body_8bit or not message.isascii(),
+                                smtputf8=incoming.smtputf8 or not all(r.isascii() for r in forwarded + [srs_sender]))
+        only = forwarded[0] if len(forwarded) == 1 else None
+        log.info("{id}: forwarded by alias with return path <{srs}> (SRS) for <{sender}>", id=queue_id,
+                 srs=srs_sender, sender=incoming.sender)
+
+        def rest(_: object) -> Deferred[None] | None:
+            if not copies and envelope is None:
+                return None
+            return self.store(copies, envelope, outbound_headers, message).addErrback(take_back)
+
+        def take_back(failure: Any) -> Deferred[Any]:
+            return self._writer.run(self._spool.remove, queue_id).addBoth(lambda _: failure)
+
+        def stored(_: object) -> Receipt:
+            self.on_queued(srs_envelope)
+            if envelope is not None:
+                self.on_queued(envelope)
+            return receipt
+
+        headers = self.received(origin, queue_id, only, date, incoming)
+        return self.store([], srs_envelope, headers, message).addCallback(rest).addCallback(stored)
+    # --- end SRS ---
 
     def store(self, copies: list[Copy], envelope: Envelope | None, outbound_headers: bytes, body: bytes) -> Deferred[None]:
         """Deliver `copies` locally and queue `envelope` (None: nothing remote); every part or none.
