@@ -10,13 +10,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from twisted.internet.interfaces import IOpenSSLContextFactory
+from twisted.internet.interfaces import IOpenSSLContextFactory, IProtocolNegotiationFactory
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web import pages
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
+from zope.interface import implementer
 
 log = Logger(namespace="mailhost.http")
 
@@ -99,12 +100,19 @@ class _Deadline(ProtocolWrapper):
         super().connectionLost(reason)
 
 
+@implementer(IProtocolNegotiationFactory)
 class _DeadlineFactory(WrappingFactory):
     protocol = _Deadline
 
     def __init__(self, wrapped: Any, reactor: Any) -> None:
         super().__init__(wrapped)
         self.reactor = reactor
+
+    def acceptableProtocols(self) -> list[bytes]:
+        """ALPN (RFC 7301): HTTP/1.1. Twisted's TLS asks the factory it wraps; without an answer
+        it selects nothing and the handshake of every client that offers ALPN (curl, browsers,
+        Go's MTA-STS fetchers) ends in an "internal error" alert."""
+        return [b"http/1.1"]
 
 
 class HttpsSite(Site):
