@@ -228,7 +228,7 @@ class MtaStsConfig:
 
 @dataclass(frozen=True)
 class SrsConfig:
-    """SRS return paths for mail aliases forward to remote addresses (mailhost.intake.srs)."""
+    """SRS return paths for mail aliases forward to remote addresses (mailhost.feedback.srs)."""
 
     enabled: bool = True
     max_age_days: int = 21  # how long a bounce to an SRS address is accepted

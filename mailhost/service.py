@@ -44,7 +44,7 @@ from mailhost.feedback.unsubscribe import UnsubscribeKeyError, UnsubscribeTokens
 from mailhost.doors.http.site import https_factory
 from mailhost.doors.http.unsubscribe import UnsubscribeResource
 from mailhost.doors.http.mta_sts import well_known
-from mailhost.intake.srs import daemon_srs
+from mailhost.feedback.srs import daemon_srs
 from mailhost.ops.keyfile import KeyFileError
 from mailhost.delivery.throttle import Throttle, share_of
 from mailhost.ops.tls import ServerTLS, TLSSetupError, ensure_tls_pair, tls_pair_paths
@@ -380,8 +380,8 @@ def reloader(tls: ServerTLS, reactor: Any, inbound: Inbound, outbound: Outbound,
         inbound.domains.replace(config)
         context.config = config  # limits, hostname: read by each new session
         inbound.intake.reconfigure(config, signer)
-        if inbound.intake.srs is not None:
-            inbound.intake.srs.max_age_days = config.srs.max_age_days
+        if inbound.feedback.srs is not None:
+            inbound.feedback.srs.max_age_days = config.srs.max_age_days
         inbound.suppression.soft_limit = config.bounces.soft_limit
         inbound.suppression.soft_window = config.bounces.soft_window
         inbound.suppression.rules = config.bounce_rules  # the deliverer reads its config's on each reply

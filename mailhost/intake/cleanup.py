@@ -20,7 +20,7 @@ The steps, in order, each written once here (cf. Postfix's cleanup(8)):
 8. DKIM signing when the From: domain has a key, except for mail from outside;
 9. Received: (RFC 5321 4.4), split into local copies and a spool envelope, durable commit;
    what an alias forwards to remote addresses gets an SRS return path in the alias's
-   domain (intake.srs), in an envelope of its own.
+   domain (feedback.srs), in an envelope of its own.
 
 A refusal comes back as a `Refused` failure carrying the SMTP reply; any other failure is
 an error the door answers with 451 4.3.0.
@@ -49,7 +49,7 @@ from mailhost.feedback.unsubscribe import (Unsubscribe, UnsubscribeTokens, base_
                                            record_unsubscribe)
 from mailhost.intake.origin import DSN, SMTP, Origin
 from mailhost.intake.policy import RecipientVerdict, check_originators, recipient_verdict
-from mailhost.intake.srs import Srs
+from mailhost.feedback.srs import Srs
 from mailhost.intake.submission import feedback_id, missing_headers
 from mailhost.local.mailbox import Copy, LocalDomains, Resolution, deliver_copies
 from mailhost.message import (HOP_LIMIT, domain_of, from_addresses, from_domain, has_fields, read_headers,
@@ -456,7 +456,7 @@ class Intake:
 
         return self.store(copies, envelope, outbound_headers, message).addCallback(stored)
 
-    # --- SRS for what aliases forward (intake.srs) ---
+    # --- SRS for what aliases forward (feedback.srs) ---
     def _srs_sender(self, sender: str, domain: str) -> str | None:
         """The SRS return path for mail from `sender` forwarded by an alias of `domain`, or None
         to keep `sender`: a bounce (<>), a sender of ours (SPF passes already), SRS off, or an

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from mailhost.feedback.suppression import SuppressionList, address_key, verp_recipient
 from mailhost.feedback.unsubscribe import MAILTO_PREFIX, UnsubscribeTokens, is_mailto_address
 from mailhost.intake.origin import SMTP, Origin
-from mailhost.intake.srs import Srs, is_srs
+from mailhost.feedback.srs import Srs, is_srs
 from mailhost.local.mailbox import LocalDomains, Resolution
 from mailhost.message import (ORIGINATOR_FIELDS, HeaderField, HeaderSection, claimed_addresses, normalize_address,
                               split_address)

@@ -1,7 +1,7 @@
 """Secret keys kept in state_dir: random bytes, made once (0600), never replaced.
 
 Used for the keys whose output outlives a restart: unsubscribe links in mail already sent
-(feedback.unsubscribe) and SRS return paths of forwarded mail (intake.srs). Two processes
+(feedback.unsubscribe) and SRS return paths of forwarded mail (feedback.srs). Two processes
 that make the same key at once end with one key: the file is linked into place, never
 renamed over another.
 """

@@ -14,7 +14,7 @@ from mailhost.config import load
 from mailhost.feedback.suppression import SuppressionList
 from mailhost.intake.cleanup import Incoming, Intake
 from mailhost.intake.origin import DSN, SMTP, Origin
-from mailhost.intake.srs import KEY_BYTES, Srs
+from mailhost.feedback.srs import KEY_BYTES, Srs
 from mailhost.local.mailbox import LocalDomains
 from mailhost.local.users import UserEntry, write_users
 from mailhost.multiproc.shard import EVERYTHING

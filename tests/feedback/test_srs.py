@@ -1,4 +1,4 @@
-"""SRS return paths (mailhost.intake.srs): made, reversed, forged, expired, case-folded."""
+"""SRS return paths (mailhost.feedback.srs): made, reversed, forged, expired, case-folded."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import os
 import pytest
 from hypothesis import given, strategies as st
 
-from mailhost.intake.srs import BASE32, HASH_CHARS, KEY_BYTES, Srs, daemon_srs, is_srs, key_path
+from mailhost.feedback.srs import HASH_CHARS, KEY_BYTES, Srs, daemon_srs, is_srs, key_path
 
 KEY = b"s" * KEY_BYTES
 DAY = 86400
