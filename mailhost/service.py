@@ -380,8 +380,8 @@ def reloader(tls: ServerTLS, reactor: Any, inbound: Inbound, outbound: Outbound,
         inbound.domains.replace(config)
         context.config = config  # limits, hostname: read by each new session
         inbound.intake.reconfigure(config, signer)
-        if inbound.feedback.srs is not None:
-            inbound.feedback.srs.max_age_days = config.srs.max_age_days
+        if inbound.intake.srs is not None:
+            inbound.intake.srs.max_age_days = config.srs.max_age_days
         inbound.suppression.soft_limit = config.bounces.soft_limit
         inbound.suppression.soft_window = config.bounces.soft_window
         inbound.suppression.rules = config.bounce_rules  # the deliverer reads its config's on each reply
