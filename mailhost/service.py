@@ -43,6 +43,8 @@ from mailhost.feedback.webhooks import WebhookService, WebhookSetupError, prepar
 from mailhost.feedback.unsubscribe import UnsubscribeKeyError, UnsubscribeTokens, daemon_tokens
 from mailhost.doors.http.site import https_factory
 from mailhost.doors.http.unsubscribe import UnsubscribeResource
+from mailhost.doors.http.api.keys import api_keys
+from mailhost.doors.http.api.resource import ApiContext, ApiResource
 from mailhost.doors.http.mta_sts import well_known
 from mailhost.feedback.srs import daemon_srs
 from mailhost.ops.keyfile import KeyFileError
@@ -236,7 +238,8 @@ def build_inbound(config: Config, tls_options: ServerTLS, reactor: Any, parent: 
     checks = DiskWriter(reactor, threads=2, name="mailhost-auth")
     DiskWriterService(checks).setServiceParent(parent)
     slowdown = AuthSlowdown(reactor, free=config.limits.auth_failures)
-    # DNS for SPF/DKIM/DMARC and DKIM signing (RSA in OpenSSL, which releases the GIL) run here.
+    # DNS for SPF/DKIM/DMARC runs here. DKIM signing runs on the disk thread that commits the
+    # message (one thread trip a message; the RSA step is OpenSSL's, which releases the GIL).
     content_threads = DiskWriter(reactor, threads=4, name="mailhost-content")
     DiskWriterService(content_threads).setServiceParent(parent)
     events = event_log(config.server.state_dir)
@@ -282,7 +285,12 @@ def build_outbound(config: Config, inbound: Inbound, reactor: Any, parent: servi
                         index=shard.index)
     metrics.watch_throttle(throttle.snapshot)
     deliverer = Deliverer(config, router, pool, throttle, reactor, metrics)
-    scheduler = Scheduler(config, inbound.spool, inbound.writer, deliverer, inbound.intake, reactor, metrics, shard,
+    # The queue runner's disk work (loading due messages, the delivery events, removals) has
+    # threads of its own: a draining queue keeps them busy, and a message arriving meanwhile
+    # must not wait behind that work for its commit and its 250.
+    queue_writer = DiskWriter(reactor, threads=4, name="mailhost-queue")
+    DiskWriterService(queue_writer).setServiceParent(parent)
+    scheduler = Scheduler(config, inbound.spool, queue_writer, deliverer, inbound.intake, reactor, metrics, shard,
                           inbound.suppression, max_in_flight=share_of(config.queue.concurrency, shard.count, shard.index),
                           recover_spool=main)
     inbound.intake.on_queued = scheduler.queued
@@ -334,7 +342,7 @@ def build(config: Config, tls_options: ServerTLS, reactor: Any) -> MailhostDaemo
         ListenerService(config.metrics.endpoint, site, reactor).setServiceParent(top)
     if config.http.endpoint is not None:
         # The main process only, also with workers: nothing here is busy enough to share.
-        factory = https_factory(http_resources(inbound), tls_options, reactor)
+        factory = https_factory(http_resources(inbound, reactor), tls_options, reactor)
         ListenerService(config.http.endpoint, factory, reactor).setServiceParent(top)
     for each in listeners:
         each.setServiceParent(top)
@@ -354,10 +362,16 @@ def build(config: Config, tls_options: ServerTLS, reactor: Any) -> MailhostDaemo
     return top
 
 
-def http_resources(inbound: Inbound) -> dict[bytes, Any]:
+def http_resources(inbound: Inbound, reactor: Any) -> dict[bytes, Any]:
     """What the `[http] endpoint` serves, by first path segment (the site adds TLS,
     the security headers and the limits to each)."""
+    # --- the HTTP API (/api/v1, mailhost.doors.http.api): in the main process, which alone serves
+    # [http]; it reads the spool and event log every process writes, and takes mail in by its intake.
+    state_dir = inbound.context.config.server.state_dir
+    api = ApiResource(ApiContext(lambda: inbound.context.config, api_keys(state_dir), inbound.intake, inbound.spool,
+                                 inbound.suppression, inbound.suppression.events, inbound.writer.run, reactor))
     return {b"unsubscribe": UnsubscribeResource(inbound.unsubscribe, inbound.suppression, inbound.writer.run),
+            b"api": api,
             b".well-known": well_known(lambda: inbound.context.config)}  # MTA-STS policy (RFC 8461 3.3)
 
 

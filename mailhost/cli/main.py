@@ -79,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     suppress.add_parser(commands, _Parser)
 
+    # --- apikey: the HTTP API's keys (mailhost.cli.apikey)
+    from mailhost.cli import apikey
+
+    apikey.add_parser(commands, _Parser)
+
     queue = commands.add_parser("queue", help="see and steer the outbound queue").add_subparsers(
         dest="queue_command", required=True, metavar="list|show|flush|delete|hold|release", parser_class=_Parser
     )
@@ -104,6 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return check_config(config)
         if args.command == "suppress":
             return suppress_command(config, args)
+        if args.command == "apikey":
+            return apikey_command(config, args)
         if args.command == "dkim":
             return dkim_keygen(config, args)
         if args.command == "dns":
@@ -154,6 +161,15 @@ def suppress_command(config: Config, args: argparse.Namespace) -> int:
     try:
         return run(config, args)
     except SuppressUsageError as e:
+        raise UserError(str(e)) from None
+
+
+def apikey_command(config: Config, args: argparse.Namespace) -> int:
+    from mailhost.cli.apikey import ApiKeyError, run
+
+    try:
+        return run(config, args)
+    except ApiKeyError as e:
         raise UserError(str(e)) from None
 
 

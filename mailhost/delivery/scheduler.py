@@ -60,7 +60,12 @@ class Scheduler(service.Service):
         metrics.watch_queue(lambda: len(self.arrivals), lambda: min(self.arrivals.values(), default=None))
         if recover_spool:  # one process counts spool/corrupt/, whichever process put them there
             metrics.watch_corrupt(spool.corrupt_count)
-        self.in_flight: set[str] = set()
+        self.in_flight: set[str] = set()  # every message an attempt is running for
+        # Of those, the ones still loading or talking to servers: queue.concurrency bounds these.
+        # The bookkeeping after the last reply (events, spool, DSNs) holds no connection and
+        # is short, so it must not keep the next message from starting (Little's law: a slot
+        # held through an fsync is a connection left idle).
+        self.delivering: set[str] = set()
         self._deleted: set[str] = set()
         self._held_meanwhile: dict[str, bool] = {}  # hold/release said during a running attempt
         self._timer: Any = None
@@ -242,16 +247,17 @@ class Scheduler(service.Service):
         if not self.running:
             return
         now = self.reactor.seconds()
-        while len(self.in_flight) < self.max_in_flight:
+        while len(self.delivering) < self.max_in_flight:
             queue_id = self.index.pop_due(now)
             if queue_id is None:
                 break
             self.in_flight.add(queue_id)
+            self.delivering.add(queue_id)
             self._attempt(queue_id)
         self._arm_timer(self.index.next_time())
 
     def _arm_timer(self, when: float | None) -> None:
-        if when is None or len(self.in_flight) >= self.max_in_flight:
+        if when is None or len(self.delivering) >= self.max_in_flight:
             return  # a finishing attempt wakes us
         if self._timer is not None and self._timer.active():
             if self._timer_at is not None and self._timer_at <= when:
@@ -280,6 +286,7 @@ class Scheduler(service.Service):
                 outcomes = yield self._deliver_except(envelope, message, suppressed)
             else:
                 outcomes = yield self.deliverer.deliver(envelope, message)
+            self._delivered(queue_id)
             yield self._record(envelope, message, outcomes)
         except MessageMissing:
             # The removal after its delivery did not reach the disk before a crash
@@ -297,6 +304,7 @@ class Scheduler(service.Service):
             if queue_id in self.index or self.spool.envelope_path(queue_id).exists():
                 self.index.schedule(queue_id, self.reactor.seconds() + ERROR_RETRY_SECONDS)
         finally:
+            self.delivering.discard(queue_id)
             self.in_flight.discard(queue_id)
             self._held_meanwhile.pop(queue_id, None)
             if queue_id in self._deleted:
@@ -306,6 +314,11 @@ class Scheduler(service.Service):
                 except SpoolError:
                     pass  # the attempt finished it and removed it already
             self._wake()
+
+    def _delivered(self, queue_id: str) -> None:
+        """The attempt has its outcomes: its concurrency slot goes to the next due message."""
+        self.delivering.discard(queue_id)
+        self._wake()
 
     def _load_attempt(self, queue_id: str) -> tuple[Envelope, bytes, dict[str, str]]:
         """The envelope, the message, and why each pending recipient now suppressed is (disk thread)."""

@@ -183,14 +183,18 @@ class EventLog:
 
     # --- reading -------------------------------------------------------------------
 
-    def read(self, after: str = "") -> Iterator[dict[str, Any]]:
+    def read(self, after: str = "", containing: bytes = b"") -> Iterator[dict[str, Any]]:
         """The events recorded after the one with id `after` ("" for all), in order, across
-        segments. A line cut short by a crash mid-write is skipped."""
+        segments. A line cut short by a crash mid-write is skipped. `containing`: only lines
+        that hold these bytes are parsed (a cheap pre-filter, e.g. a queue id; the caller
+        still checks the field)."""
         for stream in self._open_from(after):
             with stream:
                 for line in stream:
                     if not line.endswith(b"\n"):
                         break  # being written: the next read has it
+                    if containing and containing not in line:
+                        continue
                     known = line_id(line)
                     if known is not None and known <= after:
                         continue  # cheap skip of what the caller has seen

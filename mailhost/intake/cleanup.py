@@ -8,8 +8,9 @@ The steps, in order, each written once here (cf. Postfix's cleanup(8)):
    Feedback-ID: (Gmail's feedback loop) when `[unsubscribe] feedback_id` is set; never for
    mail from outside;
 3. sender ownership: an authenticated user's originator fields (From:, Sender:, Resent-From:,
-   Resent-Sender:) name only its own addresses in our domains, and its header section reads
-   one way only (RFC 5322, obsolete syntax included);
+   Resent-Sender:) name only its own addresses in our domains, an API key's envelope sender
+   and originator fields only its allowed senders, and the header section reads one way
+   only (RFC 5322, obsolete syntax included);
 4. inbound authentication for mail from outside: SPF, DKIM, DMARC into
    Authentication-Results:, forged ones removed, DMARC p=reject honoured when configured;
 5. per-recipient policy and suppression (the SMTP door asked the same question at RCPT);
@@ -39,7 +40,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 
-from mailhost.authn.dkim import Signer, sign
+from mailhost.authn.dkim import DkimKey, Signer, sign
 from mailhost.authn.inbound import evaluate, strip_forged_results
 from mailhost.config import Config, UnsubscribeConfig
 from mailhost.feedback.arf import Complaint, is_feedback_report, parse_arf
@@ -48,7 +49,7 @@ from mailhost.feedback.suppression import SuppressionList, address_key, parse_ds
 from mailhost.feedback.unsubscribe import (Unsubscribe, UnsubscribeTokens, base_url, list_unsubscribe_headers,
                                            record_unsubscribe)
 from mailhost.intake.origin import DSN, SMTP, Origin
-from mailhost.intake.policy import RecipientVerdict, check_originators, recipient_verdict
+from mailhost.intake.policy import RecipientVerdict, check_key_sender, check_originators, recipient_verdict
 from mailhost.feedback.srs import Srs
 from mailhost.intake.submission import feedback_id, missing_headers
 from mailhost.local.mailbox import Copy, LocalDomains, Resolution, deliver_copies
@@ -210,13 +211,16 @@ class Intake:
             return message  # built whole by feedback.dsn
         template = self.settings.feedback_id
         wanted = (b"message-id", b"date") if template is None else (b"message-id", b"date", b"feedback-id")
-        if origin.user is None and has_fields(message, wanted):
+        if origin.user is None and origin.may_send_as is None and has_fields(message, wanted):
             return message  # the common case for a campaign tool: nothing to parse
         headers = read_headers(message)
-        if origin.user is not None:
+        refusal = None
+        if origin.may_send_as is not None:  # the API: the key's senders
+            refusal = check_key_sender(origin.submitter, origin.may_send_as, incoming.sender, headers, self.domains)
+        elif origin.user is not None:
             refusal = check_originators(origin.user, headers, self.domains)
-            if refusal is not None:
-                raise Refused(refusal)
+        if refusal is not None:
+            raise Refused(refusal)
         added = missing_headers(headers, self.settings.hostname)
         if template is not None:
             # Before DKIM signs it (step 7), which over-signs Feedback-ID.
@@ -273,11 +277,8 @@ class Intake:
 
         def sign_and_commit(found: tuple[list[str], bool]) -> Deferred[Receipt]:
             suppressed, complained = found
-            signed = self._sign(message, origin)
-            if isinstance(signed, Deferred):
-                return signed.addCallback(lambda result: self._commit(
-                    queue_id, result, incoming, origin, accepted, refused, suppressed, complained))
-            return self._commit(queue_id, signed, incoming, origin, accepted, refused, suppressed, complained)
+            return self._commit(queue_id, message, incoming, origin, accepted, refused, suppressed, complained,
+                                self._signing_key(message, origin))
 
         def reports(_: object = None) -> Deferred[Receipt]:
             if is_report or is_complaint:
@@ -295,14 +296,13 @@ class Intake:
             return RecipientVerdict(e.reply)
         return self.recipient_verdict(parsed, origin, sender)
 
-    def _sign(self, message: bytes, origin: Origin) -> bytes | Deferred[bytes]:
-        """A DKIM-Signature: when the From: domain has a key (not for mail from outside)."""
+    def _signing_key(self, message: bytes, origin: Origin) -> DkimKey | None:
+        """The DKIM key that signs this message (None: not signed): the From: domain's, and
+        never for mail from outside. The signature is made on the disk thread that commits the
+        message (store), so a message costs one thread trip, not two."""
         if origin.from_outside or not self.signer.has_keys():
-            return message
-        key = self.signer.key_for(from_domain(message))
-        if key is None:
-            return message
-        return self._run(sign, message, key).addCallback(lambda header: header + message)
+            return None
+        return self.signer.key_for(from_domain(message))
 
     def _list_unsubscribe(self, message: bytes, incoming: Incoming, origin: Origin,
                           accepted: list[tuple[str, Resolution]]) -> bytes:
@@ -403,7 +403,7 @@ class Intake:
 
     def _commit(self, queue_id: str, message: bytes, incoming: Incoming, origin: Origin,
                 accepted: list[tuple[str, Resolution]], refused: list[tuple[str, Reply]],
-                suppressed: list[str], complained: bool = False) -> Deferred[Receipt]:
+                suppressed: list[str], complained: bool = False, signing_key: DkimKey | None = None) -> Deferred[Receipt]:
         date = received_date()
         copies: list[Copy] = []
         remote: list[str] = []
@@ -445,7 +445,7 @@ class Intake:
         outbound_headers = self.received(origin, queue_id, only, date, incoming)
         if forwarded and srs_sender is not None:
             return self._commit_forwarded(srs_sender, forwarded, copies, envelope, outbound_headers, message, origin,
-                                          date, incoming, receipt)
+                                          date, incoming, receipt, signing_key)
         if not copies and envelope is None:
             return succeed(receipt)
 
@@ -454,7 +454,7 @@ class Intake:
                 self.on_queued(envelope)
             return receipt
 
-        return self.store(copies, envelope, outbound_headers, message).addCallback(stored)
+        return self.store(copies, envelope, outbound_headers, message, signing_key).addCallback(stored)
 
     # --- SRS for what aliases forward (feedback.srs) ---
     def _srs_sender(self, sender: str, domain: str) -> str | None:
@@ -471,7 +471,7 @@ class Intake:
 
     def _commit_forwarded(self, srs_sender: str, forwarded: list[str], copies: list[Copy], envelope: Envelope | None,
                           outbound_headers: bytes, message: bytes, origin: Origin, date: str, incoming: Incoming,
-                          receipt: Receipt) -> Deferred[Receipt]:
+                          receipt: Receipt, signing_key: DkimKey | None = None) -> Deferred[Receipt]:
         """Commit with the forwarded recipients in an envelope of their own, from `srs_sender`:
         that envelope first, then the rest as usual; when the rest fails, the forwarded part is
         taken back, so the client's retry makes no second copy."""
@@ -489,7 +489,7 @@ class Intake:
         def rest(_: object) -> Deferred[None] | None:
             if not copies and envelope is None:
                 return None
-            return self.store(copies, envelope, outbound_headers, message).addErrback(take_back)
+            return self.store(copies, envelope, outbound_headers, message, signing_key).addErrback(take_back)
 
         def take_back(failure: Any) -> Deferred[Any]:
             return self._writer.run(self._spool.remove, queue_id).addBoth(lambda _: failure)
@@ -501,14 +501,16 @@ class Intake:
             return receipt
 
         headers = self.received(origin, queue_id, only, date, incoming)
-        return self.store([], srs_envelope, headers, message).addCallback(rest).addCallback(stored)
+        return self.store([], srs_envelope, headers, message, signing_key).addCallback(rest).addCallback(stored)
     # --- end SRS ---
 
-    def store(self, copies: list[Copy], envelope: Envelope | None, outbound_headers: bytes, body: bytes) -> Deferred[None]:
-        """Deliver `copies` locally and queue `envelope` (None: nothing remote); every part or none.
+    def store(self, copies: list[Copy], envelope: Envelope | None, outbound_headers: bytes, body: bytes,
+              signing_key: DkimKey | None = None) -> Deferred[None]:
+        """DKIM-sign `body` with `signing_key` (None: as it is), deliver `copies` locally and
+        queue `envelope` (None: nothing remote); every part or none, in one disk thread trip.
 
-        The queued message is `outbound_headers` (our Received:) followed by `body`."""
-        return self._writer.run(_commit, self._spool, copies, envelope, outbound_headers, body)
+        The queued message is `outbound_headers` (our Received:) followed by the signed body."""
+        return self._writer.run(_commit, self._spool, copies, envelope, outbound_headers, body, signing_key)
 
     def received(self, origin: Origin, queue_id: str, recipient: str | None, date: str, incoming: Incoming) -> bytes:
         """Our RFC 5321 4.4 trace header; `for` only when it names one recipient.
@@ -537,7 +539,15 @@ def _header_safe(text: str) -> str:
     return "".join(c if c.isprintable() else " " for c in text)[:200]
 
 
-def _commit(spool: Spool, copies: list[Copy], envelope: Envelope | None, outbound_headers: bytes, body: bytes) -> None:
+def signed_body(body: bytes, signing_key: DkimKey | None) -> bytes:
+    """`body` with its DKIM-Signature: on top (RFC 6376 5), or as it is without a key. Blocking:
+    the signature is made on the thread that stores the message."""
+    return body if signing_key is None else sign(body, signing_key) + body
+
+
+def _commit(spool: Spool, copies: list[Copy], envelope: Envelope | None, outbound_headers: bytes, body: bytes,
+            signing_key: DkimKey | None = None) -> None:
+    body = signed_body(body, signing_key)
     if envelope is not None:
         spool.store(envelope, (outbound_headers, body))
     if copies:

@@ -1,7 +1,7 @@
 """Who a message is from, as the door it came in by saw it.
 
-A door (the SMTP server, pickup for `mailhost sendmail`, our own DSNs, later
-the HTTP API) only speaks its protocol and fills in an Origin; the intake
+A door (the SMTP server, pickup for `mailhost sendmail`, our own DSNs, the
+HTTP API) only speaks its protocol and fills in an Origin; the intake
 decides from it what happens to the message (cleanup.Intake.receive).
 """
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 SMTP = "smtp"
 SENDMAIL = "sendmail"
 DSN = "dsn"  # bounces and delay warnings this host writes itself
-HTTP = "http"
+HTTP = "http"  # POST /api/v1/messages with an API key (mailhost.doors.http.api)
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,10 @@ class Origin:
     relay_network: bool = False  # the client is in relay.networks
     esmtp: bool = False  # EHLO, not HELO (the Received: "with" word)
     tls: str | None = None  # "TLSv1.3 with cipher ...", None without TLS
-    submitter: str = ""  # `mailhost sendmail`: "userid 1000 (alice@host)"
+    submitter: str = ""  # `mailhost sendmail`: "userid 1000 (alice@host)"; the API: "api key NAME"
+    # The API key's allowed senders (addresses, "@domain"): the envelope sender and every
+    # originator field must be one of them. None: not an API key (ownership by `user`, if any).
+    may_send_as: tuple[str, ...] | None = None
 
     @property
     def from_outside(self) -> bool:

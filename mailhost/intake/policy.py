@@ -167,17 +167,42 @@ def check_sender(user: str, sender: Address, domains: LocalDomains) -> Reply | N
     return Reply(553, "5.7.1", f"<{sender}>: Sender address not owned by {user}")
 
 
-def check_header_senders(user: str, addresses: list[str], domains: LocalDomains, field: str = "From") -> Reply | None:
+def check_header_senders(user: str, addresses: list[str], domains: LocalDomains, field: str = "From",
+                         allowed: tuple[str, ...] | None = None) -> Reply | None:
     """Addresses an authenticated session's message names in its `field:` header: those in a
-    local domain must be `user`'s. Compared normalised: "bob@Example.TEST." is bob@example.test."""
+    local domain must be `user`'s. Compared normalised: "bob@Example.TEST." is bob@example.test.
+    With `allowed` (an API key's senders), every address, in any domain, must be one of them."""
     for address in addresses:
         address = normalize_address(address)
-        if domains.is_local(split_address(address)[1]) and not owns(user, address, domains):
+        if allowed is not None:
+            if not key_may_send_as(allowed, address):
+                return Reply(553, "5.7.1", f"{field}: <{_printable(address)}> not allowed for {user}")
+        elif domains.is_local(split_address(address)[1]) and not owns(user, address, domains):
             return Reply(553, "5.7.1", f"{field}: <{_printable(address)}> not owned by {user}")
     return None
 
 
-def check_originators(user: str, headers: HeaderSection, domains: LocalDomains) -> Reply | None:
+def key_may_send_as(allowed: tuple[str, ...], address: str) -> bool:
+    """Whether an API key whose senders are `allowed` ("news@example.test", "@example.test",
+    lower case) may use `address`; the null sender and a bare name never."""
+    address = normalize_address(address).lower()
+    local, domain = split_address(address)
+    if not local or not domain:
+        return False
+    return address in allowed or f"@{domain}" in allowed
+
+
+def check_key_sender(name: str, allowed: tuple[str, ...], sender: str, headers: HeaderSection,
+                     domains: LocalDomains) -> Reply | None:
+    """Mail from the API (intake, step 3): the envelope sender and every originator field
+    name only the key's `allowed` senders (553 5.7.1), and the header section reads one way."""
+    if not key_may_send_as(allowed, sender):
+        return Reply(553, "5.7.1", f"<{_printable(sender)}>: Sender address not allowed for {name}")
+    return check_originators(name, headers, domains, allowed)
+
+
+def check_originators(user: str, headers: HeaderSection, domains: LocalDomains,
+                      allowed: tuple[str, ...] | None = None) -> Reply | None:
     """The header section of an authenticated user's message: every originator field (From:,
     Sender:, Resent-From:, Resent-Sender:) names only addresses `user` owns (553 5.7.1), and
     the section reads one way only (550 5.6.0): a reader must not see a sender we did not.
@@ -191,7 +216,7 @@ def check_originators(user: str, headers: HeaderSection, domains: LocalDomains) 
         if field.name.lower() not in ORIGINATOR_FIELDS:
             continue
         addresses, readable = claimed_addresses(field.text)
-        refusal = check_header_senders(user, addresses, domains, field.name)
+        refusal = check_header_senders(user, addresses, domains, field.name, allowed)
         if refusal is not None:
             return refusal  # the sharper reason first
         if not readable and unreadable is None:

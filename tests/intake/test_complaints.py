@@ -13,7 +13,7 @@ from mailhost.config import load
 from mailhost.feedback.complaints import ComplaintRate
 from mailhost.feedback.events import EventLog
 from mailhost.feedback.suppression import SuppressionList, verp_sender
-from mailhost.intake.cleanup import Incoming, Intake
+from mailhost.intake.cleanup import Incoming, Intake, signed_body
 from mailhost.intake.origin import SENDMAIL, SMTP, Origin
 from mailhost.local.mailbox import LocalDomains
 from mailhost.local.users import UserEntry, write_users
@@ -57,7 +57,9 @@ OUTSIDE = Origin(SMTP, role="mx", client_ip="192.0.2.1", helo="fbl.provider.test
 class StoringIntake(Intake):
     """The real intake, remembering what it would store instead of writing it."""
 
-    def store(self, copies: list, envelope: Any, outbound_headers: bytes, body: bytes) -> defer.Deferred:
+    def store(self, copies: list, envelope: Any, outbound_headers: bytes, body: bytes,
+              signing_key: Any = None) -> defer.Deferred:
+        body = signed_body(body, signing_key)
         self.stored.append((copies, envelope, body))
         return defer.succeed(None)
 

@@ -14,8 +14,8 @@ import pytest
 
 from mailhost.config import Config, load
 from mailhost.local.mailbox import LocalDomains
-from mailhost.intake.policy import (auth_required, check_header_senders, check_originators, check_recipient,
-                                    check_sender, may_relay)
+from mailhost.intake.policy import (auth_required, check_header_senders, check_key_sender, check_originators,
+                                    check_recipient, check_sender, may_relay)
 from mailhost.message import parse_header_section
 from mailhost.smtp.wire import Address, SMTPError, parse_path
 from mailhost.local.users import UserEntry, hash_password, write_users
@@ -448,3 +448,24 @@ def test_originator_refusals_name_the_field_and_the_problem(domains: LocalDomain
     assert refusal is not None and refusal.text == "Sender: <bob@example.test> not owned by alice@example.test"
     refusal = check_originators(A, parse_header_section(b"Subject: s\nno field\n\n"), domains)
     assert refusal is not None and "line 2" in refusal.text and "header" in refusal.text.lower()
+
+
+KEY_SENDERS = ("news@example.test", "@shop.example")
+KEY_TABLE = [
+    # (envelope sender, header section of a message POSTed with a key, the reply: None when accepted)
+    ("news@example.test", b"From: News <news@example.test>\n\n", OWNED),
+    ("NEWS@Example.TEST.", b"From: news@example.test\n\n", OWNED),
+    ("x@shop.example", b"From: y@SHOP.example\nSender: news@example.test\n\n", OWNED),
+    ("alice@example.test", b"From: news@example.test\n\n", NOT_OWNED),  # the envelope too
+    ("", b"From: news@example.test\n\n", NOT_OWNED),  # no null sender for a key
+    ("news@example.test", b"From: ceo@bank.test\n\n", NOT_OWNED),  # every domain, not only local ones
+    ("news@example.test", b"From: news@example.test\nResent-From: x@sub.shop.example\n\n", NOT_OWNED),
+    ("news@example.test", b"From: news@example.test\n bad first\nnot a field\n\n", UNREADABLE),
+]
+
+
+@pytest.mark.parametrize("sender, message, expected", KEY_TABLE)
+def test_an_api_key_sends_only_as_its_senders(domains: LocalDomains, sender: str, message: bytes,
+                                               expected: tuple[int, str] | None) -> None:
+    reply = check_key_sender("api key crm", KEY_SENDERS, sender, parse_header_section(message), domains)
+    assert (reply if reply is None else (reply.code, reply.status)) == expected, reply

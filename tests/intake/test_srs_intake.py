@@ -50,7 +50,8 @@ MESSAGE = b"From: x@sender.example\nSubject: hi\n\nhello\n"
 
 
 class RecordingIntake(Intake):
-    def store(self, copies: list, envelope: Any, outbound_headers: bytes, body: bytes) -> defer.Deferred:
+    def store(self, copies: list, envelope: Any, outbound_headers: bytes, body: bytes,
+              signing_key: Any = None) -> defer.Deferred:
         self.envelopes += [envelope] if envelope is not None else []
         self.copies += [c.mailbox.address for c in copies]
         return defer.succeed(None)

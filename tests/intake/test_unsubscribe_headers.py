@@ -13,7 +13,7 @@ from mailhost.authn.dkim import Signer
 from mailhost.config import load
 from mailhost.feedback.suppression import SuppressionList
 from mailhost.feedback.unsubscribe import KEY_BYTES, UnsubscribeTokens
-from mailhost.intake.cleanup import Incoming, Intake
+from mailhost.intake.cleanup import Incoming, Intake, signed_body
 from mailhost.intake.policy import RecipientVerdict
 from mailhost.intake.origin import DSN, SENDMAIL, SMTP, Origin
 from mailhost.local.mailbox import LocalDomains
@@ -50,7 +50,9 @@ SUBMISSION = Origin(SMTP, role="submission", client_ip="192.0.2.9", helo="pc", u
 class RecordingIntake(Intake):
     stored: list[bytes]
 
-    def store(self, copies: list, envelope: Any, outbound_headers: bytes, body: bytes) -> defer.Deferred:
+    def store(self, copies: list, envelope: Any, outbound_headers: bytes, body: bytes,
+              signing_key: Any = None) -> defer.Deferred:
+        body = signed_body(body, signing_key)
         self.stored.append(body)
         return defer.succeed(None)
 

@@ -23,7 +23,7 @@ from twisted.logger import globalLogPublisher
 
 from mailhost.local.auth import AuthSlowdown, SubmitterRealm, UsersFileChecker
 from mailhost.config import load
-from mailhost.intake.cleanup import Intake
+from mailhost.intake.cleanup import Intake, signed_body
 from mailhost.multiproc.shard import EVERYTHING
 from mailhost.authn.dkim import Signer, generate
 from mailhost.local.mailbox import LocalDomains
@@ -92,7 +92,9 @@ class RecordingIntake(Intake):
 
     accepted: list[tuple[list, Any, bytes, bytes]]
 
-    def store(self, copies: list, envelope: Any, outbound_headers: bytes, body: bytes) -> defer.Deferred:
+    def store(self, copies: list, envelope: Any, outbound_headers: bytes, body: bytes,
+              signing_key: Any = None) -> defer.Deferred:
+        body = signed_body(body, signing_key)
         self.accepted.append((copies, envelope, outbound_headers, body))
         return defer.succeed(None)
 

@@ -240,7 +240,7 @@ def defer_stores(world: World) -> list:
 
     held: list = []
 
-    def store(copies, envelope, outbound_headers, body):
+    def store(copies, envelope, outbound_headers, body, signing_key=None):
         world.intake.accepted.append((copies, envelope, outbound_headers, body))
         deferred: defer.Deferred = defer.Deferred()
         held.append(deferred)

@@ -1,20 +1,24 @@
 """The HTTPS site: TLS only, the same security headers on every answer, bounded requests.
 
 Resources are added by path segment (`https_factory({b"unsubscribe": ...})`); anything
-else is 404. Plain HTTP is refused: the listener speaks TLS from the first byte, so a
+else is 404. A request body may be at most BODY_LIMIT bytes, unless the resource of its
+first path segment says otherwise for its path (`body_limit`, e.g. the API's messages take
+a whole mail message): the request line is seen before the body, so a body over its limit
+is refused before it is read, whichever resource it is for. Plain HTTP is refused: the listener speaks TLS from the first byte, so a
 plain request ends in a failed handshake, never in a page (RFC 8058 3.1 wants https).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from twisted.internet.interfaces import IOpenSSLContextFactory, IProtocolNegotiationFactory
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web import pages
+from twisted.web.http import HTTPChannel
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 from zope.interface import implementer
@@ -39,15 +43,31 @@ SECURITY_HEADERS = (
 )
 
 
+@runtime_checkable
+class LimitsBodies(Protocol):
+    """A resource whose requests may have bodies of another size than BODY_LIMIT."""
+
+    def body_limit(self, path: bytes) -> int:
+        """The most bytes a body for `path` (the rest after the resource's segment) may have."""
+        ...
+
+    def too_large(self, limit: int) -> tuple[bytes, bytes]:
+        """The Content-Type and body of the 413 answer."""
+        ...
+
+
 class BoundedRequest(Request):
-    """A request with the security headers and a body of at most BODY_LIMIT bytes: a larger
-    one gets 413 and the connection is closed before the resource sees it."""
+    """A request with the security headers and a body of at most its limit (BODY_LIMIT, or what
+    its resource says): a larger one gets 413 and the connection is closed before the
+    resource sees it."""
 
     refused = False
+    target = b""  # the request-target, set by _Channel as the request line arrives
 
     def gotLength(self, length: int | None) -> None:
         self.body_received = 0
-        if length is not None and length > BODY_LIMIT:
+        self.body_limit, self.refusal = self.channel.site.resource.limit_for(self.target)
+        if length is not None and length > self.body_limit:
             self.refuse_body()
             return
         super().gotLength(length)
@@ -56,7 +76,7 @@ class BoundedRequest(Request):
         if self.refused:
             return
         self.body_received += len(data)
-        if self.body_received > BODY_LIMIT:
+        if self.body_received > self.body_limit:
             self.refuse_body()
             return
         super().handleContentChunk(data)
@@ -65,8 +85,11 @@ class BoundedRequest(Request):
         """413 and close (RFC 9110 15.5.14), without reading the rest of the body."""
         if not self.refused:
             self.refused = True
-            self.channel.transport.write(b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 0\r\n"
-                                         b"Connection: close\r\n\r\n")
+            content_type, body = self.refusal
+            head = b"HTTP/1.1 413 Content Too Large\r\n"
+            if content_type:
+                head += b"Content-Type: " + content_type + b"\r\n"
+            self.channel.transport.write(head + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
             self.channel.transport.loseConnection()
 
     def render(self, resrc: IResource) -> None:
@@ -77,8 +100,31 @@ class BoundedRequest(Request):
         super().render(resrc)
 
 
+class _Channel(HTTPChannel):
+    """HTTP/1.1 that tells each request its target as soon as the request line is read,
+    so that its body limit is known before the body comes (BoundedRequest.gotLength)."""
+
+    def lineReceived(self, line: bytes) -> None:
+        known = len(self.requests)
+        super().lineReceived(line)
+        if len(self.requests) > known:  # that line was a request line: METHOD SP target SP version
+            parts = line.split(b" ")
+            self.requests[-1].target = parts[1] if len(parts) == 3 else b""
+
+
 class Root(Resource):
     """/: the children put in, 404 for everything else."""
+
+    def limit_for(self, target: bytes) -> tuple[int, tuple[bytes, bytes]]:
+        """The body limit for a request-target, and the 413 answer (Content-Type, body)."""
+        path = target.split(b"?", 1)[0]
+        if path.startswith(b"/"):
+            first, _, rest = path[1:].partition(b"/")
+            child = self.children.get(first)
+            if isinstance(child, LimitsBodies):
+                limit = child.body_limit(rest)
+                return limit, child.too_large(limit)
+        return BODY_LIMIT, (b"", b"")
 
     def getChild(self, path: bytes, request: Any) -> IResource:
         return pages.notFound()
@@ -104,6 +150,12 @@ class _Deadline(ProtocolWrapper):
 class _DeadlineFactory(WrappingFactory):
     protocol = _Deadline
 
+    def acceptableProtocols(self) -> list[bytes]:
+        """ALPN (RFC 7301): HTTP/1.1. Twisted's TLS asks the factory inside TLS, this one;
+        without an answer a client that offers ALPN (curl, every browser) got a handshake
+        alert instead of a page."""
+        return [b"http/1.1"]
+
     def __init__(self, wrapped: Any, reactor: Any) -> None:
         super().__init__(wrapped)
         self.reactor = reactor
@@ -118,10 +170,12 @@ class _DeadlineFactory(WrappingFactory):
 class HttpsSite(Site):
     displayTracebacks = False
     noisy = False
+    protocol = _Channel  # HTTP/1.1 only (no HTTP/2 is offered in the TLS handshake)
 
     def log(self, request: Any) -> None:
         """One line per request in mailhost's log; the path only up to its first segment,
-        as the rest may be a token (a capability, and it names a recipient)."""
+        as the rest may be a token (a capability, and it names a recipient). No header and
+        no query is logged: an API key (Authorization: Bearer) never reaches the log."""
         parts = request.path.split(b"/")
         first = parts[1][:40].decode("ascii", "replace") if len(parts) > 1 else ""
         address = request.getClientAddress()
