@@ -148,6 +148,11 @@ class _Deadline(ProtocolWrapper):
 
 @implementer(IProtocolNegotiationFactory)
 class _DeadlineFactory(WrappingFactory):
+    """Also says which protocol to pick in the TLS handshake (ALPN, RFC 7301): without an
+    answer Twisted's ALPN callback selects nothing and OpenSSL ends every handshake from a
+    client that offers ALPN (every browser, curl) with an internal-error alert. HTTP/1.1
+    only: the body limits and deadlines here are HTTP/1.1's."""
+
     protocol = _Deadline
 
     def acceptableProtocols(self) -> list[bytes]:
@@ -159,12 +164,6 @@ class _DeadlineFactory(WrappingFactory):
     def __init__(self, wrapped: Any, reactor: Any) -> None:
         super().__init__(wrapped)
         self.reactor = reactor
-
-    def acceptableProtocols(self) -> list[bytes]:
-        """ALPN (RFC 7301): HTTP/1.1. Twisted's TLS asks the factory it wraps; without an answer
-        it selects nothing and the handshake of every client that offers ALPN (curl, browsers,
-        Go's MTA-STS fetchers) ends in an "internal error" alert."""
-        return [b"http/1.1"]
 
 
 class HttpsSite(Site):
