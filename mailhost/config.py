@@ -219,6 +219,28 @@ class WebhookConfig:
     password_file: Path | None = None
 
 
+# --- [mta_sts] and [srs] (issue 17) ------------------------------------------------------
+MTA_STS_MODES = ("testing", "enforce", "none")
+
+
+@dataclass(frozen=True)
+class MtaStsConfig:
+    """Our own MTA-STS policy (RFC 8461 3.2), served for every local domain on [http]."""
+
+    mode: str = "testing"  # testing | enforce | none
+    max_age: int = 604800  # seconds senders may cache the policy
+    mx: tuple[str, ...] = ()  # MX host name patterns ("*.example.org" allowed); empty: the server's hostname
+
+
+@dataclass(frozen=True)
+class SrsConfig:
+    """SRS return paths for mail aliases forward to remote addresses (mailhost.feedback.srs)."""
+
+    enabled: bool = True
+    max_age_days: int = 21  # how long a bounce to an SRS address is accepted
+# --- end [mta_sts] and [srs] ---------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class Config:
     path: Path
@@ -239,6 +261,8 @@ class Config:
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
     bounce_rules: tuple[BounceRule, ...] = ()
     webhooks: tuple[WebhookConfig, ...] = ()
+    mta_sts: MtaStsConfig = field(default_factory=MtaStsConfig)
+    srs: SrsConfig = field(default_factory=SrsConfig)
 
     def domain(self, name: str) -> DomainConfig | None:
         """The local domain called `name` (case-insensitive), or None."""
@@ -344,7 +368,8 @@ class _Reader:
 
     def config(self, data: dict) -> Config:
         top = {"server", "listener", "limits", "domain", "relay", "queue", "submission", "metrics", "throttle",
-               "inbound", "bounces", "dkim", "http", "unsubscribe", "feedback", "bounce_rule", "webhook"}
+               "inbound", "bounces", "dkim", "http", "unsubscribe", "feedback", "bounce_rule", "webhook",
+               "mta_sts", "srs"}
         self.check_table(data, "(top level)", top)
         server = self.server(self.table(data, "server", {"hostname", "state_dir", "tls_cert", "tls_key", "workers"}))
         listeners = self.listeners(data.get("listener"))
@@ -378,7 +403,29 @@ class _Reader:
                                                    allow_domains=False)),
             bounce_rules=self.bounce_rules(data.get("bounce_rule", [])),
             webhooks=self.webhooks(data.get("webhook", [])),
+            mta_sts=self.mta_sts(self.table(data, "mta_sts", {"mode", "max_age", "mx"})),
+            srs=self.srs(self.table(data, "srs", {"enabled", "max_age"})),
         )
+
+    # --- [mta_sts] and [srs] (issue 17) ---
+    def mta_sts(self, table: dict) -> MtaStsConfig:
+        mode = self.choice(table, "mta_sts", "mode", "testing", MTA_STS_MODES)
+        max_age = self.duration(table, "mta_sts", "max_age", 604800.0)
+        if not 0 < max_age <= 31557600:  # RFC 8461 3.2: at most 31557600 seconds (a year)
+            raise self.fail("mta_sts.max_age", table.get("max_age"), 'a duration from "1s" to "365d"')
+        mx = table.get("mx", [])
+        allowed = 'a list of MX host names such as ["mail.example.org", "*.example.net"]'
+        if not isinstance(mx, list) or not all(isinstance(m, str) and _is_domain(m.removeprefix("*."))
+                                               and not m.endswith(".") for m in mx):
+            raise self.fail("mta_sts.mx", mx, allowed)
+        return MtaStsConfig(mode, int(max_age), tuple(m.lower() for m in mx))
+
+    def srs(self, table: dict) -> SrsConfig:
+        max_age = self.duration(table, "srs", "max_age", 21 * 86400.0)
+        if max_age % 86400 or not 86400 <= max_age <= 1000 * 86400:  # the stamp counts days, modulo 1024
+            raise self.fail("srs.max_age", table.get("max_age"), 'whole days from "1d" to "1000d"')
+        return SrsConfig(self.boolean(table, "srs", "enabled", True), int(max_age // 86400))
+    # --- end [mta_sts] and [srs] ---
 
     def http(self, table: dict) -> HttpConfig:
         endpoint = self.string(table, "http", "endpoint")

@@ -56,6 +56,9 @@ from mailhost.feedback.traffic import FLUSH_SECONDS as TRAFFIC_FLUSH_SECONDS, Gr
 from mailhost.delivery.throttle import group_of
 from mailhost.feedback.complaints import provider_of
 # --- end web console ---
+from mailhost.doors.http.mta_sts import well_known
+from mailhost.feedback.srs import daemon_srs
+from mailhost.ops.keyfile import KeyFileError
 from mailhost.delivery.throttle import Throttle, share_of
 from mailhost.ops.tls import ServerTLS, TLSSetupError, ensure_tls_pair, tls_pair_paths
 from mailhost.smtp.transport import make_eager_server, send_eagerly
@@ -197,7 +200,8 @@ def make_service(config_path: str, reactor: Any = None, twistd_options: Any = No
         # the signal handler and could deadlock on the log's lock: ours replace them.
         StopOnSignal(reactor).install_when_running()
         return daemon
-    except (ConfigError, TLSSetupError, DkimKeyError, AlreadyRunning, WebhookSetupError, UnsubscribeKeyError) as e:
+    except (ConfigError, TLSSetupError, DkimKeyError, AlreadyRunning, WebhookSetupError, UnsubscribeKeyError,
+            KeyFileError) as e:
         sys.stderr.write(f"mailhost: {e}\n")
         raise SystemExit(1) from None
     except OSError as e:
@@ -264,8 +268,9 @@ def build_inbound(config: Config, tls_options: ServerTLS, reactor: Any, parent: 
                               owner_of(config.server.state_dir))
     events.observers.append(traffic.count_events)
     TrafficService(writer, traffic).setServiceParent(parent)
+    srs = daemon_srs(config.server.state_dir, config.srs.max_age_days)  # like the unsubscribe key: made once
     intake = Intake(config, writer, spool, domains, signer, suppression, content_threads.run, shard,
-                    unsubscribe=unsubscribe, complaint_rate=complaints, traffic=traffic)
+                    unsubscribe=unsubscribe, complaint_rate=complaints, traffic=traffic, srs=srs)
     portal = make_portal(domains, checks.run, reactor)
     context = ServerContext(config, domains, intake, tls_options, portal, slowdown, metrics,
                             process=shard.index if shard.count > 1 else None)
@@ -472,7 +477,8 @@ def http_resources(inbound: Inbound, reactor: Any, console: ConsoleContext | Non
                                  inbound.suppression, inbound.suppression.events, inbound.writer.run, reactor))
     resources: dict[bytes, Any] = {b"unsubscribe": UnsubscribeResource(inbound.unsubscribe, inbound.suppression,
                                                                        inbound.writer.run),
-                                   b"api": api}
+                                   b"api": api,
+                                   b".well-known": well_known(lambda: inbound.context.config)}  # MTA-STS policy (RFC 8461 3.3)
     if console is not None:
         resources[b"console"] = ConsoleResource(console)  # the web console (login required)
     return resources
@@ -487,7 +493,7 @@ def reloader(tls: ServerTLS, reactor: Any, inbound: Inbound, outbound: Outbound,
         running = context.config
         changed = changed_sections(running, config, (
             "server.hostname", "limits", "domains", "submission", "inbound", "bounces", "bounce_rules", "dkim", "relay",
-            "queue", "throttles", "server.tls_cert", "server.tls_key", "webhooks", "http.public_url", "unsubscribe"))
+            "queue", "throttles", "server.tls_cert", "server.tls_key", "webhooks", "http.public_url", "unsubscribe", "mta_sts", "srs"))
         # Build what can fail first, so that a bad key changes nothing.
         try:
             signer = Signer(config.server.state_dir, configured_keys(config.dkim)) if "dkim" in changed else None
@@ -497,6 +503,8 @@ def reloader(tls: ServerTLS, reactor: Any, inbound: Inbound, outbound: Outbound,
         inbound.domains.replace(config)
         context.config = config  # limits, hostname: read by each new session
         inbound.intake.reconfigure(config, signer)
+        if inbound.intake.srs is not None:
+            inbound.intake.srs.max_age_days = config.srs.max_age_days
         inbound.suppression.soft_limit = config.bounces.soft_limit
         inbound.suppression.soft_window = config.bounces.soft_window
         inbound.suppression.rules = config.bounce_rules  # the deliverer reads its config's on each reply

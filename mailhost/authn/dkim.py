@@ -82,18 +82,48 @@ def generate(state_dir: Path, domain: str, selector: str, algorithm: str = RSA) 
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
                                     serialization.NoEncryption())
-        public = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-        record = f"v=DKIM1; k=rsa; p={base64.b64encode(public).decode()}"
+        made = DkimKey(domain, selector, RSA, private)
     elif algorithm == ED25519:
         key_ed = ed25519.Ed25519PrivateKey.generate()
         seed = key_ed.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
-        raw_public = key_ed.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
         private = b"ed25519\n" + base64.b64encode(seed) + b"\n"
-        record = f"v=DKIM1; k=ed25519; p={base64.b64encode(raw_public).decode()}"
+        made = DkimKey(domain, selector, ED25519, base64.b64encode(seed))
     else:
         raise DkimKeyError(f"algorithm {algorithm!r}: expected one of {', '.join(ALGORITHMS)}")
     write_file_atomically(path, private, mode=0o600, owner=owner)
-    return path, record
+    return path, public_record(made)
+
+
+def public_record(key: DkimKey) -> str:
+    """The TXT record value that publishes `key`'s public half (RFC 6376 3.6.1, RFC 8463 4)."""
+    private = _private_key(key.algorithm, key.private)
+    if isinstance(private, rsa.RSAPrivateKey):
+        public = private.public_key().public_bytes(serialization.Encoding.DER,
+                                                   serialization.PublicFormat.SubjectPublicKeyInfo)
+        return f"v=DKIM1; k=rsa; p={base64.b64encode(public).decode()}"
+    raw = private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return f"v=DKIM1; k=ed25519; p={base64.b64encode(raw).decode()}"
+
+
+def domain_keys(state_dir: Path, entries: Any, domain: str) -> list[DkimKey | DkimKeyError]:
+    """Every key of `domain` present: its [[dkim]] entry (`entries`) and the keys made by
+    keygen in state_dir/dkim/<domain>/, oldest first (each one, for publishing: a key being
+    rotated in or out is published beside the one that signs)."""
+    found: list[DkimKey | DkimKeyError] = []
+    for entry in entries:
+        if entry.domain == domain:
+            try:
+                found.append(load_key(entry.key_file, entry.domain, entry.selector))
+            except DkimKeyError as e:
+                found.append(e)
+    folder = keys_folder(state_dir) / domain
+    if folder.is_dir():
+        for path in sorted(folder.glob("*.key"), key=lambda p: p.stat().st_mtime):
+            try:
+                found.append(load_key(path, domain, path.stem))
+            except DkimKeyError as e:
+                found.append(e)
+    return found
 
 
 def configured_keys(entries: Any) -> dict[str, DkimKey]:

@@ -75,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     keygen.add_argument("--selector", required=True, help="the DNS selector, e.g. s2026")
     keygen.add_argument("--algorithm", default="rsa-sha256", choices=["rsa-sha256", "ed25519-sha256"])
 
+    # --- mailhost dns (issue 17) ---
+    dns = commands.add_parser("dns", help="print every DNS record a local domain should publish, ready to paste")
+    dns.add_argument("domain")
+    # --- end mailhost dns ---
+
     from mailhost.cli import suppress
 
     suppress.add_parser(commands, _Parser)
@@ -113,6 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return apikey_command(config, args)
         if args.command == "dkim":
             return dkim_keygen(config, args)
+        if args.command == "dns":
+            return dns_records(config, args)
         if args.command == "queue":
             from mailhost.cli.queue import run_queue_command
 
@@ -183,11 +190,20 @@ def dkim_keygen(config: Config, args: argparse.Namespace) -> int:
         path, record = generate(config.server.state_dir, domain.name, args.selector, args.algorithm)
     except DkimKeyError as e:
         raise UserError(str(e)) from None
-    # DNS TXT strings are at most 255 octets each; resolvers join them.
-    strings = " ".join(f'"{record[i:i + 250]}"' for i in range(0, len(record), 250))
+    from mailhost.cli.dns import txt
+
     print(f"; key written to {path}; mail from {domain.name} is signed with it from now on")
-    print(f"{args.selector}._domainkey.{domain.name}. IN TXT ( {strings} )")
+    print(txt(f"{args.selector}._domainkey.{domain.name}.", record))  # strings of at most 255 octets
     return 0
+
+
+def dns_records(config: Config, args: argparse.Namespace) -> int:
+    from mailhost.cli.dns import run
+
+    try:
+        return run(config, args.domain)
+    except LookupError as e:
+        raise UserError(str(e)) from None
 
 
 def check_config(config: Config) -> int:

@@ -22,6 +22,7 @@ from mailhost.smtp.client import ClientSession, DSNParameters, SendResult, Sessi
 from mailhost.smtp.wire import Reply
 from mailhost.feedback.classify import BLOCKING, RATE_LIMIT, classify_reply
 from mailhost.feedback.suppression import verp_sender
+from mailhost.feedback.srs import is_srs
 from mailhost.delivery.throttle import Pace, Throttle, is_slow_down_signal
 from mailhost.delivery.mta_sts import PolicyResult
 from mailhost.delivery.tls_policy import TLS_STATUS, HopTls, TlsPolicies
@@ -334,7 +335,8 @@ class Deliverer:
         options: dict[str, Any] = {"body_8bit": envelope.body_8bit, "smtputf8": envelope.smtputf8,
                                    "dsn": dsn_parameters(envelope)}
         sender_domain = recipient_domain(envelope.sender) if envelope.sender else ""
-        if not (self.config.relay.verp and sender_domain in self._local_domains):
+        # An SRS return path (forwarded mail) is not ours to VERP: its bounces belong to the original sender.
+        if not (self.config.relay.verp and sender_domain in self._local_domains) or is_srs(envelope.sender):
             return session.send(envelope.sender, recipients, message, body_written=hand_over, **options)
         return self._send_verp(session, sender_domain, recipients, message, hand_over, options)
 

@@ -28,14 +28,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from mailhost.feedback.suppression import SuppressionList, address_key, scope_key
-from mailhost.ops.durable import fsync_directory, write_and_sync
-from mailhost.ops.ownership import Owner, give, owner_of
+from mailhost.ops.keyfile import KeyFileError, ensure_secret, read_secret
+from mailhost.ops.ownership import Owner, owner_of
 
 KEY_NAME = "unsubscribe.key"
 KEY_BYTES = 32
@@ -51,8 +50,8 @@ _TOKEN = re.compile(r"^1([hm])([a-z2-7]+)\.([a-z0-9._+=-]+)$")
 _ESCAPE = re.compile(r"\+([0-9a-f]{2})")
 
 
-class UnsubscribeKeyError(Exception):
-    """The key file cannot be used; str(error) says which file and what to do."""
+# The key file cannot be used; str(error) says which file and what to do.
+UnsubscribeKeyError = KeyFileError
 
 
 @dataclass(frozen=True)
@@ -195,39 +194,12 @@ def key_path(state_dir: Path) -> Path:
 def ensure_key(state_dir: Path, owner: Owner | None = None) -> bytes:
     """The key, made on first use (0600, given to `owner`) and kept for good: links in mail
     already sent must keep working. Two processes making it at once end with one key."""
-    path = key_path(state_dir)
-    key = read_key(state_dir)
-    if key is not None:
-        return key
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write_and_sync(str(temporary), [os.urandom(KEY_BYTES)], 0o600, owner)
-    try:
-        os.link(temporary, path)  # never replaces a key another process made meanwhile
-    except FileExistsError:
-        pass
-    finally:
-        os.unlink(temporary)
-    fsync_directory(path.parent)
-    give(path, owner)
-    key = read_key(state_dir)
-    if key is None:
-        raise UnsubscribeKeyError(f"{path}: vanished while being made")
-    return key
+    return ensure_secret(key_path(state_dir), KEY_BYTES, "an unsubscribe key", owner)
 
 
 def read_key(state_dir: Path) -> bytes | None:
     """The key, or None when none was made yet."""
-    path = key_path(state_dir)
-    try:
-        key = path.read_bytes()
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        raise UnsubscribeKeyError(f"{path}: cannot read: {e.strerror}") from None
-    if len(key) != KEY_BYTES:
-        raise UnsubscribeKeyError(f"{path}: not an unsubscribe key ({KEY_BYTES} bytes); restore it from a backup, "
-                                  f"or remove it to make a new one (links already sent stop working)")
-    return key
+    return read_secret(key_path(state_dir), KEY_BYTES, "an unsubscribe key")
 
 
 def daemon_tokens(state_dir: Path) -> UnsubscribeTokens:

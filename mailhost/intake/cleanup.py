@@ -19,7 +19,9 @@ The steps, in order, each written once here (cf. Postfix's cleanup(8)):
    address unsubscribes (consumed: never stored);
 7. unsubscribe headers (RFC 8058) for our marketing senders' mail to one recipient;
 8. DKIM signing when the From: domain has a key, except for mail from outside;
-9. Received: (RFC 5321 4.4), split into local copies and a spool envelope, durable commit.
+9. Received: (RFC 5321 4.4), split into local copies and a spool envelope, durable commit;
+   what an alias forwards to remote addresses gets an SRS return path in the alias's
+   domain (feedback.srs), in an envelope of its own.
 
 A refusal comes back as a `Refused` failure carrying the SMTP reply; any other failure is
 an error the door answers with 451 4.3.0.
@@ -49,6 +51,7 @@ from mailhost.feedback.unsubscribe import (Unsubscribe, UnsubscribeTokens, base_
                                            record_unsubscribe)
 from mailhost.intake.origin import DSN, SMTP, Origin
 from mailhost.intake.policy import RecipientVerdict, check_key_sender, check_originators, recipient_verdict
+from mailhost.feedback.srs import Srs
 from mailhost.intake.submission import feedback_id, missing_headers
 from mailhost.local.mailbox import Copy, LocalDomains, Resolution, deliver_copies
 from mailhost.message import (HOP_LIMIT, domain_of, from_addresses, from_domain, has_fields, read_headers,
@@ -140,6 +143,7 @@ class IntakeSettings:
     unsubscribe_url: str | None = None  # base of the https links: [http] public_url or the endpoint
     feedback_addresses: tuple[str, ...] = ()  # [feedback] addresses
     feedback_id: str | None = None  # [unsubscribe] feedback_id
+    srs: bool = True  # [srs] enabled: rewrite the return path of mail aliases forward
 
     @classmethod
     def of(cls, config: Config) -> IntakeSettings:
@@ -147,7 +151,7 @@ class IntakeSettings:
                    config.relay.nameservers, config.submission.hide_client, config.relay.verp,
                    config.bounces.consume, config.unsubscribe,
                    base_url(config.http.public_url, config.http.endpoint, config.server.hostname),
-                   config.feedback.addresses, config.unsubscribe.feedback_id)
+                   config.feedback.addresses, config.unsubscribe.feedback_id, config.srs.enabled)
 
 
 class Intake:
@@ -155,7 +159,7 @@ class Intake:
                  suppression: SuppressionList, run_content: Callable[..., Deferred[Any]], shard: Shard,
                  on_queued: Callable[[Envelope], None] = lambda envelope: None,
                  unsubscribe: UnsubscribeTokens | None = None, complaint_rate: ComplaintRate | None = None,
-                 traffic: Traffic | None = None) -> None:
+                 traffic: Traffic | None = None, srs: Srs | None = None) -> None:
         self.settings = IntakeSettings.of(config)
         self._writer = writer
         self._spool = spool
@@ -169,6 +173,9 @@ class Intake:
         self.unsubscribe = unsubscribe  # None: no headers added, no unsubscribe+TOKEN addresses
         self.complaint_rate = complaint_rate  # complaints counted here, deliveries by the scheduler
         self.traffic = traffic  # messages received per minute (the web console's charts)
+        # None: no SRS. Bounces to SRS addresses are verified also with [srs] enabled = false,
+        # so that turning it off does not lose the bounces of mail already forwarded.
+        self.srs = srs
 
     def reconfigure(self, config: Config, signer: Signer | None = None) -> list[str]:
         """Take the new settings (SIGHUP); returns the names of the sections that changed."""
@@ -199,7 +206,7 @@ class Intake:
         """The RCPT decision (intake.policy.recipient_verdict) with this intake's lists, for a
         message from envelope `sender`."""
         return recipient_verdict(address, origin, self.domains, self.suppression, self.settings.verp, sender,
-                                 self.unsubscribe, self.settings.feedback_addresses)
+                                 self.unsubscribe, self.settings.feedback_addresses, self.srs)
 
     def notify(self, recipient: str, report: bytes) -> Deferred[str]:
         """Send a report this host wrote (a DSN, a delay warning) from <> to `recipient`;
@@ -418,6 +425,8 @@ class Intake:
         remote: list[str] = []
         remote_dsn: dict[str, dict[str, Any]] = {}
         delivered: list[Recipient] = []  # local recipients who asked for NOTIFY=SUCCESS
+        forwarded: list[str] = []  # what aliases send on to remote addresses (SRS, below)
+        forwarding_domain = ""
         seen: set[str] = set()
         for address, resolution in accepted:
             if resolution.bounce_for:
@@ -436,10 +445,18 @@ class Intake:
             if resolution.mailboxes and "SUCCESS" in incoming.notify.get(address, ()):
                 delivered.append(Recipient(address, state=DELIVERED, status="2.0.0", notify=["SUCCESS"],
                                            last_reply="delivered to the mailbox", orcpt=incoming.orcpt.get(address)))
+            # What an alias of ours sends on to remote addresses is forwarded (SRS, below).
+            alias = bool(resolution.remote) and self.domains.is_local(domain_of(address))
+            if alias:
+                forwarding_domain = forwarding_domain or domain_of(address)
             for r in resolution.remote:
                 if r not in remote_dsn:
-                    remote.append(r)
+                    (forwarded if alias else remote).append(r)
                     remote_dsn[r] = incoming.recipient_dsn(address, r)
+        srs_sender = self._srs_sender(incoming.sender, forwarding_domain) if forwarded else None
+        if srs_sender is None:
+            remote.extend(forwarded)
+            forwarded = []
         envelope = None
         if remote:
             now = time.time()
@@ -449,9 +466,7 @@ class Intake:
                                 body_8bit=incoming.body_8bit or not message.isascii(),
                                 smtputf8=incoming.smtputf8 or not all(r.isascii() for r in remote),
                                 ret=incoming.ret, envid=incoming.envid)
-        receipt = Receipt(queue_id, len(copies), len(remote), refused, suppressed)
-        if not copies and envelope is None:
-            return succeed(receipt)
+        receipt = Receipt(queue_id, len(copies), len(remote) + len(forwarded), refused, suppressed)
         only = remote[0] if len(remote) == 1 else None
         outbound_headers = self.received(origin, queue_id, only, date, incoming)
 
@@ -464,6 +479,12 @@ class Intake:
                 self._report_delivered(queue_id, incoming, origin, delivered, message)
             return receipt
 
+        if forwarded and srs_sender is not None:
+            return self._commit_forwarded(srs_sender, [Recipient(r, **remote_dsn[r]) for r in forwarded], copies,
+                                          envelope, outbound_headers, message, origin, date, incoming, receipt,
+                                          signing_key).addCallback(stored)
+        if not copies and envelope is None:
+            return succeed(receipt)
         return self.store(copies, envelope, outbound_headers, message, signing_key).addCallback(stored)
 
     def _report_delivered(self, queue_id: str, incoming: Incoming, origin: Origin, delivered: list[Recipient],
@@ -483,6 +504,51 @@ class Intake:
         self.notify(incoming.sender, report).addCallbacks(
             lambda report_id: log.info("{id}: sender delivery notification: {report}", id=queue_id, report=report_id),
             lambda failure: log.failure("{id}: cannot send the delivery notification", failure, id=queue_id))
+
+    # --- SRS for what aliases forward (feedback.srs) ---
+    def _srs_sender(self, sender: str, domain: str) -> str | None:
+        """The SRS return path for mail from `sender` forwarded by an alias of `domain`, or None
+        to keep `sender`: a bounce (<>), a sender of ours (SPF passes already), SRS off, or an
+        address that does not fit in an SRS local part (logged: SPF may fail at the destination)."""
+        if self.srs is None or not self.settings.srs or not sender or self.domains.is_local(domain_of(sender)):
+            return None
+        rewritten = self.srs.forward(sender, domain)
+        if rewritten is None:
+            log.warn("forwarded mail from <{sender}> keeps its return path: it does not fit in an SRS address "
+                     "(64 octets, no quoting)", sender=sender)
+        return rewritten
+
+    def _commit_forwarded(self, srs_sender: str, forwarded: list[Recipient], copies: list[Copy],
+                          envelope: Envelope | None, outbound_headers: bytes, message: bytes, origin: Origin, date: str,
+                          incoming: Incoming, receipt: Receipt, signing_key: DkimKey | None = None) -> Deferred[None]:
+        """Commit with the forwarded recipients in an envelope of their own, from `srs_sender`:
+        that envelope first, then the rest as usual; when the rest fails, the forwarded part is
+        taken back, so the client's retry makes no second copy."""
+        # The receipt's id when nothing else is queued; a second one beside the direct recipients'.
+        queue_id = receipt.queue_id if envelope is None else self.shard.new_queue_id()
+        now = time.time()
+        addresses = [r.address for r in forwarded]
+        srs_envelope = Envelope(id=queue_id, sender=srs_sender, recipients=forwarded,
+                                arrival=now, next_attempt=now, client=origin.client,
+                                body_8bit=incoming.body_8bit or not message.isascii(),
+                                smtputf8=incoming.smtputf8 or not all(a.isascii() for a in addresses + [srs_sender]),
+                                ret=incoming.ret, envid=incoming.envid)
+        only = addresses[0] if len(addresses) == 1 else None
+        log.info("{id}: forwarded by alias with return path <{srs}> (SRS) for <{sender}>", id=queue_id,
+                 srs=srs_sender, sender=incoming.sender)
+
+        def rest(_: object) -> Deferred[None] | None:
+            if not copies and envelope is None:
+                return None
+            return self.store(copies, envelope, outbound_headers, message, signing_key).addErrback(take_back)
+
+        def take_back(failure: Any) -> Deferred[Any]:
+            return self._writer.run(self._spool.remove, queue_id).addBoth(lambda _: failure)
+
+        headers = self.received(origin, queue_id, only, date, incoming)
+        return self.store([], srs_envelope, headers, message, signing_key).addCallback(rest).addCallback(
+            lambda _: self.on_queued(srs_envelope))
+    # --- end SRS ---
 
     def store(self, copies: list[Copy], envelope: Envelope | None, outbound_headers: bytes, body: bytes,
               signing_key: DkimKey | None = None) -> Deferred[None]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from mailhost.feedback.suppression import SuppressionList, address_key, verp_recipient
 from mailhost.feedback.unsubscribe import MAILTO_PREFIX, UnsubscribeTokens, is_mailto_address
 from mailhost.intake.origin import SMTP, Origin
+from mailhost.feedback.srs import Srs, is_srs
 from mailhost.local.mailbox import LocalDomains, Resolution
 from mailhost.message import (ORIGINATOR_FIELDS, HeaderField, HeaderSection, claimed_addresses, normalize_address,
                               split_address)
@@ -51,11 +52,13 @@ class RecipientVerdict:
 
 
 def check_recipient(address: Address, domains: LocalDomains, may_relay: bool = False, verp: bool = False,
-                    unsubscribe: UnsubscribeTokens | None = None, feedback: tuple[str, ...] = ()) -> RecipientVerdict:
+                    unsubscribe: UnsubscribeTokens | None = None, feedback: tuple[str, ...] = (),
+                    srs: Srs | None = None) -> RecipientVerdict:
     """Accept a recipient in a local domain that names someone (or, with VERP
     on, a bounces+... return address, an unsubscribe+TOKEN address with a valid
-    token, or one of the `feedback` addresses where complaint reports arrive), or
-    a remote one from a client that may relay; refuse the rest."""
+    token, an SRS return path of ours that verifies, or one of the `feedback`
+    addresses where complaint reports arrive), or a remote one from a client that
+    may relay; refuse the rest."""
     rcpt = f"<{address}>"
     if address.domain.startswith("["):
         if may_relay:
@@ -75,6 +78,8 @@ def check_recipient(address: Address, domains: LocalDomains, may_relay: bool = F
                                                         "unsubscribe address"))
         return RecipientVerdict(Reply(250, "2.1.5", f"{rcpt}: Unsubscribe address ok"),
                                 Resolution(unsubscribe=(request.recipient, request.scope)))
+    if srs is not None and is_srs(address.bare_local):
+        return srs_verdict(address, domains, srs)
     resolution = domains.resolve(address.bare_local, address.domain)
     if not resolution.found and address_key(f"{address.bare_local}@{address.domain}") in feedback:
         # A feedback-loop address needs no mailbox: what is not consumed as a complaint
@@ -83,6 +88,26 @@ def check_recipient(address: Address, domains: LocalDomains, may_relay: bool = F
     if not resolution.found:
         return RecipientVerdict(Reply(550, "5.1.1", f"{rcpt}: Recipient address rejected: no such user here"))
     return RecipientVerdict(Reply(250, "2.1.5", f"{rcpt}: Recipient ok"), resolution)
+
+
+def srs_verdict(address: Address, domains: LocalDomains, srs: Srs) -> RecipientVerdict:
+    """An SRS0/SRS1 address at one of our domains: relayed to the original sender (or the
+    first forwarder) from anyone, since only we can make one that verifies; forged, garbled
+    or expired ones get 550 5.1.1 (as postsrsd's "no such user"), never a mailbox or a
+    catch-all."""
+    rcpt = f"<{address}>"
+    original = srs.reverse(address.bare_local)
+    if original is None:
+        return RecipientVerdict(Reply(550, "5.1.1", f"{rcpt}: Recipient address rejected: not a valid SRS "
+                                                    "address (forged or expired)"))
+    local, _, domain = original.rpartition("@")
+    if domains.is_local(domain):  # a sender of ours (written before it was ours, or by another forwarder)
+        resolution = domains.resolve(local, domain)
+        if not resolution.found:
+            return RecipientVerdict(Reply(550, "5.1.1", f"{rcpt}: Recipient address rejected: no such user here"))
+    else:
+        resolution = Resolution(remote=[original])
+    return RecipientVerdict(Reply(250, "2.1.5", f"{rcpt}: Recipient ok (SRS)"), resolution)
 
 
 def check_suppressed(resolution: Resolution, suppression: SuppressionList, sender: str = "") -> Reply | None:
@@ -99,12 +124,13 @@ def check_suppressed(resolution: Resolution, suppression: SuppressionList, sende
 
 def recipient_verdict(address: Address, origin: Origin, domains: LocalDomains, suppression: SuppressionList,
                       verp: bool = False, sender: str = "", unsubscribe: UnsubscribeTokens | None = None,
-                      feedback: tuple[str, ...] = ()) -> RecipientVerdict:
+                      feedback: tuple[str, ...] = (), srs: Srs | None = None) -> RecipientVerdict:
     """The whole RCPT decision for a message from `origin`: who it may reach, then the
     suppression list for our own senders' mail (never for mail from outside or our DSNs).
-    `unsubscribe`: the tokens that unsubscribe+TOKEN addresses are checked with."""
+    `unsubscribe`: the tokens that unsubscribe+TOKEN addresses are checked with; `srs`:
+    what SRS addresses are verified with (None: they are ordinary local parts)."""
     relay = origin.user is not None or origin.relay_network or origin.door != SMTP
-    verdict = check_recipient(address, domains, relay, verp=verp, unsubscribe=unsubscribe, feedback=feedback)
+    verdict = check_recipient(address, domains, relay, verp=verp, unsubscribe=unsubscribe, feedback=feedback, srs=srs)
     if verdict.accepted and origin.own_client:
         suppressed = check_suppressed(verdict.resolution, suppression, sender)
         if suppressed is not None:
