@@ -25,7 +25,7 @@ import json
 import os
 import random
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from mailhost.ops.durable import fsync_directory, write_and_sync, write_unsynced
@@ -160,23 +160,12 @@ class Spool:
         without envelope (Spool.recover removes it), or, where a file system reorders the two
         renames, an envelope without message (an unacknowledged message, dropped as
         MessageMissing); the client, told nothing, sends it again."""
-        self._ensure_dir(self.tmp)
-        message_path = self.message_path(envelope.id)
-        envelope_path = self.envelope_path(envelope.id)
-        self._ensure_dir(message_path.parent)
-        self._ensure_dir(envelope_path.parent)
-        message_tmp = self.tmp / f"{envelope.id}.msg"
-        envelope_tmp = self.tmp / f"{envelope.id}.{os.getpid()}.{time.monotonic_ns()}.env"
-        write_and_sync(str(message_tmp), chunks, owner=self.owner)
+        message_path, envelope_path = self._put(envelope, chunks, write_and_sync)
         try:
-            write_and_sync(str(envelope_tmp), [envelope.to_json()], owner=self.owner)
-            os.rename(message_tmp, message_path)
-            os.replace(envelope_tmp, envelope_path)
             fsync_directory(message_path.parent)
             fsync_directory(envelope_path.parent)
         except BaseException:
-            for path in (message_tmp, envelope_tmp, envelope_path, message_path):
-                _unlink(path)
+            self.discard(envelope.id)
             raise
 
     def place(self, envelope: Envelope, chunks: Iterable[bytes]) -> None:
@@ -184,6 +173,12 @@ class Spool:
         first), without fsync: for a GroupSync batch, whose one sync makes it durable before
         anyone is told. A crash before that sync leaves what store's docstring lists, and no
         acknowledged message."""
+        self._put(envelope, chunks, write_unsynced)
+
+    def _put(self, envelope: Envelope, chunks: Iterable[bytes],
+             write: Callable[..., None]) -> tuple[Path, Path]:
+        """Write both files under temporary names with `write`, then rename them into place,
+        the message first; on failure nothing of them is left. Returns their paths."""
         self._ensure_dir(self.tmp)
         message_path = self.message_path(envelope.id)
         envelope_path = self.envelope_path(envelope.id)
@@ -191,15 +186,16 @@ class Spool:
         self._ensure_dir(envelope_path.parent)
         message_tmp = self.tmp / f"{envelope.id}.msg"
         envelope_tmp = self.tmp / f"{envelope.id}.{os.getpid()}.{time.monotonic_ns()}.env"
-        write_unsynced(str(message_tmp), chunks, owner=self.owner)
+        write(str(message_tmp), chunks, owner=self.owner)
         try:
-            write_unsynced(str(envelope_tmp), [envelope.to_json()], owner=self.owner)
+            write(str(envelope_tmp), [envelope.to_json()], owner=self.owner)
             os.rename(message_tmp, message_path)
             os.replace(envelope_tmp, envelope_path)
         except BaseException:
             for path in (message_tmp, envelope_tmp, envelope_path, message_path):
                 _unlink(path)
             raise
+        return message_path, envelope_path
 
     def discard(self, queue_id: str) -> None:
         """Remove a message that was placed but never acknowledged (its batch's sync failed)."""
