@@ -131,7 +131,7 @@ class QueueConfig:
     lifetime: float = 5 * 86400.0
     delay_warning: float = 4 * 3600.0
     concurrency: int = 50  # messages being delivered at once
-    per_destination: int = 10  # connections at once to one domain (or to the smart hosts)
+    per_destination: int = 20  # connections at once to one destination (Postfix: default_destination_concurrency_limit = 20)
     max_attempts: int = 0  # 0: no limit; else return to sender after this many failed attempts
     marketing_lifetime: float = 86400.0  # lifetime of mail from [unsubscribe] senders
 
