@@ -67,29 +67,24 @@ def sync_filesystem(path: str | Path) -> None:
 def write_unsynced(path: str, chunks: Iterable[bytes], mode: int = 0o600, owner: Owner | None = None) -> None:
     """Create `path` (which must not exist) and write `chunks`, leaving the fsync to a
     GroupSync batch. Removes it on failure."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-    try:
-        try:
-            if owner is not None:
-                owner.give_fd(fd)
-            _write_all(fd, list(chunks))
-        finally:
-            os.close(fd)
-    except BaseException:
-        _unlink_quietly(path)
-        raise
+    _create(path, chunks, mode, owner, sync=False)
 
 
 def write_and_sync(path: str, chunks: Iterable[bytes], mode: int = 0o600, owner: Owner | None = None) -> None:
     """Create `path` (which must not exist), write `chunks`, fsync. Removes it on failure.
     With `owner` (we run as root), the file is given to the owner of state_dir first."""
+    _create(path, chunks, mode, owner, sync=True)
+
+
+def _create(path: str, chunks: Iterable[bytes], mode: int, owner: Owner | None, sync: bool) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     try:
         try:
             if owner is not None:
                 owner.give_fd(fd)
             _write_all(fd, list(chunks))
-            os.fsync(fd)
+            if sync:
+                os.fsync(fd)
         finally:
             os.close(fd)
     except BaseException:
