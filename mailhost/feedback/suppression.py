@@ -482,6 +482,11 @@ def _iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="seconds")
 
 
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What tells a replaced or rewritten list file from the one read last."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 class SuppressionList:
     """The addresses not to send to, kept in one JSON file (see the module
     docstring for how two processes share it)."""
@@ -671,8 +676,11 @@ class SuppressionList:
                 self._write(now)
 
     def _refresh(self) -> None:
-        """Load the file when it is not the one loaded last."""
+        """Load the file when it is not the one loaded last. One stat settles the usual cases
+        (unchanged, or no list) for each queued message a drain loads."""
         try:
+            if _identity(os.stat(self.path)) == self._identity:
+                return
             fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             if self._identity is not None:
@@ -682,10 +690,7 @@ class SuppressionList:
         except OSError as error:
             raise SuppressionError(f"{self.path}: cannot read: {error.strerror}") from None
         try:
-            st = os.fstat(fd)
-            identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-            if identity == self._identity:
-                return
+            identity = _identity(os.fstat(fd))  # of the file read, whatever the stat saw
             with os.fdopen(fd, "rb", closefd=False) as stream:
                 data = stream.read()
         finally:
@@ -742,7 +747,7 @@ class SuppressionList:
         write_file_atomically(self.path, encoded + b"\n", 0o600, self.owner)
         # Still under the flock: no one else has written since, so what we hold is this file.
         st = os.stat(self.path)
-        self._identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        self._identity = _identity(st)
 
 
 _STORED_FIELDS = ("status", "reason", "date", "source", "class")
