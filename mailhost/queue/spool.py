@@ -26,9 +26,10 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from pathlib import Path
 
-from mailhost.ops.durable import fsync_directory, write_and_sync, write_unsynced
+from mailhost.ops.durable import Staged, fsync_directory, write_and_sync, write_unsynced
 from mailhost.ops.ownership import Owner, make_dirs
 from mailhost.queue.envelope import Envelope
 
@@ -160,25 +161,27 @@ class Spool:
         without envelope (Spool.recover removes it), or, where a file system reorders the two
         renames, an envelope without message (an unacknowledged message, dropped as
         MessageMissing); the client, told nothing, sends it again."""
-        message_path, envelope_path = self._put(envelope, chunks, write_and_sync)
+        paths = self._write_temporary(envelope, chunks, write_and_sync)
+        _rename_into_place(*paths)
         try:
-            fsync_directory(message_path.parent)
-            fsync_directory(envelope_path.parent)
+            fsync_directory(paths[2].parent)
+            fsync_directory(paths[3].parent)
         except BaseException:
             self.discard(envelope.id)
             raise
 
-    def place(self, envelope: Envelope, chunks: Iterable[bytes]) -> None:
-        """Write a new message and its envelope, and rename both into place (the message
-        first), without fsync: for a GroupSync batch, whose one sync makes it durable before
-        anyone is told. A crash before that sync leaves what store's docstring lists, and no
-        acknowledged message."""
-        self._put(envelope, chunks, write_unsynced)
+    def stage(self, envelope: Envelope, chunks: Iterable[bytes]) -> Staged:
+        """Write a new message and its envelope under temporary names, without fsync, for a
+        GroupSync batch: its first sync makes them durable, then `publish` renames them into
+        place as store does, and its second sync makes the names durable before anyone is
+        told. A crash in between leaves what store's docstring lists."""
+        paths = self._write_temporary(envelope, chunks, write_unsynced)
+        return Staged(partial(_rename_into_place, *paths), partial(_unlink_all, paths), (self.root,))
 
-    def _put(self, envelope: Envelope, chunks: Iterable[bytes],
-             write: Callable[..., None]) -> tuple[Path, Path]:
-        """Write both files under temporary names with `write`, then rename them into place,
-        the message first; on failure nothing of them is left. Returns their paths."""
+    def _write_temporary(self, envelope: Envelope, chunks: Iterable[bytes],
+                         write: Callable[..., None]) -> tuple[Path, Path, Path, Path]:
+        """Both files under temporary names, written with `write`; on failure neither is left.
+        Returns (message temp, envelope temp, message path, envelope path)."""
         self._ensure_dir(self.tmp)
         message_path = self.message_path(envelope.id)
         envelope_path = self.envelope_path(envelope.id)
@@ -189,16 +192,13 @@ class Spool:
         write(str(message_tmp), chunks, owner=self.owner)
         try:
             write(str(envelope_tmp), [envelope.to_json()], owner=self.owner)
-            os.rename(message_tmp, message_path)
-            os.replace(envelope_tmp, envelope_path)
         except BaseException:
-            for path in (message_tmp, envelope_tmp, envelope_path, message_path):
-                _unlink(path)
+            _unlink(message_tmp)
             raise
-        return message_path, envelope_path
+        return message_tmp, envelope_tmp, message_path, envelope_path
 
     def discard(self, queue_id: str) -> None:
-        """Remove a message that was placed but never acknowledged (its batch's sync failed)."""
+        """Remove a message that was put in place but never acknowledged (a folder fsync failed)."""
         _unlink(self.envelope_path(queue_id))
         _unlink(self.message_path(queue_id))
 
@@ -232,7 +232,7 @@ class Spool:
 
     def load(self, queue_id: str) -> Envelope:
         try:
-            data = self.envelope_path(queue_id).read_bytes()
+            data = read_whole(self.envelope_path(queue_id))
         except FileNotFoundError:
             raise SpoolError(f"{queue_id}: no such message in the queue") from None
         try:
@@ -249,7 +249,7 @@ class Spool:
 
     def read_message(self, queue_id: str) -> bytes:
         try:
-            return self.message_path(queue_id).read_bytes()
+            return read_whole(self.message_path(queue_id))
         except FileNotFoundError:
             raise MessageMissing(f"{queue_id}: message file missing") from None
 
@@ -434,6 +434,43 @@ class Spool:
                         _unlink(Path(entry.path))
                         removed.append(f"msg/{folder.name}/{entry.name}")
         return removed
+
+
+def _rename_into_place(message_tmp: Path, envelope_tmp: Path, message_path: Path, envelope_path: Path) -> None:
+    """The message first, then its envelope (the commit point); on failure neither is left."""
+    try:
+        os.rename(message_tmp, message_path)
+        os.replace(envelope_tmp, envelope_path)
+    except BaseException:
+        _unlink_all((message_tmp, envelope_tmp, envelope_path, message_path))
+        raise
+
+
+def _unlink_all(paths: Iterable[Path]) -> None:
+    for path in paths:
+        _unlink(path)
+
+
+FIRST_READ = 65536  # most envelopes and campaign messages: one read, and the file is whole
+
+
+def read_whole(path: Path) -> bytes:
+    """The file's bytes with open, read(s) and close only: Path.read_bytes adds an fstat, an
+    isatty ioctl and two seeks, and every system call on a disk thread is a hand-over of the
+    interpreter lock while the reactor is busy (a queue draining hundreds of messages a second).
+    A short read of a regular file is its end."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        data = os.read(fd, FIRST_READ)
+        if len(data) < FIRST_READ:
+            return data
+        parts = [data]
+        want = max(os.fstat(fd).st_size - FIRST_READ + 1, FIRST_READ)  # the rest in one read, if it stayed put
+        while part := os.read(fd, want):
+            parts.append(part)
+        return b"".join(parts)
+    finally:
+        os.close(fd)
 
 
 def _unlink(path: Path) -> None:

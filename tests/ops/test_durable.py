@@ -76,63 +76,115 @@ class HeldRuns:
         held.callback(function(*args))
 
 
-def test_group_sync_fires_each_only_after_its_batch_is_synced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def staged_file(folder: Path, name: str, log: list, content: str = "queued"):
+    """A stage function as the spool's: write under a temporary name, rename on publish."""
+    from mailhost.ops.durable import Staged
+
+    def stage() -> Staged:
+        (folder / f"{name}.tmp").write_text(content)
+        log.append(f"write {name}")
+
+        def publish() -> None:
+            os.rename(folder / f"{name}.tmp", folder / name)
+            log.append(f"publish {name}")
+
+        def undo() -> None:
+            for path in (folder / f"{name}.tmp", folder / name):
+                path.unlink(missing_ok=True)
+            log.append(f"undo {name}")
+
+        return Staged(publish, undo, (folder,))
+
+    return stage
+
+
+def test_group_sync_publishes_after_the_data_sync_and_fires_after_the_second(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from mailhost.ops import durable
-    synced: list = []
-    monkeypatch.setattr(durable, "sync_filesystem", lambda path: synced.append(path))
+    log: list = []
+    monkeypatch.setattr(durable, "sync_filesystem", lambda path: log.append(f"sync {Path(path).name}"))
     runs = HeldRuns()
-    group = durable.GroupSync(runs, tmp_path, batches=1)
+    group = durable.GroupSync(runs, batches=1)
     fired: list = []
-    written: list = []
-    group.submit(lambda: written.append("a") or "a", lambda: None).addCallback(fired.append)
+    group.submit(staged_file(tmp_path, "a", log)).addCallback(lambda _: fired.append("a"))
     for name in "bc":  # arrive while the first batch is on its thread: they wait for the next batch
-        group.submit(lambda name=name: written.append(name) or name, lambda: None).addCallback(fired.append)
+        group.submit(staged_file(tmp_path, name, log)).addCallback(lambda _, name=name: fired.append(name))
     assert len(runs.trips) == 1 and fired == []
     runs.finish()
-    assert written == ["a"] and synced == [tmp_path] and fired == ["a"]
-    assert len(runs.trips) == 1  # b and c together: one trip, one sync
+    # No file under its final name before its data is durable; none acknowledged before its name is.
+    assert log == ["write a", f"sync {tmp_path.name}", "publish a", f"sync {tmp_path.name}"] and fired == ["a"]
+    assert len(runs.trips) == 1  # b and c together: one trip, one sync for each step
+    log.clear()
     runs.finish()
-    assert written == ["a", "b", "c"] and synced == [tmp_path, tmp_path] and fired == ["a", "b", "c"]
+    assert log == ["write b", "write c", f"sync {tmp_path.name}", "publish b", "publish c", f"sync {tmp_path.name}"]
+    assert fired == ["a", "b", "c"] and (tmp_path / "c").read_text() == "queued"
+
+
+def test_group_sync_syncs_each_file_system_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mailhost.ops import durable
+    synced: list = []
+    monkeypatch.setattr(durable, "sync_filesystem", synced.append)
+    runs = HeldRuns()
+    group = durable.GroupSync(runs)
+    (tmp_path / "x").mkdir()
+    (tmp_path / "y").mkdir()
+    log: list = []
+    group.submit(staged_file(tmp_path / "x", "one", log))
+    runs.finish()
+    group.submit(staged_file(tmp_path / "x", "two", log))
+    group.submit(staged_file(tmp_path / "y", "three", log))  # the same file system as x
+    runs.finish()
+    assert len(synced) == 4 and all(Path(p).parent == tmp_path for p in synced)
 
 
 def test_group_sync_a_failing_piece_fails_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from mailhost.ops import durable
     monkeypatch.setattr(durable, "sync_filesystem", lambda path: None)
     runs = HeldRuns()
-    group = durable.GroupSync(runs, tmp_path, batches=1)
-    group.submit(lambda: "first", lambda: None)  # keeps the next two together in one batch
+    group = durable.GroupSync(runs, batches=1)
+    log: list = []
+    group.submit(staged_file(tmp_path, "first", log))  # keeps the next three together in one batch
     outcomes: list = []
 
-    def bad() -> None:
+    def full_disk():
         raise OSError(28, "No space left on device")
 
-    group.submit(bad, lambda: None).addErrback(lambda f: outcomes.append(f.value.strerror))
-    group.submit(lambda: "good", lambda: None).addCallback(outcomes.append)
+    def unpublishable():
+        staged = staged_file(tmp_path, "bad", log)()
+        (tmp_path / "bad.tmp").unlink()  # its rename will fail
+        return staged
+
+    group.submit(full_disk).addErrback(lambda f: outcomes.append(f.value.strerror))
+    group.submit(unpublishable).addErrback(lambda f: outcomes.append(type(f.value).__name__))
+    group.submit(staged_file(tmp_path, "good", log)).addCallback(lambda _: outcomes.append("good"))
     runs.finish()
     runs.finish()
-    assert outcomes == ["No space left on device", "good"]
+    assert outcomes == ["No space left on device", "FileNotFoundError", "good"]
+    assert "undo bad" in log and (tmp_path / "good").exists()
 
 
 def test_group_sync_a_failed_sync_acknowledges_none_and_undoes_every_piece(tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     from mailhost.ops import durable
+    syncs: list = []
 
-    def failing(path):
-        raise OSError(5, "Input/output error")
+    def failing_second(path):  # the data sync passes, the one after the renames fails
+        syncs.append(path)
+        if len(syncs) % 2 == 0:
+            raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(durable, "sync_filesystem", failing)
+    monkeypatch.setattr(durable, "sync_filesystem", failing_second)
     runs = HeldRuns()
-    group = durable.GroupSync(runs, tmp_path)
-    undone: list = []
+    group = durable.GroupSync(runs, batches=1)
+    log: list = []
     failed: list = []
     for name in "xy":
-        path = tmp_path / name
-        group.submit(lambda path=path: path.write_text("queued"),
-                     lambda path=path: (path.unlink(), undone.append(path.name))).addErrback(failed.append)
-    for _ in range(len(runs.trips)):
+        group.submit(staged_file(tmp_path, name, log)).addErrback(failed.append)
+    for _ in range(2):
         runs.finish()
-    # (the two went in two batches or one; either way every Deferred failed and every file is gone)
-    assert len(failed) == 2 and sorted(undone) == ["x", "y"] and not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    # (the two went in two batches; either way every Deferred failed and every file is gone)
+    assert len(failed) == 2 and {"undo x", "undo y"} <= set(log)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_sync_filesystem_makes_a_rename_durable_without_error(tmp_path: Path) -> None:

@@ -327,3 +327,29 @@ def test_an_envelope_in_the_wrong_folder_cannot_be_scheduled():
     raw = {"id": "ABCD", "sender": "", "recipients": [], "arrival": 1, "next_attempt": 1}
     assert spool_module.raw_envelope_problem(raw, "ABCD", "AB") is None
     assert spool_module.raw_envelope_problem(raw, "ABCD", "CD") == "not in its folder env/AB/"
+
+
+def test_stage_puts_nothing_in_place_until_published(tmp_path):
+    spool = Spool(tmp_path / "spool")
+    env = envelope(["a@x.test"])
+    staged = spool.stage(env, [b"Subject: staged\n\n", b"body\n"])
+    # Written under temporary names only: a crash now leaves nothing the queue would send.
+    assert not spool.envelope_path(env.id).exists() and not spool.message_path(env.id).exists()
+    assert staged.folders == (spool.root,)
+    staged.publish()
+    assert spool.load(env.id).recipients[0].address == "a@x.test"
+    assert spool.read_message(env.id) == b"Subject: staged\n\nbody\n"
+    staged.undo()  # a failed sync after the renames: nothing of it stays
+    assert not spool.envelope_path(env.id).exists() and not spool.message_path(env.id).exists()
+    assert list((spool.root / "tmp").iterdir()) == []
+
+
+def test_read_whole_reads_files_larger_than_one_read(tmp_path):
+    path = tmp_path / "big"
+    data = os.urandom(spool_module.FIRST_READ * 3 + 17)
+    path.write_bytes(data)
+    assert spool_module.read_whole(path) == data
+    (tmp_path / "exact").write_bytes(data[:spool_module.FIRST_READ])
+    assert spool_module.read_whole(tmp_path / "exact") == data[:spool_module.FIRST_READ]
+    with pytest.raises(FileNotFoundError):
+        spool_module.read_whole(tmp_path / "missing")
