@@ -130,7 +130,7 @@ class QueueConfig:
     retry: tuple[float, ...] = (60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0)
     lifetime: float = 5 * 86400.0
     delay_warning: float = 4 * 3600.0
-    concurrency: int = 50  # messages being delivered at once
+    concurrency: int = 100  # messages being delivered at once (Postfix: default_process_limit = 100)
     per_destination: int = 20  # connections at once to one destination (Postfix: default_destination_concurrency_limit = 20)
     max_attempts: int = 0  # 0: no limit; else return to sender after this many failed attempts
     marketing_lifetime: float = 86400.0  # lifetime of mail from [unsubscribe] senders

@@ -101,7 +101,7 @@ SECTIONS: list[tuple[str, str, Callable[[Running], object], object, object]] = [
     ("relay", '[relay]\nverp = true\nmx_port = 2626\n',
      lambda r: (r.intake.settings.verp, r.outbound.deliverer.config.relay.mx_port), (False, 25), (True, 2626)),
     ("queue", '[queue]\nretry = ["7m"]\nconcurrency = 9\n',
-     lambda r: (r.outbound.scheduler.config.queue.retry, r.outbound.scheduler.max_in_flight), ((60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0), 50), ((420.0,), 9)),
+     lambda r: (r.outbound.scheduler.config.queue.retry, r.outbound.scheduler.max_in_flight), ((60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0), 100), ((420.0,), 9)),
     ("throttles", '[[throttle]]\nname = "big"\nmx = ["big.test"]\nconnections = 3\nrate = 60\n',
      lambda r: r.outbound.throttle.pace_for("mx1.big.test").name, "big.test", "big"),
     ("domains", '[[domain]]\nname = "new.test"\nmaildir = "mail/new.test"\nusers = "users"\ncatch_all = "alice"\n',
