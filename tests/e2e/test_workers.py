@@ -32,9 +32,6 @@ from tests.e2e.test_sending import wait_for as sending_wait_for
 from tests.support.dns import DNSServer
 from tests.support.peers import Sink
 
-# Module-scoped daemons, tests written to run in order: one test runner takes them all.
-pytestmark = pytest.mark.xdist_group("workers")
-
 MX_PORT = free_port()
 ZONE = [("remote.test", "MX", "10 mx1.remote.test"), ("mx1.remote.test", "A", "127.0.0.5")]
 
@@ -234,9 +231,13 @@ def test_queue_commands_and_paces_reach_the_process_holding_the_message(make_dae
     throttle = '[[throttle]]\nname = "remote"\nmx = ["remote.test"]\nrate = 60000\nconnections = 4\n'
     daemon = start_with_workers(make_daemon, dns, retry="1h", more=throttle,
                                 before_start=lambda d: ids.extend(queue_remote(d, [f"held back {i}" for i in range(12)])))
-    wait_for(lambda: all(m["recipients"][0]["attempts"] == 1 for m in queue_listing(daemon)["messages"])
-             and len(queue_listing(daemon)["messages"]) == 12, what="one deferred attempt each")
-    listing = queue_listing(daemon)
+
+    def deferred_once_each() -> dict | None:
+        listing = queue_listing(daemon)  # one `mailhost queue list` a poll: each is a process start
+        messages = listing["messages"]
+        return listing if len(messages) == 12 and all(m["recipients"][0]["attempts"] == 1 for m in messages) else None
+
+    listing = wait_for(deferred_once_each, what="one deferred attempt each")
     # Each process paces half of the group; the listing adds them up to what was configured.
     assert listing["pace"]["remote"]["max_rate"] == 60000 and listing["pace"]["remote"]["connections"] == 4
 
