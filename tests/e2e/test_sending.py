@@ -338,8 +338,12 @@ def test_queue_commands_reach_the_running_daemon(make_daemon, dns, sinks):
     daemon = make_daemon(extra=relay_config(dns, queue='retry = ["1h"]'))
     submit(daemon, ["bob@remote.test"], "steered")
     submit(daemon, ["carol@remote.test"], "deleted")
-    entries = wait_for(lambda: [m for m in queue(daemon) if m["recipients"][0]["attempts"]] if len(queue(daemon)) == 2 else None,
-                       what="two deferred messages")
+
+    def both_deferred() -> list[dict] | None:
+        entries = queue(daemon)  # one `mailhost queue list` a poll: each is a process start
+        return entries if len(entries) == 2 and all(m["recipients"][0]["attempts"] for m in entries) else None
+
+    entries = wait_for(both_deferred, what="two deferred messages")
     by_rcpt = {m["recipients"][0]["address"]: m["id"] for m in entries}
     steered, deleted = by_rcpt["bob@remote.test"], by_rcpt["carol@remote.test"]
     shown = daemon.cli("queue", "show", steered).stdout
