@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import random
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -441,6 +443,29 @@ def test_parse_path_non_ascii_needs_smtputf8(text: str, kind: str) -> None:
     # ... and the same path is accepted once SMTPUTF8 was given
     address, _ = parse_path(text, utf8=True, null_ok=True, kind=kind)
     assert not str(address).isascii()
+
+
+
+def test_importing_wire_leaves_the_smtputf8_path_pattern_for_its_first_use() -> None:
+    """Its classes reach U+10FFFF, which takes re 0.1-0.2 s to compile: every daemon and worker
+    paid that at start. A fresh interpreter imports the module and counts such patterns."""
+    script = (
+        "import re, sys\n"
+        "wide = []\n"
+        "compile = re.compile\n"
+        "def counting(pattern, flags=0):\n"
+        "    if isinstance(pattern, str) and '\\\\U0010ffff' in pattern:\n"
+        "        wide.append(pattern)\n"
+        "    return compile(pattern, flags)\n"
+        "re.compile = counting\n"
+        "from mailhost.smtp import wire\n"
+        "before = len(wide)\n"
+        "wire.parse_path('<j\\u00f6s\\u00e9@example.test>', utf8=True, null_ok=False, kind='recipient')\n"
+        "print(before, len(wide))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    before, after = map(int, result.stdout.split())
+    assert after == before + 1  # compiled at the first non-ASCII path, not at import
 
 
 # --- parse_parameters ----------------------------------------------------------
