@@ -346,9 +346,11 @@ def build_outbound(config: Config, inbound: Inbound, reactor: Any, parent: servi
     # must not wait behind that work for its commit and its 250.
     queue_writer = DiskWriter(reactor, threads=4, name="mailhost-queue")
     DiskWriterService(queue_writer).setServiceParent(parent)
+    queue_loader = DiskWriter(reactor, threads=2, name="mailhost-queue-load")
+    DiskWriterService(queue_loader).setServiceParent(parent)
     scheduler = Scheduler(config, inbound.spool, queue_writer, deliverer, inbound.intake, reactor, metrics, shard,
                           inbound.suppression, max_in_flight=share_of(config.queue.concurrency, shard.count, shard.index),
-                          recover_spool=main)
+                          recover_spool=main, loader=queue_loader)
     inbound.intake.on_queued = scheduler.queued
     scheduler.setServiceParent(parent)
     return Outbound(scheduler, throttle, deliverer)

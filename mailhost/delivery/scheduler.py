@@ -42,12 +42,16 @@ LOAD_SLICE = 1000  # envelopes parsed at a time while loading the queue
 class Scheduler(service.Service):
     def __init__(self, config: Config, spool: Spool, writer: DiskWriter, deliverer: Deliverer,
                  intake: Intake, reactor: Any, metrics: Metrics, shard: Shard, suppression: SuppressionList,
-                 max_in_flight: int = 50, recover_spool: bool = True) -> None:
+                 max_in_flight: int = 50, recover_spool: bool = True, loader: DiskWriter | None = None) -> None:
         self.config = config
         self.shard = shard  # which messages of the spool this process delivers
         self.suppression = suppression
         self.spool = spool
         self.writer = writer
+        # Loading the next due messages is what the connections wait for: it has threads of its
+        # own (reads from the page cache, in milliseconds), not a place in line behind the event
+        # log's fsyncs and the removals' unlinks (measured: 140 ms a load in that line, 50 apart).
+        self.loader = loader or writer
         self.deliverer = deliverer
         self.intake = intake
         self.reactor = reactor
@@ -269,7 +273,7 @@ class Scheduler(service.Service):
     @inlineCallbacks
     def _attempt(self, queue_id: str):
         try:
-            envelope, message, suppressed = yield self.writer.run_together(self._load_attempt, queue_id)
+            envelope, message, suppressed = yield self.loader.run_together(self._load_attempt, queue_id)
             if envelope.held:
                 self.index.hold(queue_id)
                 return
