@@ -215,6 +215,11 @@ class Mailhost:
         except OSError:
             return ""
 
+    @property
+    def log_offset(self) -> int:
+        """Where this run's lines start in the log file."""
+        return self._log_offset
+
     def wait_for_log(self, pattern: str, timeout: float, poll: float = 0.01) -> re.Match:
         """Poll the log of the current run until `pattern` (a regex) appears; returns its match."""
         regex = re.compile(pattern)
