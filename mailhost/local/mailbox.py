@@ -8,11 +8,10 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 from mailhost.config import Config, DomainConfig
-from mailhost.ops.durable import Staged, write_unsynced
+from mailhost.ops.durable import fsync_directory, write_and_sync
 from mailhost.ops.ownership import Owner, make_dirs
 from mailhost.local.users import UserEntry, UsersFile
 
@@ -144,11 +143,11 @@ def create_maildir(path: Path, owner: Owner | None = None) -> list[Path]:
 def _write_into_tmp(mailbox: Mailbox, name: str, chunks: tuple[bytes, bytes]) -> str:
     tmp = f"{mailbox.path}/tmp/{name}"
     try:
-        write_unsynced(tmp, chunks)
+        write_and_sync(tmp, chunks)
     except FileNotFoundError:
         # First delivery to this mailbox: make its Maildir, then try once more.
         create_maildir(mailbox.path)
-        write_unsynced(tmp, chunks)
+        write_and_sync(tmp, chunks)
     return tmp
 
 
@@ -170,37 +169,40 @@ class Copy:
     headers: bytes
 
 
-def stage_copies(copies: list[Copy], body: bytes) -> Staged:
-    """Write `body` into the copies' Maildirs' tmp/, each copy with its own header lines,
-    without fsync (blocking; run it on a disk thread), for a GroupSync batch: its first sync
-    makes them durable, `publish` then renames every copy into new/ (a mail reader never
-    sees a copy before its data is on disk, nor one copy of a message without the others),
-    and its second sync makes the names durable before the message is acknowledged. Where a
-    copy used to cost a file and a folder fsync of its own, the messages arriving meanwhile
-    share the two syncs. On an error nothing of this message is left and the error is raised."""
-    moves: list[tuple[str, str]] = []
+def deliver_copies(copies: list[Copy], body: bytes) -> list[str]:
+    """Durably write `body`, each copy with its own header lines, into the
+    copies' Maildirs (blocking; run it on a disk thread). Returns the new/ paths.
+
+    Every file and every new/ directory is fsync'd before this returns; on any
+    error nothing of this message is left in new/ and the error is raised.
+    Concurrent deliveries fsync in parallel threads and the filesystem journal
+    commits them together.
+    """
+    placed = _write_copies(copies, body, [_unique_name() for _ in copies])
     try:
-        for copy in copies:
-            name = _unique_name()
-            tmp = _write_into_tmp(copy.mailbox, name, (copy.headers, body))
-            moves.append((tmp, f"{copy.mailbox.path}/new/{name}"))
+        for directory in {os.path.dirname(p) for p in placed}:
+            fsync_directory(directory)
     except BaseException:
-        remove_delivered([tmp for tmp, _ in moves])
+        remove_delivered(placed)
         raise
-    every = [path for move in moves for path in move]
-    return Staged(partial(_publish, moves), partial(remove_delivered, every),
-                  tuple(dict.fromkeys(copy.mailbox.path for copy in copies)))
+    return placed
 
 
-def _publish(moves: list[tuple[str, str]]) -> None:
-    placed = []
+def _write_copies(copies: list[Copy], body: bytes, names: list[str]) -> list[str]:
+    temporary: list[tuple[str, str]] = []
+    placed: list[str] = []
     try:
-        for tmp, new in moves:
+        for copy, name in zip(copies, names):
+            tmp = _write_into_tmp(copy.mailbox, name, (copy.headers, body))
+            temporary.append((tmp, f"{copy.mailbox.path}/new/{name}"))
+        # Only once every copy is safely written do any of them appear in new/.
+        for tmp, new in temporary:
             os.rename(tmp, new)
             placed.append(new)
     except BaseException:
-        remove_delivered([tmp for tmp, _ in moves] + placed)
+        remove_delivered([tmp for tmp, _ in temporary] + placed)
         raise
+    return placed
 
 
 def remove_delivered(paths: list[str]) -> None:
