@@ -81,6 +81,7 @@ from mailhost.feedback.events import EventLog, event_log
 from mailhost.ops.durable import write_file_atomically
 from mailhost.ops.ownership import Owner, owner_of
 from mailhost.ops.statelock import exclusive
+from mailhost.ops.watched import Identity, identity_of, read_if_changed
 
 __all__ = [
     "BounceReport",
@@ -482,10 +483,6 @@ def _iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="seconds")
 
 
-def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
-    """What tells a replaced or rewritten list file from the one read last."""
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
-
 
 class SuppressionList:
     """The addresses not to send to, kept in one JSON file (see the module
@@ -506,7 +503,7 @@ class SuppressionList:
         self.rules = rules  # [[bounce_rule]]s, first in classify_reply (replaced on SIGHUP)
         self._lock_path = self.path.with_name(self.path.name + ".lock")
         self._mutex = threading.RLock()
-        self._identity: tuple[int, int, int, int] | None = None
+        self._identity: Identity | None = None
         self._suppressed: dict[str, SuppressionEntry] = {}
         self._scoped: dict[str, dict[str, SuppressionEntry]] = {}  # sender domain -> address key -> entry
         self._soft: dict[str, list[float]] = {}
@@ -676,12 +673,9 @@ class SuppressionList:
                 self._write(now)
 
     def _refresh(self) -> None:
-        """Load the file when it is not the one loaded last. One stat settles the usual cases
-        (unchanged, or no list) for each queued message a drain loads."""
+        """Load the file when it is not the one loaded last."""
         try:
-            if _identity(os.stat(self.path)) == self._identity:
-                return
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            changed = read_if_changed(self.path, self._identity)
         except FileNotFoundError:
             if self._identity is not None:
                 self._identity = None
@@ -689,12 +683,9 @@ class SuppressionList:
             return
         except OSError as error:
             raise SuppressionError(f"{self.path}: cannot read: {error.strerror}") from None
-        try:
-            identity = _identity(os.fstat(fd))  # of the file read, whatever the stat saw
-            with os.fdopen(fd, "rb", closefd=False) as stream:
-                data = stream.read()
-        finally:
-            os.close(fd)
+        if changed is None:
+            return
+        identity, data = changed
         self._suppressed, self._scoped, self._soft = self._decode(data)
         self._identity = identity
 
@@ -746,8 +737,7 @@ class SuppressionList:
         encoded = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
         write_file_atomically(self.path, encoded + b"\n", 0o600, self.owner)
         # Still under the flock: no one else has written since, so what we hold is this file.
-        st = os.stat(self.path)
-        self._identity = _identity(st)
+        self._identity = identity_of(os.stat(self.path))
 
 
 _STORED_FIELDS = ("status", "reason", "date", "source", "class")

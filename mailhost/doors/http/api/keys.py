@@ -34,6 +34,7 @@ from typing import Any
 from mailhost.ops.durable import write_file_atomically
 from mailhost.ops.ownership import Owner, owner_of
 from mailhost.ops.statelock import exclusive
+from mailhost.ops.watched import Identity, read_if_changed
 
 FILE_NAME = "apikeys.json"
 KEY_PREFIX = "mh_"
@@ -112,7 +113,7 @@ class ApiKeys:
         self.owner = owner
         self._lock_path = self.path.with_name(FILE_NAME + ".lock")
         self._mutex = threading.Lock()
-        self._identity: tuple[int, int, int, int] | None = None
+        self._identity: Identity | None = None
         self._keys: dict[str, ApiKey] = {}  # by name
 
     # --- reading ---------------------------------------------------------------------
@@ -171,21 +172,15 @@ class ApiKeys:
 
     def _refresh(self, force: bool = False) -> None:
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            changed = read_if_changed(self.path, None if force else self._identity, 1 << 24)
         except FileNotFoundError:
             self._identity, self._keys = None, {}
             return
         except OSError as error:
             raise ApiKeyError(f"{self.path}: cannot read: {error.strerror}") from None
-        try:
-            st = os.fstat(fd)
-            identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-            if identity == self._identity and not force:
-                return
-            with os.fdopen(fd, "rb", closefd=False) as stream:
-                data = stream.read(1 << 24)
-        finally:
-            os.close(fd)
+        if changed is None:
+            return
+        identity, data = changed
         self._keys = self._decode(data)
         self._identity = identity
 
