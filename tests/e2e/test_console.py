@@ -27,7 +27,8 @@ from tests.support.dns import DNSServer
 
 webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.webdriver.chrome.service import Service  # noqa: E402
-from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException  # noqa: E402
+from selenium.common.exceptions import (  # noqa: E402
+    NoSuchElementException, StaleElementReferenceException, WebDriverException)
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.wait import WebDriverWait  # noqa: E402
 
@@ -64,6 +65,13 @@ def shows(browser, css_class: str, text: str) -> None:
             return text in driver.find_element(By.CLASS_NAME, css_class).text
         except (NoSuchElementException, StaleElementReferenceException):
             return False
+        except WebDriverException as e:
+            # The old page's element went away between finding it and reading it, said the
+            # way chromium's inspector says it (not as a stale element): the next look finds
+            # the new page's.
+            if "does not belong to the document" in (e.msg or ""):
+                return False
+            raise
 
     WebDriverWait(browser, 10).until(found, f"{text!r} in .{css_class}")
 
