@@ -483,7 +483,6 @@ def _iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="seconds")
 
 
-
 class SuppressionList:
     """The addresses not to send to, kept in one JSON file (see the module
     docstring for how two processes share it)."""

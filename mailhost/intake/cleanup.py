@@ -567,7 +567,7 @@ class Intake:
         # Queued only (a campaign's mail): committed with the messages arriving meanwhile, two
         # file system syncs for the batch, each 250 after them (ops.durable.GroupSync).
         if self._group is None:
-            self._group = GroupSync(self._writer.run)
+            self._group = GroupSync(self._writer.run, self._spool.root)
         return self._group.submit(partial(_stage, self._spool, envelope, outbound_headers, body, signing_key))
 
     def received(self, origin: Origin, queue_id: str, recipient: str | None, date: str, incoming: Incoming) -> bytes:

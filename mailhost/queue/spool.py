@@ -176,7 +176,7 @@ class Spool:
         place as store does, and its second sync makes the names durable before anyone is
         told. A crash in between leaves what store's docstring lists."""
         paths = self._write_temporary(envelope, chunks, write_unsynced)
-        return Staged(partial(_rename_into_place, *paths), partial(_unlink_all, paths), (self.root,))
+        return Staged(partial(_rename_into_place, *paths), partial(_unlink_all, paths))
 
     def _write_temporary(self, envelope: Envelope, chunks: Iterable[bytes],
                          write: Callable[..., None]) -> tuple[Path, Path, Path, Path]:

@@ -93,7 +93,7 @@ def staged_file(folder: Path, name: str, log: list, content: str = "queued"):
                 path.unlink(missing_ok=True)
             log.append(f"undo {name}")
 
-        return Staged(publish, undo, (folder,))
+        return Staged(publish, undo)
 
     return stage
 
@@ -104,7 +104,7 @@ def test_group_sync_publishes_after_the_data_sync_and_fires_after_the_second(
     log: list = []
     monkeypatch.setattr(durable, "sync_filesystem", lambda path: log.append(f"sync {Path(path).name}"))
     runs = HeldRuns()
-    group = durable.GroupSync(runs, batches=1)
+    group = durable.GroupSync(runs, tmp_path, batches=1)
     fired: list = []
     group.submit(staged_file(tmp_path, "a", log)).addCallback(lambda _: fired.append("a"))
     for name in "bc":  # arrive while the first batch is on its thread: they wait for the next batch
@@ -120,28 +120,11 @@ def test_group_sync_publishes_after_the_data_sync_and_fires_after_the_second(
     assert fired == ["a", "b", "c"] and (tmp_path / "c").read_text() == "queued"
 
 
-def test_group_sync_syncs_each_file_system_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from mailhost.ops import durable
-    synced: list = []
-    monkeypatch.setattr(durable, "sync_filesystem", synced.append)
-    runs = HeldRuns()
-    group = durable.GroupSync(runs)
-    (tmp_path / "x").mkdir()
-    (tmp_path / "y").mkdir()
-    log: list = []
-    group.submit(staged_file(tmp_path / "x", "one", log))
-    runs.finish()
-    group.submit(staged_file(tmp_path / "x", "two", log))
-    group.submit(staged_file(tmp_path / "y", "three", log))  # the same file system as x
-    runs.finish()
-    assert len(synced) == 4 and all(Path(p).parent == tmp_path for p in synced)
-
-
 def test_group_sync_a_failing_piece_fails_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from mailhost.ops import durable
     monkeypatch.setattr(durable, "sync_filesystem", lambda path: None)
     runs = HeldRuns()
-    group = durable.GroupSync(runs, batches=1)
+    group = durable.GroupSync(runs, tmp_path, batches=1)
     log: list = []
     group.submit(staged_file(tmp_path, "first", log))  # keeps the next three together in one batch
     outcomes: list = []
@@ -175,7 +158,7 @@ def test_group_sync_a_failed_sync_acknowledges_none_and_undoes_every_piece(tmp_p
 
     monkeypatch.setattr(durable, "sync_filesystem", failing_second)
     runs = HeldRuns()
-    group = durable.GroupSync(runs, batches=1)
+    group = durable.GroupSync(runs, tmp_path, batches=1)
     log: list = []
     failed: list = []
     for name in "xy":
