@@ -11,6 +11,7 @@ input that never raise, so every check sees the fields a mail reader sees.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -141,6 +142,31 @@ def parse_header_section(message: bytes) -> HeaderSection:
         number += message.count(b"\n", pos, match.end()) + 1
         pos = match.end() + 1  # past the line end
     return HeaderSection(tuple(fields), end, tuple(malformed))
+
+
+@functools.lru_cache(maxsize=16)
+def _field_start(name: str) -> re.Pattern[bytes]:
+    # A line that starts field `name` (obs-optional white space before the colon), with its
+    # continuation lines: what _FIELD_OR_LINE takes as that field, since every line that does
+    # not start with white space starts a field or another line there.
+    return re.compile(rb"^" + re.escape(name.encode("ascii")) + rb"[ \t]*:([^\n]*(?:\n[ \t][^\n]*)*)",
+                      re.IGNORECASE | re.MULTILINE)
+
+
+def first_field_text(message: bytes, name: str) -> str | None:
+    """parse_header_section(message).get(name), found without reading every other field:
+    for what each delivery asks of its message (its Message-ID for the event log)."""
+    if message.startswith((b"\n", b"\r\n")):
+        return None
+    empty = _EMPTY_LINE.search(message)
+    end = empty.start() + 1 if empty else len(message)
+    match = _field_start(name).search(message, 0, end)
+    if match is None:
+        return None
+    value = match[1]
+    if value.endswith(b"\r"):
+        value = value[:-1]  # CRLF
+    return HeaderField(name, value, 0).text
 
 
 def read_headers(message: bytes) -> HeaderSection:

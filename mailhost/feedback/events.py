@@ -36,7 +36,7 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from mailhost.config import WEBHOOK_EVENTS
-from mailhost.message import parse_header_section
+from mailhost.message import first_field_text
 from mailhost.ops.durable import fsync_directory
 from mailhost.ops.ownership import Owner, give, make_dirs, owner_of
 
@@ -78,9 +78,8 @@ def line_id(line: bytes) -> str | None:
 def message_facts(message: bytes) -> dict[str, str]:
     """What an event tells about the message itself: its Message-ID and the campaign tool's
     campaign (listmonk's X-Listmonk-Campaign), read from the header section only."""
-    headers = parse_header_section(message)
-    return {"message_id": (headers.get("Message-ID") or "")[:998],
-            "campaign": (headers.get("X-Listmonk-Campaign") or "")[:100]}
+    return {"message_id": (first_field_text(message, "Message-ID") or "")[:998],
+            "campaign": (first_field_text(message, "X-Listmonk-Campaign") or "")[:100]}
 
 
 @dataclass(frozen=True)
