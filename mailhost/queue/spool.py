@@ -129,14 +129,24 @@ class Spool:
         self.tmp = root / "tmp"
         self.owner = owner  # the CLI run as root: what it writes goes to the daemon's user
         self._known_dirs: set[Path] = set()
+        # Plain strings for the paths every delivery reads and removes: building them as
+        # Path objects cost more of the queue threads' time than the reads themselves.
+        self._msg = os.path.join(root, "msg", "")
+        self._env = os.path.join(root, "env", "")
 
     # --- paths -----------------------------------------------------------------
 
     def message_path(self, queue_id: str) -> Path:
-        return self.root / "msg" / queue_id[:2] / queue_id
+        return Path(self._message_file(queue_id))
 
     def envelope_path(self, queue_id: str) -> Path:
-        return self.root / "env" / queue_id[:2] / f"{queue_id}.json"
+        return Path(self._envelope_file(queue_id))
+
+    def _message_file(self, queue_id: str) -> str:
+        return f"{self._msg}{queue_id[:2]}/{queue_id}"
+
+    def _envelope_file(self, queue_id: str) -> str:
+        return f"{self._env}{queue_id[:2]}/{queue_id}.json"
 
     @property
     def corrupt(self) -> Path:
@@ -219,20 +229,20 @@ class Spool:
         delivered or bounced, where a crash before it does only brings the message back for a
         second attempt (a duplicate, never a loss; Postfix does not sync its deletions either).
         The envelope may then come back without its message file: MessageMissing."""
-        envelope_path = self.envelope_path(queue_id)
+        envelope_file = self._envelope_file(queue_id)
         try:
-            os.unlink(envelope_path)
+            os.unlink(envelope_file)
         except FileNotFoundError:
             raise SpoolError(f"{queue_id}: no such message in the queue") from None
         if sync:
-            fsync_directory(envelope_path.parent)
-        _unlink(self.message_path(queue_id))
+            fsync_directory(self.envelope_path(queue_id).parent)
+        _unlink(self._message_file(queue_id))
 
     # --- reading (blocking) ----------------------------------------------------
 
     def load(self, queue_id: str) -> Envelope:
         try:
-            data = read_whole(self.envelope_path(queue_id))
+            data = read_whole(self._envelope_file(queue_id))
         except FileNotFoundError:
             raise SpoolError(f"{queue_id}: no such message in the queue") from None
         try:
@@ -249,7 +259,7 @@ class Spool:
 
     def read_message(self, queue_id: str) -> bytes:
         try:
-            return read_whole(self.message_path(queue_id))
+            return read_whole(self._message_file(queue_id))
         except FileNotFoundError:
             raise MessageMissing(f"{queue_id}: message file missing") from None
 
@@ -454,7 +464,7 @@ def _unlink_all(paths: Iterable[Path]) -> None:
 FIRST_READ = 65536  # most envelopes and campaign messages: one read, and the file is whole
 
 
-def read_whole(path: Path) -> bytes:
+def read_whole(path: str | Path) -> bytes:
     """The file's bytes with open, read(s) and close only: Path.read_bytes adds an fstat, an
     isatty ioctl and two seeks, and every system call on a disk thread is a hand-over of the
     interpreter lock while the reactor is busy (a queue draining hundreds of messages a second).
@@ -473,7 +483,7 @@ def read_whole(path: Path) -> bytes:
         os.close(fd)
 
 
-def _unlink(path: Path) -> None:
+def _unlink(path: str | Path) -> None:
     try:
         os.unlink(path)
     except OSError:
