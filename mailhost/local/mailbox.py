@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 import socket
 import time
 from dataclasses import dataclass, field
@@ -133,9 +134,27 @@ class LocalDomains:
 
 def create_maildir(path: Path, owner: Owner | None = None) -> list[Path]:
     """Make `path`/{tmp,new,cur}, owner-only, if missing (each folder made given to `owner`);
-    returns the folders it made, outermost first."""
-    created = []
-    for sub in _MAILDIR_SUBDIRS:
+    returns the folders it made, outermost first.
+
+    A new Maildir appears whole: its folders are made under a hidden name beside it and
+    renamed into place, so a reader that sees it (Python's mailbox, mutt) finds new/ and cur/
+    too. Made one by one, a reader polling for a first message could find the folder without
+    cur/ and fail. (No user's folder starts with a dot: is_safe_local_part.)"""
+    created: list[Path] = []
+    if not path.is_dir():
+        created = make_dirs(path.parent, 0o700, owner)
+        staging = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.new")
+        try:
+            for sub in _MAILDIR_SUBDIRS:
+                make_dirs(staging / sub, 0o700, owner)
+            os.rename(staging, path)
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)
+            if not path.is_dir():  # not made meanwhile by another delivery: a real failure
+                raise
+        else:
+            return created + [path, *(path / sub for sub in _MAILDIR_SUBDIRS)]
+    for sub in _MAILDIR_SUBDIRS:  # an existing folder: whatever of it is missing
         created += make_dirs(path / sub, 0o700, owner)
     return created
 
