@@ -112,13 +112,19 @@ class HeaderSection:
         return {field.name.lower() for field in self.fields}
 
 
+def _header_end(message: bytes) -> int:
+    """Where the header section of `message` ends: the offset of the empty line that ends it
+    (RFC 5322 2.1), 0 when the message starts with one, the message's length when none does."""
+    if message.startswith((b"\n", b"\r\n")):
+        return 0
+    empty = _EMPTY_LINE.search(message)
+    return empty.start() + 1 if empty else len(message)
+
+
 def parse_header_section(message: bytes) -> HeaderSection:
     """The header section of `message` (LF or CRLF line endings). A pure function that never
     raises: whatever it cannot read goes into `malformed`."""
-    if message.startswith((b"\n", b"\r\n")):
-        return HeaderSection()
-    empty = _EMPTY_LINE.search(message)
-    end = empty.start() + 1 if empty else len(message)  # the empty line ends it (RFC 5322 2.1)
+    end = _header_end(message)
     fields: list[HeaderField] = []
     malformed: list[str] = []
     pos, number = 0, 1
@@ -156,11 +162,7 @@ def _field_start(name: str) -> re.Pattern[bytes]:
 def first_field_text(message: bytes, name: str) -> str | None:
     """parse_header_section(message).get(name), found without reading every other field:
     for what each delivery asks of its message (its Message-ID for the event log)."""
-    if message.startswith((b"\n", b"\r\n")):
-        return None
-    empty = _EMPTY_LINE.search(message)
-    end = empty.start() + 1 if empty else len(message)
-    match = _field_start(name).search(message, 0, end)
+    match = _field_start(name).search(message, 0, _header_end(message))
     if match is None:
         return None
     value = match[1]
