@@ -235,7 +235,7 @@ class Spool:
         except FileNotFoundError:
             raise SpoolError(f"{queue_id}: no such message in the queue") from None
         if sync:
-            fsync_directory(self.envelope_path(queue_id).parent)
+            fsync_directory(Path(envelope_file).parent)
         _unlink(self._message_file(queue_id))
 
     # --- reading (blocking) ----------------------------------------------------
