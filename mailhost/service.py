@@ -25,6 +25,7 @@ from mailhost.ops.metrics import Metrics, metrics_site, snapshots_folder
 from mailhost.doors.pickup import PickupCollector
 from mailhost.ops.durable import DiskWriter
 from mailhost.ops.ownership import make_dirs, owner_of
+from mailhost.ops.heap import collect_less_often, settle_heap
 from mailhost.ops.statelock import AlreadyRunning, StateLock, lock_state_dir
 from mailhost.intake.cleanup import Intake
 from mailhost.local.mailbox import LocalDomains
@@ -163,6 +164,7 @@ class MailhostDaemon(service.MultiService):
 
     log_observer: ILogObserver | None = None
     workers: WorkerPool | None = None
+    ready: Deferred[None]  # the queue is loaded
     state_lock: StateLock | None = None  # held for the daemon's life
 
     def startService(self) -> None:
@@ -192,6 +194,9 @@ def make_service(config_path: str, reactor: Any = None, twistd_options: Any = No
         check_permissions(config)
         tls_options = ServerTLS(*ensure_tls_pair(config))
         daemon = build(config, tls_options, reactor)
+        # The collector set for a daemon's heap (mailhost.ops.heap); each worker does the same.
+        collect_less_often()
+        daemon.ready.addCallback(lambda _: settle_heap())
         daemon.state_lock = state_lock
         daemon.log_observer = default_observer(twistd_options, reactor)
         if daemon.workers is not None and daemon.log_observer is not None:
@@ -413,6 +418,7 @@ def build(config: Config, tls_options: ServerTLS, reactor: Any) -> MailhostDaemo
     writer, domains, intake = inbound.writer, inbound.domains, inbound.intake
     outbound = build_outbound(config, inbound, reactor, top, metrics, main=True)
     scheduler, throttle = outbound.scheduler, outbound.throttle
+    top.ready = scheduler.ready
     pickup = PickupCollector(config.server.state_dir, writer, intake, config.server.hostname)
     # Collect at start and every few seconds, for messages dropped while no daemon answered the poke.
     TimerService(PICKUP_SCAN_SECONDS, pickup.collect).setServiceParent(top)

@@ -16,6 +16,7 @@ import json
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application import service
@@ -28,6 +29,7 @@ from twisted.protocols import amp
 from mailhost.multiproc.shard import Shard
 from mailhost.multiproc.commands import PaceCommand, QueueCommand, WorkerReload, WorkerStart
 from mailhost.config import ROLES, Config, ConfigError, load
+from mailhost.ops.heap import collect_less_often, settle_heap
 from mailhost.ops.logs import BatchedStream, flush_pending, text_lines
 from mailhost.ops.metrics import SNAPSHOT_SECONDS, Metrics, snapshots_folder, write_snapshot
 from mailhost.ops.reload import ReloadOnHangup
@@ -46,8 +48,10 @@ log = Logger(namespace="mailhost.worker")
 class Worker:
     """Serves the inherited listeners the way the main process does, once it has the TLS pair."""
 
-    def __init__(self, config: Config, number: int, fds: list[tuple[str, int]], reactor: Any, shards: int) -> None:
+    def __init__(self, config: Config, number: int, fds: list[tuple[str, int]], reactor: Any, shards: int,
+                 settle: Callable[[], None] | None = None) -> None:
         self.config = config
+        self.settle = settle  # called once our queue is loaded (mailhost.ops.heap.settle_heap)
         self.number = number
         self.shards = shards
         self.fds = fds
@@ -69,6 +73,9 @@ class Worker:
         # Ids of our shard for what we accept, and our shard of the queue to deliver.
         inbound = build_inbound(self.config, self.tls, self.reactor, self.top, metrics, Shard(self.number, self.shards))
         self.outbound = build_outbound(self.config, inbound, self.reactor, self.top, metrics, main=False)
+        if self.settle is not None:
+            settle = self.settle
+            self.outbound.scheduler.ready.addCallback(lambda _: settle())
         # Not a service here: no SIGHUP handler, the main process says when.
         self.reloader = reloader(self.tls, self.reactor, inbound, self.outbound)
         if self.config.metrics.endpoint is not None:
@@ -221,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"mailhost worker: {e}\n")
         return 1
 
-    worker = Worker(config, args.number, args.fds, reactor, shards=args.shards)
+    collect_less_often()  # mailhost.ops.heap, as in the main process
+    worker = Worker(config, args.number, args.fds, reactor, shards=args.shards, settle=settle_heap)
     factory = protocol.Factory.forProtocol(lambda: WorkerChannel(worker))
     factory.noisy = False
     reactor.adoptStreamConnection(args.channel, socket.AF_UNIX, factory)
