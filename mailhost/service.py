@@ -351,8 +351,10 @@ def build_outbound(config: Config, inbound: Inbound, reactor: Any, parent: servi
     # must not wait behind that work for its commit and its 250.
     # Few threads: each one wanting the interpreter lock back after every read, unlink and
     # fsync makes the reactor wait for it, and on a busy machine for the kernel to run it.
-    # Two and one drained bench/outbound.py's queue 12% faster than four and two (bench/README.md).
-    queue_writer = DiskWriter(reactor, threads=2, name="mailhost-queue")
+    # One writer and one loader drained bench/outbound.py's queue ~10% faster than two and one,
+    # which were 12% faster than four and two; also when every attempt was deferred (an
+    # envelope fsync'd each). Loads on the writer's thread too: 20-40% slower (bench/README.md).
+    queue_writer = DiskWriter(reactor, threads=1, name="mailhost-queue")
     DiskWriterService(queue_writer).setServiceParent(parent)
     queue_loader = DiskWriter(reactor, threads=1, name="mailhost-queue-load")
     DiskWriterService(queue_loader).setServiceParent(parent)
