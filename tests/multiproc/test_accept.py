@@ -50,8 +50,9 @@ def test_one_connection_per_wake_up_the_rest_left_to_the_others() -> None:
 
 
 def test_after_each_connection_it_leaves_the_next_to_the_others_a_moment() -> None:
-    """The process whose reactor comes round first would otherwise take the next one of a burst
-    too (6 of 10 in most runs of bench/campaign.py): it sits out a millisecond, then comes back."""
+    """With more connections waiting (a burst), the process whose reactor comes round first would
+    otherwise take the next one too (6 of 10 in most runs of bench/campaign.py): it sits out a
+    millisecond, then comes back."""
     reactor = Reactor()
     port = tcp_port(reactor)
     accepts = balance(port, port.factory, reactor)
@@ -72,6 +73,20 @@ def test_after_each_connection_it_leaves_the_next_to_the_others_a_moment() -> No
     reactor.advance(0)
     for client in clients:
         client.close()
+
+
+def test_a_connection_alone_costs_no_pause() -> None:
+    """Mail that comes a connection at a time (no burst waiting behind it) is not slowed down."""
+    reactor = Reactor()
+    port = tcp_port(reactor)
+    accepts = balance(port, port.factory, reactor)
+    with connect(port):
+        accepts.doRead()
+        assert len(reactor.adoptedStreamConnections) == 1
+        assert accepts in reactor.reading
+    accepts.stop()
+    port.stopListening()
+    reactor.advance(0)
 
 
 def test_a_unix_listener_too(tmp_path: Path) -> None:
