@@ -353,7 +353,7 @@ def build_outbound(config: Config, inbound: Inbound, reactor: Any, parent: servi
     # fsync makes the reactor wait for it, and on a busy machine for the kernel to run it.
     # One writer and one loader drained bench/outbound.py's queue ~10% faster than two and one,
     # which were 12% faster than four and two; also when every attempt was deferred (an
-    # envelope fsync'd each). Loads on the writer's thread too: 20-40% slower (bench/README.md).
+    # envelope fsync'd each). Loads on the writer's thread too: 5-50% slower (bench/README.md).
     queue_writer = DiskWriter(reactor, threads=1, name="mailhost-queue")
     DiskWriterService(queue_writer).setServiceParent(parent)
     queue_loader = DiskWriter(reactor, threads=1, name="mailhost-queue-load")
