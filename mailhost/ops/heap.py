@@ -2,10 +2,10 @@
 
 Delivering a message makes and drops thousands of objects (Deferreds, replies, envelopes),
 nearly all freed by reference counting the moment they are done. With CPython's default
-thresholds the collector still ran every few messages, and every few hundred young
-collections walked the whole heap again: modules, the configuration, the queue's index,
-which live as long as the process (about 5% of a queue drain's CPU, measured with
-gc.callbacks and perf).
+thresholds (700, 10, 10) the collector still ran every few messages, and about every
+hundredth young collection was a full one, walking the whole heap again: modules, the
+configuration, the queue's index, which live as long as the process (about 5% of a queue
+drain's CPU, measured with gc.callbacks and perf).
 """
 
 from __future__ import annotations
