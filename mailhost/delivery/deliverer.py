@@ -178,8 +178,9 @@ class Deliverer:
             by_domain[recipient_domain(recipient.address)].append(recipient)
         if len(by_domain) == 1:  # the usual case: no DeferredList to merge one result
             [(domain, rcpts)] = by_domain.items()
-            return self._deliver_domain(envelope, message, domain, rcpts)
-        jobs = [self._deliver_domain(envelope, message, domain, rcpts) for domain, rcpts in by_domain.items()]
+            return Deferred.fromCoroutine(self._deliver_domain(envelope, message, domain, rcpts))
+        jobs = [Deferred.fromCoroutine(self._deliver_domain(envelope, message, domain, rcpts))
+                for domain, rcpts in by_domain.items()]
 
         def merge(results: list[tuple[bool, dict[str, Outcome]]]) -> dict[str, Outcome]:
             merged: dict[str, Outcome] = {}
@@ -189,12 +190,15 @@ class Deliverer:
 
         return DeferredList(jobs, consumeErrors=False).addCallback(merge)
 
-    @inlineCallbacks
-    def _deliver_domain(self, envelope: Envelope, message: bytes, domain: str, recipients: list[Recipient]):
+    async def _deliver_domain(self, envelope: Envelope, message: bytes, domain: str,
+                              recipients: list[Recipient]) -> dict[str, Outcome]:
+        # _deliver_domain and _try_hops are coroutines, _try_hops awaited directly: when the
+        # server's reply fires its Deferred, the whole chain resumes in one step (inlineCallbacks
+        # generators took a turn of the Deferred machinery each).
         addresses = [r.address for r in recipients]
         started = time.monotonic()
         try:
-            route = yield self.router.route(domain)
+            route = await self.router.route(domain)
         except RouteError as e:
             state = "failed" if e.permanent else "deferred"
             return self._logged(envelope, {a: Outcome(state, e.text, e.status) for a in addresses}, started)
@@ -206,7 +210,7 @@ class Deliverer:
         sts = PolicyResult(None)
         if not smarthost and self.tls_policies is not None:
             # Before the pace and the connection slot: a policy fetch may take seconds.
-            sts = yield self.tls_policies.for_domain(domain)
+            sts = await self.tls_policies.for_domain(domain)
         pace = self.throttle.pace_for(route.hops[0].host if route.hops else domain)
         wait = pace.reserve()
         if wait > THROTTLE_WAIT_MAX:
@@ -214,16 +218,16 @@ class Deliverer:
             text = f"over the pace for {pace.name} ({pace.rate:.0f}/min)"
             return {a: Outcome("throttled", text, "4.7.0", retry_in=wait) for a in addresses}
         if wait > 0:
-            yield deferLater(self.reactor, wait, lambda: None)
+            await deferLater(self.reactor, wait, lambda: None)
         slot = _Slot(pace.connections)
-        yield slot.acquire()
+        await slot.acquire()
         paused = pace.paused_for()
         if paused > THROTTLE_WAIT_MAX:  # blocked while this delivery waited for a connection
             slot.release()
             return {a: Outcome("throttled", f"{pace.name} paused after a block", "4.7.0", retry_in=paused)
                     for a in addresses}
         try:
-            outcomes = yield self._try_hops(envelope, message, route.hops, addresses, smarthost, pace, slot, domain, sts)
+            outcomes = await self._try_hops(envelope, message, route.hops, addresses, smarthost, pace, slot, domain, sts)
         finally:
             slot.release()
         return outcomes
@@ -234,9 +238,9 @@ class Deliverer:
             log_outcome(envelope.id, rcpt, outcome, delay)
         return outcomes
 
-    @inlineCallbacks
-    def _try_hops(self, envelope: Envelope, message: bytes, hops: tuple[Hop, ...], addresses: list[str], smarthost: bool,
-                  pace: Pace, slot: _Slot, domain: str = "", sts: PolicyResult = PolicyResult(None)):
+    async def _try_hops(self, envelope: Envelope, message: bytes, hops: tuple[Hop, ...], addresses: list[str],
+                        smarthost: bool, pace: Pace, slot: _Slot, domain: str = "",
+                        sts: PolicyResult = PolicyResult(None)) -> dict[str, Outcome]:
         outcomes: dict[str, Outcome] = {}
         remaining = list(addresses)
         last_error = Outcome("deferred", "no server could be reached", "4.4.1")
@@ -245,7 +249,7 @@ class Deliverer:
         for hop in hops:
             hop_tls: HopTls | None = None
             if policies is not None and not smarthost and remaining:
-                hop_tls = yield policies.for_hop(domain, sts, hop)
+                hop_tls = await policies.for_hop(domain, sts, hop)
                 if hop_tls.refusal:
                     log.info("{id}: {reason}", id=envelope.id, reason=hop_tls.refusal)
                     if hop_tls.refusal_type:
@@ -256,12 +260,12 @@ class Deliverer:
                 if not remaining:
                     return outcomes
                 if not slot.held:  # handed over with a connection whose final reply then failed
-                    yield slot.acquire()
+                    await slot.acquire()
                 relay = f"{hop.host}[{address}]:{hop.port}"
                 started = time.monotonic()
                 try:
                     tls_mode, trust = self._tls_for(hop) if hop_tls is None else (hop_tls.tls, None)
-                    session = yield self.pool.take(hop, address, tls_mode, trust, self._auth_for(hop.smarthost), hop_tls)
+                    session = await self.pool.take(hop, address, tls_mode, trust, self._auth_for(hop.smarthost), hop_tls)
                 except SessionError as e:
                     last_error = self._session_failure(e, hop, relay, smarthost, e.tls_version or "")
                     if hop_tls is not None and e.tls_failure is not None and policies is not None:
@@ -295,7 +299,7 @@ class Deliverer:
                     slot.release()
 
                 try:
-                    result = yield self._send(session, envelope, remaining, message, hand_over)
+                    result = await self._send(session, envelope, remaining, message, hand_over)
                 except SessionError as e:
                     session.abort()  # (broken for whoever took it over too)
                     last_error = self._session_failure(e, hop, relay, smarthost, tls)

@@ -257,7 +257,7 @@ class Scheduler(service.Service):
                 break
             self.in_flight.add(queue_id)
             self.delivering.add(queue_id)
-            self._attempt(queue_id)
+            Deferred.fromCoroutine(self._attempt(queue_id))
         self._arm_timer(self.index.next_time())
 
     def _arm_timer(self, when: float | None) -> None:
@@ -270,10 +270,11 @@ class Scheduler(service.Service):
         self._timer_at = when
         self._timer = self.reactor.callLater(max(0.0, when - self.reactor.seconds()), self._wake)
 
-    @inlineCallbacks
-    def _attempt(self, queue_id: str):
+    async def _attempt(self, queue_id: str) -> None:
+        # A coroutine, as are _deliver_except and _record it awaits: a chain of awaits resumes in
+        # one step when a Deferred fires, where each inlineCallbacks generator took a turn of its own.
         try:
-            envelope, message, suppressed = yield self.loader.run_together(self._load_attempt, queue_id)
+            envelope, message, suppressed = await self.loader.run_together(self._load_attempt, queue_id)
             if envelope.held:
                 self.index.hold(queue_id)
                 return
@@ -287,20 +288,20 @@ class Scheduler(service.Service):
                     log_outcome(envelope.id, address, outcome, 0.0)
             elif suppressed:
                 # Suppressed since it was queued (a bounce, a complaint, the operator): not sent.
-                outcomes = yield self._deliver_except(envelope, message, suppressed)
+                outcomes = await self._deliver_except(envelope, message, suppressed)
             else:
-                outcomes = yield self.deliverer.deliver(envelope, message)
+                outcomes = await self.deliverer.deliver(envelope, message)
             self._delivered(queue_id)
-            yield self._record(envelope, message, outcomes)
+            await self._record(envelope, message, outcomes)
         except MessageMissing:
             # The removal after its delivery did not reach the disk before a crash
             # (Spool.remove with sync=False): the message went out; finish the removal.
-            yield self.writer.run(self.spool.remove, queue_id).addCallbacks(
+            await self.writer.run(self.spool.remove, queue_id).addCallbacks(
                 lambda _: log.info("{id}: removed (its message file was already gone: a removal cut short by a crash)",
                                    id=queue_id),
                 lambda failure: log.warn("{id}: {error}", id=queue_id, error=failure.getErrorMessage()))
         except CorruptEnvelope as e:
-            yield self._quarantine(e)
+            await self._quarantine(e)
         except SpoolError as e:
             log.warn("{id}: {error}", id=queue_id, error=str(e))
         except Exception:
@@ -314,7 +315,7 @@ class Scheduler(service.Service):
             if queue_id in self._deleted:
                 self._deleted.discard(queue_id)
                 try:
-                    yield self.delete(queue_id)
+                    await self.delete(queue_id)
                 except SpoolError:
                     pass  # the attempt finished it and removed it already
             self._wake()
@@ -335,14 +336,14 @@ class Scheduler(service.Service):
                                                   f"({entry.source}: {entry.status} {entry.reason[:120]})")
         return envelope, message, suppressed
 
-    @inlineCallbacks
-    def _deliver_except(self, envelope: Envelope, message: bytes, suppressed: dict[str, str]):
+    async def _deliver_except(self, envelope: Envelope, message: bytes,
+                              suppressed: dict[str, str]) -> dict[str, Outcome]:
         outcomes = {address: Outcome(FAILED, reason, "5.7.1") for address, reason in suppressed.items()}
         for address, outcome in outcomes.items():
             log_outcome(envelope.id, address, outcome, 0.0)
         rest = [r for r in envelope.pending() if r.address not in suppressed]
         if rest:
-            outcomes.update((yield self.deliverer.deliver(envelope, message, rest)))
+            outcomes.update(await self.deliverer.deliver(envelope, message, rest))
         return outcomes
 
     def _feed_suppression(self, envelope: Envelope, outcomes: dict[str, Outcome]) -> Deferred[None]:
@@ -376,8 +377,7 @@ class Scheduler(service.Service):
         return self.writer.run(record).addErrback(
             lambda failure: log.failure("{id}: cannot update the suppression list", failure, id=envelope.id))
 
-    @inlineCallbacks
-    def _record(self, envelope: Envelope, message: bytes, outcomes: dict[str, Outcome]):
+    async def _record(self, envelope: Envelope, message: bytes, outcomes: dict[str, Outcome]) -> None:
         now = self.reactor.seconds()
         throttled_until: float | None = None
         for recipient in envelope.pending():
@@ -398,7 +398,7 @@ class Scheduler(service.Service):
             recipient.last_reply = outcome.reply
             recipient.status = outcome.status
             recipient.remote_mta = outcome.remote_mta
-        yield self._feed_suppression(envelope, outcomes)
+        await self._feed_suppression(envelope, outcomes)
         queue = self.config.queue
         given_up = []
         for recipient in envelope.pending():
@@ -412,11 +412,11 @@ class Scheduler(service.Service):
             self.metrics.deliveries.labels("expired").inc()
             log.info("{id}: to=<{rcpt}> status=expired ({reply})", id=envelope.id, rcpt=recipient.address,
                      reply=recipient.last_reply)
-        yield self._record_events(envelope, message, outcomes, given_up)
-        yield self._send_dsns(envelope, message, now)
-        yield self._report_relayed(envelope, message, outcomes, now)
+        await self._record_events(envelope, message, outcomes, given_up)
+        await self._send_dsns(envelope, message, now)
+        await self._report_relayed(envelope, message, outcomes, now)
         if envelope.done and not self._reports_owed(envelope):
-            yield self.writer.run_together(self.spool.remove, envelope.id, False)
+            await self.writer.run_together(self.spool.remove, envelope.id, False)
             self.arrivals.pop(envelope.id, None)
             log.info("{id}: removed (every recipient delivered or bounced)", id=envelope.id)
             return
@@ -426,7 +426,7 @@ class Scheduler(service.Service):
         if throttled_until is not None:
             envelope.next_attempt = min(envelope.next_attempt, throttled_until) if tried else throttled_until
         envelope.held = self._held_meanwhile.pop(envelope.id, envelope.held)
-        yield self.writer.run(self.spool.update, envelope)
+        await self.writer.run(self.spool.update, envelope)
         if envelope.held:
             self.index.hold(envelope.id)
         else:

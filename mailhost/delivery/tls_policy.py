@@ -20,7 +20,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, succeed
 
 from mailhost.config import RelayConfig
 from mailhost.delivery.mta_sts import MtaSts, Policy, PolicyResult
@@ -72,10 +72,10 @@ class TlsPolicies:
 
         return self.mta_sts.policy(domain).addCallback(reported)
 
-    @inlineCallbacks
-    def for_hop(self, domain: str, sts: PolicyResult, hop: Hop):
+    async def for_hop(self, domain: str, sts: PolicyResult, hop: Hop) -> HopTls:
+        """How to treat TLS with `hop` (awaited by the deliverer's coroutine: no Deferred of its own)."""
         if self.relay.dane and hop.secure:
-            dane = yield self._dane(domain, hop)
+            dane = await self._dane(domain, hop)
             if dane is not None:
                 return dane
         policy = sts.policy
@@ -83,12 +83,11 @@ class TlsPolicies:
             return HopTls(self.relay.tls)
         return self._sts(domain, policy, hop)
 
-    @inlineCallbacks
-    def _dane(self, domain: str, hop: Hop):
+    async def _dane(self, domain: str, hop: Hop) -> HopTls | None:
         name = f"_{hop.port}._tcp.{hop.host}"
         label = f"DANE TLSA of {hop.host}"
         try:
-            found = yield self._router.records(name, "TLSA")
+            found = await self._router.records(name, "TLSA")
         except Exception as e:
             # RFC 7672 2.2: a failed TLSA lookup of a secure host is not a reason to send in the clear.
             return HopTls("required", label=label, refusal=f"{label}: lookup of {name} TLSA failed ({e})",
