@@ -307,10 +307,15 @@ class SMTPClientProtocol(Protocol):
     def arm(self, timeout: float, label: str) -> None:
         """(Re)start the one timer: `timeout` seconds for the server to answer or take `label`."""
         self._timeout, self._timeout_label = timeout, label
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(timeout)  # cheaper than a new DelayedCall for every reply
-        else:
-            self._timer = self.reactor.callLater(timeout, self._timed_out)
+        timer = self._timer
+        if timer is not None and timer.active():
+            if self.reactor.seconds() + timeout >= timer.getTime():
+                timer.reset(timeout)  # later: only the call's time changes, cheaper than a new DelayedCall
+                return
+            # Sooner (a command's timeout after the end of data's): reset() would look the call
+            # up in the reactor's list of every pending timed call, a search per message.
+            timer.cancel()
+        self._timer = self.reactor.callLater(timeout, self._timed_out)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():

@@ -585,6 +585,22 @@ def test_protocol_violations_fail_the_session(data: bytes, reason: str) -> None:
     assert transport.disconnected  # aborted: nothing more is read or written
 
 
+@pytest.mark.parametrize("first, then", [(600, 300), (300, 600), (300, 300)])
+def test_the_timer_rearmed_keeps_the_newest_deadline(first: float, then: float) -> None:
+    """arm() moves its one timer sooner or later: the session fails at the newest deadline only."""
+    protocol, _, clock = _protocol()
+    protocol.greeting.addErrback(lambda failure: None)
+    protocol.arm(first, "first")
+    clock.advance(10)
+    protocol.arm(then, "then")
+    clock.advance(then - 1)
+    assert protocol.error is None
+    clock.advance(2)
+    assert protocol.error is not None and f"timeout after {then}s" in protocol.error.reason
+    assert "(then)" in protocol.error.reason
+    assert not [call for call in clock.getDelayedCalls() if call.active()]  # the first deadline is gone
+
+
 def test_greeting_timeout() -> None:
     protocol, _, clock = _protocol()
     failures: list[Any] = []
