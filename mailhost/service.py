@@ -64,6 +64,7 @@ from mailhost.delivery.throttle import Throttle, share_of
 from mailhost.ops.tls import ServerTLS, TLSSetupError, ensure_tls_pair, tls_pair_paths
 from mailhost.smtp.transport import make_eager_server, send_eagerly
 from mailhost.multiproc.accept import BalancedAccepts, balance
+from mailhost.multiproc.loads import SessionLoads
 from mailhost.multiproc.parent import ShardedQueue, WorkerPool, shareable
 
 log = Logger(namespace="mailhost.service")
@@ -94,12 +95,14 @@ class ListenerService(service.Service):
     on (tcp, tcp6, unix, ssl, systemd) bind at once, so listen()'s Deferred has fired by
     the time privilegedStartService returns, before twistd drops privileges."""
 
-    def __init__(self, description: str, factory: Any, reactor: Any, balanced: bool = False) -> None:
+    def __init__(self, description: str, factory: Any, reactor: Any,
+                 balanced: tuple[SessionLoads, Callable[[], int]] | None = None) -> None:
         self.description = description
         self.factory = factory
         self.reactor = reactor
         self.endpoint = endpoints.serverFromString(reactor, description)
-        # Shared with workers: accept one connection per wake-up, so a burst spreads (mailhost.multiproc.accept).
+        # Shared with workers: accept one connection per wake-up, and leave it to a process with
+        # fewer sessions (the loads and our count of sessions), so connections spread (mailhost.multiproc.accept).
         self.balanced = balanced
         self._accepts: BalancedAccepts | None = None
         self._listening: Deferred[Any] | None = None
@@ -136,8 +139,9 @@ class ListenerService(service.Service):
         self._port = port
         # The log has the line about a reply before the client has the reply (mailhost.ops.logs).
         send_eagerly(port, before_write=flush_pending)
-        if self.balanced:
-            self._accepts = balance(port, self.factory, self.reactor,
+        if self.balanced is not None:
+            loads, sessions = self.balanced
+            self._accepts = balance(port, self.factory, self.reactor, loads, sessions,
                                     adopted=lambda transport: make_eager_server(transport, flush_pending))
 
     def stopService(self) -> Deferred[None] | None:
@@ -424,11 +428,18 @@ def build(config: Config, tls_options: ServerTLS, reactor: Any) -> MailhostDaemo
     pickup = PickupCollector(config.server.state_dir, writer, intake, config.server.hostname)
     # Collect at start and every few seconds, for messages dropped while no daemon answered the poke.
     TimerService(PICKUP_SCAN_SECONDS, pickup.collect).setServiceParent(top)
+    loads = None
+    if config.server.workers > 1:
+        # Every process's count of open sessions, for the shared listeners' accepting (mailhost.multiproc.loads).
+        loads = SessionLoads.create(config.server.workers)
+        inbound.context.on_sessions = loads.publish
     listeners = []
     for listener in config.listeners:
         factory = listener_factory(listener.role, inbound.context, reactor)
-        listeners.append(ListenerService(listener.endpoint, factory, reactor,
-                                         balanced=config.server.workers > 1 and shareable(listener.endpoint)))
+        balanced = None
+        if loads is not None and shareable(listener.endpoint):
+            balanced = (loads, lambda: inbound.context.open_sessions)
+        listeners.append(ListenerService(listener.endpoint, factory, reactor, balanced=balanced))
     # Webhooks post from the main process only: the event log is shared by every process.
     webhooks = WebhookService(inbound.suppression.events or event_log(config.server.state_dir),
                               prepare(config.webhooks), writer.run, reactor)
@@ -437,9 +448,10 @@ def build(config: Config, tls_options: ServerTLS, reactor: Any) -> MailhostDaemo
     queue: QueueOperations = scheduler
     paces: PaceReport = throttle
     if config.server.workers > 1:
+        assert loads is not None
         workers = WorkerPool(config, lambda: [(i, l.port()) for i, l in enumerate(listeners) if l.port() is not None],
                              tls_options, scheduler.ready, scheduler.adopt_strays, reactor,
-                             alone=lambda: _deliver_alone(outbound))
+                             alone=lambda: _deliver_alone(outbound), loads=loads)
         # Queue commands and paces reach the process that holds the message.
         queue = paces = ShardedQueue(scheduler, throttle, workers, lambda: scheduler.shard)
     owner = owner_of(config.server.state_dir)  # what is made before twistd's --uid is given to state_dir's owner

@@ -14,6 +14,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock, RaisingMemoryReactor
 from twisted.logger import globalLogPublisher
 
+from mailhost.multiproc.loads import SessionLoads
 from mailhost.service import ListenerService
 
 
@@ -83,7 +84,9 @@ class ReadingReactor(BindingReactor):
 
 def test_a_listener_shared_with_workers_accepts_one_connection_per_wake_up() -> None:
     reactor = ReadingReactor()
-    listener = ListenerService("tcp:0:interface=127.0.0.1", Factory.forProtocol(Protocol), reactor, balanced=True)
+    loads = SessionLoads.create(2)
+    listener = ListenerService("tcp:0:interface=127.0.0.1", Factory.forProtocol(Protocol), reactor,
+                               balanced=(loads, lambda: 0))
     listener.privilegedStartService()
     port = listener.port()
     # Twisted's port keeps the socket but no longer reads it (it would take a whole burst):
@@ -94,6 +97,7 @@ def test_a_listener_shared_with_workers_accepts_one_connection_per_wake_up() -> 
     stopped = listener.stopService()
     reactor.advance(0)
     assert stopped.called and not reactor.reading and reader.fileno() == -1
+    loads.close()
 
 
 def test_started_without_privileges_it_binds_then() -> None:

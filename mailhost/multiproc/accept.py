@@ -8,9 +8,11 @@ burst: 10 connections arriving together all went to one process in most runs
 (issue 15). Here each process takes at most ACCEPTS_PER_WAKEUP connections and
 goes back to its reactor; the socket is still readable, so every waiting process
 comes back for the next one, and a busy process (a longer reactor turn) takes
-fewer: the split follows the load, as with Postfix's smtpd processes. After each
-connection taken with more waiting, a process also sits out SHARE_PAUSE_SECONDS,
-so that the one whose reactor comes round first does not take the next one too.
+fewer: the split follows the load, as with Postfix's smtpd processes. And a
+process with more sessions open than another (mailhost.multiproc.loads) leaves
+the connection to that one for YIELD_SECONDS, taking it only if it is still
+waiting then: the process whose reactor comes round first does not take the
+next connection too, whether the connections come in a burst or one by one.
 
 Why not SO_REUSEPORT (one listening socket per process, the kernel picking one
 by a hash of the addresses)? Its queues are per process: connections hashed to
@@ -41,17 +43,17 @@ from twisted.internet.interfaces import IProtocolFactory, IReadDescriptor
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from mailhost.multiproc.loads import SessionLoads
+
 log = Logger(namespace="mailhost.accept")
 
 # One per wake-up, as smtpd: more lets the first process awake take a burst again.
 ACCEPTS_PER_WAKEUP = 1
-# After each connection it takes with more waiting (a burst), a process stops accepting this
-# long, so that the others (woken for the same burst, maybe not yet running) take the next
-# ones. With one per wake-up alone, the process whose reactor turn came round first took 6
-# of 10 connections arriving together in most runs (bench/campaign.py); with this pause, 5
-# and 5. During a burst it bounds a process's accepts to a thousand a second; the listen
-# backlog holds the rest meanwhile.
-SHARE_PAUSE_SECONDS = 0.001
+# A process with more sessions open than another leaves it a new connection this long (the
+# other woke for it too, maybe not yet running), then takes it if nobody has. bench/campaign.py's
+# ten connections: with one per wake-up and a pause after each one taken while more waited,
+# 5/5 in 6 of 10 runs (6/4 in two, all ten to one process in two); with this, 5/5 in 10 of 10.
+YIELD_SECONDS = 0.001
 # Out of descriptors or memory: stop accepting here for this long (the others go on).
 PAUSE_SECONDS = 0.5
 _PAUSE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
@@ -73,17 +75,21 @@ class _Remember:
 @implementer(IReadDescriptor)
 class BalancedAccepts:
     """Accepts on `port`'s socket instead of `port`, ACCEPTS_PER_WAKEUP at a time, for `factory`.
-    `adopted` sees each new connection's transport (mailhost.smtp.transport makes it eager)."""
+    `adopted` sees each new connection's transport (mailhost.smtp.transport makes it eager).
+    `loads` has every process's count of open sessions; `sessions()` is this process's."""
 
-    def __init__(self, port: Any, factory: IProtocolFactory, reactor: Any,
-                 adopted: Callable[[Any], None] = lambda transport: None) -> None:
+    def __init__(self, port: Any, factory: IProtocolFactory, reactor: Any, loads: SessionLoads,
+                 sessions: Callable[[], int], adopted: Callable[[Any], None] = lambda transport: None) -> None:
         self.port = port
         self.reactor = reactor
         self._factory = _Remember(factory)
         self._adopted = adopted
+        self._loads = loads
+        self._sessions = sessions
         self._socket: socket.socket | None = None
         self._waiting: Any = None
         self._pause: Any = None
+        self._yielded = False  # the connection waiting now was left to another process once: take it
 
     def start(self) -> None:
         fd = self.port.fileno()
@@ -93,7 +99,7 @@ class BalancedAccepts:
         finally:
             probe.detach()
         self._socket.setblocking(False)
-        self._waiting = select.poll()  # are more connections waiting on the socket?
+        self._waiting = select.poll()  # is a connection still waiting on the socket?
         self._waiting.register(self._socket, select.POLLIN)
         self.port.stopReading()
         self.reactor.addReader(self)
@@ -121,7 +127,8 @@ class BalancedAccepts:
             self._socket = None
 
     def doRead(self) -> None:
-        taken = False
+        if self._leave_to_another():
+            return
         for _ in range(ACCEPTS_PER_WAKEUP):
             if self._socket is None:
                 return
@@ -149,18 +156,31 @@ class BalancedAccepts:
             built, self._factory.built = self._factory.built, None
             if built is not None and built.transport is not None:
                 self._adopted(built.transport)
-            taken = True
-        if taken:
-            self._take_turns()
+        self._loads.publish(self._sessions())
 
-    def _take_turns(self) -> None:
-        """More connections waiting (a burst): leave the next ones to the other processes for
-        SHARE_PAUSE_SECONDS. None waiting: no pause (mail arriving a connection at a time has
-        nobody to share with; a pause after every connection measured 7% slower on inbound.py's
-        20 sessions x 1 msg/conn, if within this machine's noise)."""
-        if self._socket is not None and self._pause is None and self._waiting.poll(0):
-            self.reactor.removeReader(self)
-            self._pause = self.reactor.callLater(SHARE_PAUSE_SECONDS, self._resume)
+    def _leave_to_another(self) -> bool:
+        """Another accepting process has fewer sessions open: the waiting connection is its to
+        take (it woke for it too). This one stops reading for YIELD_SECONDS and takes it then
+        if it is still waiting (the other busy or stopped): a connection waits a millisecond
+        at most for the balance, and only when the processes are out of balance."""
+        if self._yielded:
+            self._yielded = False
+            return False
+        fewest = self._loads.fewest_elsewhere()
+        mine = self._sessions()
+        self._loads.publish(mine)  # sessions that ended since: the others see them now
+        if fewest is None or mine <= fewest or self._socket is None or self._pause is not None:
+            return False
+        self.reactor.removeReader(self)
+        self._pause = self.reactor.callLater(YIELD_SECONDS, self._take_if_left)
+        return True
+
+    def _take_if_left(self) -> None:
+        self._pause = None
+        if self._socket is None:
+            return
+        self._yielded = bool(self._waiting.poll(0))  # still waiting: nobody else took it
+        self.reactor.addReader(self)
 
     def _rest(self, error: OSError) -> None:
         log.warn("cannot accept on {where}: {error}; pausing {pause:g}s", where=str(self.port.getHost()),
@@ -174,9 +194,9 @@ class BalancedAccepts:
             self.reactor.addReader(self)
 
 
-def balance(port: Any, factory: IProtocolFactory, reactor: Any,
+def balance(port: Any, factory: IProtocolFactory, reactor: Any, loads: SessionLoads, sessions: Callable[[], int],
             adopted: Callable[[Any], None] = lambda transport: None) -> BalancedAccepts:
     """Take over `port`'s accepting (see the module's docstring); stop() before the port stops listening."""
-    accepts = BalancedAccepts(port, factory, reactor, adopted)
+    accepts = BalancedAccepts(port, factory, reactor, loads, sessions, adopted)
     accepts.start()
     return accepts

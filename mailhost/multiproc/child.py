@@ -41,6 +41,7 @@ from mailhost.smtp.server import listener_factory
 from mailhost.ops.tls import ServerTLS, tls_pair_paths
 from mailhost.smtp.transport import make_eager_server
 from mailhost.multiproc.accept import BalancedAccepts, balance
+from mailhost.multiproc.loads import SessionLoads
 
 log = Logger(namespace="mailhost.worker")
 
@@ -49,8 +50,10 @@ class Worker:
     """Serves the inherited listeners the way the main process does, once it has the TLS pair."""
 
     def __init__(self, config: Config, number: int, fds: list[tuple[str, int]], reactor: Any, shards: int,
-                 settle: Callable[[], None] | None = None) -> None:
+                 settle: Callable[[], None] | None = None, loads: SessionLoads | None = None) -> None:
         self.config = config
+        # Every process's open sessions (the main process's memory): ours published, theirs read when accepting.
+        self.loads = loads if loads is not None else SessionLoads.create(1)
         self.settle = settle  # called once our queue is loaded (mailhost.ops.heap.settle_heap)
         self.number = number
         self.shards = shards
@@ -84,13 +87,15 @@ class Worker:
             snapshots = TimerService(SNAPSHOT_SECONDS, self._snapshot, metrics, path)
             snapshots.setServiceParent(self.top)
         self.top.startService()
+        inbound.context.on_sessions = self.loads.publish
+        self.loads.publish(inbound.context.open_sessions)  # accepting from now on: no longer ABSENT
         for role, fd in self.fds:
             factory = listener_factory(role, inbound.context, self.reactor)
             port = self.reactor.adoptStreamPort(fd, _family(fd), factory)
             self.ports.append(port)
             _close(fd)  # adoptStreamPort holds its own copy
             # One connection per wake-up, as the main process: a burst spreads (mailhost.multiproc.accept).
-            self.accepts.append(balance(port, factory, self.reactor,
+            self.accepts.append(balance(port, factory, self.reactor, self.loads, lambda: inbound.context.open_sessions,
                                         adopted=lambda transport: make_eager_server(transport, flush_pending)))
         log.info("worker {number} listening: {listeners}", number=self.number,
                  listeners=" ".join(f"{role}={_where(port)}" for (role, _), port in zip(self.fds, self.ports)))
@@ -207,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log", choices=("json", "text"), default="json")
     parser.add_argument("--channel", type=int, required=True)
     parser.add_argument("--fds", type=parse_fds, required=True)
+    parser.add_argument("--loads", type=int, help="descriptor of the processes' shared session counts")
     args = parser.parse_args(argv)
 
     # The main process steers us: SIGTERM stops, SIGHUP's work comes over the channel,
@@ -229,7 +235,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     collect_less_often()  # mailhost.ops.heap, as in the main process
-    worker = Worker(config, args.number, args.fds, reactor, shards=args.shards, settle=settle_heap)
+    loads = None
+    if args.loads is not None:
+        try:
+            loads = SessionLoads.attach(args.loads, args.shards, args.number)
+        except (OSError, ValueError) as e:
+            sys.stderr.write(f"mailhost worker: --loads {args.loads}: {e}\n")
+            return 1
+    worker = Worker(config, args.number, args.fds, reactor, shards=args.shards, settle=settle_heap, loads=loads)
     factory = protocol.Factory.forProtocol(lambda: WorkerChannel(worker))
     factory.noisy = False
     reactor.adoptStreamConnection(args.channel, socket.AF_UNIX, factory)

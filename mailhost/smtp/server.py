@@ -101,6 +101,8 @@ class ServerContext:
     slowdown: AuthSlowdown  # AUTH: shared by every listener, keyed by client address
     metrics: Metrics
     open_sessions: int = 0  # over every listener of this process, for limits.connections
+    # Told open_sessions each time it changes (with server.workers > 1: mailhost.multiproc.loads).
+    on_sessions: Callable[[int], None] | None = None
     # With server.workers > 1, which process this is (0 the main one, N worker N): the log's
     # connect and accepted lines say which took the connection, for every log format.
     process: int | None = None
@@ -247,6 +249,8 @@ class SMTPServer(Protocol, TimeoutMixin):
         self.factory.per_ip[self.client_ip] += 1
         self.context.open_sessions += 1
         self._counted = True
+        if self.context.on_sessions is not None:
+            self.context.on_sessions(self.context.open_sessions)
         self.context.metrics.sessions.labels(self.factory.role).inc()
         log.info("connect client=[{client}] role={role}{process}", client=self.client_ip, role=self.factory.role,
                  process=self.context.process_field)
@@ -289,6 +293,8 @@ class SMTPServer(Protocol, TimeoutMixin):
         if self._counted:
             self._counted = False
             self.context.open_sessions -= 1
+            if self.context.on_sessions is not None:
+                self.context.on_sessions(self.context.open_sessions)
         self.factory.per_ip[self.client_ip] -= 1
         if self.factory.per_ip[self.client_ip] <= 0:
             del self.factory.per_ip[self.client_ip]
