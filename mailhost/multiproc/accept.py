@@ -168,7 +168,6 @@ class BalancedAccepts:
             return False
         fewest = self._loads.fewest_elsewhere()
         mine = self._sessions()
-        self._loads.publish(mine)  # sessions that ended since: the others see them now
         if fewest is None or mine <= fewest or self._socket is None or self._pause is not None:
             return False
         self.reactor.removeReader(self)

@@ -50,10 +50,10 @@ class Worker:
     """Serves the inherited listeners the way the main process does, once it has the TLS pair."""
 
     def __init__(self, config: Config, number: int, fds: list[tuple[str, int]], reactor: Any, shards: int,
-                 settle: Callable[[], None] | None = None, loads: SessionLoads | None = None) -> None:
+                 loads: SessionLoads, settle: Callable[[], None] | None = None) -> None:
         self.config = config
         # Every process's open sessions (the main process's memory): ours published, theirs read when accepting.
-        self.loads = loads if loads is not None else SessionLoads.create(1)
+        self.loads = loads
         self.settle = settle  # called once our queue is loaded (mailhost.ops.heap.settle_heap)
         self.number = number
         self.shards = shards
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log", choices=("json", "text"), default="json")
     parser.add_argument("--channel", type=int, required=True)
     parser.add_argument("--fds", type=parse_fds, required=True)
-    parser.add_argument("--loads", type=int, help="descriptor of the processes' shared session counts")
+    parser.add_argument("--loads", type=int, required=True, help="descriptor of the processes' shared session counts")
     args = parser.parse_args(argv)
 
     # The main process steers us: SIGTERM stops, SIGHUP's work comes over the channel,
@@ -235,14 +235,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     collect_less_often()  # mailhost.ops.heap, as in the main process
-    loads = None
-    if args.loads is not None:
-        try:
-            loads = SessionLoads.attach(args.loads, args.shards, args.number)
-        except (OSError, ValueError) as e:
-            sys.stderr.write(f"mailhost worker: --loads {args.loads}: {e}\n")
-            return 1
-    worker = Worker(config, args.number, args.fds, reactor, shards=args.shards, settle=settle_heap, loads=loads)
+    try:
+        loads = SessionLoads.attach(args.loads, args.shards, args.number)
+    except (OSError, ValueError) as e:
+        sys.stderr.write(f"mailhost worker: --loads {args.loads}: {e}\n")
+        return 1
+    worker = Worker(config, args.number, args.fds, reactor, shards=args.shards, loads=loads, settle=settle_heap)
     factory = protocol.Factory.forProtocol(lambda: WorkerChannel(worker))
     factory.noisy = False
     reactor.adoptStreamConnection(args.channel, socket.AF_UNIX, factory)

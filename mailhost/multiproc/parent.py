@@ -97,8 +97,8 @@ class WorkerPool(service.Service):
     """
 
     def __init__(self, config: Any, ports: Callable[[], list[tuple[int, Any]]], tls: Any,
-                 ready: Deferred, strays: Callable[[], Deferred], reactor: Any,
-                 alone: Callable[[], None] = lambda: None, loads: SessionLoads | None = None) -> None:
+                 ready: Deferred, strays: Callable[[], Deferred], reactor: Any, loads: SessionLoads,
+                 alone: Callable[[], None] = lambda: None) -> None:
         self.config = config
         self.loads = loads  # every process's open sessions: each worker gets the descriptor, we clear its slot when it ends
         self._alone = alone  # no worker can run: the main process takes over their shards
@@ -182,10 +182,9 @@ class WorkerPool(service.Service):
             args = [sys.executable, "-m", "mailhost.multiproc.child", "--config", str(self.config.path),
                     "--number", str(number), "--shards", str(self.count + 1), "--channel", "3", "--fds", ",".join(fds),
                     "--log", "text" if self.share_stdout else "json"]
-            if self.loads is not None:
-                loads_fd = 4 + len(self._shared)
-                child_fds[loads_fd] = self.loads.fileno()
-                args += ["--loads", str(loads_fd)]
+            loads_fd = 4 + len(self._shared)
+            child_fds[loads_fd] = self.loads.fileno()
+            args += ["--loads", str(loads_fd)]
             worker = _Worker(self, number)
             self.reactor.spawnProcess(worker, sys.executable, args, env=_environment(), childFDs=child_fds)
             worker.pid = worker.transport.pid
@@ -206,8 +205,7 @@ class WorkerPool(service.Service):
     def _ended(self, worker: _Worker, reason: Any) -> None:
         if self.workers.get(worker.number) is worker:
             del self.workers[worker.number]
-            if self.loads is not None:
-                self.loads.mark_absent(worker.number)  # nobody leaves connections to it meanwhile
+            self.loads.mark_absent(worker.number)  # nobody leaves connections to it meanwhile
         if worker.stopped is not None:
             worker.stopped.callback(None)
         if not self.running:
