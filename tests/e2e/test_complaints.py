@@ -8,7 +8,7 @@ import smtplib
 from email.message import EmailMessage
 
 from tests.e2e.conftest import RawSession, free_port
-from tests.e2e.test_metrics import scrape, value
+from tests.e2e.test_metrics import healthy, scrape, value
 from tests.e2e.test_sending import dns, relay_config, sinks, wait_for  # noqa: F401  (fixtures)
 from tests.support.arf import arf_report
 
@@ -46,7 +46,7 @@ def test_arf_report_suppresses_and_moves_the_complaint_rate(make_daemon, dns, si
     daemon = make_daemon(extra=relay_config(dns) + '[feedback]\naddresses = ["fbl@example.test"]\n',
                          limits="recipients = 1000",
                          prelude=f'[metrics]\nendpoint = "tcp:{port}:interface=127.0.0.1"\n')
-    wait_for(lambda: scrape(port, "/healthz") == "ok\n", what="healthy")
+    wait_for(lambda: healthy(port), what="healthy")
     campaign(daemon, RECIPIENTS)
     wait_for(lambda: value(scrape(port), 'mailhost_deliveries_total{result="delivered"}') == len(RECIPIENTS),
              what="the campaign delivered")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import urllib.error
 import urllib.request
 
 from tests.e2e.conftest import free_port
@@ -11,6 +12,16 @@ from tests.e2e.test_sending import dns, relay_config, sinks, submit, wait_for  #
 def scrape(port: int, path: str = "/metrics") -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
         return response.read().decode()
+
+
+def healthy(port: int) -> bool:
+    """True once /healthz says ok; its 503 while the queue still loads means not yet."""
+    try:
+        return scrape(port, "/healthz") == "ok\n"
+    except urllib.error.HTTPError as error:
+        if error.code == 503:
+            return False
+        raise
 
 
 def value(text: str, series: str) -> float:
@@ -25,7 +36,7 @@ def test_metrics_after_traffic(make_daemon, dns, sinks):  # noqa: F811
     port = free_port()
     mx1 = sinks("127.0.0.5")
     daemon = make_daemon(extra=relay_config(dns), prelude=f'[metrics]\nendpoint = "tcp:{port}:interface=127.0.0.1"\n')
-    wait_for(lambda: scrape(port, "/healthz") == "ok\n", what="healthy")
+    wait_for(lambda: healthy(port), what="healthy")
     submit(daemon, ["bob@remote.test"], "counted")
     submit(daemon, ["x@nullmx.test"], "bounced")
     wait_for(lambda: len(mx1.messages()) == 1, what="delivery")
