@@ -33,6 +33,12 @@ small dedicated thread pool so that the reactor never waits on DNS:
   listens by default). A listening address given as a host name counts as
   the addresses it resolves to when the Router is made.
 - Internationalised domains are looked up by their A-labels (IDNA 2008, UTS 46).
+
+Answers are kept on the reactor thread (routes ROUTE_CACHE_SECONDS, records for their
+TTL up to that), and one lookup of a name is under way at a time: who asks meanwhile
+waits for its answer. A worker process's Router asks the main process's first (its
+`upstream`, mailhost.multiproc.lookups), so that two processes delivering to the same
+domains ask DNS once, not once each; it looks up itself when the main process cannot answer.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ import socket
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import dns.exception
 import dns.flags
@@ -54,11 +60,15 @@ import dns.resolver
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from mailhost.config import RelayConfig, SmartHostConfig
 
 T = TypeVar("T")
+
+log = Logger(namespace="mailhost.routing")
 
 IDNA = dns.name.IDNA_2008_Practical if dns.name.have_idna_2008 else dns.name.IDNA_2003
 
@@ -116,12 +126,33 @@ class Records:
     texts: tuple[str, ...]
     secure: bool
     rdatas: tuple[Any, ...] = ()
+    ttl: float = 0.0  # how long the answer may be reused, in seconds (RFC 2308 for a denial)
+
+
+class Upstream(Protocol):
+    """Another process's Router, asked first (mailhost.multiproc.lookups). Its RouteError,
+    DNSException and ValueError are answers; None, or any other failure: look up ourselves."""
+
+    def route(self, domain: str) -> Deferred[tuple[Route, float] | None]:
+        """The route and how many seconds it may be kept."""
+
+    def records(self, name: str, rdtype: str) -> Deferred[Records | None]:
+        """As Router.records."""
 
 
 def _authenticated(response: Any) -> bool:
     """The AD bit of a resolver's answer (RFC 4035 3.2.3): trusted as Postfix trusts it, so
     relay.nameservers must be a validating resolver on a path we trust (loopback)."""
     return response is not None and bool(response.flags & dns.flags.AD)
+
+
+def _denial_ttl(response: Any) -> float:
+    """How long a denial (NXDOMAIN, no data) may be kept: the SOA's TTL capped by its
+    MINIMUM field (RFC 2308 5); 0 without an SOA in the authority section."""
+    for rrset in getattr(response, "authority", ()):
+        if rrset.rdtype == dns.rdatatype.SOA and len(rrset):
+            return float(min(rrset.ttl, rrset[0].minimum))
+    return 0.0
 
 
 _TYPE_NAMES = {dns.rdatatype.MX: "MX", dns.rdatatype.A: "A", dns.rdatatype.AAAA: "AAAA"}
@@ -191,6 +222,9 @@ class Router:
         self._pool: ThreadPool | None = None
         self._shutdown_trigger: Any = None
         self._stopping = False
+        self.upstream: Upstream | None = None  # a worker's: the main process's Router
+        self._upstream_down = False  # said once in the log, until it answers again
+        self._pending: dict[tuple[str, ...], list[Deferred[Any]]] = {}  # lookups under way -> who waits
 
     def configure(self, relay: RelayConfig, our_hostname: str, our_addresses: Iterable[tuple[str, int]] = frozenset(),
                   resolver: dns.resolver.Resolver | None = None) -> None:
@@ -224,6 +258,7 @@ class Router:
         # A resolver given is used as it is (its own timeout and lifetime).
         self._resolver = resolver if resolver is not None else self._make_resolver()
         self._routes: dict[str, tuple[float, Route]] = {}  # domain -> (expires, route)
+        self._answers: dict[tuple[str, str], tuple[float, Records]] = {}  # (name, type) -> (expires, records)
 
     def _make_resolver(self) -> dns.resolver.Resolver:
         if self._relay.nameservers:
@@ -297,12 +332,59 @@ class Router:
             self._domain(domain)  # refuse literals and bad names without a thread trip
         except RouteError:
             return defer.fail()
+        found = self._once(("route", key), lambda: Deferred.fromCoroutine(self._find_route(key, domain)))
+        return found.addCallback(_reshuffled)
 
-        def remember(route: Route) -> Route:
-            self._routes[key] = (time.monotonic() + ROUTE_CACHE_SECONDS, route)
-            return route
+    def kept_for(self, domain: str) -> float:
+        """Seconds the route found for `domain` is still kept (0: none kept)."""
+        cached = self._routes.get(domain.lower())
+        return max(0.0, cached[0] - time.monotonic()) if cached is not None else 0.0
 
-        return self._in_thread(self.resolve, domain).addCallback(remember)
+    async def _find_route(self, key: str, domain: str) -> Route:
+        found = None
+        # Smart host routes carry the operator's smart host settings: each process finds its own.
+        if self.upstream is not None and not self._relay.smarthosts:
+            try:
+                answer = await self.upstream.route(domain)
+            except RouteError:
+                raise
+            except Exception as e:
+                self._upstream_unavailable(e)
+            else:
+                self._upstream_down = False
+                if answer is not None:
+                    found = answer[0], min(answer[1], ROUTE_CACHE_SECONDS)
+        if found is None:
+            found = await self._in_thread(self.resolve, domain), ROUTE_CACHE_SECONDS
+        route, keep = found
+        if keep > 0:
+            self._routes[key] = (time.monotonic() + keep, route)
+        return route
+
+    def _once(self, key: tuple[str, ...], lookup: Callable[[], Deferred[T]]) -> Deferred[T]:
+        """One lookup of `key` at a time: who asks while it is under way waits for its answer."""
+        waiter: Deferred[T] = Deferred()
+        waiting = self._pending.get(key)
+        if waiting is not None:
+            waiting.append(waiter)
+            return waiter
+        self._pending[key] = [waiter]
+
+        def settle(result: T | Failure) -> None:
+            for each in self._pending.pop(key, []):
+                if isinstance(result, Failure):
+                    each.errback(result)
+                else:
+                    each.callback(result)
+
+        lookup().addBoth(settle)
+        return waiter
+
+    def _upstream_unavailable(self, error: BaseException) -> None:
+        if not self._upstream_down:
+            self._upstream_down = True
+            log.warn("DNS answers from the main process unavailable ({error}): looking up ourselves",
+                     error=str(error) or error.__class__.__name__)
 
     def resolve(self, domain: str) -> Route:
         """The blocking form of `route()`: never call it on the reactor thread."""
@@ -314,8 +396,32 @@ class Router:
     def records(self, name: str, rdtype: str) -> Deferred[Records]:
         """The `rdtype` records of `name` (TXT strings joined per record), looked up through
         relay.nameservers off the reactor; none for NXDOMAIN or no data. Fails with the
-        resolver's DNSException (SERVFAIL, timeout: try later) or ValueError for a bad name."""
-        return self._in_thread(self._records, name, rdtype)
+        resolver's DNSException (SERVFAIL, timeout: try later) or ValueError for a bad name.
+        An answer is kept for its TTL, at most ROUTE_CACHE_SECONDS."""
+        key = (name.strip().rstrip(".").lower(), rdtype.upper())
+        cached = self._answers.get(key)
+        if cached is not None and cached[0] > time.monotonic():
+            return defer.succeed(cached[1])
+        return self._once(("records", *key), lambda: Deferred.fromCoroutine(self._find_records(key, name, rdtype)))
+
+    async def _find_records(self, key: tuple[str, str], name: str, rdtype: str) -> Records:
+        found = None
+        if self.upstream is not None:
+            try:
+                found = await self.upstream.records(name, rdtype)
+            except (dns.exception.DNSException, ValueError):
+                raise
+            except Exception as e:
+                self._upstream_unavailable(e)
+            else:
+                self._upstream_down = False
+        if found is None:
+            found = await self._in_thread(self._records, name, rdtype)
+        if found.ttl > 0:
+            if len(self._answers) >= ANSWERS_KEPT:
+                self._answers.clear()
+            self._answers[key] = (time.monotonic() + min(found.ttl, ROUTE_CACHE_SECONDS), found)
+        return found
 
     def _records(self, name: str, rdtype: str) -> Records:
         qname = self._name(name)
@@ -327,12 +433,13 @@ class Router:
                 response = error.response() if isinstance(error, dns.resolver.NoAnswer) else error.response(qname)
             except (KeyError, IndexError):
                 response = None
-            return Records((), _authenticated(response))
+            return Records((), _authenticated(response), ttl=_denial_ttl(response))
         if kind == dns.rdatatype.TXT:
             texts = tuple(b"".join(rdata.strings).decode("utf-8", "replace") for rdata in answer)
         else:
             texts = tuple(rdata.to_text() for rdata in answer)
-        return Records(texts, _authenticated(answer.response), tuple(answer))
+        return Records(texts, _authenticated(answer.response), tuple(answer),
+                       max(0.0, answer.expiration - time.time()))
 
     def txt(self, name: str) -> Deferred[list[str]]:
         """The TXT records of `name`, each one's strings joined (RFC 7208 3.3 style)."""
@@ -504,6 +611,7 @@ class Router:
 
 
 ROUTE_CACHE_SECONDS = 30.0
+ANSWERS_KEPT = 10_000  # records kept on the reactor thread; all forgotten when more come
 
 
 def _reshuffled(route: Route) -> Route:

@@ -42,6 +42,8 @@ from mailhost.ops.tls import ServerTLS, tls_pair_paths
 from mailhost.smtp.transport import make_eager_server
 from mailhost.multiproc.accept import BalancedAccepts, balance
 from mailhost.multiproc.loads import SessionLoads
+from mailhost.multiproc.lookups import WorkerLookups
+from mailhost.delivery.routing import Upstream
 
 log = Logger(namespace="mailhost.worker")
 
@@ -67,7 +69,8 @@ class Worker:
         self.failed = False
         self.outbound: Outbound | None = None
 
-    def start(self, pem: tuple[bytes, bytes]) -> None:
+    def start(self, pem: tuple[bytes, bytes], lookups: Upstream | None = None) -> None:
+        """Serve; `lookups` answers our routes and DNS records first (the main process)."""
         if self.tls is not None:
             raise RuntimeError("already started")
         self.tls = ServerTLS(*tls_pair_paths(self.config), pem=pem)
@@ -76,6 +79,7 @@ class Worker:
         # Ids of our shard for what we accept, and our shard of the queue to deliver.
         inbound = build_inbound(self.config, self.tls, self.reactor, self.top, metrics, Shard(self.number, self.shards))
         self.outbound = build_outbound(self.config, inbound, self.reactor, self.top, metrics, main=False)
+        self.outbound.deliverer.router.upstream = lookups
         if self.settle is not None:
             settle = self.settle
             self.outbound.scheduler.ready.addCallback(lambda _: settle())
@@ -141,7 +145,7 @@ class WorkerChannel(amp.AMP):
     @WorkerStart.responder
     def start(self, cert_pem: bytes, key_pem: bytes) -> dict:
         try:
-            self.worker.start((cert_pem, key_pem))
+            self.worker.start((cert_pem, key_pem), WorkerLookups(self))
         except Exception:
             # Not serving is no use: exit, and the main process tries again a little later.
             log.failure("worker {number} cannot start", number=self.worker.number)

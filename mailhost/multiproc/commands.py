@@ -11,6 +11,9 @@ Who asks whom:
                                                            starts listening
     WorkerReload                                           after SIGHUP: read the users files again,
                                                            take this TLS pair
+    RouteLookup,                                           worker -> main: the main process's route
+    RecordsLookup                                          or DNS records for a name (both ask DNS
+                                                           once, not once each; mailhost.multiproc.lookups)
 
 The control socket and the workers answer QueueCommand and PaceCommand alike, so
 the main process hands a worker the very command the CLI sent it. The wire names
@@ -26,6 +29,8 @@ from mailhost.queue.spool import SpoolError
 
 # A command without arguments or without an answer leaves out `arguments` or `response` (both default to []).
 # An error the responder raises as SpoolError reaches the caller as SpoolError, with its text.
+AMP_VALUE_MAX = 0xFFFF  # the most bytes one AMP value holds
+
 QUEUE_ERRORS: dict[type[Exception], bytes] = {SpoolError: b"NO_SUCH_MESSAGE"}
 
 
@@ -55,3 +60,17 @@ class WorkerReload(amp.Command):
     """Main -> worker, after SIGHUP: read the users files again and take this TLS pair."""
 
     arguments = [(b"cert_pem", amp.String()), (b"key_pem", amp.String())]
+
+
+class RouteLookup(amp.Command):
+    """Worker -> main: the route for a domain, as mailhost.multiproc.lookups's JSON ("" when too big)."""
+
+    arguments = [(b"domain", amp.Unicode())]
+    response = [(b"json", amp.Unicode())]
+
+
+class RecordsLookup(amp.Command):
+    """Worker -> main: the records of one type for a name, as mailhost.multiproc.lookups's JSON."""
+
+    arguments = [(b"name", amp.Unicode()), (b"rdtype", amp.Unicode())]
+    response = [(b"json", amp.Unicode())]

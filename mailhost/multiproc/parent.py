@@ -55,10 +55,12 @@ from twisted.protocols import amp
 
 from mailhost.multiproc.loads import SessionLoads
 from mailhost.multiproc.shard import Shard, shard_of
-from mailhost.multiproc.commands import PaceCommand, QueueCommand, WorkerReload, WorkerStart
+from mailhost.multiproc.commands import AMP_VALUE_MAX, PaceCommand, QueueCommand, WorkerReload, WorkerStart
+from mailhost.multiproc.lookups import MainChannel
 from mailhost.queue.operations import PaceReport, QueueOperations
 from mailhost.queue.spool import SpoolError
 from mailhost.ops.logs import worker_system
+from mailhost.delivery.routing import Router
 from mailhost.delivery.throttle import merge_snapshots
 
 log = Logger(namespace="mailhost.workers")
@@ -70,7 +72,6 @@ RESTART_DELAY = 1.0
 RESTART_DELAY_MAX = 30.0
 STABLE_SECONDS = 10.0  # a worker that ran this long starts over with the shortest wait
 STOP_TIMEOUT = 10.0  # after SIGTERM, then SIGKILL
-AMP_VALUE_MAX = 0xFFFF
 
 
 def shareable(endpoint: str) -> bool:
@@ -98,8 +99,9 @@ class WorkerPool(service.Service):
 
     def __init__(self, config: Any, ports: Callable[[], list[tuple[int, Any]]], tls: Any,
                  ready: Deferred, strays: Callable[[], Deferred], reactor: Any, loads: SessionLoads,
-                 alone: Callable[[], None] = lambda: None) -> None:
+                 alone: Callable[[], None] = lambda: None, router: Router | None = None) -> None:
         self.config = config
+        self.router = router  # ours, which answers the workers' routes and DNS lookups (mailhost.multiproc.lookups)
         self.loads = loads  # every process's open sessions: each worker gets the descriptor, we clear its slot when it ends
         self._alone = alone  # no worker can run: the main process takes over their shards
         # Set when the main process writes twistd's text lines to stdout itself (mailhost.ops.logs):
@@ -189,7 +191,7 @@ class WorkerPool(service.Service):
             self.reactor.spawnProcess(worker, sys.executable, args, env=_environment(), childFDs=child_fds)
             worker.pid = worker.transport.pid
             worker.transport.closeChildFD(0)  # its stdin: nothing to read
-            worker.channel = amp.AMP()  # our end: we ask (WorkerStart, QueueCommand, ...), the worker answers
+            worker.channel = MainChannel(self.router)  # we ask (WorkerStart, ...); it asks us its lookups
             factory = protocol.Factory.forProtocol(lambda: worker.channel)
             factory.noisy = False
             self.reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX, factory)

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from mailhost.queue.envelope import Envelope, Recipient
-from mailhost.multiproc.shard import shard_of
+from mailhost.multiproc.shard import Shard, shard_of
 from mailhost.queue.spool import Spool, new_queue_id
 from tests.e2e.conftest import free_port
 from tests.e2e.test_sending import wait_for as sending_wait_for
@@ -34,6 +34,8 @@ from tests.support.peers import Sink
 
 MX_PORT = free_port()
 ZONE = [("remote.test", "MX", "10 mx1.remote.test"), ("mx1.remote.test", "A", "127.0.0.5")]
+SHARED_DOMAINS = [f"d{i}.shared.test" for i in range(6)]  # looked up by the main process for both
+ZONE += [(domain, "MX", "10 mx1.remote.test") for domain in SHARED_DOMAINS]
 
 
 @pytest.fixture(scope="module")
@@ -223,6 +225,31 @@ def test_each_process_delivers_its_own_shard_of_a_full_queue(make_daemon, dns, s
     assert len(delivered) == len(wanted) and 0 < len(by_worker) < len(wanted)
     assert {re.search(r"\] (\w+): to=", line).group(1) for line in by_worker} == {i for i in ids if shard_of(i, 2) == 1}
     wait_for(lambda: queue_listing(daemon)["messages"] == [], what="an empty queue")
+
+
+def test_both_processes_deliver_to_the_same_domains_after_one_dns_lookup_each(make_daemon, dns, sink):
+    def fill(daemon) -> None:
+        # Each domain has mail in both shards: both processes deliver to every domain.
+        spool = Spool(daemon.root / "state" / "spool")
+        for domain in SHARED_DOMAINS:
+            for shard in (Shard(0, 2), Shard(1, 2)):
+                now = time.time()
+                envelope = Envelope(shard.new_queue_id(), "someone@client.test", [Recipient(f"user@{domain}")], now, now)
+                spool.store(envelope, [f"Subject: to {domain} from shard {shard.index}\n\nHello.\n".encode()])
+
+    asked_before = len(dns.queries())
+    daemon = start_with_workers(make_daemon, dns, before_start=fill)
+    wanted = {f"to {domain} from shard {index}" for domain in SHARED_DOMAINS for index in (0, 1)}
+    wait_for(lambda: relayed(sink) == wanted, what="every queued message relayed")
+    wait_for(lambda: daemon.log().count("status=delivered") == len(wanted), what="every delivery logged")
+    by_worker = [line for line in daemon.log().splitlines() if "status=delivered" in line and "#info worker 1]" in line]
+    assert {re.search(r"to=<user@([^>]+)>", line).group(1) for line in by_worker} == set(SHARED_DOMAINS)
+    asked = Counter(dns.queries()[asked_before:])
+    # One MX and one MTA-STS TXT query a domain, where each process asking would make two of each.
+    assert {domain: asked[(domain, "MX")] for domain in SHARED_DOMAINS} == {domain: 1 for domain in SHARED_DOMAINS}
+    assert {domain: asked[(f"_mta-sts.{domain}", "TXT")] for domain in SHARED_DOMAINS} == \
+        {domain: 1 for domain in SHARED_DOMAINS}
+    assert "DNS answers from the main process unavailable" not in daemon.log()
 
 
 def test_queue_commands_and_paces_reach_the_process_holding_the_message(make_daemon, dns, tmp_path):

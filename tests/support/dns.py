@@ -85,7 +85,7 @@ class DNSServer:
         with open(self._dir / "stderr", "wb") as stderr:
             self._process = subprocess.Popen(
                 [sys.executable, "-m", "tests.support.dns_server", "--listen", f"{host}:0", "--zone",
-                 str(self._dir / "zone.json")],
+                 str(self._dir / "zone.json"), "--queries", str(self._dir / "queries")],
                 cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True,
             )
         threading.Thread(target=self._read, args=(self._process.stdout,), daemon=True).start()
@@ -109,6 +109,15 @@ class DNSServer:
         self._write_zone()
         self._process.send_signal(signal.SIGHUP)
         self._expect("reloaded", 10.0)
+
+    def queries(self) -> list[tuple[str, str]]:
+        """Every query answered so far, in order: (name, type), e.g. ("remote.test", "MX")."""
+        assert self._dir is not None, "start() first"
+        try:
+            text = (self._dir / "queries").read_text(encoding="ascii")
+        except FileNotFoundError:
+            return []
+        return [tuple(line.split(" ", 1)) for line in text.splitlines()]  # type: ignore[misc]
 
     def stop(self) -> None:
         process, self._process = self._process, None

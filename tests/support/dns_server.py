@@ -1,6 +1,6 @@
 """A small authoritative DNS server for tests, on UDP and TCP (same port).
 
-    python -m tests.support.dns_server --listen 127.0.0.1:PORT --zone ZONE.json
+    python -m tests.support.dns_server --listen 127.0.0.1:PORT --zone ZONE.json [--queries FILE]
 
 The zone file:
 
@@ -28,7 +28,8 @@ Types: A, AAAA, MX ("PREF HOST", HOST "." for a null MX), TXT (a string is
 split into 255-byte character-strings; a list gives the strings), CNAME. Names
 may be given as U-labels; they are served by their A-labels.
 
-PORT 0 picks a free port that is free for both UDP and TCP. Once listening the
+With --queries, every query is appended to FILE as a line "NAME TYPE" (a test
+counts what was asked). PORT 0 picks a free port that is free for both UDP and TCP. Once listening the
 server prints `ready PORT`. SIGHUP re-reads the zone file and prints
 `reloaded` (or `reload failed: WHY`, keeping the old zone). SIGTERM stops it.
 """
@@ -146,12 +147,16 @@ class Zone:
 class ZoneServerFactory(server.DNSServerFactory):
     """Answers every query from the zone; authoritative for all of it."""
 
-    def __init__(self, zone: Zone) -> None:
+    def __init__(self, zone: Zone, queries=None) -> None:
         super().__init__(verbose=0)
         self.zone = zone
+        self.queries = queries  # a text file each query is written to, or None
 
     def handleQuery(self, message, protocol, address):
         query = message.queries[0]
+        if self.queries is not None:
+            self.queries.write(f"{query.name.name.decode('ascii', 'replace').lower()} {dns.QUERY_TYPES.get(query.type, query.type)}\n")
+            self.queries.flush()
         result = self.zone.answer(query.name.name.decode("ascii", "replace").lower().rstrip("."), query.type)
         if result is None:
             return  # the "timeout" names
@@ -181,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.support.dns_server")
     parser.add_argument("--listen", required=True, help="HOST:PORT or [V6HOST]:PORT; port 0 picks one")
     parser.add_argument("--zone", required=True, type=Path, help="the zone JSON file")
+    parser.add_argument("--queries", type=Path, help="append each query to this file as NAME TYPE")
     args = parser.parse_args(argv)
     host, _, port_text = args.listen.rpartition(":")
     host = host.strip("[]")
@@ -191,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dns_server: {error}", file=sys.stderr)
         return 2
 
-    factory = ZoneServerFactory(zone)
+    factory = ZoneServerFactory(zone, open(args.queries, "a", encoding="ascii") if args.queries else None)
 
     def reload() -> None:
         try:
