@@ -224,6 +224,7 @@ class Router:
         self._stopping = False
         self.upstream: Upstream | None = None  # a worker's: the main process's Router
         self._upstream_down = False  # said once in the log, until it answers again
+        self._upstream_skipped_until = 0.0  # after it failed us: not asked until then (reactor.seconds())
         self._pending: dict[tuple[str, ...], list[Deferred[Any]]] = {}  # lookups under way -> who waits
 
     def configure(self, relay: RelayConfig, our_hostname: str, our_addresses: Iterable[tuple[str, int]] = frozenset(),
@@ -343,9 +344,10 @@ class Router:
     async def _find_route(self, key: str, domain: str) -> Route:
         found = None
         # Smart host routes carry the operator's smart host settings: each process finds its own.
-        if self.upstream is not None and not self._relay.smarthosts:
+        if self._upstream_usable() and not self._relay.smarthosts:
+            assert self.upstream is not None
             try:
-                answer = await self.upstream.route(domain)
+                answer = await self.upstream.route(domain).addTimeout(UPSTREAM_SECONDS, self._reactor)
             except RouteError:
                 raise
             except Exception as e:
@@ -380,11 +382,17 @@ class Router:
         lookup().addBoth(settle)
         return waiter
 
+    def _upstream_usable(self) -> bool:
+        return self.upstream is not None and self._reactor.seconds() >= self._upstream_skipped_until
+
     def _upstream_unavailable(self, error: BaseException) -> None:
+        # Not asked again for a while: a main process stopped or stuck would make every lookup wait.
+        self._upstream_skipped_until = self._reactor.seconds() + UPSTREAM_SKIP_SECONDS
         if not self._upstream_down:
             self._upstream_down = True
-            log.warn("DNS answers from the main process unavailable ({error}): looking up ourselves",
-                     error=str(error) or error.__class__.__name__)
+            why = f"no answer within {UPSTREAM_SECONDS:g} s" if isinstance(error, defer.TimeoutError) \
+                else str(error) or error.__class__.__name__
+            log.warn("DNS answers from the main process unavailable ({error}): looking up ourselves", error=why)
 
     def resolve(self, domain: str) -> Route:
         """The blocking form of `route()`: never call it on the reactor thread."""
@@ -406,9 +414,10 @@ class Router:
 
     async def _find_records(self, key: tuple[str, str], name: str, rdtype: str) -> Records:
         found = None
-        if self.upstream is not None:
+        if self._upstream_usable():
+            assert self.upstream is not None
             try:
-                found = await self.upstream.records(name, rdtype)
+                found = await self.upstream.records(name, rdtype).addTimeout(UPSTREAM_SECONDS, self._reactor)
             except (dns.exception.DNSException, ValueError):
                 raise
             except Exception as e:
@@ -611,6 +620,8 @@ class Router:
 
 
 ROUTE_CACHE_SECONDS = 30.0
+UPSTREAM_SECONDS = 2.0  # a worker waits this long for the main process's answer, then looks up itself
+UPSTREAM_SKIP_SECONDS = 30.0  # ... and does not ask it again for this long
 ANSWERS_KEPT = 10_000  # records kept on the reactor thread; all forgotten when more come
 
 

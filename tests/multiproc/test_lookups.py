@@ -15,12 +15,15 @@ import dns.rrset
 import pytest
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.protocols import amp
 from twisted.test.iosim import connect, makeFakeClient, makeFakeServer
 
 from mailhost.config import RelayConfig, SmartHostConfig
-from mailhost.delivery.routing import ROUTE_CACHE_SECONDS, Hop, Records, Route, RouteError, Router, _denial_ttl
+from mailhost.delivery.routing import (
+    ROUTE_CACHE_SECONDS, UPSTREAM_SECONDS, UPSTREAM_SKIP_SECONDS, Hop, Records, Route, RouteError, Router, _denial_ttl,
+)
 from mailhost.multiproc.lookups import (
     LookupFailed, MainChannel, WorkerLookups, records_error_to_json, records_from_json, records_to_json,
     route_error_to_json, route_from_json, route_to_json,
@@ -186,10 +189,10 @@ def _raise_or(value):
     return value
 
 
-def worker_router(upstream: Upstream, smarthosts: tuple = ()) -> tuple[Router, list[tuple]]:
+def worker_router(upstream: Upstream, smarthosts: tuple = (), clock: Clock | None = None) -> tuple[Router, list[tuple]]:
     """A Router whose own lookups are recorded and answered at once (no DNS, no threads)."""
     relay = RelayConfig(networks=(), nameservers=(("127.0.0.1", 53),), smarthosts=smarthosts)
-    router = Router(relay, "mail.example.test", reactor=object())
+    router = Router(relay, "mail.example.test", reactor=clock or Clock())
     router.upstream = upstream
     own: list[tuple] = []
 
@@ -231,18 +234,41 @@ def test_without_an_answer_from_upstream_the_worker_looks_up_itself_and_says_so_
     logged: list[dict] = []
     globalLogPublisher.addObserver(logged.append)
     try:
-        upstream = Upstream({"a.test": ConnectionDone("gone"), "b.test": ConnectionDone("gone"), "c.test": None},
+        upstream = Upstream({"a.test": ConnectionDone("gone"), "b.test": ConnectionDone("gone")},
                             {("_mta-sts.a.test", "TXT"): ConnectionDone("gone")})
         router, own = worker_router(upstream)
         assert result(router.route("a.test")).hops[0].host == "own.a.test"
         assert result(router.route("b.test")).hops[0].host == "own.b.test"
         assert result(router.records("_mta-sts.a.test", "TXT")).texts == ("own",)
+        # None: the answer does not fit the channel (or it has no Router): no warning, no pause.
+        quiet = Upstream({"c.test": None, "d.test": (ROUTE, 30.0)})
+        quiet_router, quiet_own = worker_router(quiet)
+        assert result(quiet_router.route("c.test")).hops[0].host == "own.c.test"
+        assert result(quiet_router.route("d.test")).hops[0].host == "mx1.remote.test"
     finally:
         globalLogPublisher.removeObserver(logged.append)
     warnings = [e for e in logged if e.get("log_level") == LogLevel.warn and "main process unavailable" in e["log_format"]]
     assert len(warnings) == 1
-    assert result(router.route("c.test")).hops[0].host == "own.c.test"  # None: too big to send, no warning
-    assert own == [("route", "a.test"), ("route", "b.test"), ("records", "_mta-sts.a.test", "TXT"), ("route", "c.test")]
+    assert upstream.asked == [("route", "a.test")]  # then not asked for a while
+    assert own == [("route", "a.test"), ("route", "b.test"), ("records", "_mta-sts.a.test", "TXT")]
+    assert quiet.asked == [("route", "c.test"), ("route", "d.test")] and quiet_own == [("route", "c.test")]
+
+
+def test_a_main_process_that_does_not_answer_is_not_waited_for_and_not_asked_for_a_while():
+    # A stopped or stuck main process (SIGSTOP, a long pause): the worker delivers all the same.
+    silent: Deferred = Deferred()
+    clock = Clock()
+    upstream = Upstream({"a.test": silent, "b.test": (ROUTE, 30.0), "c.test": (ROUTE, 30.0)})
+    router, own = worker_router(upstream, clock=clock)
+    waiting = router.route("a.test")
+    assert not waiting.called
+    clock.advance(UPSTREAM_SECONDS)
+    assert result(waiting).hops[0].host == "own.a.test"
+    assert result(router.route("b.test")).hops[0].host == "own.b.test"  # not asked meanwhile
+    clock.advance(UPSTREAM_SKIP_SECONDS)
+    assert result(router.route("c.test")).hops[0].host == "mx1.remote.test"  # asked again
+    assert upstream.asked == [("route", "a.test"), ("route", "c.test")]
+    assert own == [("route", "a.test"), ("route", "b.test")]
 
 
 def test_one_lookup_of_a_domain_at_a_time_the_others_wait_for_it():
