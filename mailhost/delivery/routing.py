@@ -360,6 +360,8 @@ class Router:
             found = await self._in_thread(self.resolve, domain), ROUTE_CACHE_SECONDS
         route, keep = found
         if keep > 0:
+            if len(self._routes) >= ANSWERS_KEPT:
+                self._routes.clear()  # a campaign to many domains: forget them all rather than grow
             self._routes[key] = (time.monotonic() + keep, route)
         return route
 
@@ -622,7 +624,7 @@ class Router:
 ROUTE_CACHE_SECONDS = 30.0
 UPSTREAM_SECONDS = 2.0  # a worker waits this long for the main process's answer, then looks up itself
 UPSTREAM_SKIP_SECONDS = 30.0  # ... and does not ask it again for this long
-ANSWERS_KEPT = 10_000  # records kept on the reactor thread; all forgotten when more come
+ANSWERS_KEPT = 10_000  # routes, and records, kept on the reactor thread; all forgotten when more come
 
 
 def _reshuffled(route: Route) -> Route:

@@ -302,3 +302,16 @@ def test_smart_host_routes_are_found_by_each_process_itself():
     router, own = worker_router(upstream, smarthosts=(SmartHostConfig(host="relay1.provider.test", port=587, tls="none", username=None, password_file=None),))
     assert result(router.route("remote.test")).hops[0].host == "own.remote.test"
     assert upstream.asked == [] and own == [("route", "remote.test")]
+
+
+def test_the_routes_kept_are_bounded(monkeypatch):
+    from mailhost.delivery import routing
+
+    monkeypatch.setattr(routing, "ANSWERS_KEPT", 3)
+    upstream = Upstream({f"d{i}.test": (ROUTE, 30.0) for i in range(4)})
+    router, _ = worker_router(upstream)
+    for i in range(3):
+        result(router.route(f"d{i}.test"))
+    assert all(router.kept_for(f"d{i}.test") > 0 for i in range(3))
+    result(router.route("d3.test"))  # one more than kept: the others are forgotten
+    assert [router.kept_for(f"d{i}.test") > 0 for i in range(4)] == [False, False, False, True]
