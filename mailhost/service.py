@@ -452,7 +452,7 @@ def build(config: Config, tls_options: ServerTLS, reactor: Any) -> MailhostDaemo
         assert loads is not None
         workers = WorkerPool(config, lambda: [(i, l.port()) for i, l in enumerate(listeners) if l.port() is not None],
                              tls_options, scheduler.ready, scheduler.adopt_strays, reactor, loads,
-                             alone=lambda: _deliver_alone(outbound), router=outbound.deliverer.router)
+                             outbound.deliverer.router, alone=lambda: _deliver_alone(outbound))
         # Queue commands and paces reach the process that holds the message.
         queue = paces = ShardedQueue(scheduler, throttle, workers, lambda: scheduler.shard)
     owner = owner_of(config.server.state_dir)  # what is made before twistd's --uid is given to state_dir's owner

@@ -69,7 +69,7 @@ class Worker:
         self.failed = False
         self.outbound: Outbound | None = None
 
-    def start(self, pem: tuple[bytes, bytes], lookups: Upstream | None = None) -> None:
+    def start(self, pem: tuple[bytes, bytes], lookups: Upstream) -> None:
         """Serve; `lookups` answers our routes and DNS records first (the main process)."""
         if self.tls is not None:
             raise RuntimeError("already started")

@@ -27,10 +27,10 @@ from twisted.protocols import amp
 
 from mailhost.queue.spool import SpoolError
 
-# A command without arguments or without an answer leaves out `arguments` or `response` (both default to []).
-# An error the responder raises as SpoolError reaches the caller as SpoolError, with its text.
 AMP_VALUE_MAX = 0xFFFF  # the most bytes one AMP value holds
 
+# A command without arguments or without an answer leaves out `arguments` or `response` (both default to []).
+# An error the responder raises as SpoolError reaches the caller as SpoolError, with its text.
 QUEUE_ERRORS: dict[type[Exception], bytes] = {SpoolError: b"NO_SUCH_MESSAGE"}
 
 

@@ -88,10 +88,9 @@ def _fits(text: str) -> str:
 
 class MainChannel(amp.AMP):
     """The main process's end of a worker's socket pair: it asks the worker (WorkerStart,
-    QueueCommand, ...) and answers the worker's lookups with `router` (None: it does not,
-    and the worker looks up itself)."""
+    QueueCommand, ...) and answers the worker's lookups with `router`."""
 
-    def __init__(self, router: Router | None) -> None:
+    def __init__(self, router: Router) -> None:
         super().__init__()
         self.router = router
 
@@ -100,8 +99,6 @@ class MainChannel(amp.AMP):
         return Deferred.fromCoroutine(self._route(domain))
 
     async def _route(self, domain: str) -> dict[str, str]:
-        if self.router is None:
-            return {"json": ""}
         try:
             route = await self.router.route(domain)
         except RouteError as e:
@@ -113,8 +110,6 @@ class MainChannel(amp.AMP):
         return Deferred.fromCoroutine(self._records(name, rdtype))
 
     async def _records(self, name: str, rdtype: str) -> dict[str, str]:
-        if self.router is None:
-            return {"json": ""}
         try:
             found = await self.router.records(name, rdtype)
         except (dns.exception.DNSException, ValueError) as e:

@@ -98,8 +98,8 @@ class WorkerPool(service.Service):
     """
 
     def __init__(self, config: Any, ports: Callable[[], list[tuple[int, Any]]], tls: Any,
-                 ready: Deferred, strays: Callable[[], Deferred], reactor: Any, loads: SessionLoads,
-                 alone: Callable[[], None] = lambda: None, router: Router | None = None) -> None:
+                 ready: Deferred, strays: Callable[[], Deferred], reactor: Any, loads: SessionLoads, router: Router,
+                 alone: Callable[[], None] = lambda: None) -> None:
         self.config = config
         self.router = router  # ours, which answers the workers' routes and DNS lookups (mailhost.multiproc.lookups)
         self.loads = loads  # every process's open sessions: each worker gets the descriptor, we clear its slot when it ends
