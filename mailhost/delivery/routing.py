@@ -312,6 +312,8 @@ class Router:
         return self._stopping
 
     def _in_thread(self, function: Callable[..., T], *args: Any) -> Deferred[T]:
+        if self._stopping:  # a lookup after stop() is refused, not a new pool no shutdown would stop
+            return defer.fail(RouteError(False, "4.4.3", "not looked up, mailhost is stopping"))
         self.start()
         assert self._pool is not None
         return deferToThreadPool(self._reactor, self._pool, function, *args)

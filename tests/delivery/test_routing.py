@@ -485,3 +485,43 @@ def test_stopping_waits_only_for_the_query_under_way():
     with pytest.raises(RouteError) as refused:
         router.resolve("fourth.test")
     assert (refused.value.permanent, refused.value.status) == (False, "4.4.3") and "stopping" in refused.value.text
+
+
+def test_a_lookup_after_stop_is_refused_and_starts_no_threads():
+    """Stopped is stopped: a lookup that arrives after the shutdown trigger ran gets the
+    documented 4.4.3 (the mail stays queued) instead of a new DNS pool nothing would stop."""
+    from twisted.internet.task import Clock
+
+    from mailhost.delivery.routing import RouteError
+
+    triggers: list[object] = []
+
+    class Reactor(Clock):
+        def callFromThread(self, f, *args, **kwargs):
+            pass  # no lookup result is expected
+
+        def addSystemEventTrigger(self, *args):
+            triggers.append(args)
+            return object()
+
+        def removeSystemEventTrigger(self, trigger):
+            pass
+
+    class NeverAsked:
+        def resolve(self, name, rdtype, search=False):
+            raise AssertionError(f"{name} looked up after stop()")
+
+    router = Router(RelayConfig(networks=(), mx_port=25, nameservers=(), smarthosts=()), OUR_HOSTNAME,
+                    resolver=NeverAsked(), reactor=Reactor())
+    router.stop()
+    failures = []
+    try:
+        for lookup in (router.route("late.test"), router.records("late.test", "TXT"),
+                       router.addresses("mx.late.test")):
+            lookup.addErrback(failures.append)
+        assert triggers == []  # start() was not called: no pool, no shutdown trigger for one
+        assert not [t.name for t in threading.enumerate() if "mailhost-dns" in t.name]
+    finally:
+        router.stop()  # (a pool the lookups started would keep pytest from exiting)
+    assert [(f.check(RouteError), f.value.status, "stopping" in f.value.text) for f in failures] == \
+        [(RouteError, "4.4.3", True)] * 3
