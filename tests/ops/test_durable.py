@@ -176,3 +176,33 @@ def test_sync_filesystem_makes_a_rename_durable_without_error(tmp_path: Path) ->
     os.rename(tmp_path / "new", tmp_path / "placed")
     sync_filesystem(tmp_path)  # raises on a write-back error (Linux 5.8+)
     assert (tmp_path / "placed").read_bytes() == b"abcdef"
+
+
+class ThreadReactor:
+    """Enough reactor for a DiskWriter's pool: results are delivered on the pool's thread."""
+
+    def callFromThread(self, function, *args, **kwargs):
+        function(*args, **kwargs)
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux scheduling policies")
+@pytest.mark.parametrize("background, policy", [(True, "SCHED_BATCH"), (False, "SCHED_OTHER")])
+def test_a_background_writer_runs_its_work_on_threads_that_do_not_preempt_the_reactor(background: bool,
+                                                                                       policy: str) -> None:
+    """The queue runner's threads are SCHED_BATCH (woken, they wait for the tick or a free core);
+    the intake's, which a 250 waits for, stay ordinary threads; the reactor thread is never changed."""
+    import threading
+
+    writer = DiskWriter(ThreadReactor(), threads=1, name="test-writer", background=background)  # type: ignore[arg-type]
+    writer.start()
+    seen: list = []
+    done = threading.Event()
+    try:
+        writer.run(lambda: (os.sched_getscheduler(0), threading.current_thread().name)).addBoth(seen.append)
+        writer.run(done.set)
+        assert done.wait(10)
+    finally:
+        writer.stop()
+    [(found, thread)] = seen
+    assert found == getattr(os, policy) and thread.startswith("PoolThread-test-writer")
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER
