@@ -153,10 +153,11 @@ class DiskWriter:
     """A dedicated pool of threads for blocking work: the disk's by default
     (the daemon runs a second, small one for password checks).
 
-    background=True: for work no client waits on (the queue runner's loads and removals);
-    its threads are BackgroundThreads. Work before a reply (a commit before its 250, a
-    password check) keeps ordinary threads: with SCHED_BATCH, inbound mail went 10-16%
-    slower."""
+    background=True: its threads are BackgroundThreads. The daemon's disk pools (the intake's
+    commits, the queue runner's loads and removals) are: the reactor keeps its core while a
+    commit waits for a free one, which on two busy cores was the faster of the two for the
+    250 as well (bench/README.md). The password checks and the content checks keep ordinary
+    threads (CPU work; as background threads they gained nothing measurable)."""
 
     def __init__(self, reactor: IReactorThreads, threads: int = 8, name: str = "mailhost-disk",
                  background: bool = False) -> None:

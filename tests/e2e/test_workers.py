@@ -134,6 +134,23 @@ def main_process_stopped(daemon):
         os.kill(daemon.process.pid, signal.SIGCONT)
 
 
+def scheduling_policies(pid: int) -> tuple[int, Counter]:
+    """The reactor thread's scheduling policy (its thread id is the pid) and how many of the
+    process's threads have each policy (/proc/PID/task/TID/stat, field 41)."""
+    policies = Counter()
+    reactor = -1
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            stat = open(f"/proc/{pid}/task/{tid}/stat").read()
+        except FileNotFoundError:
+            continue  # a thread that ended meanwhile
+        policy = int(stat[stat.rindex(")") + 2:].split()[38])
+        policies[policy] += 1
+        if int(tid) == pid:
+            reactor = policy
+    return reactor, policies
+
+
 def test_workers_take_mail_over_many_connections_and_relay_it(make_daemon, dns, sink):
     daemon = start_with_workers(make_daemon, dns)
     [worker] = worker_pids(daemon)
@@ -142,6 +159,11 @@ def test_workers_take_mail_over_many_connections_and_relay_it(make_daemon, dns, 
         list(pool.map(lambda job: send(daemon.port, *job), jobs))
     assert subjects(daemon) == {s for r, s in jobs if r.endswith("example.test")}
     wait_for(lambda: relayed(sink) == {s for r, s in jobs if r.endswith("remote.test")}, what="every remote message relayed")
+    # In each process the disk threads (the intake's, the queue runner's writer and loader)
+    # do not preempt the reactor (SCHED_BATCH, 3); the reactor thread is an ordinary one (0).
+    for pid in (daemon.process.pid, worker):
+        reactor, policies = scheduling_policies(pid)
+        assert reactor == os.SCHED_OTHER and policies[os.SCHED_BATCH] >= 3, (pid, reactor, policies)
 
     # With the main process stopped only the worker accepts: it stores, queues and relays
     # what it took (its queue ids are of its own shard).

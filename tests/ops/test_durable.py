@@ -189,8 +189,8 @@ class ThreadReactor:
 @pytest.mark.parametrize("background, policy", [(True, "SCHED_BATCH"), (False, "SCHED_OTHER")])
 def test_a_background_writer_runs_its_work_on_threads_that_do_not_preempt_the_reactor(background: bool,
                                                                                        policy: str) -> None:
-    """The queue runner's threads are SCHED_BATCH (woken, they wait for the tick or a free core);
-    the intake's, which a 250 waits for, stay ordinary threads; the reactor thread is never changed."""
+    """A background writer's threads are SCHED_BATCH (woken, they wait for the tick or a free core);
+    an ordinary writer's (password checks) stay SCHED_OTHER; the reactor thread is never changed."""
     import threading
 
     writer = DiskWriter(ThreadReactor(), threads=1, name="test-writer", background=background)  # type: ignore[arg-type]
