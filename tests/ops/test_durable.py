@@ -4,6 +4,7 @@ write_and_sync writes every chunk whole, short writes included."""
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -191,8 +192,6 @@ def test_a_background_writer_runs_its_work_on_threads_that_do_not_preempt_the_re
                                                                                        policy: str) -> None:
     """A background writer's threads are SCHED_BATCH (woken, they wait for the tick or a free core);
     an ordinary writer's (password checks) stay SCHED_OTHER; the reactor thread is never changed."""
-    import threading
-
     writer = DiskWriter(ThreadReactor(), threads=1, name="test-writer", background=background)  # type: ignore[arg-type]
     writer.start()
     seen: list = []
