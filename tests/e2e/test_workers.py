@@ -31,6 +31,7 @@ from tests.e2e.conftest import free_port
 from tests.e2e.test_sending import wait_for as sending_wait_for
 from tests.support.dns import DNSServer
 from tests.support.peers import Sink
+from tests.support.scheduling import batch_threads_possible
 
 MX_PORT = free_port()
 ZONE = [("remote.test", "MX", "10 mx1.remote.test"), ("mx1.remote.test", "A", "127.0.0.5")]
@@ -163,7 +164,8 @@ def test_workers_take_mail_over_many_connections_and_relay_it(make_daemon, dns, 
     # do not preempt the reactor (SCHED_BATCH, 3); the reactor thread is an ordinary one (0).
     for pid in (daemon.process.pid, worker):
         reactor, policies = scheduling_policies(pid)
-        assert reactor == os.SCHED_OTHER and policies[os.SCHED_BATCH] >= 3, (pid, reactor, policies)
+        assert reactor == os.SCHED_OTHER, (pid, policies)
+        assert policies[os.SCHED_BATCH] >= 3 or not batch_threads_possible(), (pid, policies)
 
     # With the main process stopped only the worker accepts: it stores, queues and relays
     # what it took (its queue ids are of its own shard).

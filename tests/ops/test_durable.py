@@ -12,6 +12,7 @@ from twisted.internet.defer import maybeDeferred
 from twisted.internet.task import Clock
 
 from mailhost.ops.durable import DiskWriter, write_and_sync
+from tests.support.scheduling import batch_threads_possible
 
 
 class CountingWriter(DiskWriter):
@@ -186,7 +187,7 @@ class ThreadReactor:
         function(*args, **kwargs)
 
 
-@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux scheduling policies")
+@pytest.mark.skipif(not batch_threads_possible(), reason="this kernel has no SCHED_BATCH for threads")
 @pytest.mark.parametrize("background, policy", [(True, "SCHED_BATCH"), (False, "SCHED_OTHER")])
 def test_a_background_writer_runs_its_work_on_threads_that_do_not_preempt_the_reactor(background: bool,
                                                                                        policy: str) -> None:
