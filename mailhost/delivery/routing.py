@@ -346,25 +346,14 @@ class Router:
     async def _find_route(self, key: str, domain: str) -> Route:
         found = None
         # Smart host routes carry the operator's smart host settings: each process finds its own.
-        if self._upstream_usable() and not self._relay.smarthosts:
-            assert self.upstream is not None
-            try:
-                answer = await self.upstream.route(domain).addTimeout(UPSTREAM_SECONDS, self._reactor)
-            except RouteError:
-                raise
-            except Exception as e:
-                self._upstream_unavailable(e)
-            else:
-                self._upstream_down = False
-                if answer is not None:
-                    found = answer[0], min(answer[1], ROUTE_CACHE_SECONDS)
+        if self.upstream is not None and not self._relay.smarthosts:
+            answer = await self._from_upstream(lambda upstream: upstream.route(domain), (RouteError,))
+            if answer is not None:
+                found = answer[0], min(answer[1], ROUTE_CACHE_SECONDS)
         if found is None:
             found = await self._in_thread(self.resolve, domain), ROUTE_CACHE_SECONDS
         route, keep = found
-        if keep > 0:
-            if len(self._routes) >= ANSWERS_KEPT:
-                self._routes.clear()  # a campaign to many domains: forget them all rather than grow
-            self._routes[key] = (time.monotonic() + keep, route)
+        _keep(self._routes, key, keep, route)
         return route
 
     def _once(self, key: tuple[str, ...], lookup: Callable[[], Deferred[T]]) -> Deferred[T]:
@@ -386,8 +375,22 @@ class Router:
         lookup().addBoth(settle)
         return waiter
 
-    def _upstream_usable(self) -> bool:
-        return self.upstream is not None and self._reactor.seconds() >= self._upstream_skipped_until
+    async def _from_upstream(self, ask: Callable[[Upstream], Deferred[T | None]],
+                             answers: tuple[type[Exception], ...]) -> T | None:
+        """The main process's answer; None (look up ourselves) when it has none, cannot
+        answer within UPSTREAM_SECONDS, or failed us lately. The `answers` failures are its
+        answer and are raised."""
+        if self.upstream is None or self._reactor.seconds() < self._upstream_skipped_until:
+            return None
+        try:
+            found = await ask(self.upstream).addTimeout(UPSTREAM_SECONDS, self._reactor)
+        except answers:
+            raise
+        except Exception as e:
+            self._upstream_unavailable(e)
+            return None
+        self._upstream_down = False
+        return found
 
     def _upstream_unavailable(self, error: BaseException) -> None:
         # Not asked again for a while: a main process stopped or stuck would make every lookup wait.
@@ -417,23 +420,11 @@ class Router:
         return self._once(("records", *key), lambda: Deferred.fromCoroutine(self._find_records(key, name, rdtype)))
 
     async def _find_records(self, key: tuple[str, str], name: str, rdtype: str) -> Records:
-        found = None
-        if self._upstream_usable():
-            assert self.upstream is not None
-            try:
-                found = await self.upstream.records(name, rdtype).addTimeout(UPSTREAM_SECONDS, self._reactor)
-            except (dns.exception.DNSException, ValueError):
-                raise
-            except Exception as e:
-                self._upstream_unavailable(e)
-            else:
-                self._upstream_down = False
+        found = await self._from_upstream(lambda upstream: upstream.records(name, rdtype),
+                                          (dns.exception.DNSException, ValueError))
         if found is None:
             found = await self._in_thread(self._records, name, rdtype)
-        if found.ttl > 0:
-            if len(self._answers) >= ANSWERS_KEPT:
-                self._answers.clear()
-            self._answers[key] = (time.monotonic() + min(found.ttl, ROUTE_CACHE_SECONDS), found)
+        _keep(self._answers, key, min(found.ttl, ROUTE_CACHE_SECONDS), found)
         return found
 
     def _records(self, name: str, rdtype: str) -> Records:
@@ -627,6 +618,16 @@ ROUTE_CACHE_SECONDS = 30.0
 UPSTREAM_SECONDS = 2.0  # a worker waits this long for the main process's answer, then looks up itself
 UPSTREAM_SKIP_SECONDS = 30.0  # ... and does not ask it again for this long
 ANSWERS_KEPT = 10_000  # routes, and records, kept on the reactor thread; all forgotten when more come
+
+
+def _keep(kept: dict[Any, tuple[float, Any]], key: Any, seconds: float, value: Any) -> None:
+    """Keep `value` under `key` for `seconds` (not at all for 0); at ANSWERS_KEPT entries
+    forget them all rather than grow (a campaign to many domains)."""
+    if seconds <= 0:
+        return
+    if len(kept) >= ANSWERS_KEPT:
+        kept.clear()
+    kept[key] = (time.monotonic() + seconds, value)
 
 
 def _reshuffled(route: Route) -> Route:
